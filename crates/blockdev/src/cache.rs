@@ -1,0 +1,234 @@
+//! A write-back cache of fixed-size metadata blocks.
+//!
+//! Invariants:
+//! - an entry's bytes are what the device holds, or (if `dirty`) what it
+//!   will hold after the next [`BufferCache::flush_dirty`];
+//! - a failed write-back leaves the entry dirty and reports the error, so no
+//!   metadata change is dropped silently;
+//! - the cache holds at most `capacity` clean entries beyond the dirty ones;
+//!   when dirty entries alone exceed the capacity they are written back.
+
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::sync::Arc;
+
+use crate::BlockDevice;
+
+struct Entry {
+    data: Box<[u8]>,
+    dirty: bool,
+    referenced: bool,
+}
+
+/// Write-back cache of `block_size`-byte blocks of one device.
+pub struct BufferCache {
+    dev: Arc<dyn BlockDevice>,
+    block_size: usize,
+    capacity: usize,
+    map: HashMap<u64, Entry>,
+    /// Clock order for eviction (block numbers; may hold stale numbers).
+    clock: VecDeque<u64>,
+    hits: u64,
+    misses: u64,
+}
+
+impl BufferCache {
+    /// A cache of at most about `capacity` blocks of `block_size` bytes.
+    pub fn new(dev: Arc<dyn BlockDevice>, block_size: usize, capacity: usize) -> Self {
+        assert!(block_size.is_power_of_two() && block_size >= 512);
+        BufferCache {
+            dev,
+            block_size,
+            capacity: capacity.max(16),
+            map: HashMap::new(),
+            clock: VecDeque::new(),
+            hits: 0,
+            misses: 0,
+        }
+    }
+
+    /// The device below the cache.
+    pub fn device(&self) -> &Arc<dyn BlockDevice> {
+        &self.dev
+    }
+
+    /// Block size in bytes.
+    pub fn block_size(&self) -> usize {
+        self.block_size
+    }
+
+    fn offset(&self, block: u64) -> io::Result<u64> {
+        block
+            .checked_mul(self.block_size as u64)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "block number overflows"))
+    }
+
+    fn load(&mut self, block: u64) -> io::Result<()> {
+        if let Some(e) = self.map.get_mut(&block) {
+            e.referenced = true;
+            self.hits += 1;
+            return Ok(());
+        }
+        self.misses += 1;
+        let mut data = vec![0u8; self.block_size].into_boxed_slice();
+        self.dev.read_at(self.offset(block)?, &mut data)?;
+        self.insert(block, data, false)
+    }
+
+    fn insert(&mut self, block: u64, data: Box<[u8]>, dirty: bool) -> io::Result<()> {
+        self.evict_if_needed()?;
+        self.map.insert(
+            block,
+            Entry {
+                data,
+                dirty,
+                referenced: false,
+            },
+        );
+        self.clock.push_back(block);
+        Ok(())
+    }
+
+    fn evict_if_needed(&mut self) -> io::Result<()> {
+        if self.map.len() < self.capacity {
+            return Ok(());
+        }
+        let dirty = self.map.values().filter(|e| e.dirty).count();
+        if dirty * 2 >= self.capacity {
+            self.flush_dirty()?;
+        }
+        // Second-chance clock over at most two sweeps.
+        let mut budget = self.clock.len() * 2;
+        while self.map.len() >= self.capacity && budget > 0 {
+            budget -= 1;
+            let Some(b) = self.clock.pop_front() else {
+                break;
+            };
+            match self.map.get_mut(&b) {
+                None => {}
+                Some(e) if e.dirty || e.referenced => {
+                    e.referenced = false;
+                    self.clock.push_back(b);
+                }
+                Some(_) => {
+                    self.map.remove(&b);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The bytes of `block`, read from the device if not cached.
+    pub fn read(&mut self, block: u64) -> io::Result<&[u8]> {
+        self.load(block)?;
+        Ok(&self.map[&block].data)
+    }
+
+    /// Mutable bytes of `block` (read first), marked dirty.
+    pub fn modify(&mut self, block: u64) -> io::Result<&mut [u8]> {
+        if self.dev.is_read_only() {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "device is open read-only",
+            ));
+        }
+        self.load(block)?;
+        let e = self.map.get_mut(&block).expect("block was just loaded");
+        e.dirty = true;
+        Ok(&mut e.data)
+    }
+
+    /// Replace the whole of `block` without reading it first, marked dirty.
+    pub fn write(&mut self, block: u64, data: &[u8]) -> io::Result<()> {
+        assert_eq!(data.len(), self.block_size, "whole blocks only");
+        if self.dev.is_read_only() {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "device is open read-only",
+            ));
+        }
+        if let Some(e) = self.map.get_mut(&block) {
+            e.data.copy_from_slice(data);
+            e.dirty = true;
+            return Ok(());
+        }
+        self.insert(block, data.into(), true)
+    }
+
+    /// Drop `block` from the cache, discarding unwritten changes: used when
+    /// a metadata block is freed, so that a stale copy can never be written
+    /// over data that later lands in the same block.
+    pub fn forget(&mut self, block: u64) {
+        self.map.remove(&block);
+    }
+
+    /// Write every dirty block back to the device (ascending order) without
+    /// flushing the device.
+    pub fn flush_dirty(&mut self) -> io::Result<()> {
+        let mut dirty: Vec<u64> = self
+            .map
+            .iter()
+            .filter(|(_, e)| e.dirty)
+            .map(|(&b, _)| b)
+            .collect();
+        dirty.sort_unstable();
+        for b in dirty {
+            let off = self.offset(b)?;
+            let e = self.map.get_mut(&b).expect("listed above");
+            self.dev.write_at(off, &e.data)?;
+            e.dirty = false;
+        }
+        Ok(())
+    }
+
+    /// Write back every dirty block, then flush the device.
+    pub fn sync(&mut self) -> io::Result<()> {
+        self.flush_dirty()?;
+        self.dev.flush()
+    }
+
+    /// Number of dirty blocks.
+    pub fn dirty_count(&self) -> usize {
+        self.map.values().filter(|e| e.dirty).count()
+    }
+
+    /// (hits, misses) since creation.
+    pub fn stats(&self) -> (u64, u64) {
+        (self.hits, self.misses)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::MemDevice;
+
+    #[test]
+    fn write_back_and_eviction_keep_data() {
+        let dev = MemDevice::new(1024 * 200);
+        let mut c = BufferCache::new(Arc::new(dev.clone()), 1024, 16);
+        for b in 0..100u64 {
+            c.modify(b).unwrap()[0] = b as u8 + 1;
+        }
+        // Some were written back by eviction, the rest are still dirty.
+        for b in 0..100u64 {
+            assert_eq!(c.read(b).unwrap()[0], b as u8 + 1);
+        }
+        c.sync().unwrap();
+        assert_eq!(c.dirty_count(), 0);
+        let snap = dev.snapshot();
+        for b in 0..100usize {
+            assert_eq!(snap[b * 1024], b as u8 + 1);
+        }
+    }
+
+    #[test]
+    fn forget_drops_unwritten_changes() {
+        let dev = MemDevice::new(1024 * 4);
+        let mut c = BufferCache::new(Arc::new(dev.clone()), 1024, 16);
+        c.write(2, &[7u8; 1024]).unwrap();
+        c.forget(2);
+        c.sync().unwrap();
+        assert_eq!(dev.snapshot()[2048], 0);
+    }
+}

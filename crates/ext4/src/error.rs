@@ -1,0 +1,130 @@
+//! The ext4 layer's error type and its single errno mapping.
+
+use std::fmt;
+use std::io;
+
+/// Everything that can go wrong in the ext4 layer.
+///
+/// Corruption, checksum failures, I/O failures and user errors stay distinct;
+/// [`Error::errno`] is the one place that turns them into errno values.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Error {
+    /// The device failed.
+    Io(io::Error),
+    /// An on-disk structure is inconsistent. `block` is where it was read
+    /// from (0 when not tied to a block).
+    Corrupted { what: String, block: u64 },
+    /// A checksum did not match.
+    BadChecksum { what: String, block: u64 },
+    /// The image uses an incompatible feature folio does not implement.
+    UnsupportedFeature(String),
+    /// The filesystem is read-only; the string says why.
+    ReadOnly(String),
+    /// No such file or directory.
+    NotFound,
+    /// The name exists already.
+    Exists,
+    /// A path component is not a directory.
+    NotDir,
+    /// The operation needs a non-directory.
+    IsDir,
+    /// A directory to remove or replace is not empty.
+    NotEmpty,
+    /// No free blocks or inodes.
+    NoSpace,
+    /// A name is longer than 255 bytes.
+    NameTooLong,
+    /// A size or offset beyond the largest file the format allows.
+    FileTooBig,
+    /// Too many hard links.
+    TooManyLinks,
+    /// No such extended attribute.
+    NoAttr,
+    /// An attribute value or list does not fit the caller's buffer or the
+    /// inode/block.
+    Range,
+    /// An argument is invalid; the string says which.
+    Invalid(String),
+    /// Not implemented yet; the string says what.
+    Unsupported(String),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    pub(crate) fn corrupted(what: impl Into<String>, block: u64) -> Self {
+        Error::Corrupted {
+            what: what.into(),
+            block,
+        }
+    }
+
+    /// The errno the Linux kernel's ext4 returns for this condition.
+    pub fn errno(&self) -> i32 {
+        match self {
+            Error::Io(e) => e.raw_os_error().unwrap_or(libc::EIO),
+            Error::Corrupted { .. } => libc::EUCLEAN,
+            Error::BadChecksum { .. } => libc::EBADMSG,
+            Error::UnsupportedFeature(_) => libc::EOPNOTSUPP,
+            Error::ReadOnly(_) => libc::EROFS,
+            Error::NotFound => libc::ENOENT,
+            Error::Exists => libc::EEXIST,
+            Error::NotDir => libc::ENOTDIR,
+            Error::IsDir => libc::EISDIR,
+            Error::NotEmpty => libc::ENOTEMPTY,
+            Error::NoSpace => libc::ENOSPC,
+            Error::NameTooLong => libc::ENAMETOOLONG,
+            Error::FileTooBig => libc::EFBIG,
+            Error::TooManyLinks => libc::EMLINK,
+            Error::NoAttr => libc::ENODATA,
+            Error::Range => libc::ERANGE,
+            Error::Invalid(_) => libc::EINVAL,
+            Error::Unsupported(_) => libc::EOPNOTSUPP,
+        }
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Io(e) => write!(f, "I/O error: {e}"),
+            Error::Corrupted { what, block } => {
+                write!(f, "filesystem corrupted: {what} (block {block})")
+            }
+            Error::BadChecksum { what, block } => {
+                write!(f, "checksum mismatch: {what} (block {block})")
+            }
+            Error::UnsupportedFeature(s) => write!(f, "unsupported ext4 feature: {s}"),
+            Error::ReadOnly(why) => write!(f, "read-only filesystem: {why}"),
+            Error::NotFound => write!(f, "no such file or directory"),
+            Error::Exists => write!(f, "file exists"),
+            Error::NotDir => write!(f, "not a directory"),
+            Error::IsDir => write!(f, "is a directory"),
+            Error::NotEmpty => write!(f, "directory not empty"),
+            Error::NoSpace => write!(f, "no space left on device"),
+            Error::NameTooLong => write!(f, "file name too long"),
+            Error::FileTooBig => write!(f, "file too large"),
+            Error::TooManyLinks => write!(f, "too many links"),
+            Error::NoAttr => write!(f, "no such attribute"),
+            Error::Range => write!(f, "value out of range"),
+            Error::Invalid(s) => write!(f, "invalid argument: {s}"),
+            Error::Unsupported(s) => write!(f, "not supported: {s}"),
+        }
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Error::Io(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+impl From<io::Error> for Error {
+    fn from(e: io::Error) -> Self {
+        Error::Io(e)
+    }
+}

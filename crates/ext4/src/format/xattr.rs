@@ -1,0 +1,243 @@
+//! Extended attributes: entry tables in the inode body (after the extra
+//! fields) and in a separate block with a 32-byte header.
+
+use super::{get16, get32, put16, put32};
+use crate::csum::crc32c_raw;
+
+pub const MAGIC: u32 = 0xEA02_0000;
+pub const BLOCK_HEADER_LEN: usize = 32;
+const ENTRY_FIXED: usize = 16;
+
+/// One attribute: `index` selects the name prefix (see [`PREFIXES`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Xattr {
+    pub index: u8,
+    pub name: Vec<u8>,
+    pub value: Vec<u8>,
+}
+
+/// Name prefixes by index, as Linux maps them.
+pub const PREFIXES: &[(u8, &str)] = &[
+    (1, "user."),
+    (2, "system.posix_acl_access"),
+    (3, "system.posix_acl_default"),
+    (4, "trusted."),
+    (6, "security."),
+    (7, "system."),
+    (8, "system.richacl"),
+];
+
+impl Xattr {
+    /// The full name as userspace sees it.
+    pub fn full_name(&self) -> Vec<u8> {
+        let prefix = PREFIXES
+            .iter()
+            .find(|(i, _)| *i == self.index)
+            .map_or("", |(_, p)| p);
+        let mut n = prefix.as_bytes().to_vec();
+        n.extend_from_slice(&self.name);
+        n
+    }
+
+    /// Split a full name into (index, suffix); `None` for an unknown prefix.
+    pub fn split_name(full: &[u8]) -> Option<(u8, Vec<u8>)> {
+        // Exact-match names first (ACLs), then the longest prefix.
+        for (i, p) in PREFIXES {
+            if (*i == 2 || *i == 3 || *i == 8) && full == p.as_bytes() {
+                return Some((*i, Vec::new()));
+            }
+        }
+        for (i, p) in PREFIXES {
+            if *i == 2 || *i == 3 || *i == 8 {
+                continue;
+            }
+            if let Some(rest) = full.strip_prefix(p.as_bytes()) {
+                if !rest.is_empty() {
+                    return Some((*i, rest.to_vec()));
+                }
+            }
+        }
+        None
+    }
+
+    fn entry_len(&self) -> usize {
+        (ENTRY_FIXED + self.name.len() + 3) & !3
+    }
+
+    fn value_len(&self) -> usize {
+        (self.value.len() + 3) & !3
+    }
+
+    /// Bytes this attribute takes in a table (entry + padded value).
+    pub fn footprint(&self) -> usize {
+        self.entry_len() + self.value_len()
+    }
+
+    pub fn hash(&self) -> u32 {
+        let mut h = 0u32;
+        for &c in &self.name {
+            h = (h << 5) ^ (h >> 27) ^ u32::from(c);
+        }
+        let mut padded = self.value.clone();
+        padded.resize(self.value_len(), 0);
+        for w in padded.chunks_exact(4) {
+            let v = u32::from_le_bytes([w[0], w[1], w[2], w[3]]);
+            h = (h << 16) ^ (h >> 16) ^ v;
+        }
+        h
+    }
+}
+
+/// Parse an entry table. `entries_at` is where entries start in `area`,
+/// `values_base` the offset value offsets are relative to.
+pub fn parse_table(area: &[u8], entries_at: usize, values_base: usize) -> Result<Vec<Xattr>, &'static str> {
+    let mut out = Vec::new();
+    let mut off = entries_at;
+    loop {
+        let first = get32(area, off).ok_or("xattr entries run past their area")?;
+        if first == 0 {
+            break;
+        }
+        let name_len = usize::from(area[off]);
+        let index = area[off + 1];
+        let value_offs = usize::from(get16(area, off + 2).ok_or("truncated xattr entry")?);
+        let value_inum = get32(area, off + 4).ok_or("truncated xattr entry")?;
+        let value_size = get32(area, off + 8).ok_or("truncated xattr entry")? as usize;
+        if value_inum != 0 {
+            return Err("xattr value stored in an EA inode (ea_inode is not supported)");
+        }
+        let name = area
+            .get(off + ENTRY_FIXED..off + ENTRY_FIXED + name_len)
+            .ok_or("xattr name runs past its area")?
+            .to_vec();
+        let vstart = values_base.checked_add(value_offs).ok_or("xattr value offset overflows")?;
+        let value = area
+            .get(vstart..vstart.checked_add(value_size).ok_or("xattr value size overflows")?)
+            .ok_or("xattr value runs past its area")?
+            .to_vec();
+        out.push(Xattr { index, name, value });
+        off += (ENTRY_FIXED + name_len + 3) & !3;
+        if out.len() > area.len() / ENTRY_FIXED {
+            return Err("xattr table does not terminate");
+        }
+    }
+    Ok(out)
+}
+
+/// Bytes a table of `attrs` needs (entries, terminator, values).
+pub fn table_len(attrs: &[Xattr]) -> usize {
+    attrs.iter().map(Xattr::footprint).sum::<usize>() + 4
+}
+
+/// Write `attrs` into `area` (zeroing the rest of it): entries from
+/// `entries_at`, values packed at the end. Value offsets are relative to
+/// `values_base`. Returns false if they do not fit.
+pub fn write_table(area: &mut [u8], entries_at: usize, values_base: usize, attrs: &[Xattr]) -> bool {
+    if entries_at + table_len(attrs) > area.len() {
+        return false;
+    }
+    area[entries_at..].fill(0);
+    let mut off = entries_at;
+    let mut vend = area.len();
+    for a in attrs {
+        let vstart = vend - a.value_len();
+        put16(area, off + 2, (vstart - values_base) as u16);
+        area[off] = a.name.len() as u8;
+        area[off + 1] = a.index;
+        put32(area, off + 4, 0);
+        put32(area, off + 8, a.value.len() as u32);
+        put32(area, off + 12, a.hash());
+        area[off + ENTRY_FIXED..off + ENTRY_FIXED + a.name.len()].copy_from_slice(&a.name);
+        area[vstart..vstart + a.value.len()].copy_from_slice(&a.value);
+        if a.value.is_empty() {
+            // Empty values store offset 0, as Linux does.
+            put16(area, off + 2, 0);
+        } else {
+            vend = vstart;
+        }
+        off += a.entry_len();
+    }
+    true
+}
+
+/// The order Linux keeps attributes in a block.
+pub fn sort_for_block(attrs: &mut [Xattr]) {
+    attrs.sort_by(|a, b| {
+        a.index
+            .cmp(&b.index)
+            .then(a.name.len().cmp(&b.name.len()))
+            .then(a.name.cmp(&b.name))
+    });
+}
+
+/// Fill in an xattr block's header (magic, refcount, blocks, hash).
+pub fn write_block_header(block: &mut [u8], refcount: u32, attrs: &[Xattr]) {
+    block[..BLOCK_HEADER_LEN].fill(0);
+    put32(block, 0, MAGIC);
+    put32(block, 4, refcount);
+    put32(block, 8, 1);
+    let mut h = 0u32;
+    for a in attrs {
+        h = (h << 16) ^ (h >> 16) ^ a.hash();
+    }
+    put32(block, 12, h);
+}
+
+pub fn block_refcount(block: &[u8]) -> u32 {
+    get32(block, 4).unwrap_or(0)
+}
+
+pub fn block_csum(fs_seed: u32, block_nr: u64, block: &[u8]) -> u32 {
+    let c = crc32c_raw(fs_seed, &block_nr.to_le_bytes());
+    let c = crc32c_raw(c, &block[..16]);
+    let c = crc32c_raw(c, &[0; 4]);
+    crc32c_raw(c, &block[20..])
+}
+
+pub fn block_csum_stored(block: &[u8]) -> u32 {
+    get32(block, 16).unwrap_or(0)
+}
+
+pub fn set_block_csum(block: &mut [u8], v: u32) {
+    put32(block, 16, v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_round_trip() {
+        let attrs = vec![
+            Xattr { index: 1, name: b"a".to_vec(), value: b"hello".to_vec() },
+            Xattr { index: 6, name: b"selinux".to_vec(), value: vec![] },
+            Xattr { index: 2, name: vec![], value: vec![1, 2, 3, 4, 5, 6, 7, 8] },
+        ];
+        let mut area = vec![0u8; 200];
+        assert!(write_table(&mut area, 4, 4, &attrs));
+        assert_eq!(parse_table(&area, 4, 4).unwrap(), attrs);
+        let mut small = vec![0u8; 40];
+        assert!(!write_table(&mut small, 0, 0, &attrs));
+    }
+
+    #[test]
+    fn names_split_and_join() {
+        assert_eq!(Xattr::split_name(b"user.foo"), Some((1, b"foo".to_vec())));
+        assert_eq!(Xattr::split_name(b"system.posix_acl_access"), Some((2, vec![])));
+        assert_eq!(Xattr::split_name(b"system.data"), Some((7, b"data".to_vec())));
+        assert_eq!(Xattr::split_name(b"bogus.x"), None);
+        assert_eq!(Xattr::split_name(b"user."), None);
+        let x = Xattr { index: 4, name: b"t".to_vec(), value: vec![] };
+        assert_eq!(x.full_name(), b"trusted.t");
+    }
+
+    #[test]
+    fn hostile_tables_fail_cleanly() {
+        let mut area = vec![0xffu8; 64];
+        assert!(parse_table(&area, 0, 0).is_err());
+        area.fill(0);
+        area[0] = 200; // name runs past the area
+        area[1] = 1;
+        assert!(parse_table(&area, 0, 0).is_err());
+    }
+}
