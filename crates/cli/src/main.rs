@@ -1,1 +1,265 @@
-fn main() {}
+//! `folio`: make, inspect and modify ext2/3/4 images without mounting them.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use folio_ext4::mkfs::{MkfsOptions, FsType};
+use folio_ext4::{Filesystem, OpenOptions};
+
+mod copy;
+mod show;
+
+#[derive(Parser)]
+#[command(name = "folio", version, about = "A userspace ext4 stack: make, inspect and modify ext2/3/4 images")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Make a demo image with a small tree in it and list it.
+    Demo {
+        /// Where to put the image.
+        #[arg(default_value = "folio-demo.img")]
+        image: PathBuf,
+    },
+    /// Make a new filesystem (mke2fs defaults).
+    Mkfs {
+        image: PathBuf,
+        /// Size, e.g. 64M, 1G (created or resized if the image is a file).
+        #[arg(long, short = 's')]
+        size: Option<String>,
+        /// Block size in bytes: 1024, 2048, 4096 ... 65536.
+        #[arg(long, short = 'b')]
+        block_size: Option<u32>,
+        /// Volume label (at most 16 bytes).
+        #[arg(long, short = 'L')]
+        label: Option<String>,
+        /// ext2, ext3 or ext4.
+        #[arg(long, short = 't', default_value = "ext4")]
+        r#type: String,
+        /// Bytes per inode.
+        #[arg(long, short = 'i')]
+        inode_ratio: Option<u32>,
+        /// Inode size in bytes.
+        #[arg(long, short = 'I')]
+        inode_size: Option<u16>,
+        /// Print nothing but errors.
+        #[arg(long, short = 'q')]
+        quiet: bool,
+    },
+    /// Show the superblock summary.
+    Info { image: PathBuf },
+    /// List a directory.
+    Ls {
+        image: PathBuf,
+        #[arg(default_value = "/")]
+        path: String,
+        /// Long listing.
+        #[arg(short = 'l')]
+        long: bool,
+        /// Include "." and "..".
+        #[arg(short = 'a')]
+        all: bool,
+    },
+    /// Show an inode's attributes.
+    Stat { image: PathBuf, path: String },
+    /// Print a file's contents.
+    Cat { image: PathBuf, path: String },
+    /// Copy a host file or tree into the image.
+    Put {
+        image: PathBuf,
+        /// Host file or directory.
+        source: PathBuf,
+        /// Destination path in the image.
+        dest: String,
+    },
+    /// Copy a file or tree out of the image.
+    Get {
+        image: PathBuf,
+        /// Path in the image.
+        source: String,
+        /// Host destination.
+        dest: PathBuf,
+    },
+    /// Remove files (and with -r, directories).
+    Rm {
+        image: PathBuf,
+        #[arg(required = true)]
+        paths: Vec<String>,
+        #[arg(short = 'r')]
+        recursive: bool,
+    },
+    /// Make directories.
+    Mkdir {
+        image: PathBuf,
+        #[arg(required = true)]
+        paths: Vec<String>,
+        /// Make parents as needed; no error if it exists.
+        #[arg(short = 'p')]
+        parents: bool,
+    },
+    /// Verify the image's allocation counters against its bitmaps.
+    Check { image: PathBuf },
+}
+
+type CliResult = Result<(), String>;
+
+fn open(image: &Path, read_only: bool) -> Result<Filesystem, String> {
+    Filesystem::open_path(image, OpenOptions { read_only, ..Default::default() })
+        .map_err(|e| format!("{}: {e}", image.display()))
+}
+
+fn ctx<T>(r: folio_ext4::Result<T>, what: &str) -> Result<T, String> {
+    r.map_err(|e| format!("{what}: {e}"))
+}
+
+pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
+        Some((i, _)) => {
+            let m = match s[i..].to_ascii_uppercase().trim_end_matches("IB").trim_end_matches('B') {
+                "" => 1,
+                "K" => 1 << 10,
+                "M" => 1 << 20,
+                "G" => 1 << 30,
+                "T" => 1u64 << 40,
+                "S" => 512,
+                other => return Err(format!("unknown size suffix {other:?} in {s:?}")),
+            };
+            (&s[..i], m)
+        }
+        None => (s, 1),
+    };
+    let n: u64 = num.parse().map_err(|_| format!("invalid size {s:?}"))?;
+    n.checked_mul(mult).ok_or_else(|| format!("size {s:?} is too large"))
+}
+
+fn mkfs(image: &Path, size: Option<&str>, opts: MkfsOptions, quiet: bool) -> CliResult {
+    let size = match size {
+        Some(s) => Some(parse_size(s)?),
+        None => None,
+    };
+    let report = folio_ext4::mkfs::mkfs_path(image, size, &opts).map_err(|e| format!("{}: {e}", image.display()))?;
+    if !quiet {
+        println!("{report}");
+    }
+    Ok(())
+}
+
+fn run(cli: Cli) -> CliResult {
+    match cli.cmd {
+        Cmd::Demo { image } => copy::demo(&image),
+        Cmd::Mkfs { image, size, block_size, label, r#type, inode_ratio, inode_size, quiet } => {
+            let fs_type = match r#type.as_str() {
+                "ext2" => FsType::Ext2,
+                "ext3" => FsType::Ext3,
+                "ext4" => FsType::Ext4,
+                t => return Err(format!("unknown filesystem type {t:?} (ext2, ext3 or ext4)")),
+            };
+            let opts = MkfsOptions {
+                fs_type,
+                block_size,
+                label: label.unwrap_or_default(),
+                inode_ratio,
+                inode_size,
+                ..Default::default()
+            };
+            mkfs(&image, size.as_deref(), opts, quiet)
+        }
+        Cmd::Info { image } => {
+            let fs = open(&image, true)?;
+            show::info(&fs);
+            Ok(())
+        }
+        Cmd::Ls { image, path, long, all } => {
+            let mut fs = open(&image, true)?;
+            show::ls(&mut fs, &path, long, all)
+        }
+        Cmd::Stat { image, path } => {
+            let mut fs = open(&image, true)?;
+            let ino = ctx(fs.resolve(&path), &path)?;
+            show::stat(&mut fs, &path, ino)
+        }
+        Cmd::Cat { image, path } => {
+            let mut fs = open(&image, true)?;
+            show::cat(&mut fs, &path)
+        }
+        Cmd::Put { image, source, dest } => {
+            let mut fs = open(&image, false)?;
+            copy::put(&mut fs, &source, &dest)?;
+            ctx(fs.close(), "sync")
+        }
+        Cmd::Get { image, source, dest } => {
+            let mut fs = open(&image, true)?;
+            copy::get(&mut fs, &source, &dest)
+        }
+        Cmd::Rm { image, paths, recursive } => {
+            let mut fs = open(&image, false)?;
+            let mut result = Ok(());
+            for p in &paths {
+                if let Err(e) = copy::rm(&mut fs, p, recursive) {
+                    eprintln!("folio: {e}");
+                    result = Err(String::new());
+                }
+            }
+            ctx(fs.close(), "sync")?;
+            result
+        }
+        Cmd::Mkdir { image, paths, parents } => {
+            let mut fs = open(&image, false)?;
+            let mut result = Ok(());
+            for p in &paths {
+                if let Err(e) = copy::mkdir(&mut fs, p, parents) {
+                    eprintln!("folio: {e}");
+                    result = Err(String::new());
+                }
+            }
+            ctx(fs.close(), "sync")?;
+            result
+        }
+        Cmd::Check { image } => {
+            let mut fs = open(&image, true)?;
+            let problems = ctx(fs.check_counts(), "check")?;
+            if problems.is_empty() {
+                println!("{}: counters match the bitmaps", image.display());
+                Ok(())
+            } else {
+                for p in &problems {
+                    println!("{p}");
+                }
+                Err(format!("{} problem(s) found", problems.len()))
+            }
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            if !e.is_empty() {
+                eprintln!("folio: {e}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("64M").unwrap(), 64 << 20);
+        assert_eq!(parse_size("1g").unwrap(), 1 << 30);
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert_eq!(parse_size("2KiB").unwrap(), 2048);
+        assert!(parse_size("12Q").is_err());
+        assert!(parse_size("x").is_err());
+    }
+}

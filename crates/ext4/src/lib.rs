@@ -1,8 +1,28 @@
 //! ext2/3/4 for folio: the on-disk format ([`format`]) and a filesystem
 //! that reads and writes it ([`Filesystem`]).
+//!
+//! Module map (bottom up): `format` parses raw structures with no I/O;
+//! `fs` opens and validates an image and does inode I/O; `alloc` owns the
+//! bitmaps; `bmap` maps logical to physical blocks (extents, indirect);
+//! `dir` and `xattrs` implement directories and attributes; `file` moves
+//! data; `ops` is the POSIX-shaped API; `mkfs` makes new images.
 
+pub mod alloc;
+pub mod bmap;
 pub mod csum;
+pub mod dir;
 pub mod error;
+pub mod file;
 pub mod format;
+pub mod fs;
+pub mod mkfs;
+pub mod ops;
+pub mod xattrs;
 
+pub use dir::DirEntry;
 pub use error::{Error, Result};
+pub use format::inode::{FileType, ROOT_INO};
+pub use format::Timespec;
+pub use fs::{Filesystem, OpenOptions};
+pub use ops::{Owner, RenameFlags, SetAttr, Stat, StatFs};
+pub use xattrs::XattrMode;

@@ -1,0 +1,363 @@
+//! Block and inode allocation through the group bitmaps.
+//!
+//! Invariants kept here: a group's free counts equal the zero bits of its
+//! bitmap; the superblock's free counts are the sums over the groups; a
+//! bitmap's checksum in its descriptor matches the bitmap; a block freed
+//! here is dropped from the metadata cache so no stale copy is written over
+//! its next owner.
+
+use crate::error::{Error, Result};
+use crate::format::group::{bitmap_csum, BG_BLOCK_UNINIT, BG_INODE_UNINIT};
+use crate::fs::{has_super, Filesystem};
+
+fn bit(b: &[u8], i: usize) -> bool {
+    b[i / 8] & (1 << (i % 8)) != 0
+}
+fn set_bit(b: &mut [u8], i: usize) {
+    b[i / 8] |= 1 << (i % 8);
+}
+fn clear_bit(b: &mut [u8], i: usize) {
+    b[i / 8] &= !(1 << (i % 8));
+}
+
+/// First zero bit in `b` in `[from, to)`.
+fn find_zero(b: &[u8], from: usize, to: usize) -> Option<usize> {
+    let mut i = from;
+    while i < to {
+        if i % 8 == 0 && i + 8 <= to && b[i / 8] == 0xff {
+            i += 8;
+            continue;
+        }
+        if !bit(b, i) {
+            return Some(i);
+        }
+        i += 1;
+    }
+    None
+}
+
+impl Filesystem {
+    /// Blocks used by the fixed metadata of group `g` itself (superblock
+    /// backup, descriptor table, reserved descriptor blocks), as offsets.
+    pub(crate) fn group_sb_gdt_len(&self, g: u32) -> u32 {
+        if !has_super(&self.sb, g) {
+            return 0;
+        }
+        let mut n = 1 + u32::from(self.sb.reserved_gdt_blocks());
+        if !self.sb.has_incompat(crate::format::superblock::incompat::META_BG) {
+            n += self.geo.gdt_blocks;
+        }
+        n
+    }
+
+    /// The block bitmap a BLOCK_UNINIT group implicitly has.
+    fn synth_block_bitmap(&self, g: u32) -> Vec<u8> {
+        let bs = self.geo.block_size as usize;
+        let mut bm = vec![0u8; bs];
+        let start = self.group_first_block(g);
+        let count = self.group_block_count(g) as usize;
+        let n = self.group_sb_gdt_len(g) as usize;
+        for i in 0..n.min(count) {
+            set_bit(&mut bm, i);
+        }
+        let itable_blocks = (u64::from(self.geo.inodes_per_group) * u64::from(self.geo.inode_size))
+            .div_ceil(u64::from(self.geo.block_size));
+        let end = start + count as u64;
+        for gd in &self.groups {
+            let mut mark = |b: u64, len: u64| {
+                for x in b..b + len {
+                    if x >= start && x < end {
+                        set_bit(&mut bm, (x - start) as usize);
+                    }
+                }
+            };
+            mark(gd.block_bitmap(), 1);
+            mark(gd.inode_bitmap(), 1);
+            mark(gd.inode_table(), itable_blocks);
+        }
+        for i in count..bs * 8 {
+            set_bit(&mut bm, i);
+        }
+        bm
+    }
+
+    /// The block bitmap of group `g`, verified.
+    pub(crate) fn load_block_bitmap(&mut self, g: u32) -> Result<Vec<u8>> {
+        if self.block_uninit(g) {
+            return Ok(self.synth_block_bitmap(g));
+        }
+        let blk = self.groups[g as usize].block_bitmap();
+        let bm = self.cache.read(blk)?.to_vec();
+        if self.has_csum() {
+            let n = (self.geo.blocks_per_group / 8) as usize;
+            let want = self.groups[g as usize].block_bitmap_csum();
+            let mut got = bitmap_csum(self.csum_seed, &bm[..n]);
+            if self.geo.desc_size < 64 {
+                got &= 0xFFFF;
+            }
+            if got != want {
+                return Err(Error::BadChecksum {
+                    what: format!("block bitmap of group {g}"),
+                    block: blk,
+                });
+            }
+        }
+        Ok(bm)
+    }
+
+    fn store_block_bitmap(&mut self, g: u32, bm: &[u8]) -> Result<()> {
+        let blk = self.groups[g as usize].block_bitmap();
+        self.cache.write(blk, bm)?;
+        let n = (self.geo.blocks_per_group / 8) as usize;
+        let c = bitmap_csum(self.csum_seed, &bm[..n]);
+        let gd = &mut self.groups[g as usize];
+        if self.sb.metadata_csum() {
+            gd.set_block_bitmap_csum(c);
+        }
+        gd.set_flags(gd.flags() & !BG_BLOCK_UNINIT);
+        self.mark_group_dirty(g);
+        Ok(())
+    }
+
+    /// Allocate up to `want` contiguous blocks, at or after `goal` if
+    /// possible. Returns (first block, count ≥ 1).
+    pub(crate) fn alloc_blocks(&mut self, goal: u64, want: u32) -> Result<(u64, u32)> {
+        self.check_writable()?;
+        assert!(want > 0);
+        let goal = if goal < self.geo.first_data_block || goal >= self.geo.blocks_count {
+            self.geo.first_data_block
+        } else {
+            goal
+        };
+        let ng = self.geo.group_count;
+        let g0 = self.block_group(goal);
+        for i in 0..=ng {
+            let g = (g0 + i) % ng;
+            if self.groups[g as usize].free_blocks() == 0 {
+                continue;
+            }
+            let mut bm = self.load_block_bitmap(g)?;
+            let count = self.group_block_count(g) as usize;
+            let from = if i == 0 { (goal - self.group_first_block(g)) as usize } else { 0 };
+            let found = find_zero(&bm, from, count).or_else(|| find_zero(&bm, 0, from.min(count)));
+            let Some(first) = found else {
+                return Err(Error::corrupted(
+                    format!("group {g} claims free blocks but its bitmap is full"),
+                    self.groups[g as usize].block_bitmap(),
+                ));
+            };
+            let mut len = 0usize;
+            while first + len < count && len < want as usize && !bit(&bm, first + len) {
+                set_bit(&mut bm, first + len);
+                len += 1;
+            }
+            self.store_block_bitmap(g, &bm)?;
+            let gd = &mut self.groups[g as usize];
+            gd.set_free_blocks(gd.free_blocks() - len as u32);
+            self.mark_group_dirty(g);
+            let f = self.sb.free_blocks_count();
+            self.sb.set_free_blocks_count(f.saturating_sub(len as u64));
+            return Ok((self.group_first_block(g) + first as u64, len as u32));
+        }
+        Err(Error::NoSpace)
+    }
+
+    /// Free `count` blocks from `start`. Freeing a free block is reported as
+    /// corruption and changes nothing in that group.
+    pub(crate) fn free_blocks(&mut self, start: u64, count: u64) -> Result<()> {
+        self.check_writable()?;
+        if count == 0 {
+            return Ok(());
+        }
+        self.check_block(start, "freed extent", 0)?;
+        self.check_block(start + count - 1, "freed extent", 0)?;
+        let mut b = start;
+        let end = start + count;
+        while b < end {
+            let g = self.block_group(b);
+            let gstart = self.group_first_block(g);
+            let gend = gstart + u64::from(self.group_block_count(g));
+            let chunk_end = end.min(gend);
+            let mut bm = self.load_block_bitmap(g)?;
+            for x in b..chunk_end {
+                if !bit(&bm, (x - gstart) as usize) {
+                    return Err(Error::corrupted(format!("block {x} is freed but already free"), x));
+                }
+            }
+            for x in b..chunk_end {
+                clear_bit(&mut bm, (x - gstart) as usize);
+                self.cache.forget(x);
+            }
+            self.store_block_bitmap(g, &bm)?;
+            let n = chunk_end - b;
+            let gd = &mut self.groups[g as usize];
+            gd.set_free_blocks(gd.free_blocks() + n as u32);
+            self.mark_group_dirty(g);
+            let f = self.sb.free_blocks_count();
+            self.sb.set_free_blocks_count(f + n);
+            b = chunk_end;
+        }
+        Ok(())
+    }
+
+    // ---- inodes ----
+
+    fn load_inode_bitmap(&mut self, g: u32) -> Result<Vec<u8>> {
+        let bs = self.geo.block_size as usize;
+        let ipg = self.geo.inodes_per_group as usize;
+        if self.has_gdt_csum() && self.groups[g as usize].flags() & BG_INODE_UNINIT != 0 {
+            let mut bm = vec![0u8; bs];
+            for i in ipg..bs * 8 {
+                set_bit(&mut bm, i);
+            }
+            return Ok(bm);
+        }
+        let blk = self.groups[g as usize].inode_bitmap();
+        let bm = self.cache.read(blk)?.to_vec();
+        if self.has_csum() {
+            let want = self.groups[g as usize].inode_bitmap_csum();
+            let mut got = bitmap_csum(self.csum_seed, &bm[..ipg / 8]);
+            if self.geo.desc_size < 64 {
+                got &= 0xFFFF;
+            }
+            if got != want {
+                return Err(Error::BadChecksum {
+                    what: format!("inode bitmap of group {g}"),
+                    block: blk,
+                });
+            }
+        }
+        Ok(bm)
+    }
+
+    fn store_inode_bitmap(&mut self, g: u32, bm: &[u8]) -> Result<()> {
+        let blk = self.groups[g as usize].inode_bitmap();
+        self.cache.write(blk, bm)?;
+        let ipg = self.geo.inodes_per_group as usize;
+        let c = bitmap_csum(self.csum_seed, &bm[..ipg / 8]);
+        let gd = &mut self.groups[g as usize];
+        if self.sb.metadata_csum() {
+            gd.set_inode_bitmap_csum(c);
+        }
+        gd.set_flags(gd.flags() & !BG_INODE_UNINIT);
+        self.mark_group_dirty(g);
+        Ok(())
+    }
+
+    /// Allocate an inode: files near their parent, directories spread to
+    /// the group with the most free inodes among those with free blocks.
+    pub(crate) fn alloc_inode(&mut self, parent: u32, is_dir: bool) -> Result<u32> {
+        self.check_writable()?;
+        let ng = self.geo.group_count;
+        let ipg = self.geo.inodes_per_group;
+        let parent_group = (parent.max(1) - 1) / ipg;
+        let start = if is_dir && self.dir_spread {
+            let avg_free = self.sb.free_inodes_count() / ng.max(1);
+            (0..ng)
+                .filter(|&g| self.groups[g as usize].free_inodes() >= avg_free.max(1))
+                .max_by_key(|&g| {
+                    (self.groups[g as usize].free_blocks(), std::cmp::Reverse(g))
+                })
+                .unwrap_or(parent_group)
+        } else {
+            parent_group
+        };
+        for i in 0..ng {
+            let g = (start + i) % ng;
+            if self.groups[g as usize].free_inodes() == 0 {
+                continue;
+            }
+            let mut bm = self.load_inode_bitmap(g)?;
+            let from = if g == 0 { (self.geo.first_ino - 1) as usize } else { 0 };
+            let Some(idx) = find_zero(&bm, from, ipg as usize) else {
+                return Err(Error::corrupted(
+                    format!("group {g} claims free inodes but its bitmap is full"),
+                    self.groups[g as usize].inode_bitmap(),
+                ));
+            };
+            set_bit(&mut bm, idx);
+            self.store_inode_bitmap(g, &bm)?;
+            let gdt_csum = self.has_gdt_csum();
+            let gd = &mut self.groups[g as usize];
+            gd.set_free_inodes(gd.free_inodes() - 1);
+            if is_dir {
+                gd.set_used_dirs(gd.used_dirs() + 1);
+            }
+            if gdt_csum {
+                let unused_from = ipg - gd.itable_unused();
+                if idx as u32 >= unused_from {
+                    gd.set_itable_unused(ipg - idx as u32 - 1);
+                }
+            }
+            self.mark_group_dirty(g);
+            let f = self.sb.free_inodes_count();
+            self.sb.set_free_inodes_count(f.saturating_sub(1));
+            return Ok(g * ipg + idx as u32 + 1);
+        }
+        Err(Error::NoSpace)
+    }
+
+    pub(crate) fn free_inode(&mut self, ino: u32, is_dir: bool) -> Result<()> {
+        self.check_writable()?;
+        let ipg = self.geo.inodes_per_group;
+        let g = (ino - 1) / ipg;
+        let idx = ((ino - 1) % ipg) as usize;
+        let mut bm = self.load_inode_bitmap(g)?;
+        if !bit(&bm, idx) {
+            return Err(Error::corrupted(format!("inode {ino} is freed but already free"), 0));
+        }
+        clear_bit(&mut bm, idx);
+        self.store_inode_bitmap(g, &bm)?;
+        let gd = &mut self.groups[g as usize];
+        gd.set_free_inodes(gd.free_inodes() + 1);
+        if is_dir {
+            gd.set_used_dirs(gd.used_dirs().saturating_sub(1));
+        }
+        self.mark_group_dirty(g);
+        let f = self.sb.free_inodes_count();
+        self.sb.set_free_inodes_count(f + 1);
+        Ok(())
+    }
+
+    /// Count free blocks and inodes from the bitmaps and compare them with
+    /// the descriptors and superblock. Returns a list of mismatches.
+    pub fn check_counts(&mut self) -> Result<Vec<String>> {
+        let mut problems = Vec::new();
+        let (mut fb, mut fi) = (0u64, 0u64);
+        for g in 0..self.geo.group_count {
+            let bm = self.load_block_bitmap(g)?;
+            let n = self.group_block_count(g) as usize;
+            let free = (0..n).filter(|&i| !bit(&bm, i)).count() as u64;
+            if free != u64::from(self.groups[g as usize].free_blocks()) {
+                problems.push(format!(
+                    "group {g}: {free} free blocks in bitmap, descriptor says {}",
+                    self.groups[g as usize].free_blocks()
+                ));
+            }
+            fb += free;
+            let ib = self.load_inode_bitmap(g)?;
+            let ipg = self.geo.inodes_per_group as usize;
+            let ifree = (0..ipg).filter(|&i| !bit(&ib, i)).count() as u64;
+            if ifree != u64::from(self.groups[g as usize].free_inodes()) {
+                problems.push(format!(
+                    "group {g}: {ifree} free inodes in bitmap, descriptor says {}",
+                    self.groups[g as usize].free_inodes()
+                ));
+            }
+            fi += ifree;
+        }
+        if fb != self.sb.free_blocks_count() {
+            problems.push(format!(
+                "superblock: {} free blocks, bitmaps say {fb}",
+                self.sb.free_blocks_count()
+            ));
+        }
+        if fi != u64::from(self.sb.free_inodes_count()) {
+            problems.push(format!(
+                "superblock: {} free inodes, bitmaps say {fi}",
+                self.sb.free_inodes_count()
+            ));
+        }
+        Ok(problems)
+    }
+}

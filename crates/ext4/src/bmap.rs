@@ -1,0 +1,727 @@
+//! Logical-to-physical block mapping: extent trees (ext4) and indirect
+//! block maps (ext2/3).
+//!
+//! Extent trees are edited as a sorted list of extents and written back by
+//! [`Filesystem::write_extent_tree`], which rebuilds the tree shape (growing
+//! or shrinking its depth as the extent count requires) while reusing the
+//! file's existing tree blocks, so a change touches only the nodes whose
+//! contents changed.
+
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+use crate::format::extent::{
+    block_capacity, block_csum, parse_node, tail_offset, write_node, Extent, Index, Node,
+    MAX_DEPTH, MAX_INIT_LEN, MAX_UNWRITTEN_LEN,
+};
+use crate::format::inode::{Inode, FL_EXTENTS};
+use crate::format::{get32, put32};
+use crate::fs::Filesystem;
+
+/// What a logical block maps to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mapping {
+    Hole,
+    Mapped { pblk: u64, unwritten: bool },
+}
+
+const ROOT_MAX: u16 = 4;
+const EXTENT_CACHE_MAX: usize = 4096;
+
+fn max_len(unwritten: bool) -> u32 {
+    if unwritten {
+        MAX_UNWRITTEN_LEN
+    } else {
+        MAX_INIT_LEN
+    }
+}
+
+/// Insert `e` into a sorted, non-overlapping list, merging with neighbours
+/// that continue it logically and physically.
+pub(crate) fn insert_extent(list: &mut Vec<Extent>, e: Extent) {
+    let pos = list.partition_point(|x| x.lblk < e.lblk);
+    list.insert(pos, e);
+    merge_around(list, pos);
+}
+
+fn mergeable(a: &Extent, b: &Extent) -> bool {
+    a.end() == u64::from(b.lblk)
+        && a.pblk + u64::from(a.len) == b.pblk
+        && a.unwritten == b.unwritten
+        && a.len + b.len <= max_len(a.unwritten)
+}
+
+fn merge_around(list: &mut Vec<Extent>, pos: usize) {
+    let mut pos = pos;
+    if pos > 0 && mergeable(&list[pos - 1], &list[pos]) {
+        list[pos - 1].len += list[pos].len;
+        list.remove(pos);
+        pos -= 1;
+    }
+    if pos + 1 < list.len() && mergeable(&list[pos], &list[pos + 1]) {
+        list[pos].len += list[pos + 1].len;
+        list.remove(pos + 1);
+    }
+}
+
+/// Remove logical blocks `[from, to)` from the list; returns the physical
+/// runs that were mapped there.
+pub(crate) fn remove_range(list: &mut Vec<Extent>, from: u64, to: u64) -> Vec<(u64, u64)> {
+    let mut freed = Vec::new();
+    let mut out = Vec::with_capacity(list.len() + 1);
+    for e in list.drain(..) {
+        let (s, t) = (u64::from(e.lblk), e.end());
+        if t <= from || s >= to {
+            out.push(e);
+            continue;
+        }
+        let cut_s = s.max(from);
+        let cut_t = t.min(to);
+        freed.push((e.pblk + (cut_s - s), cut_t - cut_s));
+        if s < cut_s {
+            out.push(Extent { len: (cut_s - s) as u32, ..e });
+        }
+        if cut_t < t {
+            out.push(Extent {
+                lblk: cut_t as u32,
+                len: (t - cut_t) as u32,
+                pblk: e.pblk + (cut_t - s),
+                unwritten: e.unwritten,
+            });
+        }
+    }
+    *list = out;
+    freed
+}
+
+/// Mark `[from, to)` written (splitting unwritten extents); returns the
+/// logical ranges that were unwritten before.
+pub(crate) fn mark_written(list: &mut Vec<Extent>, from: u64, to: u64) -> Vec<(u64, u64)> {
+    let mut converted = Vec::new();
+    let mut out = Vec::with_capacity(list.len() + 2);
+    for e in list.drain(..) {
+        let (s, t) = (u64::from(e.lblk), e.end());
+        if !e.unwritten || t <= from || s >= to {
+            out.push(e);
+            continue;
+        }
+        let cs = s.max(from);
+        let ct = t.min(to);
+        converted.push((cs, ct - cs));
+        if s < cs {
+            out.push(Extent { len: (cs - s) as u32, ..e });
+        }
+        out.push(Extent {
+            lblk: cs as u32,
+            len: (ct - cs) as u32,
+            pblk: e.pblk + (cs - s),
+            unwritten: false,
+        });
+        if ct < t {
+            out.push(Extent {
+                lblk: ct as u32,
+                len: (t - ct) as u32,
+                pblk: e.pblk + (ct - s),
+                unwritten: true,
+            });
+        }
+    }
+    // Written pieces may now merge with written neighbours.
+    let mut merged: Vec<Extent> = Vec::with_capacity(out.len());
+    for e in out {
+        if let Some(last) = merged.last_mut() {
+            if mergeable(last, &e) {
+                last.len += e.len;
+                continue;
+            }
+        }
+        merged.push(e);
+    }
+    *list = merged;
+    converted
+}
+
+impl Filesystem {
+    pub(crate) fn uses_extents(inode: &Inode) -> bool {
+        inode.flags() & FL_EXTENTS != 0
+    }
+
+    /// Largest logical block count a file of this inode may address.
+    pub(crate) fn max_file_blocks(&self, inode: &Inode) -> u64 {
+        if Self::uses_extents(inode) {
+            1 << 32
+        } else {
+            let apb = u64::from(self.geo.block_size / 4);
+            12 + apb + apb * apb + apb * apb * apb
+        }
+    }
+
+    /// The extent list of `inode` and the tree blocks holding it.
+    fn read_extent_tree(&mut self, inode: &Inode) -> Result<(Vec<Extent>, Vec<u64>)> {
+        let ino = inode.ino;
+        let (h, root) = parse_node(inode.i_block())
+            .map_err(|e| Error::corrupted(format!("inode {ino}: {}", e.describe()), 0))?;
+        if h.max != ROOT_MAX && h.max > ROOT_MAX {
+            return Err(Error::corrupted(format!("inode {ino}: bad extent root eh_max"), 0));
+        }
+        let mut extents = Vec::new();
+        let mut blocks = Vec::new();
+        self.walk_extent_node(inode, root, h.depth, 0, &mut extents, &mut blocks)?;
+        for w in extents.windows(2) {
+            if w[0].end() > u64::from(w[1].lblk) {
+                return Err(Error::corrupted(format!("inode {ino}: extents overlap or are unsorted"), 0));
+            }
+        }
+        Ok((extents, blocks))
+    }
+
+    fn walk_extent_node(
+        &mut self,
+        inode: &Inode,
+        node: Node,
+        depth: u16,
+        from_block: u64,
+        extents: &mut Vec<Extent>,
+        blocks: &mut Vec<u64>,
+    ) -> Result<()> {
+        let ino = inode.ino;
+        match node {
+            Node::Leaf(list) => {
+                if depth != 0 {
+                    return Err(Error::corrupted(format!("inode {ino}: extent leaf at wrong depth"), from_block));
+                }
+                for e in &list {
+                    self.check_block(e.pblk, &format!("inode {ino} extent"), from_block)?;
+                    if e.pblk + u64::from(e.len) > self.geo.blocks_count {
+                        return Err(Error::corrupted(
+                            format!("inode {ino}: extent runs past the end of the filesystem"),
+                            from_block,
+                        ));
+                    }
+                }
+                extents.extend(list);
+            }
+            Node::Index { depth: d, entries } => {
+                if d != depth || d == 0 || d > MAX_DEPTH {
+                    return Err(Error::corrupted(format!("inode {ino}: extent index at wrong depth"), from_block));
+                }
+                for ix in entries {
+                    self.check_block(ix.child, &format!("inode {ino} extent index"), from_block)?;
+                    if blocks.len() > 1 << 20 {
+                        return Err(Error::corrupted(format!("inode {ino}: extent tree too large"), from_block));
+                    }
+                    blocks.push(ix.child);
+                    let bs = self.geo.block_size as usize;
+                    let data = self.cache.read(ix.child)?.to_vec();
+                    let (h, child) = parse_node(&data).map_err(|e| {
+                        Error::corrupted(format!("inode {ino}: {}", e.describe()), ix.child)
+                    })?;
+                    if self.has_csum() {
+                        let seed = inode.csum_seed(self.csum_seed);
+                        let want = get32(&data, tail_offset(h.max));
+                        if tail_offset(h.max) + 4 > bs || block_csum(seed, &data, h.max) != want {
+                            return Err(Error::BadChecksum {
+                                what: format!("extent block of inode {ino}"),
+                                block: ix.child,
+                            });
+                        }
+                    }
+                    if h.depth != depth - 1 {
+                        return Err(Error::corrupted(format!("inode {ino}: extent child has wrong depth"), ix.child));
+                    }
+                    self.walk_extent_node(inode, child, depth - 1, ix.child, extents, blocks)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The (cached) extent list of an extent-mapped inode.
+    pub(crate) fn extents(&mut self, inode: &Inode) -> Result<Arc<Vec<Extent>>> {
+        if let Some(e) = self.extent_cache.get(&inode.ino) {
+            return Ok(e.clone());
+        }
+        let (list, _) = self.read_extent_tree(inode)?;
+        let list = Arc::new(list);
+        if self.extent_cache.len() >= EXTENT_CACHE_MAX {
+            self.extent_cache.clear();
+        }
+        self.extent_cache.insert(inode.ino, list.clone());
+        Ok(list)
+    }
+
+    /// Write `list` as the extent tree of `inode`, reusing its old tree
+    /// blocks. Updates i_blocks for tree blocks gained or lost; the caller
+    /// writes the inode.
+    pub(crate) fn write_extent_tree(&mut self, inode: &mut Inode, list: Vec<Extent>) -> Result<()> {
+        let (_, old_blocks) = self.read_extent_tree(inode)?;
+        let bs = self.geo.block_size as usize;
+        let cap = usize::from(block_capacity(bs));
+        // Level sizes, bottom up: leaves, then index levels, until the
+        // top fits in the inode.
+        let mut levels: Vec<usize> = Vec::new(); // node counts per on-disk level
+        let mut n = list.len();
+        while n > usize::from(ROOT_MAX) {
+            let nodes = n.div_ceil(cap);
+            levels.push(nodes);
+            n = nodes;
+        }
+        if levels.len() > usize::from(MAX_DEPTH) {
+            return Err(Error::NoSpace);
+        }
+        let needed: usize = levels.iter().sum();
+        let mut blocks = old_blocks.clone();
+        blocks.sort_unstable();
+        let goal = list.first().map_or(0, |e| e.pblk.saturating_sub(1));
+        let mut fresh = Vec::new();
+        while blocks.len() < needed {
+            match self.alloc_blocks(goal, (needed - blocks.len()) as u32) {
+                Ok((b, len)) => {
+                    for x in b..b + u64::from(len) {
+                        blocks.push(x);
+                        fresh.push(x);
+                    }
+                }
+                Err(e) => {
+                    for x in fresh {
+                        self.free_blocks(x, 1)?;
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        let surplus: Vec<u64> = blocks.split_off(needed);
+        let seed = inode.csum_seed(self.csum_seed);
+        let csum = self.has_csum();
+        // Build bottom-up. `children` holds (first lblk, block) of the
+        // level below.
+        let mut next_block = 0usize;
+        let mut children: Vec<(u32, u64)> = Vec::new();
+        let mut depth = 0u16;
+        let mut buf = vec![0u8; bs];
+        for (li, &count) in levels.iter().enumerate() {
+            let mut this_level = Vec::with_capacity(count);
+            for k in 0..count {
+                let blk = blocks[next_block];
+                next_block += 1;
+                let node = if li == 0 {
+                    let chunk = &list[k * cap..((k + 1) * cap).min(list.len())];
+                    this_level.push((chunk[0].lblk, blk));
+                    Node::Leaf(chunk.to_vec())
+                } else {
+                    let chunk = &children[k * cap..((k + 1) * cap).min(children.len())];
+                    this_level.push((chunk[0].0, blk));
+                    Node::Index {
+                        depth,
+                        entries: chunk.iter().map(|&(l, c)| Index { lblk: l, child: c }).collect(),
+                    }
+                };
+                write_node(&mut buf, cap as u16, &node);
+                if csum {
+                    let c = block_csum(seed, &buf, cap as u16).expect("tail fits in block");
+                    put32(&mut buf, tail_offset(cap as u16), c);
+                }
+                let changed = self.cache.read(blk).map(|old| old != &buf[..]).unwrap_or(true);
+                if changed {
+                    self.cache.write(blk, &buf)?;
+                }
+            }
+            children = this_level;
+            depth += 1;
+        }
+        let root = if levels.is_empty() {
+            Node::Leaf(list.clone())
+        } else {
+            Node::Index {
+                depth,
+                entries: children.iter().map(|&(l, c)| Index { lblk: l, child: c }).collect(),
+            }
+        };
+        let mut rootbuf = [0u8; 60];
+        write_node(&mut rootbuf, ROOT_MAX, &root);
+        inode.i_block_mut().copy_from_slice(&rootbuf);
+        for b in &surplus {
+            self.free_blocks(*b, 1)?;
+        }
+        let spb = u64::from(self.geo.block_size / 512);
+        let delta = needed as i64 - old_blocks.len() as i64;
+        self.add_i_blocks(inode, delta * spb as i64)?;
+        self.extent_cache.insert(inode.ino, Arc::new(list));
+        Ok(())
+    }
+
+    pub(crate) fn add_i_blocks(&self, inode: &mut Inode, delta_512: i64) -> Result<()> {
+        let huge = self.sb.has_ro_compat(crate::format::superblock::ro_compat::HUGE_FILE);
+        let cur = inode.blocks_512(huge, self.geo.block_size) as i64;
+        let new = cur + delta_512;
+        if new < 0 {
+            return Err(Error::corrupted(format!("inode {}: i_blocks underflow", inode.ino), 0));
+        }
+        inode.set_blocks_512(new as u64);
+        Ok(())
+    }
+
+    // ---- indirect maps ----
+
+    fn ind_ptr(&mut self, blk: u64, idx: usize, ino: u32) -> Result<u64> {
+        let b = self.cache.read(blk)?;
+        let p = u64::from(get32(b, idx * 4).unwrap_or(0));
+        if p != 0 {
+            self.check_block(p, &format!("inode {ino} indirect pointer"), blk)?;
+        }
+        Ok(p)
+    }
+
+    /// Path through the indirect tree for `lblk`: (slot in i_block, indices
+    /// within each level).
+    fn ind_path(&self, lblk: u64) -> Option<(usize, Vec<usize>)> {
+        let apb = u64::from(self.geo.block_size / 4);
+        if lblk < 12 {
+            return Some((lblk as usize, vec![]));
+        }
+        let mut l = lblk - 12;
+        if l < apb {
+            return Some((12, vec![l as usize]));
+        }
+        l -= apb;
+        if l < apb * apb {
+            return Some((13, vec![(l / apb) as usize, (l % apb) as usize]));
+        }
+        l -= apb * apb;
+        if l < apb * apb * apb {
+            return Some((
+                14,
+                vec![(l / (apb * apb)) as usize, ((l / apb) % apb) as usize, (l % apb) as usize],
+            ));
+        }
+        None
+    }
+
+    fn ind_lookup(&mut self, inode: &Inode, lblk: u64) -> Result<u64> {
+        let Some((slot, path)) = self.ind_path(lblk) else {
+            return Ok(0);
+        };
+        let mut p = u64::from(get32(inode.i_block(), slot * 4).unwrap_or(0));
+        if p != 0 {
+            self.check_block(p, &format!("inode {} block pointer", inode.ino), 0)?;
+        }
+        for idx in path {
+            if p == 0 {
+                return Ok(0);
+            }
+            p = self.ind_ptr(p, idx, inode.ino)?;
+        }
+        Ok(p)
+    }
+
+    /// Map `lblk` to (mapping, number of following blocks with the same
+    /// kind and contiguous placement, at most `max`).
+    pub(crate) fn map_block(&mut self, inode: &Inode, lblk: u64, max: u64) -> Result<(Mapping, u64)> {
+        let max = max.max(1);
+        if Self::uses_extents(inode) {
+            let list = self.extents(inode)?;
+            let pos = list.partition_point(|e| e.end() <= lblk);
+            if let Some(e) = list.get(pos) {
+                if u64::from(e.lblk) <= lblk {
+                    let off = lblk - u64::from(e.lblk);
+                    return Ok((
+                        Mapping::Mapped {
+                            pblk: e.pblk + off,
+                            unwritten: e.unwritten,
+                        },
+                        (u64::from(e.len) - off).min(max),
+                    ));
+                }
+                return Ok((Mapping::Hole, (u64::from(e.lblk) - lblk).min(max)));
+            }
+            return Ok((Mapping::Hole, max));
+        }
+        let first = self.ind_lookup(inode, lblk)?;
+        let mut n = 1;
+        let limit = max.min(1024);
+        while n < limit {
+            let p = self.ind_lookup(inode, lblk + n)?;
+            let contiguous = if first == 0 { p == 0 } else { p == first + n };
+            if !contiguous {
+                break;
+            }
+            n += 1;
+        }
+        if first == 0 {
+            Ok((Mapping::Hole, n))
+        } else {
+            Ok((Mapping::Mapped { pblk: first, unwritten: false }, n))
+        }
+    }
+
+    /// Allocate a zeroed metadata block near `goal`.
+    fn alloc_zeroed_block(&mut self, goal: u64) -> Result<u64> {
+        let (b, _) = self.alloc_blocks(goal, 1)?;
+        let z = vec![0u8; self.geo.block_size as usize];
+        self.cache.write(b, &z)?;
+        Ok(b)
+    }
+
+    /// Map `lblk` in an indirect-mapped inode to `pblk`, allocating
+    /// indirect blocks on the way.
+    fn ind_set(&mut self, inode: &mut Inode, lblk: u64, pblk: u64) -> Result<()> {
+        let (slot, path) = self.ind_path(lblk).ok_or(Error::FileTooBig)?;
+        let spb = i64::from(self.geo.block_size / 512);
+        if path.is_empty() {
+            put32(inode.i_block_mut(), slot * 4, pblk as u32);
+            return Ok(());
+        }
+        let mut p = u64::from(get32(inode.i_block(), slot * 4).unwrap_or(0));
+        if p == 0 {
+            p = self.alloc_zeroed_block(pblk)?;
+            put32(inode.i_block_mut(), slot * 4, p as u32);
+            self.add_i_blocks(inode, spb)?;
+        }
+        for (k, &idx) in path.iter().enumerate() {
+            if k + 1 == path.len() {
+                let b = self.cache.modify(p)?;
+                put32(b, idx * 4, pblk as u32);
+            } else {
+                let mut next = self.ind_ptr(p, idx, inode.ino)?;
+                if next == 0 {
+                    next = self.alloc_zeroed_block(pblk)?;
+                    let b = self.cache.modify(p)?;
+                    put32(b, idx * 4, next as u32);
+                    self.add_i_blocks(inode, spb)?;
+                }
+                p = next;
+            }
+        }
+        Ok(())
+    }
+
+    /// Make every block of `[lblk, lblk+len)` mapped and written. Returns the
+    /// logical ranges that were newly allocated or converted from unwritten
+    /// (their old contents must not be exposed: the caller overwrites or
+    /// zeroes them). The caller writes the inode.
+    pub(crate) fn allocate_range(&mut self, inode: &mut Inode, lblk: u64, len: u64) -> Result<Vec<(u64, u64)>> {
+        self.check_writable()?;
+        let end = lblk + len;
+        if end > self.max_file_blocks(inode) {
+            return Err(Error::FileTooBig);
+        }
+        let spb = i64::from(self.geo.block_size / 512);
+        let mut fresh = Vec::new();
+        if Self::uses_extents(inode) {
+            let mut list = (*self.extents(inode)?).clone();
+            let mut allocated: Vec<(u64, u64)> = Vec::new();
+            let mut cur = lblk;
+            while cur < end {
+                let (m, n) = {
+                    let pos = list.partition_point(|e| e.end() <= cur);
+                    match list.get(pos) {
+                        Some(e) if u64::from(e.lblk) <= cur => (true, e.end() - cur),
+                        Some(e) => (false, u64::from(e.lblk) - cur),
+                        None => (false, end - cur),
+                    }
+                };
+                let n = n.min(end - cur);
+                if m {
+                    cur += n;
+                    continue;
+                }
+                // A hole of n blocks: fill it.
+                let mut left = n;
+                while left > 0 {
+                    let goal = self.goal_for(inode, &list, cur);
+                    let want = left.min(u64::from(MAX_INIT_LEN)) as u32;
+                    let (pb, got) = match self.alloc_blocks(goal, want) {
+                        Ok(r) => r,
+                        Err(e) => {
+                            for (p, l) in allocated {
+                                self.free_blocks(p, l)?;
+                            }
+                            self.extent_cache.remove(&inode.ino);
+                            return Err(e);
+                        }
+                    };
+                    allocated.push((pb, u64::from(got)));
+                    insert_extent(&mut list, Extent { lblk: cur as u32, len: got, pblk: pb, unwritten: false });
+                    fresh.push((cur, u64::from(got)));
+                    cur += u64::from(got);
+                    left -= u64::from(got);
+                }
+            }
+            let converted = mark_written(&mut list, lblk, end);
+            fresh.extend(converted);
+            let data_blocks: u64 = allocated.iter().map(|a| a.1).sum();
+            if let Err(e) = self.write_extent_tree(inode, list) {
+                for (p, l) in allocated {
+                    self.free_blocks(p, l)?;
+                }
+                self.extent_cache.remove(&inode.ino);
+                return Err(e);
+            }
+            self.add_i_blocks(inode, data_blocks as i64 * spb)?;
+        } else {
+            for l in lblk..end {
+                if self.ind_lookup(inode, l)? != 0 {
+                    continue;
+                }
+                let goal = if l > 0 { self.ind_lookup(inode, l - 1)? + 1 } else { 0 };
+                let goal = if goal <= 1 { self.inode_goal(inode) } else { goal };
+                let (pb, _) = self.alloc_blocks(goal, 1)?;
+                if let Err(e) = self.ind_set(inode, l, pb) {
+                    self.free_blocks(pb, 1)?;
+                    return Err(e);
+                }
+                self.add_i_blocks(inode, spb)?;
+                match fresh.last_mut() {
+                    Some((s, n)) if *s + *n == l => *n += 1,
+                    _ => fresh.push((l, 1)),
+                }
+            }
+        }
+        Ok(fresh)
+    }
+
+    /// A good physical goal for logical block `lblk`: continue the extent
+    /// before it, or start in the inode's group.
+    fn goal_for(&self, inode: &Inode, list: &[Extent], lblk: u64) -> u64 {
+        let pos = list.partition_point(|e| e.end() <= lblk);
+        if pos > 0 {
+            let e = &list[pos - 1];
+            return e.pblk + (lblk - u64::from(e.lblk));
+        }
+        self.inode_goal(inode)
+    }
+
+    pub(crate) fn inode_goal(&self, inode: &Inode) -> u64 {
+        let g = (inode.ino - 1) / self.geo.inodes_per_group;
+        self.group_first_block(g)
+    }
+
+    /// Free every block mapped at or beyond logical block `from` (and
+    /// indirect blocks left empty). The caller writes the inode.
+    pub(crate) fn truncate_blocks(&mut self, inode: &mut Inode, from: u64) -> Result<()> {
+        self.check_writable()?;
+        let spb = u64::from(self.geo.block_size / 512);
+        if Self::uses_extents(inode) {
+            let mut list = (*self.extents(inode)?).clone();
+            let freed = remove_range(&mut list, from, u64::MAX);
+            if freed.is_empty() {
+                return Ok(());
+            }
+            self.write_extent_tree(inode, list)?;
+            let mut total = 0;
+            for (p, l) in freed {
+                self.free_blocks(p, l)?;
+                total += l;
+            }
+            self.add_i_blocks(inode, -((total * spb) as i64))?;
+            return Ok(());
+        }
+        let apb = u64::from(self.geo.block_size / 4);
+        let mut freed_blocks = 0u64;
+        // Direct blocks.
+        for slot in 0..12u64 {
+            if slot >= from {
+                let p = u64::from(get32(inode.i_block(), slot as usize * 4).unwrap_or(0));
+                if p != 0 {
+                    self.check_block(p, "block pointer", 0)?;
+                    self.free_blocks(p, 1)?;
+                    freed_blocks += 1;
+                    put32(inode.i_block_mut(), slot as usize * 4, 0);
+                }
+            }
+        }
+        let mut base = 12u64;
+        for (slot, level) in [(12usize, 1u32), (13, 2), (14, 3)] {
+            let span = apb.pow(level);
+            let p = u64::from(get32(inode.i_block(), slot * 4).unwrap_or(0));
+            if p != 0 && from < base + span {
+                self.check_block(p, "indirect pointer", 0)?;
+                let (empty, n) = self.free_ind_subtree(p, level, base, from, inode.ino, 0)?;
+                freed_blocks += n;
+                if empty {
+                    self.free_blocks(p, 1)?;
+                    freed_blocks += 1;
+                    put32(inode.i_block_mut(), slot * 4, 0);
+                }
+            }
+            base += span;
+        }
+        self.add_i_blocks(inode, -((freed_blocks * spb) as i64))?;
+        Ok(())
+    }
+
+    /// Free the part of the subtree at `blk` (covering logical blocks from
+    /// `base`) at or beyond `from`. Returns (subtree now empty, blocks freed).
+    fn free_ind_subtree(&mut self, blk: u64, level: u32, base: u64, from: u64, ino: u32, depth: u32) -> Result<(bool, u64)> {
+        if depth > 3 {
+            return Err(Error::corrupted("indirect tree too deep", blk));
+        }
+        let apb = u64::from(self.geo.block_size / 4);
+        let child_span = apb.pow(level - 1);
+        let mut freed = 0;
+        let mut any_left = false;
+        for i in 0..apb {
+            let p = self.ind_ptr(blk, i as usize, ino)?;
+            if p == 0 {
+                continue;
+            }
+            let cbase = base + i * child_span;
+            if cbase + child_span <= from {
+                any_left = true;
+                continue;
+            }
+            let remove = if level == 1 {
+                true
+            } else {
+                let (empty, n) = self.free_ind_subtree(p, level - 1, cbase, from, ino, depth + 1)?;
+                freed += n;
+                empty
+            };
+            if remove {
+                self.free_blocks(p, 1)?;
+                freed += 1;
+                let b = self.cache.modify(blk)?;
+                put32(b, i as usize * 4, 0);
+            } else {
+                any_left = true;
+            }
+        }
+        Ok((!any_left, freed))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn e(l: u32, n: u32, p: u64, u: bool) -> Extent {
+        Extent { lblk: l, len: n, pblk: p, unwritten: u }
+    }
+
+    #[test]
+    fn insert_merges_neighbours() {
+        let mut v = vec![e(0, 4, 100, false), e(8, 4, 108, false)];
+        insert_extent(&mut v, e(4, 4, 104, false));
+        assert_eq!(v, vec![e(0, 12, 100, false)]);
+        insert_extent(&mut v, e(12, 1, 500, false));
+        assert_eq!(v.len(), 2);
+    }
+
+    #[test]
+    fn remove_range_splits() {
+        let mut v = vec![e(0, 10, 100, false)];
+        let freed = remove_range(&mut v, 3, 5);
+        assert_eq!(freed, vec![(103, 2)]);
+        assert_eq!(v, vec![e(0, 3, 100, false), e(5, 5, 105, false)]);
+    }
+
+    #[test]
+    fn mark_written_converts_middle() {
+        let mut v = vec![e(0, 10, 100, true)];
+        let c = mark_written(&mut v, 2, 4);
+        assert_eq!(c, vec![(2, 2)]);
+        assert_eq!(v, vec![e(0, 2, 100, true), e(2, 2, 102, false), e(4, 6, 104, true)]);
+        mark_written(&mut v, 0, 10);
+        assert_eq!(v, vec![e(0, 10, 100, false)]);
+    }
+}

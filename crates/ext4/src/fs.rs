@@ -1,0 +1,545 @@
+//! Opening an image: superblock and group descriptor validation, the
+//! feature policy, inode I/O and writing metadata back.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use folio_blockdev::{BlockDevice, BufferCache, FileDevice};
+
+use crate::error::{Error, Result};
+use crate::format::extent::Extent;
+use crate::format::group::{GroupDesc, BG_BLOCK_UNINIT, BG_INODE_UNINIT};
+use crate::format::inode::Inode;
+use crate::format::superblock::{
+    compat, feature_names, incompat, ro_compat, Superblock, MAGIC, SUPERBLOCK_OFFSET,
+    SUPERBLOCK_SIZE,
+};
+
+/// How to open a filesystem.
+#[derive(Clone, Debug)]
+pub struct OpenOptions {
+    /// Never write to the device.
+    pub read_only: bool,
+    /// Metadata buffer cache capacity, in blocks.
+    pub cache_blocks: usize,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        OpenOptions {
+            read_only: false,
+            cache_blocks: 8192,
+        }
+    }
+}
+
+/// Derived, validated geometry of an image.
+#[derive(Clone, Debug)]
+pub struct Geometry {
+    pub block_size: u32,
+    pub blocks_count: u64,
+    pub first_data_block: u64,
+    pub blocks_per_group: u32,
+    pub inodes_per_group: u32,
+    pub inodes_count: u32,
+    pub inode_size: u32,
+    pub group_count: u32,
+    pub desc_size: u32,
+    pub descs_per_block: u32,
+    /// Blocks the group descriptor table takes.
+    pub gdt_blocks: u32,
+    pub first_ino: u32,
+}
+
+/// A mounted-in-process ext2/3/4 filesystem.
+pub struct Filesystem {
+    pub(crate) cache: BufferCache,
+    pub(crate) sb: Superblock,
+    pub(crate) geo: Geometry,
+    pub(crate) groups: Vec<GroupDesc>,
+    pub(crate) gdt_dirty: bool,
+    pub(crate) sb_dirty: bool,
+    pub(crate) csum_seed: u32,
+    pub(crate) read_only: Option<String>,
+    /// Parsed extent lists of recently used inodes.
+    pub(crate) extent_cache: HashMap<u32, Arc<Vec<Extent>>>,
+    pub(crate) generation_seed: u32,
+    pub(crate) bytes_written: u64,
+    /// Spread new directories over groups (off only while mkfs makes
+    /// lost+found, which belongs next to the root).
+    pub(crate) dir_spread: bool,
+}
+
+fn names(mask: u32, table: &[(u32, &str)], prefix: &str) -> String {
+    feature_names(mask, table, prefix).join(", ")
+}
+
+impl Filesystem {
+    /// Open the image at `path`.
+    pub fn open_path(path: &Path, opts: OpenOptions) -> Result<Self> {
+        let dev = FileDevice::open(path, opts.read_only)?;
+        Self::open(Arc::new(dev), opts)
+    }
+
+    /// Open a filesystem on `dev`.
+    pub fn open(dev: Arc<dyn BlockDevice>, opts: OpenOptions) -> Result<Self> {
+        let mut raw = [0u8; SUPERBLOCK_SIZE];
+        if dev.size_bytes() < SUPERBLOCK_OFFSET + SUPERBLOCK_SIZE as u64 {
+            return Err(Error::corrupted("device is too small to hold a superblock", 0));
+        }
+        dev.read_at(SUPERBLOCK_OFFSET, &mut raw)?;
+        let sb = Superblock { raw };
+        if sb.magic() != MAGIC {
+            return Err(Error::corrupted(
+                format!("bad superblock magic {:#06x} (not an ext2/3/4 filesystem)", sb.magic()),
+                1,
+            ));
+        }
+        if sb.metadata_csum() {
+            if sb.raw[0x175] != 1 {
+                return Err(Error::corrupted("unknown superblock checksum type", 1));
+            }
+            if sb.compute_checksum() != sb.checksum() {
+                return Err(Error::BadChecksum {
+                    what: "superblock".into(),
+                    block: 1,
+                });
+            }
+        }
+        let unknown_incompat = sb.feature_incompat() & !incompat::SUPPORTED;
+        if unknown_incompat != 0 {
+            return Err(Error::UnsupportedFeature(format!(
+                "incompatible feature(s) {} (folio refuses to open this image)",
+                names(unknown_incompat, incompat::NAMES, "I")
+            )));
+        }
+        let geo = Self::geometry(&sb, dev.size_bytes())?;
+
+        let mut read_only = None;
+        if opts.read_only || dev.is_read_only() {
+            read_only = Some("opened read-only".to_string());
+        }
+        let unknown_ro = sb.feature_ro_compat() & !ro_compat::SUPPORTED;
+        if unknown_ro != 0 && read_only.is_none() {
+            read_only = Some(format!(
+                "read-only-compatible feature(s) {} are not supported for writing",
+                names(unknown_ro, ro_compat::NAMES, "R")
+            ));
+        }
+        if sb.has_incompat(incompat::RECOVER) && read_only.is_none() {
+            read_only = Some(
+                "the journal needs recovery, which folio cannot replay yet; \
+                 run `e2fsck -E journal_only` first"
+                    .into(),
+            );
+        }
+        if sb.has_compat(compat::ORPHAN_FILE) && read_only.is_none() {
+            // The orphan file is kept consistent only by code that knows it;
+            // we do not maintain it yet, so we must not write.
+            if sb.has_ro_compat(ro_compat::ORPHAN_PRESENT) {
+                read_only = Some("the orphan file holds orphans that need processing".into());
+            }
+        }
+        if sb.has_incompat(incompat::META_BG) && read_only.is_none() {
+            read_only = Some("meta_bg images are read-only in folio for now".into());
+        }
+
+        let bs = geo.block_size as usize;
+        let mut cache = BufferCache::new(dev, bs, opts.cache_blocks);
+        let csum_seed = sb.csum_seed();
+        let mut groups = Vec::with_capacity(geo.group_count as usize);
+        for g in 0..geo.group_count {
+            let blk = Self::gdt_block_location(&sb, &geo, g / geo.descs_per_block);
+            let off = (g % geo.descs_per_block) as usize * geo.desc_size as usize;
+            let b = cache.read(blk)?;
+            let gd = GroupDesc {
+                raw: b[off..off + geo.desc_size as usize].to_vec(),
+            };
+            Self::check_group_desc(&sb, &geo, csum_seed, g, &gd, blk)?;
+            groups.push(gd);
+        }
+        let now = crate::format::Timespec::now();
+        Ok(Filesystem {
+            cache,
+            generation_seed: (now.nsec ^ (now.sec as u32)).wrapping_mul(2_654_435_761) | 1,
+            sb,
+            geo,
+            groups,
+            gdt_dirty: false,
+            sb_dirty: false,
+            csum_seed,
+            read_only,
+            extent_cache: HashMap::new(),
+            bytes_written: 0,
+            dir_spread: true,
+        })
+    }
+
+    /// Validate the superblock's geometry before any layout math uses it.
+    fn geometry(sb: &Superblock, dev_size: u64) -> Result<Geometry> {
+        let bad = |what: &str| Error::corrupted(format!("superblock: {what}"), 1);
+        let block_size = sb.block_size().ok_or_else(|| bad("block size out of range"))?;
+        if sb.has_ro_compat(ro_compat::BIGALLOC) {
+            return Err(Error::UnsupportedFeature(
+                "bigalloc (cluster allocation) is not supported".into(),
+            ));
+        }
+        if sb.log_cluster_size() != sb.log_block_size() {
+            return Err(bad("cluster size differs from block size without bigalloc"));
+        }
+        let blocks_count = sb.blocks_count();
+        let first_data_block = u64::from(sb.first_data_block());
+        let bpg = sb.blocks_per_group();
+        let ipg = sb.inodes_per_group();
+        if bpg == 0 || bpg > block_size * 8 {
+            return Err(bad("blocks per group out of range"));
+        }
+        if ipg == 0 || ipg > block_size * 8 {
+            return Err(bad("inodes per group out of range"));
+        }
+        if first_data_block >= blocks_count || first_data_block > 1 {
+            return Err(bad("first data block out of range"));
+        }
+        if block_size == 1024 && first_data_block != 1 {
+            return Err(bad("1 KiB blocks need first data block 1"));
+        }
+        let group_count = (blocks_count - first_data_block).div_ceil(u64::from(bpg));
+        let group_count = u32::try_from(group_count).map_err(|_| bad("too many groups"))?;
+        if u64::from(sb.inodes_count()) != u64::from(ipg) * u64::from(group_count) {
+            return Err(bad("inode count does not match groups × inodes per group"));
+        }
+        let inode_size = u32::from(sb.inode_size());
+        if inode_size < 128 || !inode_size.is_power_of_two() || inode_size > block_size {
+            return Err(bad("inode size out of range"));
+        }
+        if inode_size > 128 {
+            let extra = u32::from(sb.min_extra_isize()).max(u32::from(sb.want_extra_isize()));
+            if 128 + extra > inode_size {
+                return Err(bad("extra inode size does not fit the inode"));
+            }
+        }
+        let desc_size = u32::from(sb.desc_size());
+        if desc_size < 32 || desc_size > block_size || !desc_size.is_power_of_two() {
+            return Err(bad("group descriptor size out of range"));
+        }
+        if sb.has_incompat(incompat::BIT64) && desc_size < 64 {
+            return Err(bad("64bit needs descriptors of at least 64 bytes"));
+        }
+        let first_ino = sb.first_ino();
+        if first_ino < 11 || first_ino >= sb.inodes_count() {
+            return Err(bad("first inode out of range"));
+        }
+        let needed = blocks_count
+            .checked_mul(u64::from(block_size))
+            .ok_or_else(|| bad("block count overflows"))?;
+        if needed > dev_size {
+            return Err(Error::corrupted(
+                format!(
+                    "the filesystem claims {needed} bytes but the device has only {dev_size} \
+                     (truncated image?)"
+                ),
+                1,
+            ));
+        }
+        let descs_per_block = block_size / desc_size;
+        let gdt_blocks = group_count.div_ceil(descs_per_block);
+        Ok(Geometry {
+            block_size,
+            blocks_count,
+            first_data_block,
+            blocks_per_group: bpg,
+            inodes_per_group: ipg,
+            inodes_count: sb.inodes_count(),
+            inode_size,
+            group_count,
+            desc_size,
+            descs_per_block,
+            gdt_blocks,
+            first_ino,
+        })
+    }
+
+    /// Block holding group descriptor block number `i` (primary copy).
+    fn gdt_block_location(sb: &Superblock, geo: &Geometry, i: u32) -> u64 {
+        let meta_bg = sb.has_incompat(incompat::META_BG);
+        if !meta_bg || i < sb.first_meta_bg() {
+            return geo.first_data_block + 1 + u64::from(i);
+        }
+        let g = i * geo.descs_per_block;
+        let has_sb = u64::from(has_super(sb, g));
+        geo.first_data_block + u64::from(g) * u64::from(geo.blocks_per_group) + has_sb
+    }
+
+    fn check_group_desc(sb: &Superblock, geo: &Geometry, seed: u32, g: u32, gd: &GroupDesc, blk: u64) -> Result<()> {
+        let meta = sb.metadata_csum();
+        if meta || sb.has_ro_compat(ro_compat::GDT_CSUM) {
+            let c = gd.compute_checksum(g, meta, seed, &sb.uuid());
+            if c != gd.checksum() {
+                return Err(Error::BadChecksum {
+                    what: format!("group descriptor {g}"),
+                    block: blk,
+                });
+            }
+        }
+        let in_fs = |b: u64| b >= geo.first_data_block && b < geo.blocks_count;
+        let itable_blocks =
+            (u64::from(geo.inodes_per_group) * u64::from(geo.inode_size)).div_ceil(u64::from(geo.block_size));
+        if !in_fs(gd.block_bitmap())
+            || !in_fs(gd.inode_bitmap())
+            || !in_fs(gd.inode_table())
+            || gd.inode_table() + itable_blocks > geo.blocks_count
+        {
+            return Err(Error::corrupted(
+                format!("group descriptor {g} points outside the filesystem"),
+                blk,
+            ));
+        }
+        if gd.free_inodes() > geo.inodes_per_group || gd.free_blocks() > geo.blocks_per_group {
+            return Err(Error::corrupted(
+                format!("group descriptor {g} has impossible free counts"),
+                blk,
+            ));
+        }
+        Ok(())
+    }
+
+    // ---- accessors ----
+
+    pub fn superblock(&self) -> &Superblock {
+        &self.sb
+    }
+    pub fn geometry_info(&self) -> &Geometry {
+        &self.geo
+    }
+    pub fn block_size(&self) -> u32 {
+        self.geo.block_size
+    }
+    pub fn group_desc(&self, g: u32) -> Option<&GroupDesc> {
+        self.groups.get(g as usize)
+    }
+    /// Why the filesystem is read-only, if it is.
+    pub fn read_only_reason(&self) -> Option<&str> {
+        self.read_only.as_deref()
+    }
+
+    pub(crate) fn check_writable(&self) -> Result<()> {
+        match &self.read_only {
+            Some(why) => Err(Error::ReadOnly(why.clone())),
+            None => Ok(()),
+        }
+    }
+
+    pub(crate) fn has_csum(&self) -> bool {
+        self.sb.metadata_csum()
+    }
+
+    /// Group descriptors carry checksums and the uninit flags are in use.
+    pub(crate) fn has_gdt_csum(&self) -> bool {
+        self.sb.metadata_csum() || self.sb.has_ro_compat(ro_compat::GDT_CSUM)
+    }
+
+    pub(crate) fn dev(&self) -> &Arc<dyn BlockDevice> {
+        self.cache.device()
+    }
+
+    /// First block of group `g`.
+    pub(crate) fn group_first_block(&self, g: u32) -> u64 {
+        self.geo.first_data_block + u64::from(g) * u64::from(self.geo.blocks_per_group)
+    }
+
+    /// Number of blocks in group `g` (the last may be short).
+    pub(crate) fn group_block_count(&self, g: u32) -> u32 {
+        let start = self.group_first_block(g);
+        (self.geo.blocks_count - start).min(u64::from(self.geo.blocks_per_group)) as u32
+    }
+
+    pub(crate) fn block_group(&self, blk: u64) -> u32 {
+        ((blk - self.geo.first_data_block) / u64::from(self.geo.blocks_per_group)) as u32
+    }
+
+    /// A block number read from disk must lie in the data area.
+    pub(crate) fn check_block(&self, blk: u64, what: &str, from: u64) -> Result<()> {
+        if blk < self.geo.first_data_block || blk >= self.geo.blocks_count {
+            return Err(Error::corrupted(
+                format!("{what} points to block {blk}, outside the filesystem"),
+                from,
+            ));
+        }
+        Ok(())
+    }
+
+    // ---- inodes ----
+
+    fn inode_location(&self, ino: u32) -> Result<(u64, usize)> {
+        if ino == 0 || ino > self.geo.inodes_count {
+            return Err(Error::corrupted(format!("inode number {ino} out of range"), 0));
+        }
+        let g = (ino - 1) / self.geo.inodes_per_group;
+        let idx = (ino - 1) % self.geo.inodes_per_group;
+        let byte = u64::from(idx) * u64::from(self.geo.inode_size);
+        let blk = self.groups[g as usize].inode_table() + byte / u64::from(self.geo.block_size);
+        Ok((blk, (byte % u64::from(self.geo.block_size)) as usize))
+    }
+
+    /// True if the inode slot is in a part of the table never initialised
+    /// (INODE_UNINIT group or beyond the used part of the table).
+    pub(crate) fn inode_slot_uninit(&self, ino: u32) -> bool {
+        if !self.has_gdt_csum() {
+            return false;
+        }
+        let g = (ino - 1) / self.geo.inodes_per_group;
+        let idx = (ino - 1) % self.geo.inodes_per_group;
+        let gd = &self.groups[g as usize];
+        gd.flags() & BG_INODE_UNINIT != 0 || idx >= self.geo.inodes_per_group - gd.itable_unused()
+    }
+
+    /// Read inode `ino`, verifying its checksum.
+    pub fn read_inode(&mut self, ino: u32) -> Result<Inode> {
+        let (blk, off) = self.inode_location(ino)?;
+        let isz = self.geo.inode_size as usize;
+        if self.inode_slot_uninit(ino) {
+            return Ok(Inode { ino, raw: vec![0; isz] });
+        }
+        let b = self.cache.read(blk)?;
+        let inode = Inode {
+            ino,
+            raw: b[off..off + isz].to_vec(),
+        };
+        if self.has_csum() && !inode.is_all_zero() {
+            if inode.extra_isize() + 128 > isz || inode.extra_isize() % 4 != 0 {
+                return Err(Error::corrupted(format!("inode {ino} has a bad i_extra_isize"), blk));
+            }
+            if inode.compute_checksum(self.csum_seed) != inode.stored_checksum() {
+                return Err(Error::BadChecksum {
+                    what: format!("inode {ino}"),
+                    block: blk,
+                });
+            }
+        }
+        Ok(inode)
+    }
+
+    /// Write `inode` back (checksum updated).
+    pub fn write_inode(&mut self, inode: &mut Inode) -> Result<()> {
+        self.check_writable()?;
+        let (blk, off) = self.inode_location(inode.ino)?;
+        if self.has_csum() {
+            inode.update_checksum(self.csum_seed);
+        }
+        let isz = self.geo.inode_size as usize;
+        assert_eq!(inode.raw.len(), isz, "inode buffer has the filesystem's inode size");
+        let b = self.cache.modify(blk)?;
+        b[off..off + isz].copy_from_slice(&inode.raw);
+        Ok(())
+    }
+
+    // ---- metadata write-back ----
+
+    pub(crate) fn mark_group_dirty(&mut self, g: u32) {
+        let gd = &mut self.groups[g as usize];
+        if self.sb.metadata_csum() || self.sb.has_ro_compat(ro_compat::GDT_CSUM) {
+            let c = gd.compute_checksum(g, self.sb.metadata_csum(), self.csum_seed, &self.sb.uuid());
+            gd.set_checksum(c);
+        }
+        self.gdt_dirty = true;
+        self.sb_dirty = true;
+    }
+
+    fn write_gdt(&mut self) -> Result<()> {
+        let dpb = self.geo.descs_per_block;
+        let ds = self.geo.desc_size as usize;
+        for i in 0..self.geo.gdt_blocks {
+            let blk = Self::gdt_block_location(&self.sb, &self.geo, i);
+            let first = i * dpb;
+            let last = (first + dpb).min(self.geo.group_count);
+            let descs: Vec<Vec<u8>> = (first..last).map(|g| self.groups[g as usize].raw.clone()).collect();
+            let b = self.cache.modify(blk)?;
+            for (k, d) in descs.iter().enumerate() {
+                b[k * ds..(k + 1) * ds].copy_from_slice(d);
+            }
+        }
+        Ok(())
+    }
+
+    fn write_superblock(&mut self) -> Result<()> {
+        let now = crate::format::Timespec::now();
+        self.sb.set_wtime(now.sec as u32);
+        let kb = self.sb.kbytes_written() + self.bytes_written / 1024;
+        self.bytes_written %= 1024;
+        self.sb.set_kbytes_written(kb);
+        self.sb.update_checksum();
+        let bs = u64::from(self.geo.block_size);
+        let blk = SUPERBLOCK_OFFSET / bs;
+        let off = (SUPERBLOCK_OFFSET % bs) as usize;
+        let raw = self.sb.raw;
+        let b = self.cache.modify(blk)?;
+        b[off..off + SUPERBLOCK_SIZE].copy_from_slice(&raw);
+        Ok(())
+    }
+
+    /// Write all metadata back and flush the device.
+    pub fn sync(&mut self) -> Result<()> {
+        if self.read_only.is_some() {
+            return Ok(());
+        }
+        if self.gdt_dirty {
+            self.write_gdt()?;
+            self.gdt_dirty = false;
+        }
+        if self.sb_dirty || self.cache.dirty_count() > 0 || self.bytes_written > 0 {
+            self.write_superblock()?;
+            self.sb_dirty = false;
+        }
+        self.cache.sync()?;
+        Ok(())
+    }
+
+    /// Sync and close.
+    pub fn close(mut self) -> Result<()> {
+        self.sync()
+    }
+
+    /// Groups whose block bitmap is not initialised on disk.
+    pub(crate) fn block_uninit(&self, g: u32) -> bool {
+        self.has_gdt_csum() && self.groups[g as usize].flags() & BG_BLOCK_UNINIT != 0
+    }
+}
+
+/// Does group `g` hold a superblock backup (sparse_super rules)?
+pub fn has_super(sb: &Superblock, g: u32) -> bool {
+    if g <= 1 || !sb.has_ro_compat(ro_compat::SPARSE_SUPER) {
+        return true;
+    }
+    if g % 2 == 0 {
+        return false;
+    }
+    for base in [3u32, 5, 7] {
+        let mut p = base;
+        while p < g {
+            p = match p.checked_mul(base) {
+                Some(v) => v,
+                None => break,
+            };
+        }
+        if p == g {
+            return true;
+        }
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sparse_super_groups() {
+        let mut sb = Superblock::zeroed();
+        sb.set_feature_ro_compat(ro_compat::SPARSE_SUPER);
+        let with: Vec<u32> = (0..100).filter(|&g| has_super(&sb, g)).collect();
+        assert_eq!(with, vec![0, 1, 3, 5, 7, 9, 25, 27, 49, 81]);
+        sb.set_feature_ro_compat(0);
+        assert!(has_super(&sb, 4));
+    }
+}

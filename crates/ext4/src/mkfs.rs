@@ -1,0 +1,683 @@
+//! Make a new ext2/3/4 filesystem with mke2fs's defaults (e2fsprogs 1.47).
+//!
+//! Phase 1 lays out the fixed structures directly: superblock and backups,
+//! group descriptors, bitmaps, inode tables, the resize inode. Phase 2 opens
+//! the result as a [`Filesystem`] and makes the root directory, lost+found
+//! and the journal through the ordinary allocation paths.
+
+use std::fmt;
+use std::path::Path;
+use std::sync::Arc;
+
+use folio_blockdev::{BlockDevice, FileDevice};
+
+use crate::error::{Error, Result};
+use crate::format::dirent::{write_entry, TAIL_LEN};
+use crate::format::extent::{Extent, MAX_INIT_LEN};
+use crate::format::group::{GroupDesc, BG_INODE_UNINIT, BG_INODE_ZEROED};
+use crate::format::inode::{Inode, JOURNAL_INO, RESIZE_INO, ROOT_INO, S_IFDIR, S_IFREG};
+use crate::format::superblock::{
+    compat, incompat, ro_compat, Superblock, FLAG_SIGNED_HASH, MAGIC, STATE_VALID,
+    SUPERBLOCK_OFFSET,
+};
+use crate::format::{put32, Timespec};
+use crate::fs::{has_super, Filesystem, OpenOptions};
+use crate::ops::Owner;
+
+/// Which flavour of filesystem to make.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum FsType {
+    Ext2,
+    Ext3,
+    #[default]
+    Ext4,
+}
+
+/// Options; `None` fields take mke2fs's defaults for the size.
+#[derive(Clone, Debug)]
+pub struct MkfsOptions {
+    pub fs_type: FsType,
+    pub block_size: Option<u32>,
+    pub label: String,
+    pub inode_ratio: Option<u32>,
+    pub inode_size: Option<u16>,
+    /// Percentage of blocks reserved for root.
+    pub reserved_percent: u32,
+    pub uuid: Option<[u8; 16]>,
+    /// Owner of the root directory.
+    pub root_owner: Owner,
+    /// The device is known to read as zeros (a freshly created file), so
+    /// inode tables and the journal need not be written.
+    pub device_zeroed: bool,
+}
+
+impl Default for MkfsOptions {
+    fn default() -> Self {
+        MkfsOptions {
+            fs_type: FsType::Ext4,
+            block_size: None,
+            label: String::new(),
+            inode_ratio: None,
+            inode_size: None,
+            reserved_percent: 5,
+            uuid: None,
+            root_owner: Owner::default(),
+            device_zeroed: false,
+        }
+    }
+}
+
+/// What mkfs made.
+#[derive(Clone, Debug)]
+pub struct Report {
+    pub block_size: u32,
+    pub blocks: u64,
+    pub inodes: u32,
+    pub groups: u32,
+    pub journal_blocks: u32,
+    pub uuid: [u8; 16],
+    pub fs_type: FsType,
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let u: String = self.uuid.iter().map(|b| format!("{b:02x}")).collect();
+        writeln!(
+            f,
+            "Creating filesystem with {} {}k blocks and {} inodes",
+            self.blocks,
+            self.block_size / 1024,
+            self.inodes
+        )?;
+        writeln!(
+            f,
+            "Filesystem UUID: {}-{}-{}-{}-{}",
+            &u[0..8],
+            &u[8..12],
+            &u[12..16],
+            &u[16..20],
+            &u[20..32]
+        )?;
+        writeln!(f, "Block groups: {}", self.groups)?;
+        if self.journal_blocks > 0 {
+            write!(f, "Journal: {} blocks", self.journal_blocks)
+        } else {
+            write!(f, "Journal: none")
+        }
+    }
+}
+
+fn random_bytes() -> [u8; 16] {
+    let mut b = [0u8; 16];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        use std::io::Read;
+        if f.read_exact(&mut b).is_ok() {
+            return b;
+        }
+    }
+    // Fall back to time and address entropy; uniqueness, not secrecy.
+    let t = Timespec::now();
+    let x = (t.sec as u64) ^ (u64::from(t.nsec) << 20) ^ (&b as *const _ as u64);
+    b[..8].copy_from_slice(&x.to_le_bytes());
+    b[8..].copy_from_slice(&x.rotate_left(29).wrapping_mul(0x9E37_79B9_7F4A_7C15).to_le_bytes());
+    b
+}
+
+fn uuid_v4() -> [u8; 16] {
+    let mut u = random_bytes();
+    u[6] = (u[6] & 0x0f) | 0x40;
+    u[8] = (u[8] & 0x3f) | 0x80;
+    u
+}
+
+/// mke2fs's journal size (in blocks) for a filesystem of `blocks`.
+pub fn default_journal_blocks(blocks: u64) -> Option<u32> {
+    Some(match blocks {
+        b if b < 2048 => return None,
+        b if b < 32768 => 1024,
+        b if b < 256 * 1024 => 4096,
+        b if b < 512 * 1024 => 8192,
+        b if b < 4096 * 1024 => 16384,
+        b if b < 8192 * 1024 => 32768,
+        b if b < 16384 * 1024 => 65536,
+        b if b < 32768 * 1024 => 131_072,
+        _ => 262_144,
+    })
+}
+
+/// Make a filesystem in the file at `path`, creating it (or setting its
+/// size) when `size_bytes` is given.
+pub fn mkfs_path(path: &Path, size_bytes: Option<u64>, opts: &MkfsOptions) -> Result<Report> {
+    let mut opts = opts.clone();
+    let dev: Arc<dyn BlockDevice> = match size_bytes {
+        Some(size) => {
+            let existed = path.exists();
+            let is_file = !existed || std::fs::metadata(path).map(|m| m.is_file()).unwrap_or(false);
+            if is_file {
+                // A new or truncated file reads as zeros.
+                opts.device_zeroed = true;
+                Arc::new(FileDevice::create(path, size)?)
+            } else {
+                let d = FileDevice::open(path, false)?;
+                if d.size_bytes() < size {
+                    return Err(Error::Invalid(format!(
+                        "device is smaller ({} bytes) than the requested size",
+                        d.size_bytes()
+                    )));
+                }
+                Arc::new(d)
+            }
+        }
+        None => Arc::new(FileDevice::open(path, false)?),
+    };
+    let size = size_bytes.unwrap_or_else(|| dev.size_bytes());
+    mkfs(dev, size, &opts)
+}
+
+/// Bit helpers over a group bitmap.
+fn set(b: &mut [u8], i: usize) {
+    b[i / 8] |= 1 << (i % 8);
+}
+
+/// Make a filesystem on the first `size_bytes` of `dev`.
+pub fn mkfs(dev: Arc<dyn BlockDevice>, size_bytes: u64, opts: &MkfsOptions) -> Result<Report> {
+    let size_bytes = size_bytes.min(dev.size_bytes());
+    let mib = 1u64 << 20;
+    let (class_bs, class_ratio) = if size_bytes < 3 * mib {
+        (1024, 8192)
+    } else if size_bytes < 512 * mib {
+        (1024, 4096)
+    } else if size_bytes >= 16u64 << 40 {
+        (4096, 65536)
+    } else if size_bytes >= 4u64 << 40 {
+        (4096, 32768)
+    } else {
+        (4096, 16384)
+    };
+    let bs = opts.block_size.unwrap_or(class_bs);
+    if !bs.is_power_of_two() || !(1024..=65536).contains(&bs) {
+        return Err(Error::Invalid(format!("block size {bs} (must be a power of two from 1024 to 65536)")));
+    }
+    let inode_ratio = opts.inode_ratio.unwrap_or(class_ratio).max(bs);
+    let inode_size = u32::from(opts.inode_size.unwrap_or(256));
+    if !inode_size.is_power_of_two() || inode_size < 128 || inode_size > bs {
+        return Err(Error::Invalid(format!("inode size {inode_size}")));
+    }
+    if opts.label.len() > 16 {
+        return Err(Error::Invalid("label is longer than 16 bytes".into()));
+    }
+    let ext4 = opts.fs_type == FsType::Ext4;
+    let journal = opts.fs_type != FsType::Ext2;
+    let bsz = u64::from(bs);
+    let mut blocks = size_bytes / bsz;
+    let fdb: u64 = if bs == 1024 { 1 } else { 0 };
+    let bpg = bs * 8;
+    let itable_for = |ipg: u32| (u64::from(ipg) * u64::from(inode_size)).div_ceil(bsz);
+    let ipb = bs / inode_size;
+
+    // Groups and inodes; drop a last group too small for its metadata.
+    let (groups, ipg) = loop {
+        if blocks < fdb + 64 {
+            return Err(Error::Invalid(format!("{size_bytes} bytes is too small for a filesystem")));
+        }
+        let groups = (blocks - fdb).div_ceil(u64::from(bpg));
+        let groups32 = u32::try_from(groups).map_err(|_| Error::Invalid("too many groups".into()))?;
+        let total_inodes = (size_bytes / u64::from(inode_ratio)).max(16);
+        let mut ipg = total_inodes.div_ceil(groups).max(16) as u32;
+        let align = 8u32.max(ipb) / 8u32.min(ipb).max(1) * 8u32.min(ipb).max(1);
+        let align = if align % 8 == 0 && align % ipb == 0 { align } else { 8 * ipb };
+        ipg = ipg.div_ceil(align) * align;
+        ipg = ipg.min(bs * 8).min(65536 - ipb);
+        if u64::from(ipg) * groups > u64::from(u32::MAX) {
+            return Err(Error::Invalid("too many inodes".into()));
+        }
+        let last = (blocks - fdb) % u64::from(bpg);
+        if groups > 1 && last != 0 && last < 3 + itable_for(ipg) + 50 {
+            blocks -= last;
+            continue;
+        }
+        break (groups32, ipg);
+    };
+
+    // Superblock.
+    let mut sb = Superblock::zeroed();
+    let mut f_compat = compat::EXT_ATTR | compat::DIR_INDEX;
+    let mut f_incompat = incompat::FILETYPE;
+    let mut f_ro = ro_compat::SPARSE_SUPER | ro_compat::LARGE_FILE;
+    let jblocks = if journal { default_journal_blocks(blocks) } else { None };
+    if jblocks.is_some() {
+        f_compat |= compat::HAS_JOURNAL;
+    }
+    if ext4 {
+        f_incompat |= incompat::EXTENTS | incompat::BIT64 | incompat::FLEX_BG;
+        f_ro |= ro_compat::HUGE_FILE | ro_compat::DIR_NLINK | ro_compat::EXTRA_ISIZE | ro_compat::METADATA_CSUM;
+    }
+    let resize = blocks < (1u64 << 32) - 1;
+    if resize {
+        f_compat |= compat::RESIZE_INODE;
+    }
+    sb.set_feature_compat(f_compat);
+    sb.set_feature_incompat(f_incompat);
+    sb.set_feature_ro_compat(f_ro);
+    let desc_size: u32 = if ext4 { 64 } else { 32 };
+    let gdt_blocks = groups.div_ceil(bs / desc_size);
+    let rsv_gdt: u32 = if resize {
+        let max_blocks = if blocks < u64::from(u32::MAX) / 1024 { blocks * 1024 } else { u64::from(u32::MAX) };
+        let rsv_groups = (max_blocks - fdb).div_ceil(u64::from(bpg));
+        let want = rsv_groups.div_ceil(u64::from(bs / desc_size)) as i64 - i64::from(gdt_blocks);
+        want.clamp(0, i64::from(bs / 4)) as u32
+    } else {
+        0
+    };
+    let now = Timespec::now();
+    let uuid = opts.uuid.unwrap_or_else(uuid_v4);
+    sb.set_inodes_count(ipg * groups);
+    sb.set_blocks_count(blocks);
+    sb.set_r_blocks_count(blocks * u64::from(opts.reserved_percent) / 100);
+    sb.set_first_data_block(fdb as u32);
+    sb.set_log_block_size(bs.trailing_zeros() - 10);
+    sb.set_log_cluster_size(bs.trailing_zeros() - 10);
+    sb.set_blocks_per_group(bpg);
+    sb.set_clusters_per_group(bpg);
+    sb.set_inodes_per_group(ipg);
+    sb.set_wtime(now.sec as u32);
+    sb.set_max_mnt_count(0xFFFF);
+    sb.set_magic(MAGIC);
+    sb.set_state(STATE_VALID);
+    sb.set_errors(1);
+    sb.set_lastcheck(now.sec as u32);
+    sb.set_rev_level(1);
+    sb.set_first_ino(11);
+    sb.set_inode_size(inode_size as u16);
+    sb.set_uuid(uuid);
+    sb.set_volume_name(opts.label.as_bytes());
+    sb.set_reserved_gdt_blocks(rsv_gdt as u16);
+    let seed = random_bytes();
+    sb.set_hash_seed([0, 1, 2, 3].map(|i| u32::from_le_bytes([seed[4 * i], seed[4 * i + 1], seed[4 * i + 2], seed[4 * i + 3]])));
+    sb.set_def_hash_version(crate::format::hash::HALF_MD4);
+    sb.set_flags(FLAG_SIGNED_HASH);
+    if ext4 {
+        sb.set_desc_size(64);
+        sb.set_min_extra_isize(32);
+        sb.set_want_extra_isize(32);
+        sb.set_log_groups_per_flex(4);
+        sb.set_checksum_type(1);
+    }
+    sb.set_default_mount_opts(0x0004 | 0x0008); // user_xattr, acl
+    sb.set_mkfs_time(now.sec as u32);
+
+    // Layout: a used-block map over the whole filesystem.
+    let nblocks = blocks as usize;
+    let mut used = vec![false; nblocks];
+    for u in used.iter_mut().take(fdb as usize) {
+        *u = true;
+    }
+    let group_start = |g: u32| fdb + u64::from(g) * u64::from(bpg);
+    let group_len = |g: u32| (blocks - group_start(g)).min(u64::from(bpg));
+    for g in 0..groups {
+        if has_super(&sb, g) {
+            let n = 1 + u64::from(gdt_blocks) + u64::from(rsv_gdt);
+            if n > group_len(g) {
+                return Err(Error::Invalid("filesystem too small for its group descriptors".into()));
+            }
+            for b in group_start(g)..group_start(g) + n {
+                used[b as usize] = true;
+            }
+        }
+    }
+    let alloc_run = |used: &mut Vec<bool>, goal: u64, len: u64| -> Result<u64> {
+        let n = used.len() as u64;
+        let mut start = goal.max(fdb);
+        let mut wrapped = false;
+        loop {
+            if start + len > n {
+                if wrapped {
+                    return Err(Error::Invalid("filesystem too small for its metadata".into()));
+                }
+                wrapped = true;
+                start = fdb;
+                continue;
+            }
+            match (start..start + len).find(|&b| used[b as usize]) {
+                Some(b) => start = b + 1,
+                None => {
+                    for b in start..start + len {
+                        used[b as usize] = true;
+                    }
+                    return Ok(start);
+                }
+            }
+        }
+    };
+    let itb = itable_for(ipg);
+    let mut gds: Vec<GroupDesc> = (0..groups).map(|_| GroupDesc::new(desc_size as usize)).collect();
+    if ext4 {
+        let flex = 16u32;
+        for f in (0..groups).step_by(flex as usize) {
+            let members: Vec<u32> = (f..(f + flex).min(groups)).collect();
+            let base = group_start(f);
+            let mut goal = base;
+            for &g in &members {
+                let b = alloc_run(&mut used, goal, 1)?;
+                gds[g as usize].set_block_bitmap(b);
+                goal = b + 1;
+            }
+            let mut goal = base + u64::from(flex).max(members.len() as u64);
+            for &g in &members {
+                let b = alloc_run(&mut used, goal, 1)?;
+                gds[g as usize].set_inode_bitmap(b);
+                goal = b + 1;
+            }
+            let mut goal = base + 2 * u64::from(flex);
+            for &g in &members {
+                let b = alloc_run(&mut used, goal, itb)?;
+                gds[g as usize].set_inode_table(b);
+                goal = b + itb;
+            }
+        }
+    } else {
+        for g in 0..groups {
+            let gs = group_start(g);
+            let b = alloc_run(&mut used, gs, 1)?;
+            let i = alloc_run(&mut used, b + 1, 1)?;
+            let t = alloc_run(&mut used, i + 1, itb)?;
+            if t + itb > gs + group_len(g) {
+                return Err(Error::Invalid("filesystem too small: inode table does not fit its group".into()));
+            }
+            gds[g as usize].set_block_bitmap(b);
+            gds[g as usize].set_inode_bitmap(i);
+            gds[g as usize].set_inode_table(t);
+        }
+    }
+    // Resize inode's double-indirect block.
+    let dind = if resize && rsv_gdt > 0 {
+        Some(alloc_run(&mut used, group_start(0), 1)?)
+    } else {
+        None
+    };
+    let backup_groups: Vec<u32> = (1..groups).filter(|&g| has_super(&sb, g)).collect();
+
+    // Bitmaps and descriptors.
+    let csum = ext4;
+    let gdt_csum_seed = sb.csum_seed();
+    let mut free_total = 0u64;
+    let zero_block = vec![0u8; bs as usize];
+    for g in 0..groups {
+        let gs = group_start(g);
+        let gl = group_len(g);
+        let mut bb = vec![0u8; bs as usize];
+        let mut free = 0u32;
+        for i in 0..gl {
+            if used[(gs + i) as usize] {
+                set(&mut bb, i as usize);
+            } else {
+                free += 1;
+            }
+        }
+        for i in gl as usize..bs as usize * 8 {
+            set(&mut bb, i);
+        }
+        let mut ib = vec![0u8; bs as usize];
+        let reserved_inodes = if g == 0 { 10 } else { 0 };
+        for i in 0..reserved_inodes {
+            set(&mut ib, i);
+        }
+        for i in ipg as usize..bs as usize * 8 {
+            set(&mut ib, i);
+        }
+        free_total += u64::from(free);
+        let gd = &mut gds[g as usize];
+        gd.set_free_blocks(free);
+        gd.set_free_inodes(ipg - reserved_inodes as u32);
+        gd.set_used_dirs(0);
+        if csum {
+            gd.set_block_bitmap_csum(crate::format::group::bitmap_csum(gdt_csum_seed, &bb[..(bpg / 8) as usize]));
+            gd.set_inode_bitmap_csum(crate::format::group::bitmap_csum(gdt_csum_seed, &ib[..(ipg / 8) as usize]));
+            let mut flags = 0;
+            if g != 0 {
+                flags |= BG_INODE_UNINIT;
+            }
+            if opts.device_zeroed {
+                flags |= BG_INODE_ZEROED;
+            }
+            gd.set_flags(flags);
+            gd.set_itable_unused(ipg - reserved_inodes as u32);
+        }
+        dev.write_at(gd.block_bitmap() * bsz, &bb)?;
+        dev.write_at(gd.inode_bitmap() * bsz, &ib)?;
+        if !opts.device_zeroed {
+            // Inode tables must read as zeros where e2fsck scans them.
+            let t = gd.inode_table();
+            let chunk = vec![0u8; (bsz * itb).min(1 << 20) as usize];
+            let mut off = 0u64;
+            while off < itb * bsz {
+                let n = (itb * bsz - off).min(chunk.len() as u64) as usize;
+                dev.write_at(t * bsz + off, &chunk[..n])?;
+                off += n as u64;
+            }
+        }
+    }
+    sb.set_free_blocks_count(free_total);
+    sb.set_free_inodes_count(ipg * groups - 10);
+
+    // Resize inode: the reserved descriptor blocks form its indirect tree.
+    if let Some(dind) = dind {
+        let apb = (bs / 4) as usize;
+        let mut dbuf = vec![0u8; bs as usize];
+        for j in 0..rsv_gdt {
+            let pblk = fdb + 1 + u64::from(gdt_blocks) + u64::from(j);
+            put32(&mut dbuf, ((gdt_blocks + j) as usize % apb) * 4, pblk as u32);
+            let mut ind = vec![0u8; bs as usize];
+            for (k, &g) in backup_groups.iter().enumerate() {
+                put32(&mut ind, k * 4, (pblk + u64::from(g) * u64::from(bpg)) as u32);
+            }
+            dev.write_at(pblk * bsz, &ind)?;
+            for &g in &backup_groups {
+                dev.write_at((pblk + u64::from(g) * u64::from(bpg)) * bsz, &zero_block)?;
+            }
+        }
+        dev.write_at(dind * bsz, &dbuf)?;
+        let extra = if inode_size > 128 { 32.min(inode_size as u16 - 128) } else { 0 };
+        let mut ri = Inode::new(RESIZE_INO, inode_size as usize, extra);
+        ri.set_mode(S_IFREG | 0o600);
+        ri.set_links(1);
+        let apb64 = apb as u64;
+        ri.set_size((apb64 * apb64 + apb64 + 12) * bsz);
+        ri.set_atime(now);
+        ri.set_mtime(now);
+        ri.set_ctime(now);
+        put32(ri.i_block_mut(), 13 * 4, dind as u32);
+        let nblocks = 1 + u64::from(rsv_gdt) * (1 + backup_groups.len() as u64);
+        ri.set_blocks_512(nblocks * bsz / 512);
+        if csum {
+            ri.update_checksum(gdt_csum_seed);
+        }
+        let t = gds[0].inode_table();
+        let off = u64::from(RESIZE_INO - 1) * u64::from(inode_size);
+        dev.write_at(t * bsz + off, &ri.raw)?;
+    }
+
+    // Descriptors, then superblocks (primary and backups).
+    for (g, gd) in gds.iter_mut().enumerate() {
+        if csum {
+            let c = gd.compute_checksum(g as u32, true, gdt_csum_seed, &uuid);
+            gd.set_checksum(c);
+        }
+    }
+    let mut gdt = vec![0u8; gdt_blocks as usize * bs as usize];
+    for (g, gd) in gds.iter().enumerate() {
+        gdt[g * desc_size as usize..(g + 1) * desc_size as usize].copy_from_slice(&gd.raw);
+    }
+    for g in std::iter::once(0).chain(backup_groups.iter().copied()) {
+        let gs = group_start(g);
+        dev.write_at((gs + 1) * bsz, &gdt)?;
+        if g != 0 {
+            let mut b = sb.clone();
+            b.raw[0x5A..0x5C].copy_from_slice(&(g as u16).to_le_bytes());
+            b.update_checksum();
+            let mut blk = vec![0u8; bs as usize];
+            blk[..1024].copy_from_slice(&b.raw);
+            dev.write_at(gs * bsz, &blk)?;
+        }
+    }
+    sb.update_checksum();
+    dev.write_at(SUPERBLOCK_OFFSET, &sb.raw)?;
+    dev.flush()?;
+
+    // Phase 2: root, lost+found and journal through the filesystem.
+    let mut fs = Filesystem::open(dev.clone(), OpenOptions::default())?;
+    fs.make_root(opts.root_owner)?;
+    fs.dir_spread = false;
+    let lpf = fs.mkdir(ROOT_INO, b"lost+found", 0o700, Owner::default())?;
+    fs.dir_spread = true;
+    fs.expand_dir(lpf, 16384)?;
+    let mut journal_blocks = 0;
+    if let Some(j) = jblocks {
+        fs.make_journal(j, opts.device_zeroed)?;
+        journal_blocks = j;
+    }
+    fs.sync()?;
+    Ok(Report {
+        block_size: bs,
+        blocks,
+        inodes: ipg * groups,
+        groups,
+        journal_blocks,
+        uuid,
+        fs_type: opts.fs_type,
+    })
+}
+
+impl Filesystem {
+    /// Initialise inode 2 as the root directory (mkfs only: the inode is
+    /// reserved, not allocated).
+    fn make_root(&mut self, owner: Owner) -> Result<()> {
+        let mut root = Inode::new(ROOT_INO, self.geo.inode_size as usize, 32.min(self.geo.inode_size.saturating_sub(128)) as u16);
+        root.set_mode(S_IFDIR | 0o755);
+        root.set_uid(owner.uid);
+        root.set_gid(owner.gid);
+        let now = Timespec::now();
+        root.set_atime(now);
+        root.set_mtime(now);
+        root.set_ctime(now);
+        root.set_crtime(now);
+        root.set_links(2);
+        if self.sb.has_incompat(incompat::EXTENTS) {
+            root.set_flags(crate::format::inode::FL_EXTENTS);
+            let mut r = [0u8; 60];
+            crate::format::extent::write_node(&mut r, 4, &crate::format::extent::Node::Leaf(vec![]));
+            root.i_block_mut().copy_from_slice(&r);
+        }
+        self.dir_init(&mut root, ROOT_INO)?;
+        self.write_inode(&mut root)?;
+        let gd = &mut self.groups[0];
+        gd.set_used_dirs(gd.used_dirs() + 1);
+        self.mark_group_dirty(0);
+        Ok(())
+    }
+
+    /// Grow a directory with empty blocks to at least `bytes` (and two
+    /// blocks), as mke2fs does for lost+found.
+    fn expand_dir(&mut self, ino: u32, bytes: u64) -> Result<()> {
+        let mut dir = self.read_inode(ino)?;
+        let bs = u64::from(self.geo.block_size);
+        let usable = bs as usize - if self.has_csum() { TAIL_LEN } else { 0 };
+        while dir.size() < bytes || dir.size() < 2 * bs {
+            let lblk = dir.size() / bs;
+            self.allocate_range(&mut dir, lblk, 1)?;
+            dir.set_size((lblk + 1) * bs);
+            let pblk = match self.map_block(&dir, lblk, 1)?.0 {
+                crate::bmap::Mapping::Mapped { pblk, .. } => pblk,
+                crate::bmap::Mapping::Hole => unreachable!("just allocated"),
+            };
+            let mut data = vec![0u8; bs as usize];
+            write_entry(&mut data, 0, 0, usable, 0, b"");
+            if self.has_csum() {
+                let c = crate::format::dirent::leaf_csum(dir.csum_seed(self.csum_seed), &data);
+                crate::format::dirent::write_tail(&mut data, c);
+            }
+            self.cache.write(pblk, &data)?;
+        }
+        self.write_inode(&mut dir)
+    }
+
+    /// Create the internal journal (inode 8) with an empty jbd2 superblock.
+    fn make_journal(&mut self, jblocks: u32, zeroed: bool) -> Result<()> {
+        let bs = u64::from(self.geo.block_size);
+        let mut j = Inode::new(JOURNAL_INO, self.geo.inode_size as usize, 32.min(self.geo.inode_size.saturating_sub(128)) as u16);
+        j.set_mode(S_IFREG | 0o600);
+        j.set_links(1);
+        let now = Timespec::now();
+        j.set_atime(now);
+        j.set_mtime(now);
+        j.set_ctime(now);
+        if self.sb.has_incompat(incompat::EXTENTS) {
+            j.set_flags(crate::format::inode::FL_EXTENTS);
+            let mut r = [0u8; 60];
+            crate::format::extent::write_node(&mut r, 4, &crate::format::extent::Node::Leaf(vec![]));
+            j.i_block_mut().copy_from_slice(&r);
+            // Like mke2fs: start in the middle of the filesystem, at a flex
+            // group boundary.
+            let mut g = self.block_group((self.geo.blocks_count - self.geo.first_data_block) / 2);
+            g &= !((1u32 << self.sb.log_groups_per_flex()) - 1);
+            let mut goal = self.group_first_block(g);
+            let mut list = Vec::new();
+            let mut lblk = 0u32;
+            while lblk < jblocks {
+                let want = (jblocks - lblk).min(MAX_INIT_LEN);
+                let (p, n) = self.alloc_blocks(goal, want)?;
+                crate::bmap::insert_extent(&mut list, Extent { lblk, len: n, pblk: p, unwritten: false });
+                lblk += n;
+                goal = p + u64::from(n);
+            }
+            self.write_extent_tree(&mut j, list)?;
+            self.add_i_blocks(&mut j, i64::from(jblocks) * (bs / 512) as i64)?;
+        } else {
+            self.allocate_range(&mut j, 0, u64::from(jblocks))?;
+        }
+        j.set_size(u64::from(jblocks) * bs);
+        // jbd2 superblock (big-endian).
+        let mut jsb = vec![0u8; bs as usize];
+        let be = |b: &mut [u8], off: usize, v: u32| b[off..off + 4].copy_from_slice(&v.to_be_bytes());
+        be(&mut jsb, 0x0, 0xC03B_3998);
+        be(&mut jsb, 0x4, 4);
+        be(&mut jsb, 0xC, bs as u32);
+        be(&mut jsb, 0x10, jblocks);
+        be(&mut jsb, 0x14, 1);
+        be(&mut jsb, 0x18, 1);
+        jsb[0x30..0x40].copy_from_slice(&self.sb.uuid());
+        be(&mut jsb, 0x40, 1);
+        let mut l = 0u64;
+        while l < u64::from(jblocks) {
+            let (m, n) = self.map_block(&j, l, u64::from(jblocks) - l)?;
+            let crate::bmap::Mapping::Mapped { pblk, .. } = m else {
+                return Err(Error::corrupted("journal has a hole", 0));
+            };
+            if l == 0 {
+                self.dev().write_at(pblk * bs, &jsb)?;
+            }
+            if !zeroed {
+                let skip = u64::from(l == 0);
+                let zeros = vec![0u8; (bs * 256) as usize];
+                let mut b = skip;
+                while b < n {
+                    let k = (n - b).min(256);
+                    self.dev().write_at((pblk + b) * bs, &zeros[..(k * bs) as usize])?;
+                    b += k;
+                }
+            }
+            l += n;
+        }
+        self.write_inode(&mut j)?;
+        let mut backup = [0u32; 17];
+        for (i, w) in backup.iter_mut().take(15).enumerate() {
+            *w = crate::format::get32(j.i_block(), i * 4).unwrap_or(0);
+        }
+        backup[15] = (j.size() >> 32) as u32;
+        backup[16] = j.size() as u32;
+        self.sb.set_jnl_backup(&backup);
+        self.sb.set_journal_inum(JOURNAL_INO);
+        self.sb_dirty = true;
+        Ok(())
+    }
+}

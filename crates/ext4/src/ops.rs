@@ -1,0 +1,704 @@
+//! POSIX-shaped namespace and attribute operations on inode numbers.
+//!
+//! Permission checks are not made here: the library acts with the
+//! caller's full authority (like root); the mount layer enforces access.
+
+use crate::error::{Error, Result};
+use crate::format::extent::{write_node, Node};
+use crate::format::inode::{
+    FileType, Inode, FL_EXTENTS, ROOT_INO, S_IFDIR, S_IFLNK, S_IFMT, S_IFREG,
+};
+use crate::format::superblock::{incompat, ro_compat};
+use crate::format::Timespec;
+use crate::fs::{has_super, Filesystem};
+
+/// Link count limit for ext4 (directories past it count as 1 with dir_nlink).
+pub const LINK_MAX: u16 = 65000;
+const SYMLOOP_MAX: usize = 40;
+
+/// File attributes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Stat {
+    pub ino: u32,
+    pub mode: u16,
+    pub file_type: FileType,
+    pub nlink: u16,
+    pub uid: u32,
+    pub gid: u32,
+    pub size: u64,
+    /// Allocated space in 512-byte sectors.
+    pub blocks_512: u64,
+    pub atime: Timespec,
+    pub mtime: Timespec,
+    pub ctime: Timespec,
+    pub crtime: Option<Timespec>,
+    pub rdev: (u32, u32),
+    pub flags: u32,
+    pub generation: u32,
+}
+
+/// Attribute changes for [`Filesystem::setattr`]; `None` leaves a field.
+#[derive(Clone, Debug, Default)]
+pub struct SetAttr {
+    /// Permission bits (0o7777); the file type is kept.
+    pub mode: Option<u16>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime: Option<Timespec>,
+    pub mtime: Option<Timespec>,
+    pub ctime: Option<Timespec>,
+    pub crtime: Option<Timespec>,
+}
+
+/// renameat2 flags.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RenameFlags {
+    pub noreplace: bool,
+    pub exchange: bool,
+}
+
+/// Filesystem statistics, as statfs(2) reports them.
+#[derive(Clone, Debug)]
+pub struct StatFs {
+    pub block_size: u32,
+    pub blocks: u64,
+    pub blocks_free: u64,
+    pub blocks_avail: u64,
+    pub files: u64,
+    pub files_free: u64,
+    pub name_max: u32,
+    pub fsid: u64,
+}
+
+/// Who creates a file.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Owner {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl Filesystem {
+    fn next_generation(&mut self) -> u32 {
+        // xorshift32: distinct generations for inode checksum seeds and NFS.
+        let mut x = self.generation_seed;
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        self.generation_seed = x;
+        x
+    }
+
+    fn extra_isize(&self) -> u16 {
+        let isz = self.geo.inode_size as u16;
+        if isz <= 128 {
+            return 0;
+        }
+        let want = self.sb.want_extra_isize().max(self.sb.min_extra_isize());
+        let want = if want == 0 { 32 } else { want };
+        want.min(isz - 128)
+    }
+
+    /// Allocate and initialise a new inode (links 0; the caller sets them).
+    fn new_inode(&mut self, parent: &Inode, mode: u16, owner: Owner, rdev: (u32, u32)) -> Result<Inode> {
+        let is_dir = mode & S_IFMT == S_IFDIR;
+        let ino = self.alloc_inode(parent.ino, is_dir)?;
+        let mut inode = Inode::new(ino, self.geo.inode_size as usize, self.extra_isize());
+        let mut mode = mode;
+        let mut gid = owner.gid;
+        // setgid directories pass their group (and, to directories, the bit) on.
+        if parent.mode() & 0o2000 != 0 {
+            gid = parent.gid();
+            if is_dir {
+                mode |= 0o2000;
+            }
+        }
+        inode.set_mode(mode);
+        inode.set_uid(owner.uid);
+        inode.set_gid(gid);
+        let now = Timespec::now();
+        inode.set_atime(now);
+        inode.set_mtime(now);
+        inode.set_ctime(now);
+        inode.set_crtime(now);
+        let generation = self.next_generation();
+        inode.set_generation(generation);
+        let ft = FileType::from_mode(mode);
+        if matches!(ft, FileType::Regular | FileType::Directory) && self.sb.has_incompat(incompat::EXTENTS) {
+            self.init_extent_root(&mut inode);
+        }
+        if matches!(ft, FileType::CharDev | FileType::BlockDev) {
+            inode.set_rdev(rdev.0, rdev.1);
+        }
+        self.extent_cache.remove(&ino);
+        Ok(inode)
+    }
+
+    fn init_extent_root(&self, inode: &mut Inode) {
+        inode.set_flags(inode.flags() | FL_EXTENTS);
+        let mut root = [0u8; 60];
+        write_node(&mut root, 4, &Node::Leaf(vec![]));
+        inode.i_block_mut().copy_from_slice(&root);
+    }
+
+    fn dir_inode(&mut self, ino: u32) -> Result<Inode> {
+        let d = self.read_inode(ino)?;
+        if !d.is_dir() {
+            return Err(Error::NotDir);
+        }
+        if d.links() == 0 {
+            return Err(Error::NotFound);
+        }
+        Ok(d)
+    }
+
+    /// Look `name` up in directory `parent`.
+    pub fn lookup(&mut self, parent: u32, name: &[u8]) -> Result<u32> {
+        let dir = self.dir_inode(parent)?;
+        self.dir_lookup(&dir, name)?.map(|(i, _)| i).ok_or(Error::NotFound)
+    }
+
+    /// Resolve an absolute path. Symlinks in the middle are followed; the
+    /// last component is not (like lstat).
+    pub fn resolve(&mut self, path: &str) -> Result<u32> {
+        self.resolve_at(ROOT_INO, path.as_bytes(), false, 0)
+    }
+
+    /// Resolve a path following a final symlink too (like stat).
+    pub fn resolve_follow(&mut self, path: &str) -> Result<u32> {
+        self.resolve_at(ROOT_INO, path.as_bytes(), true, 0)
+    }
+
+    fn resolve_at(&mut self, start: u32, path: &[u8], follow_last: bool, depth: usize) -> Result<u32> {
+        if depth > SYMLOOP_MAX {
+            return Err(Error::Invalid("too many levels of symbolic links".into()));
+        }
+        let mut cur = if path.first() == Some(&b'/') { ROOT_INO } else { start };
+        let comps: Vec<&[u8]> = path.split(|&c| c == b'/').filter(|c| !c.is_empty() && *c != b".").collect();
+        for (i, comp) in comps.iter().enumerate() {
+            let parent = cur;
+            cur = self.lookup(cur, comp)?;
+            let last = i + 1 == comps.len();
+            if !last || follow_last {
+                let inode = self.read_inode(cur)?;
+                if inode.is_symlink() {
+                    let target = self.readlink(cur)?;
+                    cur = self.resolve_at(parent, &target, true, depth + 1)?;
+                }
+            }
+        }
+        Ok(cur)
+    }
+
+    /// Split "/a/b/c" into (inode of "/a/b", "c").
+    pub fn resolve_parent<'a>(&mut self, path: &'a str) -> Result<(u32, &'a str)> {
+        let trimmed = path.trim_end_matches('/');
+        let (dir, name) = match trimmed.rfind('/') {
+            Some(i) => (&trimmed[..i], &trimmed[i + 1..]),
+            None => ("", trimmed),
+        };
+        if name.is_empty() {
+            return Err(Error::Invalid(format!("{path:?} has no final component")));
+        }
+        let parent = self.resolve_follow(if dir.is_empty() { "/" } else { dir })?;
+        Ok((parent, name))
+    }
+
+    /// Attributes of inode `ino`.
+    pub fn stat(&mut self, ino: u32) -> Result<Stat> {
+        let i = self.read_inode(ino)?;
+        let huge = self.sb.has_ro_compat(ro_compat::HUGE_FILE);
+        let ft = i.file_type();
+        Ok(Stat {
+            ino,
+            mode: i.mode(),
+            file_type: ft,
+            nlink: i.links(),
+            uid: i.uid(),
+            gid: i.gid(),
+            size: i.size(),
+            blocks_512: i.blocks_512(huge, self.geo.block_size),
+            atime: i.atime(),
+            mtime: i.mtime(),
+            ctime: i.ctime(),
+            crtime: i.crtime(),
+            rdev: if matches!(ft, FileType::CharDev | FileType::BlockDev) { i.rdev() } else { (0, 0) },
+            flags: i.flags(),
+            generation: i.generation(),
+        })
+    }
+
+    fn check_new_name(&mut self, dir: &Inode, name: &[u8]) -> Result<()> {
+        crate::dir::check_name(name)?;
+        if self.dir_lookup(dir, name)?.is_some() {
+            return Err(Error::Exists);
+        }
+        Ok(())
+    }
+
+    /// Create a non-directory node (regular file, fifo, socket, device).
+    /// `mode` includes the file type bits; a missing type means regular.
+    pub fn mknod(&mut self, parent: u32, name: &[u8], mode: u16, rdev: (u32, u32), owner: Owner) -> Result<u32> {
+        self.check_writable()?;
+        let mut dir = self.dir_inode(parent)?;
+        self.check_new_name(&dir, name)?;
+        let mode = if mode & S_IFMT == 0 { mode | S_IFREG } else { mode };
+        let ft = FileType::from_mode(mode);
+        if matches!(ft, FileType::Directory | FileType::Symlink | FileType::Unknown) {
+            return Err(Error::Invalid("mknod makes files, fifos, sockets and devices".into()));
+        }
+        let mut inode = self.new_inode(&dir, mode, owner, rdev)?;
+        inode.set_links(1);
+        self.write_inode(&mut inode)?;
+        if let Err(e) = self.dir_add(&mut dir, name, inode.ino, ft) {
+            self.free_inode(inode.ino, false)?;
+            return Err(e);
+        }
+        Ok(inode.ino)
+    }
+
+    /// Create a regular file.
+    pub fn create(&mut self, parent: u32, name: &[u8], perm: u16, owner: Owner) -> Result<u32> {
+        self.mknod(parent, name, S_IFREG | (perm & 0o7777), (0, 0), owner)
+    }
+
+    fn inc_dir_links(&self, dir: &mut Inode) -> Result<()> {
+        let l = dir.links();
+        if l == 1 {
+            return Ok(()); // already counted as "many" (dir_nlink)
+        }
+        if l + 1 >= LINK_MAX {
+            if self.sb.has_ro_compat(ro_compat::DIR_NLINK) {
+                dir.set_links(1);
+                return Ok(());
+            }
+            return Err(Error::TooManyLinks);
+        }
+        dir.set_links(l + 1);
+        Ok(())
+    }
+
+    fn dec_dir_links(dir: &mut Inode) {
+        let l = dir.links();
+        if l > 2 {
+            dir.set_links(l - 1);
+        }
+    }
+
+    /// Create a directory.
+    pub fn mkdir(&mut self, parent: u32, name: &[u8], perm: u16, owner: Owner) -> Result<u32> {
+        self.check_writable()?;
+        let mut pdir = self.dir_inode(parent)?;
+        self.check_new_name(&pdir, name)?;
+        let mut probe = pdir.clone();
+        self.inc_dir_links(&mut probe)?;
+        let mut inode = self.new_inode(&pdir, S_IFDIR | (perm & 0o7777), owner, (0, 0))?;
+        inode.set_links(2);
+        if let Err(e) = self.dir_init(&mut inode, parent) {
+            self.free_inode(inode.ino, true)?;
+            return Err(e);
+        }
+        self.write_inode(&mut inode)?;
+        if let Err(e) = self.dir_add(&mut pdir, name, inode.ino, FileType::Directory) {
+            self.release_inode(&mut inode)?;
+            return Err(e);
+        }
+        let mut pdir = self.read_inode(parent)?;
+        self.inc_dir_links(&mut pdir)?;
+        self.write_inode(&mut pdir)?;
+        Ok(inode.ino)
+    }
+
+    /// Create a symbolic link to `target`.
+    pub fn symlink(&mut self, parent: u32, name: &[u8], target: &[u8], owner: Owner) -> Result<u32> {
+        self.check_writable()?;
+        let bs = self.geo.block_size as usize;
+        if target.is_empty() {
+            return Err(Error::NotFound);
+        }
+        if target.len() >= bs.min(4096) {
+            return Err(Error::NameTooLong);
+        }
+        let mut dir = self.dir_inode(parent)?;
+        self.check_new_name(&dir, name)?;
+        let mut inode = self.new_inode(&dir, S_IFLNK | 0o777, owner, (0, 0))?;
+        inode.set_links(1);
+        if target.len() < 60 {
+            inode.i_block_mut()[..target.len()].copy_from_slice(target);
+        } else {
+            if self.sb.has_incompat(incompat::EXTENTS) {
+                self.init_extent_root(&mut inode);
+            }
+            if let Err(e) = self.allocate_range(&mut inode, 0, 1) {
+                self.free_inode(inode.ino, false)?;
+                return Err(e);
+            }
+            let pblk = match self.map_block(&inode, 0, 1)?.0 {
+                crate::bmap::Mapping::Mapped { pblk, .. } => pblk,
+                crate::bmap::Mapping::Hole => unreachable!("block 0 was just allocated"),
+            };
+            let mut buf = vec![0u8; bs];
+            buf[..target.len()].copy_from_slice(target);
+            self.cache.write(pblk, &buf)?;
+        }
+        inode.set_size(target.len() as u64);
+        self.write_inode(&mut inode)?;
+        if let Err(e) = self.dir_add(&mut dir, name, inode.ino, FileType::Symlink) {
+            self.release_inode(&mut inode)?;
+            return Err(e);
+        }
+        Ok(inode.ino)
+    }
+
+    fn is_fast_symlink(&self, inode: &Inode) -> bool {
+        let huge = self.sb.has_ro_compat(ro_compat::HUGE_FILE);
+        let ea = if inode.file_acl() != 0 { u64::from(self.geo.block_size / 512) } else { 0 };
+        inode.is_symlink() && inode.blocks_512(huge, self.geo.block_size) == ea
+    }
+
+    /// The target of symlink `ino`.
+    pub fn readlink(&mut self, ino: u32) -> Result<Vec<u8>> {
+        let inode = self.read_inode(ino)?;
+        if !inode.is_symlink() {
+            return Err(Error::Invalid("not a symbolic link".into()));
+        }
+        let size = inode.size() as usize;
+        let bs = self.geo.block_size as usize;
+        if self.is_fast_symlink(&inode) {
+            return inode
+                .i_block()
+                .get(..size)
+                .map(<[u8]>::to_vec)
+                .ok_or_else(|| Error::corrupted(format!("fast symlink {ino} is too long"), 0));
+        }
+        if size > bs {
+            return Err(Error::corrupted(format!("symlink {ino} is longer than a block"), 0));
+        }
+        match self.map_block(&inode, 0, 1)?.0 {
+            crate::bmap::Mapping::Mapped { pblk, .. } => Ok(self.cache.read(pblk)?[..size].to_vec()),
+            crate::bmap::Mapping::Hole => Err(Error::corrupted(format!("symlink {ino} has no block"), 0)),
+        }
+    }
+
+    /// Add a hard link to `ino` as `new_parent/new_name`.
+    pub fn link(&mut self, ino: u32, new_parent: u32, new_name: &[u8]) -> Result<()> {
+        self.check_writable()?;
+        let mut inode = self.read_inode(ino)?;
+        if inode.is_dir() {
+            return Err(Error::Invalid("hard links to directories are not allowed".into()));
+        }
+        if inode.links() >= LINK_MAX {
+            return Err(Error::TooManyLinks);
+        }
+        let mut dir = self.dir_inode(new_parent)?;
+        self.check_new_name(&dir, new_name)?;
+        self.dir_add(&mut dir, new_name, ino, inode.file_type())?;
+        // dir_add wrote other inodes; re-read before changing this one.
+        inode = self.read_inode(ino)?;
+        inode.set_links(inode.links() + 1);
+        inode.set_ctime(Timespec::now());
+        self.write_inode(&mut inode)
+    }
+
+    /// Free an inode whose last link is gone: its blocks, its xattr block,
+    /// then the inode itself.
+    pub(crate) fn release_inode(&mut self, inode: &mut Inode) -> Result<()> {
+        let is_dir = inode.is_dir();
+        let has_blocks = matches!(inode.file_type(), FileType::Regular | FileType::Directory)
+            || (inode.is_symlink() && !self.is_fast_symlink(inode));
+        if has_blocks {
+            self.truncate_blocks(inode, 0)?;
+        }
+        let acl = inode.file_acl();
+        if acl != 0 {
+            self.check_block(acl, "xattr block", 0)?;
+            let refs = crate::format::xattr::block_refcount(self.cache.read(acl)?);
+            self.release_xattr_block(acl, refs)?;
+            inode.set_file_acl(0);
+        }
+        inode.set_links(0);
+        inode.set_size(0);
+        inode.set_blocks_512(0);
+        inode.set_dtime(Timespec::now().sec as u32);
+        self.write_inode(inode)?;
+        self.free_inode(inode.ino, is_dir)?;
+        self.extent_cache.remove(&inode.ino);
+        Ok(())
+    }
+
+    fn drop_link(&mut self, ino: u32) -> Result<()> {
+        let mut inode = self.read_inode(ino)?;
+        if inode.is_dir() {
+            return self.release_inode(&mut inode);
+        }
+        let l = inode.links();
+        if l <= 1 {
+            self.release_inode(&mut inode)
+        } else {
+            inode.set_links(l - 1);
+            inode.set_ctime(Timespec::now());
+            self.write_inode(&mut inode)
+        }
+    }
+
+    /// Remove a non-directory name.
+    pub fn unlink(&mut self, parent: u32, name: &[u8]) -> Result<()> {
+        self.check_writable()?;
+        let dir = self.dir_inode(parent)?;
+        let (ino, _) = self.dir_lookup(&dir, name)?.ok_or(Error::NotFound)?;
+        if self.read_inode(ino)?.is_dir() {
+            return Err(Error::IsDir);
+        }
+        self.dir_remove(&dir, name)?;
+        self.touch_dir(parent)?;
+        self.drop_link(ino)
+    }
+
+    fn touch_dir(&mut self, ino: u32) -> Result<()> {
+        let mut d = self.read_inode(ino)?;
+        let now = Timespec::now();
+        d.set_mtime(now);
+        d.set_ctime(now);
+        self.write_inode(&mut d)
+    }
+
+    /// Remove an empty directory.
+    pub fn rmdir(&mut self, parent: u32, name: &[u8]) -> Result<()> {
+        self.check_writable()?;
+        if name == b"." {
+            return Err(Error::Invalid("cannot remove \".\"".into()));
+        }
+        if name == b".." {
+            return Err(Error::NotEmpty);
+        }
+        let dir = self.dir_inode(parent)?;
+        let (ino, _) = self.dir_lookup(&dir, name)?.ok_or(Error::NotFound)?;
+        let victim = self.read_inode(ino)?;
+        if !victim.is_dir() {
+            return Err(Error::NotDir);
+        }
+        if !self.dir_is_empty(&victim)? {
+            return Err(Error::NotEmpty);
+        }
+        self.dir_remove(&dir, name)?;
+        let mut dir = self.read_inode(parent)?;
+        Self::dec_dir_links(&mut dir);
+        let now = Timespec::now();
+        dir.set_mtime(now);
+        dir.set_ctime(now);
+        self.write_inode(&mut dir)?;
+        self.drop_link(ino)
+    }
+
+    /// Is `ino` (a directory) `ancestor` or below it?
+    fn is_within(&mut self, ino: u32, ancestor: u32) -> Result<bool> {
+        let mut cur = ino;
+        for _ in 0..65536 {
+            if cur == ancestor {
+                return Ok(true);
+            }
+            if cur == ROOT_INO {
+                return Ok(false);
+            }
+            cur = self.lookup(cur, b"..")?;
+        }
+        Err(Error::corrupted("directory tree has a loop through \"..\"", 0))
+    }
+
+    /// Rename `parent/name` to `new_parent/new_name` (renameat2 semantics).
+    pub fn rename(&mut self, parent: u32, name: &[u8], new_parent: u32, new_name: &[u8], flags: RenameFlags) -> Result<()> {
+        self.check_writable()?;
+        if flags.noreplace && flags.exchange {
+            return Err(Error::Invalid("RENAME_NOREPLACE and RENAME_EXCHANGE together".into()));
+        }
+        if name == b"." || name == b".." || new_name == b"." || new_name == b".." {
+            return Err(Error::Invalid("cannot rename \".\" or \"..\"".into()));
+        }
+        crate::dir::check_name(new_name)?;
+        let sdir = self.dir_inode(parent)?;
+        let ddir = self.dir_inode(new_parent)?;
+        let (sino, sft) = self.dir_lookup(&sdir, name)?.ok_or(Error::NotFound)?;
+        let target = self.dir_lookup(&ddir, new_name)?;
+        let s_is_dir = self.read_inode(sino)?.is_dir();
+        if flags.noreplace && target.is_some() {
+            return Err(Error::Exists);
+        }
+        if flags.exchange {
+            let (tino, tft) = target.ok_or(Error::NotFound)?;
+            return self.rename_exchange(parent, name, sino, sft, new_parent, new_name, tino, tft);
+        }
+        if s_is_dir && parent != new_parent && self.is_within(new_parent, sino)? {
+            return Err(Error::Invalid("cannot move a directory into itself".into()));
+        }
+        let mut replaced_dir = false;
+        if let Some((tino, _)) = target {
+            if tino == sino {
+                return Ok(());
+            }
+            let t = self.read_inode(tino)?;
+            if s_is_dir {
+                if !t.is_dir() {
+                    return Err(Error::NotDir);
+                }
+                if !self.dir_is_empty(&t)? {
+                    return Err(Error::NotEmpty);
+                }
+            } else if t.is_dir() {
+                return Err(Error::IsDir);
+            }
+            replaced_dir = t.is_dir();
+            self.dir_set(&ddir, new_name, sino, sft)?;
+            self.drop_link(tino)?;
+            self.touch_dir(new_parent)?;
+        } else {
+            if s_is_dir && parent != new_parent {
+                let mut probe = ddir.clone();
+                self.inc_dir_links(&mut probe)?;
+            }
+            let mut ddir = self.read_inode(new_parent)?;
+            self.dir_add(&mut ddir, new_name, sino, sft)?;
+        }
+        let sdir = self.read_inode(parent)?;
+        self.dir_remove(&sdir, name)?;
+        self.touch_dir(parent)?;
+        if s_is_dir && parent != new_parent {
+            let moved = self.read_inode(sino)?;
+            self.dir_set(&moved, b"..", new_parent, FileType::Directory)?;
+            let mut sdir = self.read_inode(parent)?;
+            Self::dec_dir_links(&mut sdir);
+            self.write_inode(&mut sdir)?;
+            if !replaced_dir {
+                let mut ddir = self.read_inode(new_parent)?;
+                self.inc_dir_links(&mut ddir)?;
+                self.write_inode(&mut ddir)?;
+            }
+        } else if replaced_dir {
+            // Same parent: the replaced directory's ".." link is gone.
+            let mut d = self.read_inode(new_parent)?;
+            Self::dec_dir_links(&mut d);
+            self.write_inode(&mut d)?;
+        }
+        let mut moved = self.read_inode(sino)?;
+        moved.set_ctime(Timespec::now());
+        self.write_inode(&mut moved)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn rename_exchange(&mut self, parent: u32, name: &[u8], sino: u32, sft: FileType, new_parent: u32, new_name: &[u8], tino: u32, tft: FileType) -> Result<()> {
+        let s_dir = sft == FileType::Directory || self.read_inode(sino)?.is_dir();
+        let t_dir = tft == FileType::Directory || self.read_inode(tino)?.is_dir();
+        if parent != new_parent {
+            if s_dir && self.is_within(new_parent, sino)? {
+                return Err(Error::Invalid("cannot move a directory into itself".into()));
+            }
+            if t_dir && self.is_within(parent, tino)? {
+                return Err(Error::Invalid("cannot move a directory into itself".into()));
+            }
+        }
+        let sdir = self.read_inode(parent)?;
+        self.dir_set(&sdir, name, tino, tft)?;
+        let ddir = self.read_inode(new_parent)?;
+        self.dir_set(&ddir, new_name, sino, sft)?;
+        if parent != new_parent && s_dir != t_dir {
+            // One directory moves each way at most; fix ".." and counts.
+            let (to_new, to_old) = if s_dir { (new_parent, parent) } else { (parent, new_parent) };
+            let mut gain = self.read_inode(to_new)?;
+            self.inc_dir_links(&mut gain)?;
+            self.write_inode(&mut gain)?;
+            let mut lose = self.read_inode(to_old)?;
+            Self::dec_dir_links(&mut lose);
+            self.write_inode(&mut lose)?;
+        }
+        if parent != new_parent {
+            if s_dir {
+                let m = self.read_inode(sino)?;
+                self.dir_set(&m, b"..", new_parent, FileType::Directory)?;
+            }
+            if t_dir {
+                let m = self.read_inode(tino)?;
+                self.dir_set(&m, b"..", parent, FileType::Directory)?;
+            }
+        }
+        self.touch_dir(parent)?;
+        self.touch_dir(new_parent)?;
+        for i in [sino, tino] {
+            let mut x = self.read_inode(i)?;
+            x.set_ctime(Timespec::now());
+            self.write_inode(&mut x)?;
+        }
+        Ok(())
+    }
+
+    /// Change attributes of `ino`.
+    pub fn setattr(&mut self, ino: u32, attr: &SetAttr) -> Result<Stat> {
+        self.check_writable()?;
+        let mut inode = self.read_inode(ino)?;
+        if let Some(size) = attr.size {
+            if size != inode.size() || inode.is_reg() {
+                self.set_size(&mut inode, size)?;
+            }
+        }
+        if let Some(m) = attr.mode {
+            inode.set_mode((inode.mode() & S_IFMT) | (m & 0o7777));
+        }
+        if let Some(u) = attr.uid {
+            inode.set_uid(u);
+        }
+        if let Some(g) = attr.gid {
+            inode.set_gid(g);
+        }
+        if let Some(t) = attr.atime {
+            inode.set_atime(t);
+        }
+        if let Some(t) = attr.mtime {
+            inode.set_mtime(t);
+        }
+        if let Some(t) = attr.crtime {
+            inode.set_crtime(t);
+        }
+        inode.set_ctime(attr.ctime.unwrap_or_else(Timespec::now));
+        self.write_inode(&mut inode)?;
+        self.stat(ino)
+    }
+
+    /// Blocks taken by fixed metadata (what statfs leaves out of f_blocks).
+    fn overhead_blocks(&mut self) -> u64 {
+        let itb = (u64::from(self.geo.inodes_per_group) * u64::from(self.geo.inode_size))
+            .div_ceil(u64::from(self.geo.block_size));
+        let mut o = self.geo.first_data_block;
+        for g in 0..self.geo.group_count {
+            if has_super(&self.sb, g) {
+                o += u64::from(self.group_sb_gdt_len(g));
+            }
+            o += 2 + itb;
+        }
+        let j = self.sb.journal_inum();
+        if j != 0 {
+            if let Ok(i) = self.read_inode(j) {
+                o += i.size() / u64::from(self.geo.block_size);
+            }
+        }
+        o
+    }
+
+    /// Filesystem statistics.
+    pub fn statfs(&mut self) -> StatFs {
+        let overhead = self.overhead_blocks();
+        let free = self.sb.free_blocks_count();
+        let uuid = self.sb.uuid();
+        let mut fsid = 0u64;
+        for (i, b) in uuid.iter().enumerate() {
+            fsid ^= u64::from(*b) << ((i % 8) * 8);
+        }
+        StatFs {
+            block_size: self.geo.block_size,
+            blocks: self.geo.blocks_count.saturating_sub(overhead),
+            blocks_free: free,
+            blocks_avail: free.saturating_sub(self.sb.r_blocks_count()),
+            files: u64::from(self.geo.inodes_count),
+            files_free: u64::from(self.sb.free_inodes_count()),
+            name_max: 255,
+            fsid,
+        }
+    }
+}
