@@ -211,7 +211,8 @@ pub fn mkfs(dev: Arc<dyn BlockDevice>, size_bytes: u64, opts: &MkfsOptions) -> R
     let bsz = u64::from(bs);
     let mut blocks = size_bytes / bsz;
     let fdb: u64 = if bs == 1024 { 1 } else { 0 };
-    let bpg = bs * 8;
+    // Free counts are 16-bit per group in 32-byte descriptors: mke2fs caps at 65528.
+    let bpg = (bs * 8).min(65528);
     let itable_for = |ipg: u32| (u64::from(ipg) * u64::from(inode_size)).div_ceil(bsz);
     let ipb = bs / inode_size;
 

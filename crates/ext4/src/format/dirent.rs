@@ -216,7 +216,9 @@ pub fn dx_csum(inode_seed: u32, block: &[u8], dx_count_offset: usize) -> Option<
     let tail = dx_count_offset + limit * DX_ENTRY;
     let size = dx_count_offset + count * DX_ENTRY;
     let c = crc32c_raw(inode_seed, block.get(..size)?);
-    Some(crc32c_raw(c, block.get(tail..tail + 4)?))
+    let c = crc32c_raw(c, block.get(tail..tail + 4)?);
+    // The checksum field itself counts as zero.
+    Some(crc32c_raw(c, &[0; 4]))
 }
 
 /// Store the dx checksum in the tail after `limit` entries.
