@@ -8,7 +8,7 @@ use std::path::Path;
 
 use folio_ext4::format::inode::{S_IFBLK, S_IFCHR, S_IFIFO, S_IFSOCK};
 use folio_ext4::mkfs::MkfsOptions;
-use folio_ext4::{Error, FileType, Filesystem, OpenOptions, Owner, SetAttr, Timespec};
+use folio_ext4::{Error, FileType, Filesystem, OpenOptions, Owner, SetAttr, Timespec, XattrMode};
 
 const CHUNK: usize = 1 << 20;
 
@@ -100,6 +100,7 @@ fn put_node(fs: &mut Filesystem, host: &Path, parent: u32, name: &[u8], links: &
     if !ft.is_dir() && meta.nlink() > 1 {
         links.insert((meta.dev(), meta.ino()), ino);
     }
+    copy_xattrs_in(fs, host, ino)?;
     let attr = SetAttr {
         mode: (!ft.is_symlink()).then_some(perm),
         atime: Some(ts(meta.atime(), meta.atime_nsec())),
@@ -107,6 +108,21 @@ fn put_node(fs: &mut Filesystem, host: &Path, parent: u32, name: &[u8], links: &
         ..Default::default()
     };
     fs.setattr(ino, &attr).map_err(|e| e2s(&shown, e))?;
+    Ok(())
+}
+
+/// Copy the host file's extended attributes. POSIX ACLs are skipped: their
+/// on-disk ext4 encoding differs from the VFS one and the conversion is not
+/// written yet.
+fn copy_xattrs_in(fs: &mut Filesystem, host: &Path, ino: u32) -> Result<(), String> {
+    let shown = host.display().to_string();
+    for name in crate::hostxattr::list(host).map_err(|e| host_err(host, e))? {
+        if name.starts_with(b"system.") {
+            continue;
+        }
+        let value = crate::hostxattr::get(host, &name).map_err(|e| host_err(host, e))?;
+        fs.set_xattr(ino, &name, &value, XattrMode::Any).map_err(|e| e2s(&shown, e))?;
+    }
     Ok(())
 }
 
@@ -215,6 +231,15 @@ fn get_node(fs: &mut Filesystem, ino: u32, host: &Path, shown: &str) -> Result<(
             return Ok(());
         }
     }
+    for name in fs.list_xattr(ino).map_err(|e| e2s(shown, e))? {
+        if name.starts_with(b"system.") {
+            continue;
+        }
+        let v = fs.get_xattr(ino, &name).map_err(|e| e2s(shown, e))?;
+        if let Err(e) = crate::hostxattr::set(host, &name, &v) {
+            eprintln!("folio: {}: cannot set {}: {e}", host.display(), String::from_utf8_lossy(&name));
+        }
+    }
     fs::set_permissions(host, fs::Permissions::from_mode(u32::from(st.mode & 0o7777)))
         .map_err(|e| host_err(host, e))?;
     let to_sys = |t: Timespec| {
@@ -303,7 +328,7 @@ pub fn demo(image: &Path) -> Result<(), String> {
     let sparse = fs.create(root, b"sparse.bin", 0o600, me).map_err(|e| e2s("/sparse.bin", e))?;
     fs.write(sparse, 5 << 30, b"a byte at 5 GiB").map_err(|e| e2s("/sparse.bin", e))?;
     fs.symlink(root, b"link-to-hello", b"hello.txt", me).map_err(|e| e2s("/link-to-hello", e))?;
-    fs.set_xattr(hello, b"user.comment", b"made by folio demo", folio_ext4::XattrMode::Any)
+    fs.set_xattr(hello, b"user.comment", b"made by folio demo", XattrMode::Any)
         .map_err(|e| e2s("/hello.txt", e))?;
     fs.sync().map_err(|e| e2s("sync", e))?;
     println!("\nContents of {}:", image.display());

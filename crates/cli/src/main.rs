@@ -7,8 +7,7 @@ use clap::{Parser, Subcommand};
 use folio_ext4::mkfs::{MkfsOptions, FsType};
 use folio_ext4::{Filesystem, OpenOptions};
 
-mod copy;
-mod show;
+use folio_cli::{copy, show};
 
 #[derive(Parser)]
 #[command(name = "folio", version, about = "A userspace ext4 stack: make, inspect and modify ext2/3/4 images")]
@@ -116,30 +115,9 @@ fn ctx<T>(r: folio_ext4::Result<T>, what: &str) -> Result<T, String> {
     r.map_err(|e| format!("{what}: {e}"))
 }
 
-pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let (num, mult) = match s.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
-        Some((i, _)) => {
-            let m = match s[i..].to_ascii_uppercase().trim_end_matches("IB").trim_end_matches('B') {
-                "" => 1,
-                "K" => 1 << 10,
-                "M" => 1 << 20,
-                "G" => 1 << 30,
-                "T" => 1u64 << 40,
-                "S" => 512,
-                other => return Err(format!("unknown size suffix {other:?} in {s:?}")),
-            };
-            (&s[..i], m)
-        }
-        None => (s, 1),
-    };
-    let n: u64 = num.parse().map_err(|_| format!("invalid size {s:?}"))?;
-    n.checked_mul(mult).ok_or_else(|| format!("size {s:?} is too large"))
-}
-
 fn mkfs(image: &Path, size: Option<&str>, opts: MkfsOptions, quiet: bool) -> CliResult {
     let size = match size {
-        Some(s) => Some(parse_size(s)?),
+        Some(s) => Some(folio_cli::parse_size(s)?),
         None => None,
     };
     let report = folio_ext4::mkfs::mkfs_path(image, size, &opts).map_err(|e| format!("{}: {e}", image.display()))?;
@@ -251,7 +229,7 @@ fn main() -> ExitCode {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_size;
+    use folio_cli::parse_size;
 
     #[test]
     fn sizes() {

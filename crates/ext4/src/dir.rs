@@ -327,6 +327,37 @@ impl Filesystem {
         Ok(None)
     }
 
+    /// The "." and ".." entries: the first two of block 0, in linear and
+    /// indexed directories alike (in an htree they sit in the dx root and
+    /// are not reachable by hash). Returns their offsets and inodes.
+    fn dot_entries(&mut self, dir: &Inode) -> Result<(u64, Vec<u8>, RawEntry, RawEntry)> {
+        let (pblk, data) = self.read_dir_block(dir, 0)?;
+        let bs = data.len();
+        let ents = parse_entries(&data, if has_tail(&data) { bs - TAIL_LEN } else { bs })
+            .map_err(|e| Error::corrupted(format!("directory {}: {e}", dir.ino), pblk))?;
+        match (ents.first(), ents.get(1)) {
+            (Some(d), Some(dd)) if d.name == b"." && dd.name == b".." => Ok((pblk, data, d.clone(), dd.clone())),
+            _ => Err(Error::corrupted(
+                format!("directory {} does not start with \".\" and \"..\"", dir.ino),
+                pblk,
+            )),
+        }
+    }
+
+    /// Point ".." of `dir` at `parent`.
+    pub(crate) fn set_dotdot(&mut self, dir: &Inode, parent: u32) -> Result<()> {
+        let (pblk, mut data, _, dd) = self.dot_entries(dir)?;
+        put32(&mut data, dd.offset, parent);
+        if has_tail(&data) || !self.has_csum() {
+            self.write_leaf_block(dir, pblk, &mut data)
+        } else {
+            let co = self
+                .dx_count_offset(dir, 0, &data)
+                .ok_or_else(|| Error::corrupted("directory block 0 has no checksum", pblk))?;
+            self.write_dx_block(dir, pblk, &mut data, co)
+        }
+    }
+
     /// Look `name` up in directory inode `dir`.
     pub(crate) fn dir_lookup(&mut self, dir: &Inode, name: &[u8]) -> Result<Option<(u32, FileType)>> {
         if !dir.is_dir() {
@@ -334,6 +365,11 @@ impl Filesystem {
         }
         if name.len() > NAME_MAX {
             return Err(Error::NameTooLong);
+        }
+        if name == b"." || name == b".." {
+            let (_, _, d, dd) = self.dot_entries(dir)?;
+            let ino = if name == b"." { d.inode } else { dd.inode };
+            return Ok(Some((ino, FileType::Directory)));
         }
         Ok(self
             .find_entry(dir, name)?

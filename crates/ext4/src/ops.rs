@@ -563,7 +563,7 @@ impl Filesystem {
         self.touch_dir(parent)?;
         if s_is_dir && parent != new_parent {
             let moved = self.read_inode(sino)?;
-            self.dir_set(&moved, b"..", new_parent, FileType::Directory)?;
+            self.set_dotdot(&moved, new_parent)?;
             let mut sdir = self.read_inode(parent)?;
             Self::dec_dir_links(&mut sdir);
             self.write_inode(&mut sdir)?;
@@ -612,11 +612,11 @@ impl Filesystem {
         if parent != new_parent {
             if s_dir {
                 let m = self.read_inode(sino)?;
-                self.dir_set(&m, b"..", new_parent, FileType::Directory)?;
+                self.set_dotdot(&m, new_parent)?;
             }
             if t_dir {
                 let m = self.read_inode(tino)?;
-                self.dir_set(&m, b"..", parent, FileType::Directory)?;
+                self.set_dotdot(&m, parent)?;
             }
         }
         self.touch_dir(parent)?;

@@ -1,0 +1,29 @@
+//! The `folio` command's building blocks, usable from tests: host tree
+//! copies (put/get), listings and size parsing.
+
+pub mod copy;
+pub mod hostxattr;
+pub mod show;
+
+/// Parse a size such as `64M`, `1G`, `4096`, `2KiB`.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
+        Some((i, _)) => {
+            let m = match s[i..].to_ascii_uppercase().trim_end_matches("IB").trim_end_matches('B') {
+                "" => 1,
+                "K" => 1 << 10,
+                "M" => 1 << 20,
+                "G" => 1 << 30,
+                "T" => 1u64 << 40,
+                "S" => 512,
+                other => return Err(format!("unknown size suffix {other:?} in {s:?}")),
+            };
+            (&s[..i], m)
+        }
+        None => (s, 1),
+    };
+    let n: u64 = num.parse().map_err(|_| format!("invalid size {s:?}"))?;
+    n.checked_mul(mult).ok_or_else(|| format!("size {s:?} is too large"))
+}
+
