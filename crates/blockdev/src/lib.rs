@@ -60,10 +60,7 @@ pub struct FileDevice {
 impl FileDevice {
     /// Open `path` for reading and, unless `read_only`, writing.
     pub fn open(path: &Path, read_only: bool) -> io::Result<Self> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(!read_only)
-            .open(path)?;
+        let file = OpenOptions::new().read(true).write(!read_only).open(path)?;
         let meta = file.metadata()?;
         let size_bytes = if meta.file_type().is_file() {
             meta.len()

@@ -21,7 +21,10 @@ fn host_err(p: &Path, e: std::io::Error) -> String {
 }
 
 fn ts(sec: i64, nsec: i64) -> Timespec {
-    Timespec { sec, nsec: nsec.clamp(0, 999_999_999) as u32 }
+    Timespec {
+        sec,
+        nsec: nsec.clamp(0, 999_999_999) as u32,
+    }
 }
 
 /// Split glibc's dev_t into (major, minor).
@@ -35,7 +38,12 @@ fn dev_split(rdev: u64) -> (u32, u32) {
 /// directory the source goes inside it under its own name.
 pub fn put(fs: &mut Filesystem, source: &Path, dest: &str) -> Result<(), String> {
     let (parent, name) = match fs.resolve_follow(dest) {
-        Ok(ino) if fs.stat(ino).map(|s| s.file_type == FileType::Directory).unwrap_or(false) => {
+        Ok(ino)
+            if fs
+                .stat(ino)
+                .map(|s| s.file_type == FileType::Directory)
+                .unwrap_or(false) =>
+        {
             let base = source
                 .file_name()
                 .ok_or_else(|| format!("{}: has no file name", source.display()))?;
@@ -52,7 +60,13 @@ pub fn put(fs: &mut Filesystem, source: &Path, dest: &str) -> Result<(), String>
     put_node(fs, source, parent, name.as_bytes(), &mut links)
 }
 
-fn put_node(fs: &mut Filesystem, host: &Path, parent: u32, name: &[u8], links: &mut HashMap<(u64, u64), u32>) -> Result<(), String> {
+fn put_node(
+    fs: &mut Filesystem,
+    host: &Path,
+    parent: u32,
+    name: &[u8],
+    links: &mut HashMap<(u64, u64), u32>,
+) -> Result<(), String> {
     let meta = fs::symlink_metadata(host).map_err(|e| host_err(host, e))?;
     let shown = host.display().to_string();
     let ft = meta.file_type();
@@ -61,10 +75,15 @@ fn put_node(fs: &mut Filesystem, host: &Path, parent: u32, name: &[u8], links: &
             return fs.link(ino, parent, name).map_err(|e| e2s(&shown, e));
         }
     }
-    let owner = Owner { uid: meta.uid(), gid: meta.gid() };
+    let owner = Owner {
+        uid: meta.uid(),
+        gid: meta.gid(),
+    };
     let perm = (meta.mode() & 0o7777) as u16;
     let ino = if ft.is_dir() {
-        let ino = fs.mkdir(parent, name, perm, owner).map_err(|e| e2s(&shown, e))?;
+        let ino = fs
+            .mkdir(parent, name, perm, owner)
+            .map_err(|e| e2s(&shown, e))?;
         let mut children: Vec<_> = fs::read_dir(host)
             .map_err(|e| host_err(host, e))?
             .collect::<Result<_, _>>()
@@ -75,7 +94,9 @@ fn put_node(fs: &mut Filesystem, host: &Path, parent: u32, name: &[u8], links: &
         }
         ino
     } else if ft.is_file() {
-        let ino = fs.create(parent, name, perm, owner).map_err(|e| e2s(&shown, e))?;
+        let ino = fs
+            .create(parent, name, perm, owner)
+            .map_err(|e| e2s(&shown, e))?;
         copy_in(fs, host, ino, meta.len())?;
         ino
     } else if ft.is_symlink() {
@@ -121,7 +142,8 @@ fn copy_xattrs_in(fs: &mut Filesystem, host: &Path, ino: u32) -> Result<(), Stri
             continue;
         }
         let value = crate::hostxattr::get(host, &name).map_err(|e| host_err(host, e))?;
-        fs.set_xattr(ino, &name, &value, XattrMode::Any).map_err(|e| e2s(&shown, e))?;
+        fs.set_xattr(ino, &name, &value, XattrMode::Any)
+            .map_err(|e| e2s(&shown, e))?;
     }
     Ok(())
 }
@@ -160,7 +182,8 @@ fn copy_in(fs: &mut Filesystem, host: &Path, ino: u32, len: u64) -> Result<(), S
                 }
                 j = e;
             }
-            fs.write(ino, off + i as u64, &buf[i..j]).map_err(|e| e2s(&shown, e))?;
+            fs.write(ino, off + i as u64, &buf[i..j])
+                .map_err(|e| e2s(&shown, e))?;
             i = j;
         }
         off += n as u64;
@@ -168,8 +191,14 @@ fn copy_in(fs: &mut Filesystem, host: &Path, ino: u32, len: u64) -> Result<(), S
     if off != len {
         return Err(format!("{shown}: size changed while copying"));
     }
-    fs.setattr(ino, &SetAttr { size: Some(len), ..Default::default() })
-        .map_err(|e| e2s(&shown, e))?;
+    fs.setattr(
+        ino,
+        &SetAttr {
+            size: Some(len),
+            ..Default::default()
+        },
+    )
+    .map_err(|e| e2s(&shown, e))?;
     Ok(())
 }
 
@@ -178,7 +207,11 @@ fn copy_in(fs: &mut Filesystem, host: &Path, ino: u32, len: u64) -> Result<(), S
 pub fn get(fs: &mut Filesystem, source: &str, dest: &Path) -> Result<(), String> {
     let ino = fs.resolve(source).map_err(|e| e2s(source, e))?;
     let target = if dest.is_dir() {
-        let base = source.trim_end_matches('/').rsplit('/').next().unwrap_or("");
+        let base = source
+            .trim_end_matches('/')
+            .rsplit('/')
+            .next()
+            .unwrap_or("");
         if base.is_empty() {
             dest.to_path_buf()
         } else {
@@ -222,7 +255,10 @@ fn get_node(fs: &mut Filesystem, ino: u32, host: &Path, shown: &str) -> Result<(
         }
         FileType::Symlink => {
             let t = fs.readlink(ino).map_err(|e| e2s(shown, e))?;
-            let t = std::ffi::OsStr::new(std::str::from_utf8(&t).map_err(|_| format!("{shown}: non-UTF-8 symlink target"))?);
+            let t = std::ffi::OsStr::new(
+                std::str::from_utf8(&t)
+                    .map_err(|_| format!("{shown}: non-UTF-8 symlink target"))?,
+            );
             std::os::unix::fs::symlink(t, host).map_err(|e| host_err(host, e))?;
             return Ok(());
         }
@@ -237,11 +273,18 @@ fn get_node(fs: &mut Filesystem, ino: u32, host: &Path, shown: &str) -> Result<(
         }
         let v = fs.get_xattr(ino, &name).map_err(|e| e2s(shown, e))?;
         if let Err(e) = crate::hostxattr::set(host, &name, &v) {
-            eprintln!("folio: {}: cannot set {}: {e}", host.display(), String::from_utf8_lossy(&name));
+            eprintln!(
+                "folio: {}: cannot set {}: {e}",
+                host.display(),
+                String::from_utf8_lossy(&name)
+            );
         }
     }
-    fs::set_permissions(host, fs::Permissions::from_mode(u32::from(st.mode & 0o7777)))
-        .map_err(|e| host_err(host, e))?;
+    fs::set_permissions(
+        host,
+        fs::Permissions::from_mode(u32::from(st.mode & 0o7777)),
+    )
+    .map_err(|e| host_err(host, e))?;
     let to_sys = |t: Timespec| {
         if t.sec >= 0 {
             std::time::UNIX_EPOCH + std::time::Duration::new(t.sec as u64, t.nsec)
@@ -249,7 +292,9 @@ fn get_node(fs: &mut Filesystem, ino: u32, host: &Path, shown: &str) -> Result<(
             std::time::UNIX_EPOCH - std::time::Duration::from_secs(t.sec.unsigned_abs())
         }
     };
-    let times = fs::FileTimes::new().set_accessed(to_sys(st.atime)).set_modified(to_sys(st.mtime));
+    let times = fs::FileTimes::new()
+        .set_accessed(to_sys(st.atime))
+        .set_modified(to_sys(st.mtime));
     let f = fs::File::open(host).map_err(|e| host_err(host, e))?;
     f.set_times(times).map_err(|e| host_err(host, e))?;
     Ok(())
@@ -258,7 +303,9 @@ fn get_node(fs: &mut Filesystem, ino: u32, host: &Path, shown: &str) -> Result<(
 /// Remove a path (recursively with `recursive`).
 pub fn rm(fs: &mut Filesystem, path: &str, recursive: bool) -> Result<(), String> {
     let (parent, name) = fs.resolve_parent(path).map_err(|e| e2s(path, e))?;
-    let ino = fs.lookup(parent, name.as_bytes()).map_err(|e| e2s(path, e))?;
+    let ino = fs
+        .lookup(parent, name.as_bytes())
+        .map_err(|e| e2s(path, e))?;
     let st = fs.stat(ino).map_err(|e| e2s(path, e))?;
     if st.file_type == FileType::Directory {
         if !recursive {
@@ -277,7 +324,12 @@ fn rm_tree(fs: &mut Filesystem, dir: u32, shown: &str) -> Result<(), String> {
             continue;
         }
         let p = format!("{shown}/{}", String::from_utf8_lossy(&e.name));
-        if e.file_type == FileType::Directory || fs.stat(e.ino).map(|s| s.file_type == FileType::Directory).unwrap_or(false) {
+        if e.file_type == FileType::Directory
+            || fs
+                .stat(e.ino)
+                .map(|s| s.file_type == FileType::Directory)
+                .unwrap_or(false)
+        {
             rm_tree(fs, e.ino, &p)?;
             fs.rmdir(dir, &e.name).map_err(|er| e2s(&p, er))?;
         } else {
@@ -292,7 +344,8 @@ pub fn mkdir(fs: &mut Filesystem, path: &str, parents: bool) -> Result<(), Strin
     let owner = Owner::default();
     if !parents {
         let (parent, name) = fs.resolve_parent(path).map_err(|e| e2s(path, e))?;
-        fs.mkdir(parent, name.as_bytes(), 0o755, owner).map_err(|e| e2s(path, e))?;
+        fs.mkdir(parent, name.as_bytes(), 0o755, owner)
+            .map_err(|e| e2s(path, e))?;
         return Ok(());
     }
     let mut cur = folio_ext4::ROOT_INO;
@@ -304,7 +357,9 @@ pub fn mkdir(fs: &mut Filesystem, path: &str, parents: bool) -> Result<(), Strin
                 }
                 i
             }
-            Err(Error::NotFound) => fs.mkdir(cur, comp.as_bytes(), 0o755, owner).map_err(|e| e2s(path, e))?,
+            Err(Error::NotFound) => fs
+                .mkdir(cur, comp.as_bytes(), 0o755, owner)
+                .map_err(|e| e2s(path, e))?,
             Err(e) => return Err(e2s(path, e)),
         };
     }
@@ -316,20 +371,38 @@ pub fn demo(image: &Path) -> Result<(), String> {
     let report = folio_ext4::mkfs::mkfs_path(image, Some(64 << 20), &MkfsOptions::default())
         .map_err(|e| format!("{}: {e}", image.display()))?;
     println!("{report}");
-    let mut fs = Filesystem::open_path(image, OpenOptions::default()).map_err(|e| format!("{}: {e}", image.display()))?;
+    let mut fs = Filesystem::open_path(image, OpenOptions::default())
+        .map_err(|e| format!("{}: {e}", image.display()))?;
     let root = folio_ext4::ROOT_INO;
     let me = Owner { uid: 0, gid: 0 };
-    let docs = fs.mkdir(root, b"docs", 0o755, me).map_err(|e| e2s("/docs", e))?;
-    let hello = fs.create(root, b"hello.txt", 0o644, me).map_err(|e| e2s("/hello.txt", e))?;
-    fs.write(hello, 0, b"Hello from folio, a userspace ext4.\n").map_err(|e| e2s("/hello.txt", e))?;
-    let readme = fs.create(docs, b"README", 0o644, me).map_err(|e| e2s("/docs/README", e))?;
-    let text = "This image was made by `folio demo`.\nCheck it with: e2fsck -fn IMAGE\n".repeat(50);
-    fs.write(readme, 0, text.as_bytes()).map_err(|e| e2s("/docs/README", e))?;
-    let sparse = fs.create(root, b"sparse.bin", 0o600, me).map_err(|e| e2s("/sparse.bin", e))?;
-    fs.write(sparse, 5 << 30, b"a byte at 5 GiB").map_err(|e| e2s("/sparse.bin", e))?;
-    fs.symlink(root, b"link-to-hello", b"hello.txt", me).map_err(|e| e2s("/link-to-hello", e))?;
-    fs.set_xattr(hello, b"user.comment", b"made by folio demo", XattrMode::Any)
+    let docs = fs
+        .mkdir(root, b"docs", 0o755, me)
+        .map_err(|e| e2s("/docs", e))?;
+    let hello = fs
+        .create(root, b"hello.txt", 0o644, me)
         .map_err(|e| e2s("/hello.txt", e))?;
+    fs.write(hello, 0, b"Hello from folio, a userspace ext4.\n")
+        .map_err(|e| e2s("/hello.txt", e))?;
+    let readme = fs
+        .create(docs, b"README", 0o644, me)
+        .map_err(|e| e2s("/docs/README", e))?;
+    let text = "This image was made by `folio demo`.\nCheck it with: e2fsck -fn IMAGE\n".repeat(50);
+    fs.write(readme, 0, text.as_bytes())
+        .map_err(|e| e2s("/docs/README", e))?;
+    let sparse = fs
+        .create(root, b"sparse.bin", 0o600, me)
+        .map_err(|e| e2s("/sparse.bin", e))?;
+    fs.write(sparse, 5 << 30, b"a byte at 5 GiB")
+        .map_err(|e| e2s("/sparse.bin", e))?;
+    fs.symlink(root, b"link-to-hello", b"hello.txt", me)
+        .map_err(|e| e2s("/link-to-hello", e))?;
+    fs.set_xattr(
+        hello,
+        b"user.comment",
+        b"made by folio demo",
+        XattrMode::Any,
+    )
+    .map_err(|e| e2s("/hello.txt", e))?;
     fs.sync().map_err(|e| e2s("sync", e))?;
     println!("\nContents of {}:", image.display());
     crate::show::ls(&mut fs, "/", true, false)?;

@@ -21,7 +21,11 @@ pub fn list(p: &Path) -> io::Result<Vec<Vec<u8>>> {
         let n = unsafe { libc::llistxattr(c.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
         if n >= 0 {
             buf.truncate(n as usize);
-            return Ok(buf.split(|&b| b == 0).filter(|s| !s.is_empty()).map(<[u8]>::to_vec).collect());
+            return Ok(buf
+                .split(|&b| b == 0)
+                .filter(|s| !s.is_empty())
+                .map(<[u8]>::to_vec)
+                .collect());
         }
         let e = io::Error::last_os_error();
         match e.raw_os_error() {
@@ -51,7 +55,15 @@ pub fn set(p: &Path, name: &[u8], value: &[u8]) -> io::Result<()> {
     let c = cpath(p)?;
     let n = CString::new(name).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
     // SAFETY: both strings are NUL-terminated; `value` is readable for its length.
-    let r = unsafe { libc::lsetxattr(c.as_ptr(), n.as_ptr(), value.as_ptr().cast(), value.len(), 0) };
+    let r = unsafe {
+        libc::lsetxattr(
+            c.as_ptr(),
+            n.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    };
     if r < 0 {
         return Err(io::Error::last_os_error());
     }

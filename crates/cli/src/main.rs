@@ -4,13 +4,17 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use folio_ext4::mkfs::{MkfsOptions, FsType};
+use folio_ext4::mkfs::{FsType, MkfsOptions};
 use folio_ext4::{Filesystem, OpenOptions};
 
 use folio_cli::{copy, show};
 
 #[derive(Parser)]
-#[command(name = "folio", version, about = "A userspace ext4 stack: make, inspect and modify ext2/3/4 images")]
+#[command(
+    name = "folio",
+    version,
+    about = "A userspace ext4 stack: make, inspect and modify ext2/3/4 images"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -107,8 +111,14 @@ enum Cmd {
 type CliResult = Result<(), String>;
 
 fn open(image: &Path, read_only: bool) -> Result<Filesystem, String> {
-    Filesystem::open_path(image, OpenOptions { read_only, ..Default::default() })
-        .map_err(|e| format!("{}: {e}", image.display()))
+    Filesystem::open_path(
+        image,
+        OpenOptions {
+            read_only,
+            ..Default::default()
+        },
+    )
+    .map_err(|e| format!("{}: {e}", image.display()))
 }
 
 fn ctx<T>(r: folio_ext4::Result<T>, what: &str) -> Result<T, String> {
@@ -120,7 +130,8 @@ fn mkfs(image: &Path, size: Option<&str>, opts: MkfsOptions, quiet: bool) -> Cli
         Some(s) => Some(folio_cli::parse_size(s)?),
         None => None,
     };
-    let report = folio_ext4::mkfs::mkfs_path(image, size, &opts).map_err(|e| format!("{}: {e}", image.display()))?;
+    let report = folio_ext4::mkfs::mkfs_path(image, size, &opts)
+        .map_err(|e| format!("{}: {e}", image.display()))?;
     if !quiet {
         println!("{report}");
     }
@@ -130,12 +141,25 @@ fn mkfs(image: &Path, size: Option<&str>, opts: MkfsOptions, quiet: bool) -> Cli
 fn run(cli: Cli) -> CliResult {
     match cli.cmd {
         Cmd::Demo { image } => copy::demo(&image),
-        Cmd::Mkfs { image, size, block_size, label, r#type, inode_ratio, inode_size, quiet } => {
+        Cmd::Mkfs {
+            image,
+            size,
+            block_size,
+            label,
+            r#type,
+            inode_ratio,
+            inode_size,
+            quiet,
+        } => {
             let fs_type = match r#type.as_str() {
                 "ext2" => FsType::Ext2,
                 "ext3" => FsType::Ext3,
                 "ext4" => FsType::Ext4,
-                t => return Err(format!("unknown filesystem type {t:?} (ext2, ext3 or ext4)")),
+                t => {
+                    return Err(format!(
+                        "unknown filesystem type {t:?} (ext2, ext3 or ext4)"
+                    ))
+                }
             };
             let opts = MkfsOptions {
                 fs_type,
@@ -152,7 +176,12 @@ fn run(cli: Cli) -> CliResult {
             show::info(&fs);
             Ok(())
         }
-        Cmd::Ls { image, path, long, all } => {
+        Cmd::Ls {
+            image,
+            path,
+            long,
+            all,
+        } => {
             let mut fs = open(&image, true)?;
             show::ls(&mut fs, &path, long, all)
         }
@@ -165,16 +194,28 @@ fn run(cli: Cli) -> CliResult {
             let mut fs = open(&image, true)?;
             show::cat(&mut fs, &path)
         }
-        Cmd::Put { image, source, dest } => {
+        Cmd::Put {
+            image,
+            source,
+            dest,
+        } => {
             let mut fs = open(&image, false)?;
             copy::put(&mut fs, &source, &dest)?;
             ctx(fs.close(), "sync")
         }
-        Cmd::Get { image, source, dest } => {
+        Cmd::Get {
+            image,
+            source,
+            dest,
+        } => {
             let mut fs = open(&image, true)?;
             copy::get(&mut fs, &source, &dest)
         }
-        Cmd::Rm { image, paths, recursive } => {
+        Cmd::Rm {
+            image,
+            paths,
+            recursive,
+        } => {
             let mut fs = open(&image, false)?;
             let mut result = Ok(());
             for p in &paths {
@@ -186,7 +227,11 @@ fn run(cli: Cli) -> CliResult {
             ctx(fs.close(), "sync")?;
             result
         }
-        Cmd::Mkdir { image, paths, parents } => {
+        Cmd::Mkdir {
+            image,
+            paths,
+            parents,
+        } => {
             let mut fs = open(&image, false)?;
             let mut result = Ok(());
             for p in &paths {

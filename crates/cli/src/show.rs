@@ -39,7 +39,17 @@ pub fn mode_string(mode: u16) -> String {
         _ => '-',
     };
     let mut s = String::from(t);
-    let bits = [(0o400, 'r'), (0o200, 'w'), (0o100, 'x'), (0o40, 'r'), (0o20, 'w'), (0o10, 'x'), (0o4, 'r'), (0o2, 'w'), (0o1, 'x')];
+    let bits = [
+        (0o400, 'r'),
+        (0o200, 'w'),
+        (0o100, 'x'),
+        (0o40, 'r'),
+        (0o20, 'w'),
+        (0o10, 'x'),
+        (0o4, 'r'),
+        (0o2, 'w'),
+        (0o1, 'x'),
+    ];
     for (i, (b, c)) in bits.iter().enumerate() {
         let special = match i {
             2 if mode & 0o4000 != 0 => Some(if mode & 0o100 != 0 { 's' } else { 'S' }),
@@ -70,10 +80,21 @@ pub fn info(fs: &Filesystem) {
     let g = fs.geometry_info();
     let uuid = sb.uuid();
     let hex: String = uuid.iter().map(|b| format!("{b:02x}")).collect();
-    println!("Filesystem volume name:   {}", if sb.volume_name().is_empty() { "<none>".into() } else { sb.volume_name() });
+    println!(
+        "Filesystem volume name:   {}",
+        if sb.volume_name().is_empty() {
+            "<none>".into()
+        } else {
+            sb.volume_name()
+        }
+    );
     println!(
         "Filesystem UUID:          {}-{}-{}-{}-{}",
-        &hex[0..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..32]
+        &hex[0..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..32]
     );
     let mut feats = feature_names(sb.feature_compat(), COMPAT_NAMES, "C");
     feats.extend(feature_names(sb.feature_incompat(), incompat::NAMES, "I"));
@@ -110,7 +131,9 @@ pub const COMPAT_NAMES: &[(u32, &str)] = &[
 ];
 
 pub fn ls(fs: &mut Filesystem, path: &str, long: bool, all: bool) -> Result<(), String> {
-    let ino = fs.resolve_follow(path).map_err(|e| format!("{path}: {e}"))?;
+    let ino = fs
+        .resolve_follow(path)
+        .map_err(|e| format!("{path}: {e}"))?;
     let st = fs.stat(ino).map_err(|e| format!("{path}: {e}"))?;
     let entries = if st.file_type == FileType::Directory {
         let mut v = fs.read_dir(ino).map_err(|e| format!("{path}: {e}"))?;
@@ -165,7 +188,10 @@ pub fn stat(fs: &mut Filesystem, path: &str, ino: u32) -> Result<(), String> {
         fs.block_size(),
         type_name(st.file_type)
     );
-    println!("Inode: {:<15} Links: {:<10} Generation: {}", st.ino, st.nlink, st.generation);
+    println!(
+        "Inode: {:<15} Links: {:<10} Generation: {}",
+        st.ino, st.nlink, st.generation
+    );
     println!(
         "Access: ({:04o}/{})  Uid: ({:>5})   Gid: ({:>5})",
         st.mode & 0o7777,
@@ -187,23 +213,32 @@ pub fn stat(fs: &mut Filesystem, path: &str, ino: u32) -> Result<(), String> {
     let names = fs.list_xattr(ino).map_err(|e| format!("{path}: {e}"))?;
     for n in names {
         let v = fs.get_xattr(ino, &n).map_err(|e| format!("{path}: {e}"))?;
-        println!("Xattr: {} = {:?}", String::from_utf8_lossy(&n), String::from_utf8_lossy(&v));
+        println!(
+            "Xattr: {} = {:?}",
+            String::from_utf8_lossy(&n),
+            String::from_utf8_lossy(&v)
+        );
     }
     Ok(())
 }
 
 pub fn cat(fs: &mut Filesystem, path: &str) -> Result<(), String> {
-    let ino = fs.resolve_follow(path).map_err(|e| format!("{path}: {e}"))?;
+    let ino = fs
+        .resolve_follow(path)
+        .map_err(|e| format!("{path}: {e}"))?;
     let out = std::io::stdout();
     let mut out = out.lock();
     let mut buf = vec![0u8; 1 << 20];
     let mut off = 0u64;
     loop {
-        let n = fs.read(ino, off, &mut buf).map_err(|e| format!("{path}: {e}"))?;
+        let n = fs
+            .read(ino, off, &mut buf)
+            .map_err(|e| format!("{path}: {e}"))?;
         if n == 0 {
             break;
         }
-        out.write_all(&buf[..n]).map_err(|e| format!("stdout: {e}"))?;
+        out.write_all(&buf[..n])
+            .map_err(|e| format!("stdout: {e}"))?;
         off += n as u64;
     }
     Ok(())
@@ -215,12 +250,21 @@ mod tests {
 
     #[test]
     fn times_and_modes_format() {
-        assert_eq!(fmt_time(Timespec { sec: 0, nsec: 0 }), "1970-01-01 00:00:00.000000000 +0000");
         assert_eq!(
-            fmt_time(Timespec { sec: 951_782_400, nsec: 5 }),
+            fmt_time(Timespec { sec: 0, nsec: 0 }),
+            "1970-01-01 00:00:00.000000000 +0000"
+        );
+        assert_eq!(
+            fmt_time(Timespec {
+                sec: 951_782_400,
+                nsec: 5
+            }),
             "2000-02-29 00:00:00.000000005 +0000"
         );
-        assert_eq!(fmt_time(Timespec { sec: -1, nsec: 0 }), "1969-12-31 23:59:59.000000000 +0000");
+        assert_eq!(
+            fmt_time(Timespec { sec: -1, nsec: 0 }),
+            "1969-12-31 23:59:59.000000000 +0000"
+        );
         assert_eq!(mode_string(0o104755), "-rwsr-xr-x");
         assert_eq!(mode_string(0o041777), "drwxrwxrwt");
         assert_eq!(mode_string(0o120777), "lrwxrwxrwx");

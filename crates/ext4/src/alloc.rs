@@ -24,7 +24,7 @@ fn clear_bit(b: &mut [u8], i: usize) {
 fn find_zero(b: &[u8], from: usize, to: usize) -> Option<usize> {
     let mut i = from;
     while i < to {
-        if i % 8 == 0 && i + 8 <= to && b[i / 8] == 0xff {
+        if i.is_multiple_of(8) && i + 8 <= to && b[i / 8] == 0xff {
             i += 8;
             continue;
         }
@@ -44,7 +44,10 @@ impl Filesystem {
             return 0;
         }
         let mut n = 1 + u32::from(self.sb.reserved_gdt_blocks());
-        if !self.sb.has_incompat(crate::format::superblock::incompat::META_BG) {
+        if !self
+            .sb
+            .has_incompat(crate::format::superblock::incompat::META_BG)
+        {
             n += self.geo.gdt_blocks;
         }
         n
@@ -138,7 +141,11 @@ impl Filesystem {
             }
             let mut bm = self.load_block_bitmap(g)?;
             let count = self.group_block_count(g) as usize;
-            let from = if i == 0 { (goal - self.group_first_block(g)) as usize } else { 0 };
+            let from = if i == 0 {
+                (goal - self.group_first_block(g)) as usize
+            } else {
+                0
+            };
             let found = find_zero(&bm, from, count).or_else(|| find_zero(&bm, 0, from.min(count)));
             let Some(first) = found else {
                 return Err(Error::corrupted(
@@ -181,7 +188,10 @@ impl Filesystem {
             let mut bm = self.load_block_bitmap(g)?;
             for x in b..chunk_end {
                 if !bit(&bm, (x - gstart) as usize) {
-                    return Err(Error::corrupted(format!("block {x} is freed but already free"), x));
+                    return Err(Error::corrupted(
+                        format!("block {x} is freed but already free"),
+                        x,
+                    ));
                 }
             }
             for x in b..chunk_end {
@@ -255,9 +265,7 @@ impl Filesystem {
             let avg_free = self.sb.free_inodes_count() / ng.max(1);
             (0..ng)
                 .filter(|&g| self.groups[g as usize].free_inodes() >= avg_free.max(1))
-                .max_by_key(|&g| {
-                    (self.groups[g as usize].free_blocks(), std::cmp::Reverse(g))
-                })
+                .max_by_key(|&g| (self.groups[g as usize].free_blocks(), std::cmp::Reverse(g)))
                 .unwrap_or(parent_group)
         } else {
             parent_group
@@ -268,7 +276,11 @@ impl Filesystem {
                 continue;
             }
             let mut bm = self.load_inode_bitmap(g)?;
-            let from = if g == 0 { (self.geo.first_ino - 1) as usize } else { 0 };
+            let from = if g == 0 {
+                (self.geo.first_ino - 1) as usize
+            } else {
+                0
+            };
             let Some(idx) = find_zero(&bm, from, ipg as usize) else {
                 return Err(Error::corrupted(
                     format!("group {g} claims free inodes but its bitmap is full"),
@@ -304,7 +316,10 @@ impl Filesystem {
         let idx = ((ino - 1) % ipg) as usize;
         let mut bm = self.load_inode_bitmap(g)?;
         if !bit(&bm, idx) {
-            return Err(Error::corrupted(format!("inode {ino} is freed but already free"), 0));
+            return Err(Error::corrupted(
+                format!("inode {ino} is freed but already free"),
+                0,
+            ));
         }
         clear_bit(&mut bm, idx);
         self.store_inode_bitmap(g, &bm)?;

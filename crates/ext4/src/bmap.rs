@@ -79,7 +79,10 @@ pub(crate) fn remove_range(list: &mut Vec<Extent>, from: u64, to: u64) -> Vec<(u
         let cut_t = t.min(to);
         freed.push((e.pblk + (cut_s - s), cut_t - cut_s));
         if s < cut_s {
-            out.push(Extent { len: (cut_s - s) as u32, ..e });
+            out.push(Extent {
+                len: (cut_s - s) as u32,
+                ..e
+            });
         }
         if cut_t < t {
             out.push(Extent {
@@ -109,7 +112,10 @@ pub(crate) fn mark_written(list: &mut Vec<Extent>, from: u64, to: u64) -> Vec<(u
         let ct = t.min(to);
         converted.push((cs, ct - cs));
         if s < cs {
-            out.push(Extent { len: (cs - s) as u32, ..e });
+            out.push(Extent {
+                len: (cs - s) as u32,
+                ..e
+            });
         }
         out.push(Extent {
             lblk: cs as u32,
@@ -162,14 +168,20 @@ impl Filesystem {
         let (h, root) = parse_node(inode.i_block())
             .map_err(|e| Error::corrupted(format!("inode {ino}: {}", e.describe()), 0))?;
         if h.max != ROOT_MAX && h.max > ROOT_MAX {
-            return Err(Error::corrupted(format!("inode {ino}: bad extent root eh_max"), 0));
+            return Err(Error::corrupted(
+                format!("inode {ino}: bad extent root eh_max"),
+                0,
+            ));
         }
         let mut extents = Vec::new();
         let mut blocks = Vec::new();
         self.walk_extent_node(inode, root, h.depth, 0, &mut extents, &mut blocks)?;
         for w in extents.windows(2) {
             if w[0].end() > u64::from(w[1].lblk) {
-                return Err(Error::corrupted(format!("inode {ino}: extents overlap or are unsorted"), 0));
+                return Err(Error::corrupted(
+                    format!("inode {ino}: extents overlap or are unsorted"),
+                    0,
+                ));
             }
         }
         Ok((extents, blocks))
@@ -188,7 +200,10 @@ impl Filesystem {
         match node {
             Node::Leaf(list) => {
                 if depth != 0 {
-                    return Err(Error::corrupted(format!("inode {ino}: extent leaf at wrong depth"), from_block));
+                    return Err(Error::corrupted(
+                        format!("inode {ino}: extent leaf at wrong depth"),
+                        from_block,
+                    ));
                 }
                 for e in &list {
                     self.check_block(e.pblk, &format!("inode {ino} extent"), from_block)?;
@@ -203,12 +218,18 @@ impl Filesystem {
             }
             Node::Index { depth: d, entries } => {
                 if d != depth || d == 0 || d > MAX_DEPTH {
-                    return Err(Error::corrupted(format!("inode {ino}: extent index at wrong depth"), from_block));
+                    return Err(Error::corrupted(
+                        format!("inode {ino}: extent index at wrong depth"),
+                        from_block,
+                    ));
                 }
                 for ix in entries {
                     self.check_block(ix.child, &format!("inode {ino} extent index"), from_block)?;
                     if blocks.len() > 1 << 20 {
-                        return Err(Error::corrupted(format!("inode {ino}: extent tree too large"), from_block));
+                        return Err(Error::corrupted(
+                            format!("inode {ino}: extent tree too large"),
+                            from_block,
+                        ));
                     }
                     blocks.push(ix.child);
                     let bs = self.geo.block_size as usize;
@@ -227,7 +248,10 @@ impl Filesystem {
                         }
                     }
                     if h.depth != depth - 1 {
-                        return Err(Error::corrupted(format!("inode {ino}: extent child has wrong depth"), ix.child));
+                        return Err(Error::corrupted(
+                            format!("inode {ino}: extent child has wrong depth"),
+                            ix.child,
+                        ));
                     }
                     self.walk_extent_node(inode, child, depth - 1, ix.child, extents, blocks)?;
                 }
@@ -313,7 +337,10 @@ impl Filesystem {
                     this_level.push((chunk[0].0, blk));
                     Node::Index {
                         depth,
-                        entries: chunk.iter().map(|&(l, c)| Index { lblk: l, child: c }).collect(),
+                        entries: chunk
+                            .iter()
+                            .map(|&(l, c)| Index { lblk: l, child: c })
+                            .collect(),
                     }
                 };
                 write_node(&mut buf, cap as u16, &node);
@@ -321,7 +348,11 @@ impl Filesystem {
                     let c = block_csum(seed, &buf, cap as u16).expect("tail fits in block");
                     put32(&mut buf, tail_offset(cap as u16), c);
                 }
-                let changed = self.cache.read(blk).map(|old| old != &buf[..]).unwrap_or(true);
+                let changed = self
+                    .cache
+                    .read(blk)
+                    .map(|old| old != &buf[..])
+                    .unwrap_or(true);
                 if changed {
                     self.cache.write(blk, &buf)?;
                 }
@@ -334,7 +365,10 @@ impl Filesystem {
         } else {
             Node::Index {
                 depth,
-                entries: children.iter().map(|&(l, c)| Index { lblk: l, child: c }).collect(),
+                entries: children
+                    .iter()
+                    .map(|&(l, c)| Index { lblk: l, child: c })
+                    .collect(),
             }
         };
         let mut rootbuf = [0u8; 60];
@@ -351,11 +385,16 @@ impl Filesystem {
     }
 
     pub(crate) fn add_i_blocks(&self, inode: &mut Inode, delta_512: i64) -> Result<()> {
-        let huge = self.sb.has_ro_compat(crate::format::superblock::ro_compat::HUGE_FILE);
+        let huge = self
+            .sb
+            .has_ro_compat(crate::format::superblock::ro_compat::HUGE_FILE);
         let cur = inode.blocks_512(huge, self.geo.block_size) as i64;
         let new = cur + delta_512;
         if new < 0 {
-            return Err(Error::corrupted(format!("inode {}: i_blocks underflow", inode.ino), 0));
+            return Err(Error::corrupted(
+                format!("inode {}: i_blocks underflow", inode.ino),
+                0,
+            ));
         }
         inode.set_blocks_512(new as u64);
         Ok(())
@@ -391,7 +430,11 @@ impl Filesystem {
         if l < apb * apb * apb {
             return Some((
                 14,
-                vec![(l / (apb * apb)) as usize, ((l / apb) % apb) as usize, (l % apb) as usize],
+                vec![
+                    (l / (apb * apb)) as usize,
+                    ((l / apb) % apb) as usize,
+                    (l % apb) as usize,
+                ],
             ));
         }
         None
@@ -416,7 +459,12 @@ impl Filesystem {
 
     /// Map `lblk` to (mapping, number of following blocks with the same
     /// kind and contiguous placement, at most `max`).
-    pub(crate) fn map_block(&mut self, inode: &Inode, lblk: u64, max: u64) -> Result<(Mapping, u64)> {
+    pub(crate) fn map_block(
+        &mut self,
+        inode: &Inode,
+        lblk: u64,
+        max: u64,
+    ) -> Result<(Mapping, u64)> {
         let max = max.max(1);
         if Self::uses_extents(inode) {
             let list = self.extents(inode)?;
@@ -450,7 +498,13 @@ impl Filesystem {
         if first == 0 {
             Ok((Mapping::Hole, n))
         } else {
-            Ok((Mapping::Mapped { pblk: first, unwritten: false }, n))
+            Ok((
+                Mapping::Mapped {
+                    pblk: first,
+                    unwritten: false,
+                },
+                n,
+            ))
         }
     }
 
@@ -499,7 +553,12 @@ impl Filesystem {
     /// logical ranges that were newly allocated or converted from unwritten
     /// (their old contents must not be exposed: the caller overwrites or
     /// zeroes them). The caller writes the inode.
-    pub(crate) fn allocate_range(&mut self, inode: &mut Inode, lblk: u64, len: u64) -> Result<Vec<(u64, u64)>> {
+    pub(crate) fn allocate_range(
+        &mut self,
+        inode: &mut Inode,
+        lblk: u64,
+        len: u64,
+    ) -> Result<Vec<(u64, u64)>> {
         self.check_writable()?;
         let end = lblk + len;
         if end > self.max_file_blocks(inode) {
@@ -541,7 +600,15 @@ impl Filesystem {
                         }
                     };
                     allocated.push((pb, u64::from(got)));
-                    insert_extent(&mut list, Extent { lblk: cur as u32, len: got, pblk: pb, unwritten: false });
+                    insert_extent(
+                        &mut list,
+                        Extent {
+                            lblk: cur as u32,
+                            len: got,
+                            pblk: pb,
+                            unwritten: false,
+                        },
+                    );
                     fresh.push((cur, u64::from(got)));
                     cur += u64::from(got);
                     left -= u64::from(got);
@@ -563,8 +630,16 @@ impl Filesystem {
                 if self.ind_lookup(inode, l)? != 0 {
                     continue;
                 }
-                let goal = if l > 0 { self.ind_lookup(inode, l - 1)? + 1 } else { 0 };
-                let goal = if goal <= 1 { self.inode_goal(inode) } else { goal };
+                let goal = if l > 0 {
+                    self.ind_lookup(inode, l - 1)? + 1
+                } else {
+                    0
+                };
+                let goal = if goal <= 1 {
+                    self.inode_goal(inode)
+                } else {
+                    goal
+                };
                 let (pb, _) = self.alloc_blocks(goal, 1)?;
                 if let Err(e) = self.ind_set(inode, l, pb) {
                     self.free_blocks(pb, 1)?;
@@ -652,7 +727,15 @@ impl Filesystem {
 
     /// Free the part of the subtree at `blk` (covering logical blocks from
     /// `base`) at or beyond `from`. Returns (subtree now empty, blocks freed).
-    fn free_ind_subtree(&mut self, blk: u64, level: u32, base: u64, from: u64, ino: u32, depth: u32) -> Result<(bool, u64)> {
+    fn free_ind_subtree(
+        &mut self,
+        blk: u64,
+        level: u32,
+        base: u64,
+        from: u64,
+        ino: u32,
+        depth: u32,
+    ) -> Result<(bool, u64)> {
         if depth > 3 {
             return Err(Error::corrupted("indirect tree too deep", blk));
         }
@@ -673,7 +756,8 @@ impl Filesystem {
             let remove = if level == 1 {
                 true
             } else {
-                let (empty, n) = self.free_ind_subtree(p, level - 1, cbase, from, ino, depth + 1)?;
+                let (empty, n) =
+                    self.free_ind_subtree(p, level - 1, cbase, from, ino, depth + 1)?;
                 freed += n;
                 empty
             };
@@ -695,7 +779,12 @@ mod tests {
     use super::*;
 
     fn e(l: u32, n: u32, p: u64, u: bool) -> Extent {
-        Extent { lblk: l, len: n, pblk: p, unwritten: u }
+        Extent {
+            lblk: l,
+            len: n,
+            pblk: p,
+            unwritten: u,
+        }
     }
 
     #[test]
@@ -720,8 +809,99 @@ mod tests {
         let mut v = vec![e(0, 10, 100, true)];
         let c = mark_written(&mut v, 2, 4);
         assert_eq!(c, vec![(2, 2)]);
-        assert_eq!(v, vec![e(0, 2, 100, true), e(2, 2, 102, false), e(4, 6, 104, true)]);
+        assert_eq!(
+            v,
+            vec![e(0, 2, 100, true), e(2, 2, 102, false), e(4, 6, 104, true)]
+        );
         mark_written(&mut v, 0, 10);
         assert_eq!(v, vec![e(0, 10, 100, false)]);
+    }
+}
+
+/// One run of a file's block map, for FIEMAP-style reporting and tests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlockRun {
+    pub lblk: u64,
+    pub pblk: u64,
+    pub len: u64,
+    pub unwritten: bool,
+}
+
+impl Filesystem {
+    /// The mapped runs of inode `ino`, in logical order.
+    pub fn block_runs(&mut self, ino: u32) -> Result<Vec<BlockRun>> {
+        let inode = self.read_inode(ino)?;
+        let bs = u64::from(self.geo.block_size);
+        let end = inode.size().div_ceil(bs);
+        if Self::uses_extents(&inode) {
+            return Ok(self
+                .extents(&inode)?
+                .iter()
+                .map(|e| BlockRun {
+                    lblk: u64::from(e.lblk),
+                    pblk: e.pblk,
+                    len: u64::from(e.len),
+                    unwritten: e.unwritten,
+                })
+                .collect());
+        }
+        let mut out = Vec::new();
+        let mut l = 0;
+        while l < end {
+            let (m, n) = self.map_block(&inode, l, end - l)?;
+            if let Mapping::Mapped { pblk, unwritten } = m {
+                out.push(BlockRun {
+                    lblk: l,
+                    pblk,
+                    len: n,
+                    unwritten,
+                });
+            }
+            l += n;
+        }
+        Ok(out)
+    }
+
+    /// Blocks holding inode `ino`'s mapping metadata (extent tree nodes or
+    /// indirect blocks).
+    pub fn mapping_blocks(&mut self, ino: u32) -> Result<Vec<u64>> {
+        let inode = self.read_inode(ino)?;
+        if Self::uses_extents(&inode) {
+            return Ok(self.read_extent_tree(&inode)?.1);
+        }
+        let mut out = Vec::new();
+        for (slot, level) in [(12usize, 1u32), (13, 2), (14, 3)] {
+            let p = u64::from(get32(inode.i_block(), slot * 4).unwrap_or(0));
+            if p != 0 {
+                self.check_block(p, "indirect pointer", 0)?;
+                self.collect_ind(p, level, ino, &mut out)?;
+            }
+        }
+        Ok(out)
+    }
+
+    fn collect_ind(&mut self, blk: u64, level: u32, ino: u32, out: &mut Vec<u64>) -> Result<()> {
+        out.push(blk);
+        if level == 1 {
+            return Ok(());
+        }
+        for i in 0..(self.geo.block_size / 4) as usize {
+            let p = self.ind_ptr(blk, i, ino)?;
+            if p != 0 {
+                self.collect_ind(p, level - 1, ino, out)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Depth of an extent-mapped inode's tree (`None` for indirect maps).
+    pub fn extent_depth(&mut self, ino: u32) -> Result<Option<u16>> {
+        let inode = self.read_inode(ino)?;
+        if !Self::uses_extents(&inode) {
+            return Ok(None);
+        }
+        let (h, _) = parse_node(inode.i_block())
+            .map_err(|e| Error::corrupted(format!("inode {ino}: {}", e.describe()), 0))?;
+        Ok(Some(h.depth))
     }
 }

@@ -34,7 +34,9 @@ pub(crate) fn check_name(name: &[u8]) -> Result<()> {
         return Err(Error::NameTooLong);
     }
     if name.is_empty() || name.contains(&b'/') || name.contains(&0) {
-        return Err(Error::Invalid("file names must be non-empty and contain no '/' or NUL".into()));
+        return Err(Error::Invalid(
+            "file names must be non-empty and contain no '/' or NUL".into(),
+        ));
     }
     if name == b"." || name == b".." {
         return Err(Error::Exists);
@@ -83,7 +85,11 @@ fn fill_leaf(block: &mut [u8], usable: usize, entries: &[(Vec<u8>, u32, u8)]) {
     block.fill(0);
     let mut off = 0;
     for (i, (name, ino, ft)) in entries.iter().enumerate() {
-        let len = if i + 1 == entries.len() { usable - off } else { entry_len(name.len()) };
+        let len = if i + 1 == entries.len() {
+            usable - off
+        } else {
+            entry_len(name.len())
+        };
         write_entry(block, off, *ino, len, *ft, name);
         off += len;
     }
@@ -107,7 +113,10 @@ impl Filesystem {
 
     fn dir_pblk(&mut self, dir: &Inode, lblk: u64) -> Result<u64> {
         match self.map_block(dir, lblk, 1)?.0 {
-            Mapping::Mapped { pblk, unwritten: false } => Ok(pblk),
+            Mapping::Mapped {
+                pblk,
+                unwritten: false,
+            } => Ok(pblk),
             _ => Err(Error::corrupted(
                 format!("directory inode {} has a hole at block {lblk}", dir.ino),
                 0,
@@ -143,7 +152,9 @@ impl Filesystem {
                     });
                 }
             } else if let Some(co) = self.dx_count_offset(dir, lblk, &data) {
-                if dx_csum(seed, &data, co) != dx_csum_stored(&data, co) || dx_csum_stored(&data, co).is_none() {
+                if dx_csum(seed, &data, co) != dx_csum_stored(&data, co)
+                    || dx_csum_stored(&data, co).is_none()
+                {
                     return Err(Error::BadChecksum {
                         what: format!("directory index block {lblk} of inode {}", dir.ino),
                         block: pblk,
@@ -151,7 +162,10 @@ impl Filesystem {
                 }
             } else {
                 return Err(Error::corrupted(
-                    format!("directory block {lblk} of inode {} has no checksum tail", dir.ino),
+                    format!(
+                        "directory block {lblk} of inode {} has no checksum tail",
+                        dir.ino
+                    ),
                     pblk,
                 ));
             }
@@ -177,7 +191,11 @@ impl Filesystem {
     }
 
     fn block_entries(&self, data: &[u8], pblk: u64) -> Result<Vec<RawEntry>> {
-        let usable = if has_tail(data) { data.len() - TAIL_LEN } else { data.len() };
+        let usable = if has_tail(data) {
+            data.len() - TAIL_LEN
+        } else {
+            data.len()
+        };
         parse_entries(data, usable).map_err(|e| Error::corrupted(format!("directory: {e}"), pblk))
     }
 
@@ -228,10 +246,16 @@ impl Filesystem {
         let info = parse_root_info(&data)
             .ok_or_else(|| Error::corrupted("htree root is truncated", pblk))?;
         if info.info_length != 8 || get32(&data, DX_ROOT_INFO) != Some(0) {
-            return Err(Error::corrupted(format!("directory {}: bad htree root", dir.ino), pblk));
+            return Err(Error::corrupted(
+                format!("directory {}: bad htree root", dir.ino),
+                pblk,
+            ));
         }
         if info.indirect_levels >= self.max_dx_levels() {
-            return Err(Error::corrupted(format!("directory {}: htree too deep", dir.ino), pblk));
+            return Err(Error::corrupted(
+                format!("directory {}: htree too deep", dir.ino),
+                pblk,
+            ));
         }
         let hash = self.name_hash(info.hash_version, name)?;
         let co = DX_ROOT_INFO + 8;
@@ -241,7 +265,10 @@ impl Filesystem {
         for level in 0..=info.indirect_levels {
             let dx = parse_dx_entries(&cur, cur_co)
                 .map_err(|e| Error::corrupted(format!("directory {}: {e}", dir.ino), cur_pblk))?;
-            let at = dx.entries.partition_point(|&(h, _)| h <= hash).saturating_sub(1);
+            let at = dx
+                .entries
+                .partition_point(|&(h, _)| h <= hash)
+                .saturating_sub(1);
             let child = u64::from(dx.entries[at].1);
             if child >= nblocks || child == 0 {
                 return Err(Error::corrupted(
@@ -249,13 +276,21 @@ impl Filesystem {
                     cur_pblk,
                 ));
             }
-            frames.push(DxFrame { pblk: cur_pblk, data: cur, dx, at });
+            frames.push(DxFrame {
+                pblk: cur_pblk,
+                data: cur,
+                dx,
+                at,
+            });
             if level == info.indirect_levels {
                 break;
             }
             let (p, d) = self.read_dir_block(dir, child)?;
             if self.dx_count_offset(dir, child, &d) != Some(DX_NODE_COUNT) {
-                return Err(Error::corrupted(format!("directory {}: bad htree node", dir.ino), p));
+                return Err(Error::corrupted(
+                    format!("directory {}: bad htree node", dir.ino),
+                    p,
+                ));
             }
             cur_pblk = p;
             cur = d;
@@ -286,7 +321,12 @@ impl Filesystem {
             let (pb, d) = self.read_dir_block(dir, child)?;
             let dx = parse_dx_entries(&d, DX_NODE_COUNT)
                 .map_err(|e| Error::corrupted(format!("directory {}: {e}", dir.ino), pb))?;
-            frames[q] = DxFrame { pblk: pb, data: d, dx, at: 0 };
+            frames[q] = DxFrame {
+                pblk: pb,
+                data: d,
+                dx,
+                at: 0,
+            };
         }
         Ok(true)
     }
@@ -297,7 +337,13 @@ impl Filesystem {
         let mut prev = None;
         for e in entries {
             if e.inode != 0 && e.name == name {
-                return Ok(Some(Found { lblk, pblk, data, entry: e, prev }));
+                return Ok(Some(Found {
+                    lblk,
+                    pblk,
+                    data,
+                    entry: e,
+                    prev,
+                }));
             }
             prev = Some(e);
         }
@@ -336,7 +382,9 @@ impl Filesystem {
         let ents = parse_entries(&data, if has_tail(&data) { bs - TAIL_LEN } else { bs })
             .map_err(|e| Error::corrupted(format!("directory {}: {e}", dir.ino), pblk))?;
         match (ents.first(), ents.get(1)) {
-            (Some(d), Some(dd)) if d.name == b"." && dd.name == b".." => Ok((pblk, data, d.clone(), dd.clone())),
+            (Some(d), Some(dd)) if d.name == b"." && dd.name == b".." => {
+                Ok((pblk, data, d.clone(), dd.clone()))
+            }
             _ => Err(Error::corrupted(
                 format!("directory {} does not start with \".\" and \"..\"", dir.ino),
                 pblk,
@@ -359,7 +407,11 @@ impl Filesystem {
     }
 
     /// Look `name` up in directory inode `dir`.
-    pub(crate) fn dir_lookup(&mut self, dir: &Inode, name: &[u8]) -> Result<Option<(u32, FileType)>> {
+    pub(crate) fn dir_lookup(
+        &mut self,
+        dir: &Inode,
+        name: &[u8],
+    ) -> Result<Option<(u32, FileType)>> {
         if !dir.is_dir() {
             return Err(Error::NotDir);
         }
@@ -377,7 +429,13 @@ impl Filesystem {
     }
 
     /// Point an existing entry at a different inode.
-    pub(crate) fn dir_set(&mut self, dir: &Inode, name: &[u8], ino: u32, ft: FileType) -> Result<()> {
+    pub(crate) fn dir_set(
+        &mut self,
+        dir: &Inode,
+        name: &[u8],
+        ino: u32,
+        ft: FileType,
+    ) -> Result<()> {
         let Some(mut f) = self.find_entry(dir, name)? else {
             return Err(Error::NotFound);
         };
@@ -443,7 +501,13 @@ impl Filesystem {
 
     /// Add an entry. The name must not exist yet (callers look it up
     /// first). Writes the directory inode.
-    pub(crate) fn dir_add(&mut self, dir: &mut Inode, name: &[u8], ino: u32, ft: FileType) -> Result<()> {
+    pub(crate) fn dir_add(
+        &mut self,
+        dir: &mut Inode,
+        name: &[u8],
+        ino: u32,
+        ft: FileType,
+    ) -> Result<()> {
         check_name(name)?;
         let code = self.ft_code(ft);
         let indexed = self.is_indexed(dir) && self.sb.has_compat(compat::DIR_INDEX);
@@ -464,12 +528,16 @@ impl Filesystem {
         for lblk in 0..nblocks {
             let (pblk, mut data) = self.read_dir_block(dir, lblk)?;
             if leaf_insert(&mut data, usable, name, ino, code).map_err(|_| {
-                Error::corrupted(format!("directory {} block {lblk} is malformed", dir.ino), pblk)
+                Error::corrupted(
+                    format!("directory {} block {lblk} is malformed", dir.ino),
+                    pblk,
+                )
             })? {
                 return self.write_leaf_block(dir, pblk, &mut data);
             }
         }
-        if nblocks == 1 && self.sb.has_compat(compat::DIR_INDEX) && self.sb.def_hash_version() <= 2 {
+        if nblocks == 1 && self.sb.has_compat(compat::DIR_INDEX) && self.sb.def_hash_version() <= 2
+        {
             self.make_indexed(dir)?;
             return self.dx_add(dir, name, ino, code);
         }
@@ -534,10 +602,15 @@ impl Filesystem {
         let mut ents: Vec<(u32, Vec<u8>, u32, u8)> = Vec::new();
         for e in self.block_entries(&data, pblk)? {
             if e.inode != 0 {
-                ents.push((self.name_hash(version, &e.name)?, e.name, e.inode, e.file_type));
+                ents.push((
+                    self.name_hash(version, &e.name)?,
+                    e.name,
+                    e.inode,
+                    e.file_type,
+                ));
             }
         }
-        ents.sort_by(|a, b| a.0.cmp(&b.0));
+        ents.sort_by_key(|e| e.0);
         let total: usize = ents.iter().map(|e| entry_len(e.1.len())).sum();
         let mut acc = 0;
         let mut split = ents.len() / 2;
@@ -563,7 +636,10 @@ impl Filesystem {
         fill_leaf(&mut right, usable, &as_tuple(&ents[split..]));
         let target = if hash >= hash2 { &mut right } else { &mut left };
         if !leaf_insert(target, usable, name, ino, code)? {
-            return Err(Error::corrupted("directory leaf still full after a split", pblk));
+            return Err(Error::corrupted(
+                "directory leaf still full after a split",
+                pblk,
+            ));
         }
         self.write_leaf_block(dir, pblk, &mut left)?;
         self.write_leaf_block(dir, new_pblk, &mut right)?;
@@ -571,7 +647,14 @@ impl Filesystem {
         self.dx_insert_index(dir, &mut frames, level, hash2, new_lblk as u32)
     }
 
-    fn dx_insert_index(&mut self, dir: &mut Inode, frames: &mut Vec<DxFrame>, level: usize, hash: u32, blk: u32) -> Result<()> {
+    fn dx_insert_index(
+        &mut self,
+        dir: &mut Inode,
+        frames: &mut Vec<DxFrame>,
+        level: usize,
+        hash: u32,
+        blk: u32,
+    ) -> Result<()> {
         let bs = self.geo.block_size as usize;
         let csum = self.has_csum();
         if frames[level].dx.entries.len() < usize::from(frames[level].dx.limit) {
@@ -610,7 +693,15 @@ impl Filesystem {
             let mut rdata = std::mem::take(&mut root.data);
             self.write_dx_block(dir, rp, &mut rdata, rco)?;
             frames[0].data = rdata;
-            frames.insert(1, DxFrame { pblk: node_pblk, data: node, dx: node_dx, at: old_at });
+            frames.insert(
+                1,
+                DxFrame {
+                    pblk: node_pblk,
+                    data: node,
+                    dx: node_dx,
+                    at: old_at,
+                },
+            );
             self.write_inode(dir)?;
             return self.dx_insert_index(dir, frames, 1, hash, blk);
         }
@@ -648,7 +739,11 @@ impl Filesystem {
         let (_, pblk) = self.dir_append_block(dir)?;
         let mut data = vec![0u8; bs];
         let d = self.ft_code(FileType::Directory);
-        fill_leaf(&mut data, usable, &[(b".".to_vec(), dir.ino, d), (b"..".to_vec(), parent, d)]);
+        fill_leaf(
+            &mut data,
+            usable,
+            &[(b".".to_vec(), dir.ino, d), (b"..".to_vec(), parent, d)],
+        );
         self.write_leaf_block(dir, pblk, &mut data)
     }
 }

@@ -32,7 +32,12 @@ impl Filesystem {
 
     /// Read file data of `inode` at `offset` into `buf`; returns bytes read
     /// (short at end of file).
-    pub(crate) fn read_data(&mut self, inode: &Inode, offset: u64, buf: &mut [u8]) -> Result<usize> {
+    pub(crate) fn read_data(
+        &mut self,
+        inode: &Inode,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<usize> {
         let size = inode.size();
         if offset >= size || buf.is_empty() {
             return Ok(0);
@@ -49,7 +54,10 @@ impl Filesystem {
             let run_bytes = (n * bs - in_blk).min((len - done) as u64) as usize;
             let out = &mut buf[done..done + run_bytes];
             match m {
-                Mapping::Hole | Mapping::Mapped { unwritten: true, .. } => out.fill(0),
+                Mapping::Hole
+                | Mapping::Mapped {
+                    unwritten: true, ..
+                } => out.fill(0),
                 Mapping::Mapped { pblk, .. } => {
                     self.dev().read_at(pblk * bs + in_blk, out)?;
                 }
@@ -79,7 +87,14 @@ impl Filesystem {
         if in_blk == 0 {
             return Ok(());
         }
-        if let (Mapping::Mapped { pblk, unwritten: false }, _) = self.map_block(inode, size / bs, 1)? {
+        if let (
+            Mapping::Mapped {
+                pblk,
+                unwritten: false,
+            },
+            _,
+        ) = self.map_block(inode, size / bs, 1)?
+        {
             let zeros = vec![0u8; (bs - in_blk) as usize];
             self.dev().write_at(pblk * bs + in_blk, &zeros)?;
         }
@@ -99,7 +114,9 @@ impl Filesystem {
         if data.is_empty() {
             return Ok(0);
         }
-        let end = offset.checked_add(data.len() as u64).ok_or(Error::FileTooBig)?;
+        let end = offset
+            .checked_add(data.len() as u64)
+            .ok_or(Error::FileTooBig)?;
         if end > self.max_file_size(&inode) {
             return Err(Error::FileTooBig);
         }
@@ -116,7 +133,11 @@ impl Filesystem {
         while pos < end {
             let lblk = pos / bs;
             let (m, n) = self.map_block(&inode, lblk, last - lblk + 1)?;
-            let Mapping::Mapped { pblk, unwritten: false } = m else {
+            let Mapping::Mapped {
+                pblk,
+                unwritten: false,
+            } = m
+            else {
                 return Err(Error::corrupted(
                     format!("inode {ino}: block {lblk} unmapped right after allocation"),
                     0,
@@ -140,7 +161,8 @@ impl Filesystem {
                 buf[at..at + src.len()].copy_from_slice(src);
                 self.dev().write_at(pblk * bs, &buf)?;
             } else {
-                self.dev().write_at(pblk * bs + (data_from - run_start), src)?;
+                self.dev()
+                    .write_at(pblk * bs + (data_from - run_start), src)?;
             }
             pos = data_to;
         }

@@ -86,13 +86,19 @@ impl Filesystem {
     pub fn open(dev: Arc<dyn BlockDevice>, opts: OpenOptions) -> Result<Self> {
         let mut raw = [0u8; SUPERBLOCK_SIZE];
         if dev.size_bytes() < SUPERBLOCK_OFFSET + SUPERBLOCK_SIZE as u64 {
-            return Err(Error::corrupted("device is too small to hold a superblock", 0));
+            return Err(Error::corrupted(
+                "device is too small to hold a superblock",
+                0,
+            ));
         }
         dev.read_at(SUPERBLOCK_OFFSET, &mut raw)?;
         let sb = Superblock { raw };
         if sb.magic() != MAGIC {
             return Err(Error::corrupted(
-                format!("bad superblock magic {:#06x} (not an ext2/3/4 filesystem)", sb.magic()),
+                format!(
+                    "bad superblock magic {:#06x} (not an ext2/3/4 filesystem)",
+                    sb.magic()
+                ),
                 1,
             ));
         }
@@ -179,7 +185,9 @@ impl Filesystem {
     /// Validate the superblock's geometry before any layout math uses it.
     fn geometry(sb: &Superblock, dev_size: u64) -> Result<Geometry> {
         let bad = |what: &str| Error::corrupted(format!("superblock: {what}"), 1);
-        let block_size = sb.block_size().ok_or_else(|| bad("block size out of range"))?;
+        let block_size = sb
+            .block_size()
+            .ok_or_else(|| bad("block size out of range"))?;
         if sb.has_ro_compat(ro_compat::BIGALLOC) {
             return Err(Error::UnsupportedFeature(
                 "bigalloc (cluster allocation) is not supported".into(),
@@ -271,7 +279,14 @@ impl Filesystem {
         geo.first_data_block + u64::from(g) * u64::from(geo.blocks_per_group) + has_sb
     }
 
-    fn check_group_desc(sb: &Superblock, geo: &Geometry, seed: u32, g: u32, gd: &GroupDesc, blk: u64) -> Result<()> {
+    fn check_group_desc(
+        sb: &Superblock,
+        geo: &Geometry,
+        seed: u32,
+        g: u32,
+        gd: &GroupDesc,
+        blk: u64,
+    ) -> Result<()> {
         let meta = sb.metadata_csum();
         if meta || sb.has_ro_compat(ro_compat::GDT_CSUM) {
             let c = gd.compute_checksum(g, meta, seed, &sb.uuid());
@@ -283,8 +298,8 @@ impl Filesystem {
             }
         }
         let in_fs = |b: u64| b >= geo.first_data_block && b < geo.blocks_count;
-        let itable_blocks =
-            (u64::from(geo.inodes_per_group) * u64::from(geo.inode_size)).div_ceil(u64::from(geo.block_size));
+        let itable_blocks = (u64::from(geo.inodes_per_group) * u64::from(geo.inode_size))
+            .div_ceil(u64::from(geo.block_size));
         if !in_fs(gd.block_bitmap())
             || !in_fs(gd.inode_bitmap())
             || !in_fs(gd.inode_table())
@@ -317,6 +332,10 @@ impl Filesystem {
     }
     pub fn group_desc(&self, g: u32) -> Option<&GroupDesc> {
         self.groups.get(g as usize)
+    }
+    /// Metadata buffer cache (hits, misses) since open.
+    pub fn cache_stats(&self) -> (u64, u64) {
+        self.cache.stats()
     }
     /// Why the filesystem is read-only, if it is.
     pub fn read_only_reason(&self) -> Option<&str> {
@@ -373,7 +392,10 @@ impl Filesystem {
 
     fn inode_location(&self, ino: u32) -> Result<(u64, usize)> {
         if ino == 0 || ino > self.geo.inodes_count {
-            return Err(Error::corrupted(format!("inode number {ino} out of range"), 0));
+            return Err(Error::corrupted(
+                format!("inode number {ino} out of range"),
+                0,
+            ));
         }
         let g = (ino - 1) / self.geo.inodes_per_group;
         let idx = (ino - 1) % self.geo.inodes_per_group;
@@ -399,7 +421,10 @@ impl Filesystem {
         let (blk, off) = self.inode_location(ino)?;
         let isz = self.geo.inode_size as usize;
         if self.inode_slot_uninit(ino) {
-            return Ok(Inode { ino, raw: vec![0; isz] });
+            return Ok(Inode {
+                ino,
+                raw: vec![0; isz],
+            });
         }
         let b = self.cache.read(blk)?;
         let inode = Inode {
@@ -407,8 +432,11 @@ impl Filesystem {
             raw: b[off..off + isz].to_vec(),
         };
         if self.has_csum() && !inode.is_all_zero() {
-            if inode.extra_isize() + 128 > isz || inode.extra_isize() % 4 != 0 {
-                return Err(Error::corrupted(format!("inode {ino} has a bad i_extra_isize"), blk));
+            if inode.extra_isize() + 128 > isz || !inode.extra_isize().is_multiple_of(4) {
+                return Err(Error::corrupted(
+                    format!("inode {ino} has a bad i_extra_isize"),
+                    blk,
+                ));
             }
             if inode.compute_checksum(self.csum_seed) != inode.stored_checksum() {
                 return Err(Error::BadChecksum {
@@ -428,7 +456,11 @@ impl Filesystem {
             inode.update_checksum(self.csum_seed);
         }
         let isz = self.geo.inode_size as usize;
-        assert_eq!(inode.raw.len(), isz, "inode buffer has the filesystem's inode size");
+        assert_eq!(
+            inode.raw.len(),
+            isz,
+            "inode buffer has the filesystem's inode size"
+        );
         let b = self.cache.modify(blk)?;
         b[off..off + isz].copy_from_slice(&inode.raw);
         Ok(())
@@ -439,7 +471,8 @@ impl Filesystem {
     pub(crate) fn mark_group_dirty(&mut self, g: u32) {
         let gd = &mut self.groups[g as usize];
         if self.sb.metadata_csum() || self.sb.has_ro_compat(ro_compat::GDT_CSUM) {
-            let c = gd.compute_checksum(g, self.sb.metadata_csum(), self.csum_seed, &self.sb.uuid());
+            let c =
+                gd.compute_checksum(g, self.sb.metadata_csum(), self.csum_seed, &self.sb.uuid());
             gd.set_checksum(c);
         }
         self.gdt_dirty = true;
@@ -453,7 +486,9 @@ impl Filesystem {
             let blk = Self::gdt_block_location(&self.sb, &self.geo, i);
             let first = i * dpb;
             let last = (first + dpb).min(self.geo.group_count);
-            let descs: Vec<Vec<u8>> = (first..last).map(|g| self.groups[g as usize].raw.clone()).collect();
+            let descs: Vec<Vec<u8>> = (first..last)
+                .map(|g| self.groups[g as usize].raw.clone())
+                .collect();
             let b = self.cache.modify(blk)?;
             for (k, d) in descs.iter().enumerate() {
                 b[k * ds..(k + 1) * ds].copy_from_slice(d);
@@ -511,7 +546,7 @@ pub fn has_super(sb: &Superblock, g: u32) -> bool {
     if g <= 1 || !sb.has_ro_compat(ro_compat::SPARSE_SUPER) {
         return true;
     }
-    if g % 2 == 0 {
+    if g.is_multiple_of(2) {
         return false;
     }
     for base in [3u32, 5, 7] {

@@ -119,7 +119,11 @@ fn random_bytes() -> [u8; 16] {
     let t = Timespec::now();
     let x = (t.sec as u64) ^ (u64::from(t.nsec) << 20) ^ (&b as *const _ as u64);
     b[..8].copy_from_slice(&x.to_le_bytes());
-    b[8..].copy_from_slice(&x.rotate_left(29).wrapping_mul(0x9E37_79B9_7F4A_7C15).to_le_bytes());
+    b[8..].copy_from_slice(
+        &x.rotate_left(29)
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            .to_le_bytes(),
+    );
     b
 }
 
@@ -152,7 +156,10 @@ pub fn mkfs_path(path: &Path, size_bytes: Option<u64>, opts: &MkfsOptions) -> Re
     let dev: Arc<dyn BlockDevice> = match size_bytes {
         Some(size) => {
             let existed = path.exists();
-            let is_file = !existed || std::fs::metadata(path).map(|m| m.is_file()).unwrap_or(false);
+            let is_file = !existed
+                || std::fs::metadata(path)
+                    .map(|m| m.is_file())
+                    .unwrap_or(false);
             if is_file {
                 // A new or truncated file reads as zeros.
                 opts.device_zeroed = true;
@@ -196,7 +203,9 @@ pub fn mkfs(dev: Arc<dyn BlockDevice>, size_bytes: u64, opts: &MkfsOptions) -> R
     };
     let bs = opts.block_size.unwrap_or(class_bs);
     if !bs.is_power_of_two() || !(1024..=65536).contains(&bs) {
-        return Err(Error::Invalid(format!("block size {bs} (must be a power of two from 1024 to 65536)")));
+        return Err(Error::Invalid(format!(
+            "block size {bs} (must be a power of two from 1024 to 65536)"
+        )));
     }
     let inode_ratio = opts.inode_ratio.unwrap_or(class_ratio).max(bs);
     let inode_size = u32::from(opts.inode_size.unwrap_or(256));
@@ -219,14 +228,18 @@ pub fn mkfs(dev: Arc<dyn BlockDevice>, size_bytes: u64, opts: &MkfsOptions) -> R
     // Groups and inodes; drop a last group too small for its metadata.
     let (groups, ipg) = loop {
         if blocks < fdb + 64 {
-            return Err(Error::Invalid(format!("{size_bytes} bytes is too small for a filesystem")));
+            return Err(Error::Invalid(format!(
+                "{size_bytes} bytes is too small for a filesystem"
+            )));
         }
         let groups = (blocks - fdb).div_ceil(u64::from(bpg));
-        let groups32 = u32::try_from(groups).map_err(|_| Error::Invalid("too many groups".into()))?;
+        let groups32 =
+            u32::try_from(groups).map_err(|_| Error::Invalid("too many groups".into()))?;
         let total_inodes = (size_bytes / u64::from(inode_ratio)).max(16);
         let mut ipg = total_inodes.div_ceil(groups).max(16) as u32;
-        let align = 8u32.max(ipb) / 8u32.min(ipb).max(1) * 8u32.min(ipb).max(1);
-        let align = if align % 8 == 0 && align % ipb == 0 { align } else { 8 * ipb };
+        // Whole inode-table blocks and a multiple of 8 (bitmap bytes); both
+        // are powers of two, so the larger is their common multiple.
+        let align = 8u32.max(ipb);
         ipg = ipg.div_ceil(align) * align;
         ipg = ipg.min(bs * 8).min(65536 - ipb);
         if u64::from(ipg) * groups > u64::from(u32::MAX) {
@@ -245,13 +258,20 @@ pub fn mkfs(dev: Arc<dyn BlockDevice>, size_bytes: u64, opts: &MkfsOptions) -> R
     let mut f_compat = compat::EXT_ATTR | compat::DIR_INDEX;
     let mut f_incompat = incompat::FILETYPE;
     let mut f_ro = ro_compat::SPARSE_SUPER | ro_compat::LARGE_FILE;
-    let jblocks = if journal { default_journal_blocks(blocks) } else { None };
+    let jblocks = if journal {
+        default_journal_blocks(blocks)
+    } else {
+        None
+    };
     if jblocks.is_some() {
         f_compat |= compat::HAS_JOURNAL;
     }
     if ext4 {
         f_incompat |= incompat::EXTENTS | incompat::BIT64 | incompat::FLEX_BG;
-        f_ro |= ro_compat::HUGE_FILE | ro_compat::DIR_NLINK | ro_compat::EXTRA_ISIZE | ro_compat::METADATA_CSUM;
+        f_ro |= ro_compat::HUGE_FILE
+            | ro_compat::DIR_NLINK
+            | ro_compat::EXTRA_ISIZE
+            | ro_compat::METADATA_CSUM;
     }
     let resize = blocks < (1u64 << 32) - 1;
     if resize {
@@ -263,7 +283,11 @@ pub fn mkfs(dev: Arc<dyn BlockDevice>, size_bytes: u64, opts: &MkfsOptions) -> R
     let desc_size: u32 = if ext4 { 64 } else { 32 };
     let gdt_blocks = groups.div_ceil(bs / desc_size);
     let rsv_gdt: u32 = if resize {
-        let max_blocks = if blocks < u64::from(u32::MAX) / 1024 { blocks * 1024 } else { u64::from(u32::MAX) };
+        let max_blocks = if blocks < u64::from(u32::MAX) / 1024 {
+            blocks * 1024
+        } else {
+            u64::from(u32::MAX)
+        };
         let rsv_groups = (max_blocks - fdb).div_ceil(u64::from(bpg));
         let want = rsv_groups.div_ceil(u64::from(bs / desc_size)) as i64 - i64::from(gdt_blocks);
         want.clamp(0, i64::from(bs / 4)) as u32
@@ -294,7 +318,14 @@ pub fn mkfs(dev: Arc<dyn BlockDevice>, size_bytes: u64, opts: &MkfsOptions) -> R
     sb.set_volume_name(opts.label.as_bytes());
     sb.set_reserved_gdt_blocks(rsv_gdt as u16);
     let seed = random_bytes();
-    sb.set_hash_seed([0, 1, 2, 3].map(|i| u32::from_le_bytes([seed[4 * i], seed[4 * i + 1], seed[4 * i + 2], seed[4 * i + 3]])));
+    sb.set_hash_seed([0, 1, 2, 3].map(|i| {
+        u32::from_le_bytes([
+            seed[4 * i],
+            seed[4 * i + 1],
+            seed[4 * i + 2],
+            seed[4 * i + 3],
+        ])
+    }));
     sb.set_def_hash_version(crate::format::hash::HALF_MD4);
     sb.set_flags(FLAG_SIGNED_HASH);
     if ext4 {
@@ -319,7 +350,9 @@ pub fn mkfs(dev: Arc<dyn BlockDevice>, size_bytes: u64, opts: &MkfsOptions) -> R
         if has_super(&sb, g) {
             let n = 1 + u64::from(gdt_blocks) + u64::from(rsv_gdt);
             if n > group_len(g) {
-                return Err(Error::Invalid("filesystem too small for its group descriptors".into()));
+                return Err(Error::Invalid(
+                    "filesystem too small for its group descriptors".into(),
+                ));
             }
             for b in group_start(g)..group_start(g) + n {
                 used[b as usize] = true;
@@ -333,7 +366,9 @@ pub fn mkfs(dev: Arc<dyn BlockDevice>, size_bytes: u64, opts: &MkfsOptions) -> R
         loop {
             if start + len > n {
                 if wrapped {
-                    return Err(Error::Invalid("filesystem too small for its metadata".into()));
+                    return Err(Error::Invalid(
+                        "filesystem too small for its metadata".into(),
+                    ));
                 }
                 wrapped = true;
                 start = fdb;
@@ -351,7 +386,9 @@ pub fn mkfs(dev: Arc<dyn BlockDevice>, size_bytes: u64, opts: &MkfsOptions) -> R
         }
     };
     let itb = itable_for(ipg);
-    let mut gds: Vec<GroupDesc> = (0..groups).map(|_| GroupDesc::new(desc_size as usize)).collect();
+    let mut gds: Vec<GroupDesc> = (0..groups)
+        .map(|_| GroupDesc::new(desc_size as usize))
+        .collect();
     if ext4 {
         let flex = 16u32;
         for f in (0..groups).step_by(flex as usize) {
@@ -383,7 +420,9 @@ pub fn mkfs(dev: Arc<dyn BlockDevice>, size_bytes: u64, opts: &MkfsOptions) -> R
             let i = alloc_run(&mut used, b + 1, 1)?;
             let t = alloc_run(&mut used, i + 1, itb)?;
             if t + itb > gs + group_len(g) {
-                return Err(Error::Invalid("filesystem too small: inode table does not fit its group".into()));
+                return Err(Error::Invalid(
+                    "filesystem too small: inode table does not fit its group".into(),
+                ));
             }
             gds[g as usize].set_block_bitmap(b);
             gds[g as usize].set_inode_bitmap(i);
@@ -432,8 +471,14 @@ pub fn mkfs(dev: Arc<dyn BlockDevice>, size_bytes: u64, opts: &MkfsOptions) -> R
         gd.set_free_inodes(ipg - reserved_inodes as u32);
         gd.set_used_dirs(0);
         if csum {
-            gd.set_block_bitmap_csum(crate::format::group::bitmap_csum(gdt_csum_seed, &bb[..(bpg / 8) as usize]));
-            gd.set_inode_bitmap_csum(crate::format::group::bitmap_csum(gdt_csum_seed, &ib[..(ipg / 8) as usize]));
+            gd.set_block_bitmap_csum(crate::format::group::bitmap_csum(
+                gdt_csum_seed,
+                &bb[..(bpg / 8) as usize],
+            ));
+            gd.set_inode_bitmap_csum(crate::format::group::bitmap_csum(
+                gdt_csum_seed,
+                &ib[..(ipg / 8) as usize],
+            ));
             let mut flags = 0;
             if g != 0 {
                 flags |= BG_INODE_UNINIT;
@@ -467,10 +512,18 @@ pub fn mkfs(dev: Arc<dyn BlockDevice>, size_bytes: u64, opts: &MkfsOptions) -> R
         let mut dbuf = vec![0u8; bs as usize];
         for j in 0..rsv_gdt {
             let pblk = fdb + 1 + u64::from(gdt_blocks) + u64::from(j);
-            put32(&mut dbuf, ((gdt_blocks + j) as usize % apb) * 4, pblk as u32);
+            put32(
+                &mut dbuf,
+                ((gdt_blocks + j) as usize % apb) * 4,
+                pblk as u32,
+            );
             let mut ind = vec![0u8; bs as usize];
             for (k, &g) in backup_groups.iter().enumerate() {
-                put32(&mut ind, k * 4, (pblk + u64::from(g) * u64::from(bpg)) as u32);
+                put32(
+                    &mut ind,
+                    k * 4,
+                    (pblk + u64::from(g) * u64::from(bpg)) as u32,
+                );
             }
             dev.write_at(pblk * bsz, &ind)?;
             for &g in &backup_groups {
@@ -478,7 +531,11 @@ pub fn mkfs(dev: Arc<dyn BlockDevice>, size_bytes: u64, opts: &MkfsOptions) -> R
             }
         }
         dev.write_at(dind * bsz, &dbuf)?;
-        let extra = if inode_size > 128 { 32.min(inode_size as u16 - 128) } else { 0 };
+        let extra = if inode_size > 128 {
+            32.min(inode_size as u16 - 128)
+        } else {
+            0
+        };
         let mut ri = Inode::new(RESIZE_INO, inode_size as usize, extra);
         ri.set_mode(S_IFREG | 0o600);
         ri.set_links(1);
@@ -553,7 +610,11 @@ impl Filesystem {
     /// Initialise inode 2 as the root directory (mkfs only: the inode is
     /// reserved, not allocated).
     fn make_root(&mut self, owner: Owner) -> Result<()> {
-        let mut root = Inode::new(ROOT_INO, self.geo.inode_size as usize, 32.min(self.geo.inode_size.saturating_sub(128)) as u16);
+        let mut root = Inode::new(
+            ROOT_INO,
+            self.geo.inode_size as usize,
+            32.min(self.geo.inode_size.saturating_sub(128)) as u16,
+        );
         root.set_mode(S_IFDIR | 0o755);
         root.set_uid(owner.uid);
         root.set_gid(owner.gid);
@@ -566,7 +627,11 @@ impl Filesystem {
         if self.sb.has_incompat(incompat::EXTENTS) {
             root.set_flags(crate::format::inode::FL_EXTENTS);
             let mut r = [0u8; 60];
-            crate::format::extent::write_node(&mut r, 4, &crate::format::extent::Node::Leaf(vec![]));
+            crate::format::extent::write_node(
+                &mut r,
+                4,
+                &crate::format::extent::Node::Leaf(vec![]),
+            );
             root.i_block_mut().copy_from_slice(&r);
         }
         self.dir_init(&mut root, ROOT_INO)?;
@@ -603,9 +668,14 @@ impl Filesystem {
     }
 
     /// Create the internal journal (inode 8) with an empty jbd2 superblock.
+    #[allow(clippy::big_endian_bytes)] // jbd2's on-disk format is big-endian
     fn make_journal(&mut self, jblocks: u32, zeroed: bool) -> Result<()> {
         let bs = u64::from(self.geo.block_size);
-        let mut j = Inode::new(JOURNAL_INO, self.geo.inode_size as usize, 32.min(self.geo.inode_size.saturating_sub(128)) as u16);
+        let mut j = Inode::new(
+            JOURNAL_INO,
+            self.geo.inode_size as usize,
+            32.min(self.geo.inode_size.saturating_sub(128)) as u16,
+        );
         j.set_mode(S_IFREG | 0o600);
         j.set_links(1);
         let now = Timespec::now();
@@ -615,7 +685,11 @@ impl Filesystem {
         if self.sb.has_incompat(incompat::EXTENTS) {
             j.set_flags(crate::format::inode::FL_EXTENTS);
             let mut r = [0u8; 60];
-            crate::format::extent::write_node(&mut r, 4, &crate::format::extent::Node::Leaf(vec![]));
+            crate::format::extent::write_node(
+                &mut r,
+                4,
+                &crate::format::extent::Node::Leaf(vec![]),
+            );
             j.i_block_mut().copy_from_slice(&r);
             // Like mke2fs: start in the middle of the filesystem, at a flex
             // group boundary.
@@ -627,7 +701,15 @@ impl Filesystem {
             while lblk < jblocks {
                 let want = (jblocks - lblk).min(MAX_INIT_LEN);
                 let (p, n) = self.alloc_blocks(goal, want)?;
-                crate::bmap::insert_extent(&mut list, Extent { lblk, len: n, pblk: p, unwritten: false });
+                crate::bmap::insert_extent(
+                    &mut list,
+                    Extent {
+                        lblk,
+                        len: n,
+                        pblk: p,
+                        unwritten: false,
+                    },
+                );
                 lblk += n;
                 goal = p + u64::from(n);
             }
@@ -639,7 +721,8 @@ impl Filesystem {
         j.set_size(u64::from(jblocks) * bs);
         // jbd2 superblock (big-endian).
         let mut jsb = vec![0u8; bs as usize];
-        let be = |b: &mut [u8], off: usize, v: u32| b[off..off + 4].copy_from_slice(&v.to_be_bytes());
+        let be =
+            |b: &mut [u8], off: usize, v: u32| b[off..off + 4].copy_from_slice(&v.to_be_bytes());
         be(&mut jsb, 0x0, 0xC03B_3998);
         be(&mut jsb, 0x4, 4);
         be(&mut jsb, 0xC, bs as u32);
@@ -663,7 +746,8 @@ impl Filesystem {
                 let mut b = skip;
                 while b < n {
                     let k = (n - b).min(256);
-                    self.dev().write_at((pblk + b) * bs, &zeros[..(k * bs) as usize])?;
+                    self.dev()
+                        .write_at((pblk + b) * bs, &zeros[..(k * bs) as usize])?;
                     b += k;
                 }
             }

@@ -100,7 +100,13 @@ impl Filesystem {
     }
 
     /// Allocate and initialise a new inode (links 0; the caller sets them).
-    fn new_inode(&mut self, parent: &Inode, mode: u16, owner: Owner, rdev: (u32, u32)) -> Result<Inode> {
+    fn new_inode(
+        &mut self,
+        parent: &Inode,
+        mode: u16,
+        owner: Owner,
+        rdev: (u32, u32),
+    ) -> Result<Inode> {
         let is_dir = mode & S_IFMT == S_IFDIR;
         let ino = self.alloc_inode(parent.ino, is_dir)?;
         let mut inode = Inode::new(ino, self.geo.inode_size as usize, self.extra_isize());
@@ -124,7 +130,9 @@ impl Filesystem {
         let generation = self.next_generation();
         inode.set_generation(generation);
         let ft = FileType::from_mode(mode);
-        if matches!(ft, FileType::Regular | FileType::Directory) && self.sb.has_incompat(incompat::EXTENTS) {
+        if matches!(ft, FileType::Regular | FileType::Directory)
+            && self.sb.has_incompat(incompat::EXTENTS)
+        {
             self.init_extent_root(&mut inode);
         }
         if matches!(ft, FileType::CharDev | FileType::BlockDev) {
@@ -155,7 +163,9 @@ impl Filesystem {
     /// Look `name` up in directory `parent`.
     pub fn lookup(&mut self, parent: u32, name: &[u8]) -> Result<u32> {
         let dir = self.dir_inode(parent)?;
-        self.dir_lookup(&dir, name)?.map(|(i, _)| i).ok_or(Error::NotFound)
+        self.dir_lookup(&dir, name)?
+            .map(|(i, _)| i)
+            .ok_or(Error::NotFound)
     }
 
     /// Resolve an absolute path. Symlinks in the middle are followed; the
@@ -169,12 +179,25 @@ impl Filesystem {
         self.resolve_at(ROOT_INO, path.as_bytes(), true, 0)
     }
 
-    fn resolve_at(&mut self, start: u32, path: &[u8], follow_last: bool, depth: usize) -> Result<u32> {
+    fn resolve_at(
+        &mut self,
+        start: u32,
+        path: &[u8],
+        follow_last: bool,
+        depth: usize,
+    ) -> Result<u32> {
         if depth > SYMLOOP_MAX {
             return Err(Error::Invalid("too many levels of symbolic links".into()));
         }
-        let mut cur = if path.first() == Some(&b'/') { ROOT_INO } else { start };
-        let comps: Vec<&[u8]> = path.split(|&c| c == b'/').filter(|c| !c.is_empty() && *c != b".").collect();
+        let mut cur = if path.first() == Some(&b'/') {
+            ROOT_INO
+        } else {
+            start
+        };
+        let comps: Vec<&[u8]> = path
+            .split(|&c| c == b'/')
+            .filter(|c| !c.is_empty() && *c != b".")
+            .collect();
         for (i, comp) in comps.iter().enumerate() {
             let parent = cur;
             cur = self.lookup(cur, comp)?;
@@ -222,7 +245,11 @@ impl Filesystem {
             mtime: i.mtime(),
             ctime: i.ctime(),
             crtime: i.crtime(),
-            rdev: if matches!(ft, FileType::CharDev | FileType::BlockDev) { i.rdev() } else { (0, 0) },
+            rdev: if matches!(ft, FileType::CharDev | FileType::BlockDev) {
+                i.rdev()
+            } else {
+                (0, 0)
+            },
             flags: i.flags(),
             generation: i.generation(),
         })
@@ -238,14 +265,30 @@ impl Filesystem {
 
     /// Create a non-directory node (regular file, fifo, socket, device).
     /// `mode` includes the file type bits; a missing type means regular.
-    pub fn mknod(&mut self, parent: u32, name: &[u8], mode: u16, rdev: (u32, u32), owner: Owner) -> Result<u32> {
+    pub fn mknod(
+        &mut self,
+        parent: u32,
+        name: &[u8],
+        mode: u16,
+        rdev: (u32, u32),
+        owner: Owner,
+    ) -> Result<u32> {
         self.check_writable()?;
         let mut dir = self.dir_inode(parent)?;
         self.check_new_name(&dir, name)?;
-        let mode = if mode & S_IFMT == 0 { mode | S_IFREG } else { mode };
+        let mode = if mode & S_IFMT == 0 {
+            mode | S_IFREG
+        } else {
+            mode
+        };
         let ft = FileType::from_mode(mode);
-        if matches!(ft, FileType::Directory | FileType::Symlink | FileType::Unknown) {
-            return Err(Error::Invalid("mknod makes files, fifos, sockets and devices".into()));
+        if matches!(
+            ft,
+            FileType::Directory | FileType::Symlink | FileType::Unknown
+        ) {
+            return Err(Error::Invalid(
+                "mknod makes files, fifos, sockets and devices".into(),
+            ));
         }
         let mut inode = self.new_inode(&dir, mode, owner, rdev)?;
         inode.set_links(1);
@@ -310,7 +353,13 @@ impl Filesystem {
     }
 
     /// Create a symbolic link to `target`.
-    pub fn symlink(&mut self, parent: u32, name: &[u8], target: &[u8], owner: Owner) -> Result<u32> {
+    pub fn symlink(
+        &mut self,
+        parent: u32,
+        name: &[u8],
+        target: &[u8],
+        owner: Owner,
+    ) -> Result<u32> {
         self.check_writable()?;
         let bs = self.geo.block_size as usize;
         if target.is_empty() {
@@ -352,7 +401,11 @@ impl Filesystem {
 
     fn is_fast_symlink(&self, inode: &Inode) -> bool {
         let huge = self.sb.has_ro_compat(ro_compat::HUGE_FILE);
-        let ea = if inode.file_acl() != 0 { u64::from(self.geo.block_size / 512) } else { 0 };
+        let ea = if inode.file_acl() != 0 {
+            u64::from(self.geo.block_size / 512)
+        } else {
+            0
+        };
         inode.is_symlink() && inode.blocks_512(huge, self.geo.block_size) == ea
     }
 
@@ -372,11 +425,18 @@ impl Filesystem {
                 .ok_or_else(|| Error::corrupted(format!("fast symlink {ino} is too long"), 0));
         }
         if size > bs {
-            return Err(Error::corrupted(format!("symlink {ino} is longer than a block"), 0));
+            return Err(Error::corrupted(
+                format!("symlink {ino} is longer than a block"),
+                0,
+            ));
         }
         match self.map_block(&inode, 0, 1)?.0 {
-            crate::bmap::Mapping::Mapped { pblk, .. } => Ok(self.cache.read(pblk)?[..size].to_vec()),
-            crate::bmap::Mapping::Hole => Err(Error::corrupted(format!("symlink {ino} has no block"), 0)),
+            crate::bmap::Mapping::Mapped { pblk, .. } => {
+                Ok(self.cache.read(pblk)?[..size].to_vec())
+            }
+            crate::bmap::Mapping::Hole => {
+                Err(Error::corrupted(format!("symlink {ino} has no block"), 0))
+            }
         }
     }
 
@@ -385,7 +445,9 @@ impl Filesystem {
         self.check_writable()?;
         let mut inode = self.read_inode(ino)?;
         if inode.is_dir() {
-            return Err(Error::Invalid("hard links to directories are not allowed".into()));
+            return Err(Error::Invalid(
+                "hard links to directories are not allowed".into(),
+            ));
         }
         if inode.links() >= LINK_MAX {
             return Err(Error::TooManyLinks);
@@ -502,14 +564,26 @@ impl Filesystem {
             }
             cur = self.lookup(cur, b"..")?;
         }
-        Err(Error::corrupted("directory tree has a loop through \"..\"", 0))
+        Err(Error::corrupted(
+            "directory tree has a loop through \"..\"",
+            0,
+        ))
     }
 
     /// Rename `parent/name` to `new_parent/new_name` (renameat2 semantics).
-    pub fn rename(&mut self, parent: u32, name: &[u8], new_parent: u32, new_name: &[u8], flags: RenameFlags) -> Result<()> {
+    pub fn rename(
+        &mut self,
+        parent: u32,
+        name: &[u8],
+        new_parent: u32,
+        new_name: &[u8],
+        flags: RenameFlags,
+    ) -> Result<()> {
         self.check_writable()?;
         if flags.noreplace && flags.exchange {
-            return Err(Error::Invalid("RENAME_NOREPLACE and RENAME_EXCHANGE together".into()));
+            return Err(Error::Invalid(
+                "RENAME_NOREPLACE and RENAME_EXCHANGE together".into(),
+            ));
         }
         if name == b"." || name == b".." || new_name == b"." || new_name == b".." {
             return Err(Error::Invalid("cannot rename \".\" or \"..\"".into()));
@@ -584,7 +658,17 @@ impl Filesystem {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn rename_exchange(&mut self, parent: u32, name: &[u8], sino: u32, sft: FileType, new_parent: u32, new_name: &[u8], tino: u32, tft: FileType) -> Result<()> {
+    fn rename_exchange(
+        &mut self,
+        parent: u32,
+        name: &[u8],
+        sino: u32,
+        sft: FileType,
+        new_parent: u32,
+        new_name: &[u8],
+        tino: u32,
+        tft: FileType,
+    ) -> Result<()> {
         let s_dir = sft == FileType::Directory || self.read_inode(sino)?.is_dir();
         let t_dir = tft == FileType::Directory || self.read_inode(tino)?.is_dir();
         if parent != new_parent {
@@ -601,7 +685,11 @@ impl Filesystem {
         self.dir_set(&ddir, new_name, sino, sft)?;
         if parent != new_parent && s_dir != t_dir {
             // One directory moves each way at most; fix ".." and counts.
-            let (to_new, to_old) = if s_dir { (new_parent, parent) } else { (parent, new_parent) };
+            let (to_new, to_old) = if s_dir {
+                (new_parent, parent)
+            } else {
+                (parent, new_parent)
+            };
             let mut gain = self.read_inode(to_new)?;
             self.inc_dir_links(&mut gain)?;
             self.write_inode(&mut gain)?;

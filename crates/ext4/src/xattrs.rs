@@ -44,7 +44,10 @@ impl Filesystem {
         self.check_block(blk, &format!("inode {} xattr block", inode.ino), 0)?;
         let data = self.cache.read(blk)?.to_vec();
         if get32(&data, 0) != Some(MAGIC) || get32(&data, 8) != Some(1) {
-            return Err(Error::corrupted(format!("inode {}: bad xattr block header", inode.ino), blk));
+            return Err(Error::corrupted(
+                format!("inode {}: bad xattr block header", inode.ino),
+                blk,
+            ));
         }
         if self.has_csum() && block_csum(self.csum_seed, blk, &data) != block_csum_stored(&data) {
             return Err(Error::BadChecksum {
@@ -77,11 +80,21 @@ impl Filesystem {
     /// Full names of every attribute of inode `ino`.
     pub fn list_xattr(&mut self, ino: u32) -> Result<Vec<Vec<u8>>> {
         let inode = self.read_inode(ino)?;
-        Ok(self.all_xattrs(&inode)?.iter().map(Xattr::full_name).collect())
+        Ok(self
+            .all_xattrs(&inode)?
+            .iter()
+            .map(Xattr::full_name)
+            .collect())
     }
 
     /// Set attribute `name` of inode `ino` to `value`.
-    pub fn set_xattr(&mut self, ino: u32, name: &[u8], value: &[u8], mode: XattrMode) -> Result<()> {
+    pub fn set_xattr(
+        &mut self,
+        ino: u32,
+        name: &[u8],
+        value: &[u8],
+        mode: XattrMode,
+    ) -> Result<()> {
         self.check_writable()?;
         let (index, suffix) = Xattr::split_name(name)
             .ok_or_else(|| Error::Unsupported("extended attribute namespace".into()))?;
@@ -90,13 +103,19 @@ impl Filesystem {
         }
         let mut inode = self.read_inode(ino)?;
         let mut attrs = self.all_xattrs(&inode)?;
-        let pos = attrs.iter().position(|x| x.index == index && x.name == suffix);
+        let pos = attrs
+            .iter()
+            .position(|x| x.index == index && x.name == suffix);
         match (pos, mode) {
             (Some(_), XattrMode::Create) => return Err(Error::Exists),
             (None, XattrMode::Replace) => return Err(Error::NoAttr),
             _ => {}
         }
-        let new = Xattr { index, name: suffix, value: value.to_vec() };
+        let new = Xattr {
+            index,
+            name: suffix,
+            value: value.to_vec(),
+        };
         match pos {
             Some(i) => attrs[i] = new,
             None => attrs.push(new),

@@ -128,7 +128,9 @@ pub fn e2fsck(img: &Path) -> Result<(), String> {
 
 /// Run a command, panicking with its output if it fails.
 pub fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
     assert!(
         out.status.success(),
         "{cmd:?} failed: {}{}",
@@ -190,7 +192,11 @@ pub fn make_tree(root: &Path, seed: u64, nfiles: usize) -> usize {
     let big = root.join("many");
     fs::create_dir(&big).unwrap();
     for i in 0..nfiles {
-        let dir = if i % 2 == 0 { big.clone() } else { dirs[rng.below(dirs.len() as u64) as usize].clone() };
+        let dir = if i % 2 == 0 {
+            big.clone()
+        } else {
+            dirs[rng.below(dirs.len() as u64) as usize].clone()
+        };
         let name = format!("file-{i:05}-{}", "x".repeat(rng.below(40) as usize));
         let p = dir.join(&name);
         let size = match rng.below(10) {
@@ -219,7 +225,8 @@ pub fn make_tree(root: &Path, seed: u64, nfiles: usize) -> usize {
         let f = fs::File::create(&huge).unwrap();
         use std::os::unix::fs::FileExt;
         f.write_all_at(b"head", 0).unwrap();
-        f.write_all_at(b"past four gibibytes", (4u64 << 30) + 12345).unwrap();
+        f.write_all_at(b"past four gibibytes", (4u64 << 30) + 12345)
+            .unwrap();
         f.set_len((5u64 << 30) + 1).unwrap();
     }
     count += 2;
@@ -253,11 +260,17 @@ pub fn make_tree(root: &Path, seed: u64, nfiles: usize) -> usize {
     let root_user = is_root();
     for (i, f) in files.iter().enumerate() {
         if root_user && i % 5 == 0 {
-            std::os::unix::fs::lchown(f, Some(1000 + i as u32 % 7), Some(100 + i as u32 % 3)).unwrap();
+            std::os::unix::fs::lchown(f, Some(1000 + i as u32 % 7), Some(100 + i as u32 % 3))
+                .unwrap();
         }
-        let t = std::time::UNIX_EPOCH + std::time::Duration::new(1_600_000_000 + rng.below(100_000_000), rng.below(1_000_000_000) as u32);
+        let t = std::time::UNIX_EPOCH
+            + std::time::Duration::new(
+                1_600_000_000 + rng.below(100_000_000),
+                rng.below(1_000_000_000) as u32,
+            );
         let h = fs::File::options().write(true).open(f).unwrap();
-        h.set_times(fs::FileTimes::new().set_modified(t).set_accessed(t)).unwrap();
+        h.set_times(fs::FileTimes::new().set_modified(t).set_accessed(t))
+            .unwrap();
     }
     count
 }
@@ -291,7 +304,10 @@ pub fn host_tree(root: &Path) -> BTreeMap<String, Node> {
 }
 
 fn walk_host(root: &Path, p: &Path, out: &mut BTreeMap<String, Node>) {
-    let mut entries: Vec<_> = fs::read_dir(p).unwrap().map(|e| e.unwrap().path()).collect();
+    let mut entries: Vec<_> = fs::read_dir(p)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
     entries.sort();
     for e in entries {
         let rel = e.strip_prefix(root).unwrap().to_string_lossy().into_owned();
@@ -304,11 +320,18 @@ fn walk_host(root: &Path, p: &Path, out: &mut BTreeMap<String, Node>) {
             ("dir", 0)
         } else if ft.is_symlink() {
             let mut h = 0xcbf2_9ce4_8422_2325;
-            fnv(&mut h, fs::read_link(&e).unwrap().as_os_str().as_encoded_bytes());
+            fnv(
+                &mut h,
+                fs::read_link(&e).unwrap().as_os_str().as_encoded_bytes(),
+            );
             ("symlink", h)
         } else if ft.is_file() {
             let mut h = 0xcbf2_9ce4_8422_2325;
-            let data = if m.len() > 64 << 20 { sparse_digest(&e) } else { fs::read(&e).unwrap() };
+            let data = if m.len() > 64 << 20 {
+                sparse_digest(&e)
+            } else {
+                fs::read(&e).unwrap()
+            };
             fnv(&mut h, &data);
             ("file", h)
         } else {
@@ -329,7 +352,11 @@ fn walk_host(root: &Path, p: &Path, out: &mut BTreeMap<String, Node>) {
                 gid: m.gid(),
                 size: if ft.is_dir() { 0 } else { m.len() },
                 nlink: if ft.is_dir() { 0 } else { m.nlink() },
-                mtime: if ft.is_symlink() { (0, 0) } else { (m.mtime(), m.mtime_nsec() as u32) },
+                mtime: if ft.is_symlink() {
+                    (0, 0)
+                } else {
+                    (m.mtime(), m.mtime_nsec() as u32)
+                },
                 content,
                 xattrs,
             },
@@ -346,7 +373,13 @@ fn sparse_digest(p: &Path) -> Vec<u8> {
     let f = fs::File::open(p).unwrap();
     let len = f.metadata().unwrap().len();
     let mut out = Vec::new();
-    for off in [0, 4096, 1 << 20, (4u64 << 30) + 12300, len.saturating_sub(4096)] {
+    for off in [
+        0,
+        4096,
+        1 << 20,
+        (4u64 << 30) + 12300,
+        len.saturating_sub(4096),
+    ] {
         let mut b = vec![0u8; 4096.min((len - off.min(len)) as usize)];
         f.read_exact_at(&mut b, off.min(len)).unwrap();
         out.extend(b);
@@ -369,7 +402,11 @@ fn walk_folio(fs: &mut Filesystem, dir: u32, prefix: &str, out: &mut BTreeMap<St
             continue;
         }
         let name = String::from_utf8_lossy(&e.name).into_owned();
-        let rel = if prefix.is_empty() { name.clone() } else { format!("{prefix}/{name}") };
+        let rel = if prefix.is_empty() {
+            name.clone()
+        } else {
+            format!("{prefix}/{name}")
+        };
         if rel == "lost+found" {
             continue;
         }
@@ -384,7 +421,13 @@ fn walk_folio(fs: &mut Filesystem, dir: u32, prefix: &str, out: &mut BTreeMap<St
             FileType::Regular => {
                 if st.size > 64 << 20 {
                     let mut data = Vec::new();
-                    for off in [0, 4096, 1 << 20, (4u64 << 30) + 12300, st.size.saturating_sub(4096)] {
+                    for off in [
+                        0,
+                        4096,
+                        1 << 20,
+                        (4u64 << 30) + 12300,
+                        st.size.saturating_sub(4096),
+                    ] {
                         let mut b = vec![0u8; 4096.min((st.size - off.min(st.size)) as usize)];
                         let n = fs.read(e.ino, off.min(st.size), &mut b).unwrap();
                         assert_eq!(n, b.len());
@@ -416,8 +459,16 @@ fn walk_folio(fs: &mut Filesystem, dir: u32, prefix: &str, out: &mut BTreeMap<St
                 uid: st.uid,
                 gid: st.gid,
                 size: if kind == "dir" { 0 } else { st.size },
-                nlink: if kind == "dir" { 0 } else { u64::from(st.nlink) },
-                mtime: if kind == "symlink" { (0, 0) } else { (st.mtime.sec, st.mtime.nsec) },
+                nlink: if kind == "dir" {
+                    0
+                } else {
+                    u64::from(st.nlink)
+                },
+                mtime: if kind == "symlink" {
+                    (0, 0)
+                } else {
+                    (st.mtime.sec, st.mtime.nsec)
+                },
                 content: if kind == "dir" { 0 } else { h },
                 xattrs,
             },
@@ -429,7 +480,11 @@ fn walk_folio(fs: &mut Filesystem, dir: u32, prefix: &str, out: &mut BTreeMap<St
 }
 
 /// Differences between two tree descriptions (at most `max` listed).
-pub fn diff_trees(a: &BTreeMap<String, Node>, b: &BTreeMap<String, Node>, max: usize) -> Vec<String> {
+pub fn diff_trees(
+    a: &BTreeMap<String, Node>,
+    b: &BTreeMap<String, Node>,
+    max: usize,
+) -> Vec<String> {
     let mut d = Vec::new();
     for (k, v) in a {
         match b.get(k) {

@@ -46,21 +46,35 @@ fn mke2fs_d_trees_read_identically_at_every_block_size() {
             .arg(&src)
             .arg(&img)
             .arg("700M"));
-        let mut fs = Filesystem::open_path(&img, OpenOptions { read_only: true, ..Default::default() })
-            .unwrap_or_else(|e| panic!("{kind} bs={bs}: open: {e}"));
+        let mut fs = Filesystem::open_path(
+            &img,
+            OpenOptions {
+                read_only: true,
+                ..Default::default()
+            },
+        )
+        .unwrap_or_else(|e| panic!("{kind} bs={bs}: open: {e}"));
         let got = folio_tree(&mut fs, ROOT_INO);
         // mke2fs 1.47.0's -d stores whole seconds only; nanoseconds are
         // checked in the write direction against the kernel.
         let d = diff_trees(&whole_seconds(&expect), &whole_seconds(&got), 10);
-        assert!(d.is_empty(), "{kind} bs={bs}: folio reads a different tree: {d:#?}");
+        assert!(
+            d.is_empty(),
+            "{kind} bs={bs}: folio reads a different tree: {d:#?}"
+        );
         fs::remove_file(&img).unwrap();
     }
 }
 
-fn whole_seconds(t: &std::collections::BTreeMap<String, Node>) -> std::collections::BTreeMap<String, Node> {
+fn whole_seconds(
+    t: &std::collections::BTreeMap<String, Node>,
+) -> std::collections::BTreeMap<String, Node> {
     t.iter()
         .map(|(k, n)| {
-            let mut n = Node { xattrs: n.xattrs.clone(), ..*n };
+            let mut n = Node {
+                xattrs: n.xattrs.clone(),
+                ..*n
+            };
             n.mtime.1 = 0;
             (k.clone(), n)
         })
@@ -89,7 +103,8 @@ fn mutate(fs: &mut Filesystem, model: &Path, base: &str) {
             0 => {
                 fs::remove_file(model.join(rel)).unwrap();
                 let (p, n) = lookup(fs, rel);
-                fs.unlink(p, &n).unwrap_or_else(|e| panic!("unlink {rel}: {e}"));
+                fs.unlink(p, &n)
+                    .unwrap_or_else(|e| panic!("unlink {rel}: {e}"));
                 gone.insert(rel.clone());
             }
             1 => {
@@ -135,7 +150,9 @@ fn mutate(fs: &mut Filesystem, model: &Path, base: &str) {
     folio_cli::copy::rm(fs, &format!("{base}/many"), true).unwrap();
 }
 
-fn dirs_without_mtime(mut t: std::collections::BTreeMap<String, Node>) -> std::collections::BTreeMap<String, Node> {
+fn dirs_without_mtime(
+    mut t: std::collections::BTreeMap<String, Node>,
+) -> std::collections::BTreeMap<String, Node> {
     for n in t.values_mut() {
         if n.kind == "dir" {
             n.mtime = (0, 0);
@@ -149,7 +166,10 @@ fn folio_written_trees_pass_e2fsck_and_match_through_the_kernel() {
     if !tools_present() {
         return;
     }
-    let mount_ok = require(can_loop_mount(), "not root or no loop devices: kernel comparison skipped");
+    let mount_ok = require(
+        can_loop_mount(),
+        "not root or no loop devices: kernel comparison skipped",
+    );
     let t = TempDir::new("rt-write");
     let src = t.join("src");
     make_tree(&src, 0xBEEF, FILES);
@@ -174,7 +194,11 @@ fn folio_written_trees_pass_e2fsck_and_match_through_the_kernel() {
         let img = t.join(&format!("w{i}.img"));
         let what = match maker {
             Maker::Folio(ty) => {
-                let opts = MkfsOptions { fs_type: *ty, block_size: Some(*bs), ..Default::default() };
+                let opts = MkfsOptions {
+                    fs_type: *ty,
+                    block_size: Some(*bs),
+                    ..Default::default()
+                };
                 mkfs_path(&img, Some(900 << 20), &opts).unwrap();
                 format!("folio mkfs {ty:?} bs={bs}")
             }
@@ -197,17 +221,31 @@ fn folio_written_trees_pass_e2fsck_and_match_through_the_kernel() {
         fs.close().unwrap();
         e2fsck(&img).unwrap_or_else(|e| panic!("{what}: {e}"));
         let expect = dirs_without_mtime(host_tree(&model));
-        let mut fs = Filesystem::open_path(&img, OpenOptions { read_only: true, ..Default::default() }).unwrap();
+        let mut fs = Filesystem::open_path(
+            &img,
+            OpenOptions {
+                read_only: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
         let tree_ino = fs.resolve("/tree").unwrap();
         let got = dirs_without_mtime(folio_tree(&mut fs, tree_ino));
         let d = diff_trees(&expect, &got, 10);
-        assert!(d.is_empty(), "{what}: folio reread differs from the model: {d:#?}");
+        assert!(
+            d.is_empty(),
+            "{what}: folio reread differs from the model: {d:#?}"
+        );
         drop(fs);
         if mount_ok && *bs <= 4096 {
-            let m = LoopMount::new(&img).unwrap_or_else(|e| panic!("{what}: kernel mount failed: {e}"));
+            let m =
+                LoopMount::new(&img).unwrap_or_else(|e| panic!("{what}: kernel mount failed: {e}"));
             let seen = dirs_without_mtime(host_tree(&m.dir.path.join("tree")));
             let d = diff_trees(&expect, &seen, 10);
-            assert!(d.is_empty(), "{what}: the kernel sees a different tree: {d:#?}");
+            assert!(
+                d.is_empty(),
+                "{what}: the kernel sees a different tree: {d:#?}"
+            );
         }
         fs::remove_file(&img).unwrap();
         fs::remove_dir_all(&model).unwrap();

@@ -67,9 +67,7 @@ pub fn write_tail(block: &mut [u8], csum: u32) {
 }
 
 pub fn tail_csum_stored(block: &[u8]) -> u32 {
-    get32(block, block.len() - TAIL_LEN).map_or(0, |_| {
-        get32(block, block.len() - 4).unwrap_or(0)
-    })
+    get32(block, block.len() - TAIL_LEN).map_or(0, |_| get32(block, block.len() - 4).unwrap_or(0))
 }
 
 /// Checksum of a leaf block: inode seed over everything before the tail.
@@ -89,7 +87,7 @@ pub fn parse_entries(block: &[u8], usable: usize) -> Result<Vec<RawEntry>, &'sta
         let rec_len = rec_len_from_disk(get16(block, off + 4).ok_or("truncated entry")?, bs);
         let name_len = usize::from(*block.get(off + 6).ok_or("truncated entry")?);
         let file_type = *block.get(off + 7).ok_or("truncated entry")?;
-        if rec_len < ENTRY_HEADER || rec_len % 4 != 0 {
+        if rec_len < ENTRY_HEADER || !rec_len.is_multiple_of(4) {
             return Err("directory entry has a bad rec_len");
         }
         if off + rec_len > usable {
@@ -119,7 +117,14 @@ pub fn parse_entries(block: &[u8], usable: usize) -> Result<Vec<RawEntry>, &'sta
 }
 
 /// Write one entry header and name at `off` with record length `rec_len`.
-pub fn write_entry(block: &mut [u8], off: usize, inode: u32, rec_len: usize, file_type: u8, name: &[u8]) {
+pub fn write_entry(
+    block: &mut [u8],
+    off: usize,
+    inode: u32,
+    rec_len: usize,
+    file_type: u8,
+    name: &[u8],
+) {
     let bs = block.len();
     put32(block, off, inode);
     put16(block, off + 4, rec_len_to_disk(rec_len, bs));
@@ -174,7 +179,11 @@ pub fn parse_dx_entries(block: &[u8], count_offset: usize) -> Result<DxEntries, 
     let mut entries = Vec::with_capacity(usize::from(count));
     for i in 0..usize::from(count) {
         let o = count_offset + i * DX_ENTRY;
-        let hash = if i == 0 { 0 } else { get32(block, o).ok_or("dx entry past the block")? };
+        let hash = if i == 0 {
+            0
+        } else {
+            get32(block, o).ok_or("dx entry past the block")?
+        };
         let blk = get32(block, o + 4).ok_or("dx entry past the block")?;
         entries.push((hash, blk));
     }
@@ -226,7 +235,8 @@ pub fn write_dx_tail(block: &mut [u8], dx_count_offset: usize, inode_seed: u32) 
     let limit = usize::from(get16(block, dx_count_offset).unwrap_or(0));
     let tail = dx_count_offset + limit * DX_ENTRY;
     block[tail..tail + 8].fill(0);
-    let c = dx_csum(inode_seed, block, dx_count_offset).expect("tail fits: limit was computed for it");
+    let c =
+        dx_csum(inode_seed, block, dx_count_offset).expect("tail fits: limit was computed for it");
     put32(block, tail + 4, c);
 }
 

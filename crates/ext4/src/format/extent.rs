@@ -83,13 +83,19 @@ pub fn parse_node(b: &[u8]) -> Result<(Header, Node), NodeError> {
     };
     let capacity = (b.len().saturating_sub(HEADER_LEN)) / ENTRY_LEN;
     if usize::from(h.max) > capacity {
-        return Err(NodeError::BadHeader("extent header eh_max exceeds the node size"));
+        return Err(NodeError::BadHeader(
+            "extent header eh_max exceeds the node size",
+        ));
     }
     if h.entries > h.max {
-        return Err(NodeError::BadHeader("extent header has more entries than eh_max"));
+        return Err(NodeError::BadHeader(
+            "extent header has more entries than eh_max",
+        ));
     }
     if h.depth > MAX_DEPTH {
-        return Err(NodeError::BadHeader("extent tree is deeper than ext4 allows"));
+        return Err(NodeError::BadHeader(
+            "extent tree is deeper than ext4 allows",
+        ));
     }
     let mut out_leaf = Vec::new();
     let mut out_idx = Vec::new();
@@ -196,16 +202,37 @@ mod tests {
     #[test]
     fn leaf_and_index_round_trip() {
         let leaf = Node::Leaf(vec![
-            Extent { lblk: 0, len: 10, pblk: 1 << 40, unwritten: false },
-            Extent { lblk: 100, len: 32767, pblk: 5, unwritten: true },
-            Extent { lblk: 200_000, len: 32768, pblk: 99, unwritten: false },
+            Extent {
+                lblk: 0,
+                len: 10,
+                pblk: 1 << 40,
+                unwritten: false,
+            },
+            Extent {
+                lblk: 100,
+                len: 32767,
+                pblk: 5,
+                unwritten: true,
+            },
+            Extent {
+                lblk: 200_000,
+                len: 32768,
+                pblk: 99,
+                unwritten: false,
+            },
         ]);
         let mut b = vec![0u8; 60];
         write_node(&mut b, 4, &leaf);
         let (h, n) = parse_node(&b).unwrap();
         assert_eq!(h.entries, 3);
         assert_eq!(n, leaf);
-        let idx = Node::Index { depth: 2, entries: vec![Index { lblk: 7, child: (1 << 33) + 5 }] };
+        let idx = Node::Index {
+            depth: 2,
+            entries: vec![Index {
+                lblk: 7,
+                child: (1 << 33) + 5,
+            }],
+        };
         let mut b = vec![0u8; 4096];
         write_node(&mut b, block_capacity(4096), &idx);
         assert_eq!(parse_node(&b).unwrap().1, idx);

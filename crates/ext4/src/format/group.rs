@@ -139,7 +139,13 @@ impl GroupDesc {
 
     /// The descriptor checksum: crc32c (low 16 bits) with metadata_csum,
     /// crc16 with gdt_csum (uninit_bg). `uuid` is only used for crc16.
-    pub fn compute_checksum(&self, group: u32, metadata_csum: bool, seed: u32, uuid: &[u8; 16]) -> u16 {
+    pub fn compute_checksum(
+        &self,
+        group: u32,
+        metadata_csum: bool,
+        seed: u32,
+        uuid: &[u8; 16],
+    ) -> u16 {
         let g = group.to_le_bytes();
         if metadata_csum {
             let mut c = crc32c_raw(seed, &g);

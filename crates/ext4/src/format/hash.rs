@@ -64,7 +64,10 @@ fn half_md4_transform(buf: &mut [u32; 4], inp: &[u32; 8]) {
     let h = |x: u32, y: u32, z: u32| x ^ y ^ z;
     macro_rules! round {
         ($f:expr, $a:ident, $b:ident, $c:ident, $d:ident, $x:expr, $s:expr) => {
-            $a = $a.wrapping_add($f($b, $c, $d)).wrapping_add($x).rotate_left($s);
+            $a = $a
+                .wrapping_add($f($b, $c, $d))
+                .wrapping_add($x)
+                .rotate_left($s);
         };
     }
     const K2: u32 = 0o13240474631;
@@ -164,7 +167,14 @@ mod tests {
 
     #[test]
     fn hashes_are_even_and_deterministic() {
-        for v in [LEGACY, HALF_MD4, TEA, LEGACY_UNSIGNED, HALF_MD4_UNSIGNED, TEA_UNSIGNED] {
+        for v in [
+            LEGACY,
+            HALF_MD4,
+            TEA,
+            LEGACY_UNSIGNED,
+            HALF_MD4_UNSIGNED,
+            TEA_UNSIGNED,
+        ] {
             let a = dx_hash(b"some-file-name.txt", v, [0; 4]).unwrap();
             assert_eq!(a, dx_hash(b"some-file-name.txt", v, [0; 4]).unwrap());
             assert_eq!(a.0 & 1, 0);

@@ -260,15 +260,21 @@ impl Inode {
     }
 
     pub fn atime(&self) -> Timespec {
-        let ex = self.has_extra(ATIME_EXTRA + 4).then(|| le32(&self.raw, ATIME_EXTRA));
+        let ex = self
+            .has_extra(ATIME_EXTRA + 4)
+            .then(|| le32(&self.raw, ATIME_EXTRA));
         decode_time(le32(&self.raw, ATIME), ex)
     }
     pub fn mtime(&self) -> Timespec {
-        let ex = self.has_extra(MTIME_EXTRA + 4).then(|| le32(&self.raw, MTIME_EXTRA));
+        let ex = self
+            .has_extra(MTIME_EXTRA + 4)
+            .then(|| le32(&self.raw, MTIME_EXTRA));
         decode_time(le32(&self.raw, MTIME), ex)
     }
     pub fn ctime(&self) -> Timespec {
-        let ex = self.has_extra(CTIME_EXTRA + 4).then(|| le32(&self.raw, CTIME_EXTRA));
+        let ex = self
+            .has_extra(CTIME_EXTRA + 4)
+            .then(|| le32(&self.raw, CTIME_EXTRA));
         decode_time(le32(&self.raw, CTIME), ex)
     }
     /// Creation time, if the inode has room for it.
@@ -361,7 +367,8 @@ impl Inode {
     /// inode has one.
     pub fn inline_xattr_offset(&self) -> Option<usize> {
         let off = GOOD_OLD_SIZE + self.extra_isize();
-        (self.raw.len() > GOOD_OLD_SIZE && off + 4 <= self.raw.len() && off % 4 == 0).then_some(off)
+        (self.raw.len() > GOOD_OLD_SIZE && off + 4 <= self.raw.len() && off.is_multiple_of(4))
+            .then_some(off)
     }
 
     /// Device number stored in i_block for device nodes (new encoding in
@@ -396,9 +403,15 @@ mod tests {
         let mut i = Inode::new(12, 256, 32);
         for t in [
             Timespec { sec: 0, nsec: 0 },
-            Timespec { sec: 1_700_000_000, nsec: 123_456_789 },
+            Timespec {
+                sec: 1_700_000_000,
+                nsec: 123_456_789,
+            },
             Timespec { sec: -1, nsec: 5 },
-            Timespec { sec: 3_000_000_000, nsec: 999_999_999 },
+            Timespec {
+                sec: 3_000_000_000,
+                nsec: 999_999_999,
+            },
         ] {
             i.set_mtime(t);
             assert_eq!(i.mtime(), t);

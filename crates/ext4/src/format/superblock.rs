@@ -134,13 +134,8 @@ pub mod ro_compat {
     pub const ORPHAN_PRESENT: u32 = 0x10000;
 
     /// Read-only-compatible features folio keeps consistent when writing.
-    pub const SUPPORTED: u32 = SPARSE_SUPER
-        | LARGE_FILE
-        | HUGE_FILE
-        | GDT_CSUM
-        | DIR_NLINK
-        | EXTRA_ISIZE
-        | METADATA_CSUM;
+    pub const SUPPORTED: u32 =
+        SPARSE_SUPER | LARGE_FILE | HUGE_FILE | GDT_CSUM | DIR_NLINK | EXTRA_ISIZE | METADATA_CSUM;
 
     pub const NAMES: &[(u32, &str)] = &[
         (SPARSE_SUPER, "sparse_super"),
@@ -462,11 +457,7 @@ mod tests {
 
     #[test]
     fn feature_names_name_unknown_bits() {
-        let n = feature_names(
-            incompat::INLINE_DATA | 0x8000_0000,
-            incompat::NAMES,
-            "I",
-        );
+        let n = feature_names(incompat::INLINE_DATA | 0x8000_0000, incompat::NAMES, "I");
         assert_eq!(n, vec!["inline_data".to_string(), "FEATURE_I31".into()]);
     }
 }

@@ -90,7 +90,11 @@ impl Xattr {
 
 /// Parse an entry table. `entries_at` is where entries start in `area`,
 /// `values_base` the offset value offsets are relative to.
-pub fn parse_table(area: &[u8], entries_at: usize, values_base: usize) -> Result<Vec<Xattr>, &'static str> {
+pub fn parse_table(
+    area: &[u8],
+    entries_at: usize,
+    values_base: usize,
+) -> Result<Vec<Xattr>, &'static str> {
     let mut out = Vec::new();
     let mut off = entries_at;
     loop {
@@ -110,9 +114,16 @@ pub fn parse_table(area: &[u8], entries_at: usize, values_base: usize) -> Result
             .get(off + ENTRY_FIXED..off + ENTRY_FIXED + name_len)
             .ok_or("xattr name runs past its area")?
             .to_vec();
-        let vstart = values_base.checked_add(value_offs).ok_or("xattr value offset overflows")?;
+        let vstart = values_base
+            .checked_add(value_offs)
+            .ok_or("xattr value offset overflows")?;
         let value = area
-            .get(vstart..vstart.checked_add(value_size).ok_or("xattr value size overflows")?)
+            .get(
+                vstart
+                    ..vstart
+                        .checked_add(value_size)
+                        .ok_or("xattr value size overflows")?,
+            )
             .ok_or("xattr value runs past its area")?
             .to_vec();
         out.push(Xattr { index, name, value });
@@ -132,7 +143,12 @@ pub fn table_len(attrs: &[Xattr]) -> usize {
 /// Write `attrs` into `area` (zeroing the rest of it): entries from
 /// `entries_at`, values packed at the end. Value offsets are relative to
 /// `values_base`. Returns false if they do not fit.
-pub fn write_table(area: &mut [u8], entries_at: usize, values_base: usize, attrs: &[Xattr]) -> bool {
+pub fn write_table(
+    area: &mut [u8],
+    entries_at: usize,
+    values_base: usize,
+    attrs: &[Xattr],
+) -> bool {
     if entries_at + table_len(attrs) > area.len() {
         return false;
     }
@@ -209,9 +225,21 @@ mod tests {
     #[test]
     fn table_round_trip() {
         let attrs = vec![
-            Xattr { index: 1, name: b"a".to_vec(), value: b"hello".to_vec() },
-            Xattr { index: 6, name: b"selinux".to_vec(), value: vec![] },
-            Xattr { index: 2, name: vec![], value: vec![1, 2, 3, 4, 5, 6, 7, 8] },
+            Xattr {
+                index: 1,
+                name: b"a".to_vec(),
+                value: b"hello".to_vec(),
+            },
+            Xattr {
+                index: 6,
+                name: b"selinux".to_vec(),
+                value: vec![],
+            },
+            Xattr {
+                index: 2,
+                name: vec![],
+                value: vec![1, 2, 3, 4, 5, 6, 7, 8],
+            },
         ];
         let mut area = vec![0u8; 200];
         assert!(write_table(&mut area, 4, 4, &attrs));
@@ -223,11 +251,21 @@ mod tests {
     #[test]
     fn names_split_and_join() {
         assert_eq!(Xattr::split_name(b"user.foo"), Some((1, b"foo".to_vec())));
-        assert_eq!(Xattr::split_name(b"system.posix_acl_access"), Some((2, vec![])));
-        assert_eq!(Xattr::split_name(b"system.data"), Some((7, b"data".to_vec())));
+        assert_eq!(
+            Xattr::split_name(b"system.posix_acl_access"),
+            Some((2, vec![]))
+        );
+        assert_eq!(
+            Xattr::split_name(b"system.data"),
+            Some((7, b"data".to_vec()))
+        );
         assert_eq!(Xattr::split_name(b"bogus.x"), None);
         assert_eq!(Xattr::split_name(b"user."), None);
-        let x = Xattr { index: 4, name: b"t".to_vec(), value: vec![] };
+        let x = Xattr {
+            index: 4,
+            name: b"t".to_vec(),
+            value: vec![],
+        };
         assert_eq!(x.full_name(), b"trusted.t");
     }
 

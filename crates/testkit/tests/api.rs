@@ -1,0 +1,576 @@
+//! The library API: POSIX-shaped operations and their errors, large
+//! directories, extent trees growing and shrinking, indirect maps, size
+//! changes that must not expose old bytes. Every image is e2fsck'd.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use folio_blockdev::{BlockDevice, MemDevice};
+use folio_ext4::format::inode::FL_INDEX;
+use folio_ext4::mkfs::{mkfs, mkfs_path, FsType, MkfsOptions};
+use folio_ext4::{
+    Error, FileType, Filesystem, OpenOptions, Owner, RenameFlags, SetAttr, Timespec, XattrMode,
+    ROOT_INO,
+};
+use folio_testkit::*;
+
+const ME: Owner = Owner {
+    uid: 1000,
+    gid: 1000,
+};
+
+fn mem_fs(size: usize, opts: MkfsOptions) -> (MemDevice, Filesystem) {
+    let dev = MemDevice::new(size);
+    let d: Arc<dyn BlockDevice> = Arc::new(dev.clone());
+    mkfs(d.clone(), size as u64, &opts).unwrap();
+    let fs = Filesystem::open(d, OpenOptions::default()).unwrap();
+    (dev, fs)
+}
+
+/// Sync, check counters, write the image to a file and e2fsck it.
+fn fsck_mem(dev: &MemDevice, mut fs: Filesystem, tag: &str) {
+    assert_eq!(fs.check_counts().unwrap(), Vec::<String>::new(), "{tag}");
+    fs.close().unwrap();
+    if !require(have_tool("e2fsck"), "e2fsck is not installed") {
+        return;
+    }
+    let t = TempDir::new(tag);
+    let img = t.join("img");
+    std::fs::write(&img, dev.snapshot()).unwrap();
+    e2fsck(&img).unwrap_or_else(|e| panic!("{tag}: {e}"));
+}
+
+fn read_all(fs: &mut Filesystem, ino: u32) -> Vec<u8> {
+    let size = fs.stat(ino).unwrap().size as usize;
+    let mut b = vec![0u8; size];
+    assert_eq!(fs.read(ino, 0, &mut b).unwrap(), size);
+    b
+}
+
+#[test]
+fn posix_operations_and_their_errors() {
+    let (dev, mut fs) = mem_fs(64 << 20, MkfsOptions::default());
+    let root = ROOT_INO;
+    let free0 = fs.statfs().blocks_free;
+
+    // create / write / read / lookup
+    let a = fs.create(root, b"a", 0o644, ME).unwrap();
+    assert_eq!(fs.lookup(root, b"a").unwrap(), a);
+    assert_eq!(fs.write(a, 0, b"hello world").unwrap(), 11);
+    assert_eq!(read_all(&mut fs, a), b"hello world");
+    assert!(matches!(
+        fs.create(root, b"a", 0o644, ME),
+        Err(Error::Exists)
+    ));
+    assert_eq!(
+        fs.create(root, b"a", 0o644, ME).unwrap_err().errno(),
+        libc::EEXIST
+    );
+    let long = vec![b'n'; 256];
+    assert_eq!(
+        fs.create(root, &long, 0o644, ME).unwrap_err().errno(),
+        libc::ENAMETOOLONG
+    );
+    assert_eq!(
+        fs.lookup(root, &long).unwrap_err().errno(),
+        libc::ENAMETOOLONG
+    );
+    assert_eq!(
+        fs.lookup(root, b"missing").unwrap_err().errno(),
+        libc::ENOENT
+    );
+    let ok255 = vec![b'm'; 255];
+    let m = fs.create(root, &ok255, 0o600, ME).unwrap();
+    assert_eq!(fs.lookup(root, &ok255).unwrap(), m);
+
+    // stat and setattr with nanoseconds, crtime
+    let st = fs.stat(a).unwrap();
+    assert_eq!(
+        (st.uid, st.gid, st.mode & 0o7777, st.nlink),
+        (1000, 1000, 0o644, 1)
+    );
+    assert!(st.crtime.is_some());
+    let t = Timespec {
+        sec: 1_234_567_890,
+        nsec: 123_456_789,
+    };
+    let st = fs
+        .setattr(
+            a,
+            &SetAttr {
+                mode: Some(0o4750),
+                uid: Some(7),
+                gid: Some(8),
+                atime: Some(t),
+                mtime: Some(t),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    assert_eq!(
+        (st.mode & 0o7777, st.uid, st.gid, st.mtime, st.atime),
+        (0o4750, 7, 8, t, t)
+    );
+    assert_eq!(st.file_type, FileType::Regular);
+
+    // truncate both ways
+    fs.setattr(
+        a,
+        &SetAttr {
+            size: Some(5),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(read_all(&mut fs, a), b"hello");
+    fs.setattr(
+        a,
+        &SetAttr {
+            size: Some(100_000),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let data = read_all(&mut fs, a);
+    assert_eq!(&data[..5], b"hello");
+    assert!(data[5..].iter().all(|&b| b == 0));
+
+    // directories
+    let d = fs.mkdir(root, b"d", 0o755, ME).unwrap();
+    assert_eq!(fs.stat(root).unwrap().nlink, 4); // ., .., lost+found/.., d/..
+    let sub = fs.mkdir(d, b"sub", 0o700, ME).unwrap();
+    assert_eq!(fs.stat(d).unwrap().nlink, 3);
+    assert_eq!(fs.rmdir(root, b"d").unwrap_err().errno(), libc::ENOTEMPTY);
+    assert_eq!(fs.unlink(root, b"d").unwrap_err().errno(), libc::EISDIR);
+    assert_eq!(fs.rmdir(root, b"a").unwrap_err().errno(), libc::ENOTDIR);
+    assert_eq!(
+        fs.create(a, b"x", 0o644, ME).unwrap_err().errno(),
+        libc::ENOTDIR
+    );
+    let names: Vec<Vec<u8>> = fs
+        .read_dir(d)
+        .unwrap()
+        .into_iter()
+        .map(|e| e.name)
+        .collect();
+    assert_eq!(names, vec![b".".to_vec(), b"..".to_vec(), b"sub".to_vec()]);
+
+    // hard links
+    fs.link(a, d, b"a-link").unwrap();
+    assert_eq!(fs.stat(a).unwrap().nlink, 2);
+    assert_eq!(
+        fs.link(d, root, b"dirlink").unwrap_err().errno(),
+        libc::EINVAL
+    );
+
+    // symlinks, fast and slow
+    let s1 = fs.symlink(root, b"s1", b"a", ME).unwrap();
+    let target = vec![b't'; 300];
+    let s2 = fs.symlink(root, b"s2", &target, ME).unwrap();
+    assert_eq!(fs.readlink(s1).unwrap(), b"a");
+    assert_eq!(fs.readlink(s2).unwrap(), target);
+    assert_eq!(fs.stat(s2).unwrap().size, 300);
+    assert_eq!(fs.resolve_follow("/s1").unwrap(), a);
+
+    // special files
+    let fifo = fs
+        .mknod(
+            root,
+            b"fifo",
+            folio_ext4::format::inode::S_IFIFO | 0o644,
+            (0, 0),
+            ME,
+        )
+        .unwrap();
+    assert_eq!(fs.stat(fifo).unwrap().file_type, FileType::Fifo);
+    let chr = fs
+        .mknod(
+            root,
+            b"null",
+            folio_ext4::format::inode::S_IFCHR | 0o666,
+            (1, 3),
+            ME,
+        )
+        .unwrap();
+    assert_eq!(fs.stat(chr).unwrap().rdev, (1, 3));
+
+    // rename: plain, over a file, noreplace, exchange, into own subtree
+    fs.rename(root, b"s1", d, b"s1-moved", RenameFlags::default())
+        .unwrap();
+    assert_eq!(fs.lookup(d, b"s1-moved").unwrap(), s1);
+    assert_eq!(fs.lookup(root, b"s1").unwrap_err().errno(), libc::ENOENT);
+    let b = fs.create(root, b"b", 0o644, ME).unwrap();
+    fs.write(b, 0, b"bbb").unwrap();
+    fs.rename(root, b"b", d, b"a-link", RenameFlags::default())
+        .unwrap();
+    assert_eq!(fs.stat(a).unwrap().nlink, 1, "replaced name drops a link");
+    let al = fs.lookup(d, b"a-link").unwrap();
+    assert_eq!(read_all(&mut fs, al), b"bbb");
+    let nr = RenameFlags {
+        noreplace: true,
+        ..Default::default()
+    };
+    assert_eq!(
+        fs.rename(root, b"a", d, b"a-link", nr).unwrap_err().errno(),
+        libc::EEXIST
+    );
+    let ex = RenameFlags {
+        exchange: true,
+        ..Default::default()
+    };
+    fs.rename(root, b"a", d, b"sub", ex).unwrap();
+    assert_eq!(fs.lookup(root, b"a").unwrap(), sub);
+    assert_eq!(fs.lookup(d, b"sub").unwrap(), a);
+    assert_eq!(
+        fs.lookup(sub, b"..").unwrap(),
+        root,
+        "exchanged directory's .. follows it"
+    );
+    fs.rename(d, b"sub", root, b"a", ex).unwrap();
+    assert_eq!(
+        fs.rename(root, b"d", d, b"inside", RenameFlags::default())
+            .unwrap_err()
+            .errno(),
+        libc::EINVAL
+    );
+    // a directory over an empty directory, across parents
+    let e1 = fs.mkdir(root, b"e1", 0o755, ME).unwrap();
+    fs.mkdir(d, b"e2", 0o755, ME).unwrap();
+    let links_before = fs.stat(root).unwrap().nlink;
+    fs.rename(root, b"e1", d, b"e2", RenameFlags::default())
+        .unwrap();
+    assert_eq!(fs.lookup(d, b"e2").unwrap(), e1);
+    assert_eq!(fs.lookup(e1, b"..").unwrap(), d);
+    assert_eq!(fs.stat(root).unwrap().nlink, links_before - 1);
+    assert_eq!(
+        fs.rename(root, b"d", root, b"a", RenameFlags::default())
+            .unwrap_err()
+            .errno(),
+        libc::ENOTDIR
+    );
+
+    // xattrs: in the inode and in a block
+    fs.set_xattr(a, b"user.small", b"1", XattrMode::Any)
+        .unwrap();
+    let bigv = vec![0x5a; 700];
+    fs.set_xattr(a, b"user.big", &bigv, XattrMode::Any).unwrap();
+    assert_eq!(fs.get_xattr(a, b"user.big").unwrap(), bigv);
+    assert_eq!(
+        fs.set_xattr(a, b"user.small", b"2", XattrMode::Create)
+            .unwrap_err()
+            .errno(),
+        libc::EEXIST
+    );
+    assert_eq!(
+        fs.set_xattr(a, b"user.none", b"2", XattrMode::Replace)
+            .unwrap_err()
+            .errno(),
+        libc::ENODATA
+    );
+    fs.set_xattr(a, b"user.small", b"22", XattrMode::Replace)
+        .unwrap();
+    assert_eq!(fs.get_xattr(a, b"user.small").unwrap(), b"22");
+    let mut names = fs.list_xattr(a).unwrap();
+    names.sort();
+    assert_eq!(names, vec![b"user.big".to_vec(), b"user.small".to_vec()]);
+    fs.remove_xattr(a, b"user.big").unwrap();
+    assert_eq!(
+        fs.get_xattr(a, b"user.big").unwrap_err().errno(),
+        libc::ENODATA
+    );
+
+    // unlink frees everything
+    for (p, n) in [
+        (root, b"a".as_slice()),
+        (d, b"a-link"),
+        (root, b"s2"),
+        (d, b"s1-moved"),
+        (root, b"fifo"),
+        (root, b"null"),
+        (root, &ok255),
+    ] {
+        fs.unlink(p, n).unwrap();
+    }
+    fs.rmdir(d, b"e2").unwrap();
+    fs.rmdir(d, b"sub").unwrap();
+    fs.rmdir(root, b"d").unwrap();
+    assert_eq!(fs.statfs().blocks_free, free0, "all blocks are freed again");
+    assert_eq!(fs.stat(root).unwrap().nlink, 3);
+    fsck_mem(&dev, fs, "posix");
+}
+
+#[test]
+fn directory_of_100k_entries_uses_the_htree() {
+    let t = TempDir::new("bigdir");
+    let img = t.join("img");
+    let opts = MkfsOptions {
+        inode_ratio: Some(4096),
+        ..Default::default()
+    };
+    mkfs_path(&img, Some(600 << 20), &opts).unwrap();
+    let mut fs = Filesystem::open_path(&img, OpenOptions::default()).unwrap();
+    let d = fs.mkdir(ROOT_INO, b"big", 0o755, ME).unwrap();
+    const N: u32 = 100_000;
+    for i in 0..N {
+        fs.create(d, format!("entry-number-{i}").as_bytes(), 0o644, ME)
+            .unwrap();
+    }
+    let flags = fs.stat(d).unwrap().flags;
+    assert!(flags & FL_INDEX != 0, "the directory is indexed");
+    // A lookup touches a handful of blocks (root, index node, leaf), not
+    // the ~1000 blocks of the directory.
+    let mut worst = 0;
+    for i in (0..N).step_by(997) {
+        let (h0, m0) = fs.cache_stats();
+        fs.lookup(d, format!("entry-number-{i}").as_bytes())
+            .unwrap();
+        let (h1, m1) = fs.cache_stats();
+        worst = worst.max((h1 - h0) + (m1 - m0));
+    }
+    assert!(worst <= 8, "a lookup read {worst} blocks");
+    assert_eq!(
+        fs.lookup(d, b"entry-number-100000").unwrap_err().errno(),
+        libc::ENOENT
+    );
+    assert_eq!(fs.read_dir(d).unwrap().len() as u32, N + 2);
+    for i in (0..N).step_by(2) {
+        fs.unlink(d, format!("entry-number-{i}").as_bytes())
+            .unwrap();
+    }
+    assert_eq!(
+        fs.lookup(d, b"entry-number-0").unwrap_err().errno(),
+        libc::ENOENT
+    );
+    fs.lookup(d, b"entry-number-1").unwrap();
+    fs.close().unwrap();
+    if require(have_tool("e2fsck"), "e2fsck is not installed") {
+        e2fsck(&img).unwrap();
+    }
+}
+
+#[test]
+fn extent_trees_grow_in_depth_and_shrink_on_truncate() {
+    for bs in [1024u32, 4096] {
+        let opts = MkfsOptions {
+            block_size: Some(bs),
+            ..Default::default()
+        };
+        let (dev, mut fs) = mem_fs(128 << 20, opts);
+        let free0 = fs.statfs().blocks_free;
+        let f = fs.create(ROOT_INO, b"frag", 0o644, ME).unwrap();
+        let mut model = Vec::new();
+        // Every other block: one extent each.
+        let n = if bs == 1024 { 1200u64 } else { 3000 };
+        for i in 0..n {
+            let off = i * 2 * u64::from(bs);
+            let chunk = vec![(i % 251) as u8 + 1; bs as usize];
+            fs.write(f, off, &chunk).unwrap();
+            if model.len() < (off as usize) {
+                model.resize(off as usize, 0);
+            }
+            model.extend_from_slice(&chunk);
+        }
+        assert_eq!(fs.block_runs(f).unwrap().len() as u64, n);
+        let depth = fs.extent_depth(f).unwrap().unwrap();
+        assert!(depth >= 1, "bs={bs}: depth {depth}");
+        if bs == 1024 {
+            assert!(depth >= 2, "1 KiB blocks: {n} extents need two levels");
+        }
+        assert_eq!(read_all(&mut fs, f), model);
+        fs.setattr(
+            f,
+            &SetAttr {
+                size: Some(u64::from(bs) * 7 + 3),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(fs.extent_depth(f).unwrap(), Some(0));
+        model.truncate(bs as usize * 7 + 3);
+        assert_eq!(read_all(&mut fs, f), model);
+        assert!(fs.mapping_blocks(f).unwrap().is_empty());
+        fs.setattr(
+            f,
+            &SetAttr {
+                size: Some(0),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(fs.stat(f).unwrap().blocks_512, 0);
+        assert_eq!(fs.statfs().blocks_free, free0);
+        fsck_mem(&dev, fs, &format!("extents-{bs}"));
+    }
+}
+
+#[test]
+fn ext2_indirect_maps_reach_triple_indirect_and_truncate() {
+    let opts = MkfsOptions {
+        fs_type: FsType::Ext2,
+        block_size: Some(1024),
+        ..Default::default()
+    };
+    let (dev, mut fs) = mem_fs(96 << 20, opts);
+    let free0 = fs.statfs().blocks_free;
+    let f = fs.create(ROOT_INO, b"ind", 0o644, ME).unwrap();
+    // direct, single, double and triple indirect (1 KiB blocks: triple
+    // starts at block 12 + 256 + 65536).
+    let offs = [0u64, 100 << 10, 20 << 20, 65804 << 10, 80 << 20];
+    for (i, &o) in offs.iter().enumerate() {
+        fs.write(f, o, format!("chunk-{i}").as_bytes()).unwrap();
+    }
+    for (i, &o) in offs.iter().enumerate() {
+        let mut b = vec![0u8; 7];
+        fs.read(f, o, &mut b).unwrap();
+        assert_eq!(b, format!("chunk-{i}").as_bytes());
+    }
+    assert!(fs.extent_depth(f).unwrap().is_none());
+    assert!(fs.mapping_blocks(f).unwrap().len() >= 6);
+    fs.setattr(
+        f,
+        &SetAttr {
+            size: Some(30 << 20),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let mut b = vec![0u8; 7];
+    fs.read(f, 20 << 20, &mut b).unwrap();
+    assert_eq!(b, b"chunk-2");
+    fs.setattr(
+        f,
+        &SetAttr {
+            size: Some(0),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert!(fs.mapping_blocks(f).unwrap().is_empty());
+    assert_eq!(fs.statfs().blocks_free, free0);
+    fs.write(f, 65804 << 10, b"again").unwrap();
+    fsck_mem(&dev, fs, "ext2-indirect");
+}
+
+/// Seed 003: with 1 KiB blocks, bytes past EOF in the last block must
+/// never reappear when the file grows (truncate up or write past EOF).
+#[test]
+fn growing_a_file_zeroes_the_old_tail_on_disk() {
+    for ty in [FsType::Ext4, FsType::Ext2] {
+        let opts = MkfsOptions {
+            fs_type: ty,
+            block_size: Some(1024),
+            ..Default::default()
+        };
+        let (dev, mut fs) = mem_fs(32 << 20, opts);
+        let f = fs.create(ROOT_INO, b"f", 0o644, ME).unwrap();
+        fs.write(f, 0, &[b'x'; 1000]).unwrap();
+        fs.setattr(
+            f,
+            &SetAttr {
+                size: Some(10),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        // The block itself holds zeros past the new size.
+        let run = fs.block_runs(f).unwrap()[0];
+        let mut raw = vec![0u8; 1024];
+        dev.read_at(run.pblk * 1024, &mut raw).unwrap();
+        assert!(
+            raw[10..].iter().all(|&b| b == 0),
+            "{ty:?}: stale bytes after truncate down"
+        );
+        fs.setattr(
+            f,
+            &SetAttr {
+                size: Some(1000),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let d = read_all(&mut fs, f);
+        assert!(d[10..].iter().all(|&b| b == 0));
+        // Write past EOF into a later block.
+        fs.setattr(
+            f,
+            &SetAttr {
+                size: Some(10),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        fs.write(f, 3000, b"z").unwrap();
+        let d = read_all(&mut fs, f);
+        assert_eq!(d.len(), 3001);
+        assert!(
+            d[10..3000].iter().all(|&b| b == 0),
+            "{ty:?}: old bytes reappeared"
+        );
+        fsck_mem(&dev, fs, &format!("tail-{ty:?}"));
+    }
+}
+
+fn patch_sb(img: &Path, f: impl FnOnce(&mut folio_ext4::format::superblock::Superblock)) {
+    let mut bytes = std::fs::read(img).unwrap();
+    let mut sb =
+        folio_ext4::format::superblock::Superblock::from_bytes(&bytes[1024..2048]).unwrap();
+    f(&mut sb);
+    sb.update_checksum();
+    bytes[1024..2048].copy_from_slice(&sb.raw);
+    std::fs::write(img, bytes).unwrap();
+}
+
+#[test]
+fn feature_flags_refuse_or_force_read_only_by_name() {
+    use folio_ext4::format::superblock::{incompat, ro_compat};
+    let t = TempDir::new("features");
+    let img = t.join("img");
+    let base = || {
+        mkfs_path(&img, Some(8 << 20), &MkfsOptions::default()).unwrap();
+    };
+    base();
+    patch_sb(&img, |sb| {
+        sb.set_feature_incompat(sb.feature_incompat() | incompat::INLINE_DATA)
+    });
+    let e = Filesystem::open_path(&img, OpenOptions::default())
+        .err()
+        .expect("refused");
+    assert!(e.to_string().contains("inline_data"), "{e}");
+    base();
+    patch_sb(&img, |sb| {
+        sb.set_feature_incompat(sb.feature_incompat() | 0x0100_0000)
+    });
+    let e = Filesystem::open_path(&img, OpenOptions::default())
+        .err()
+        .expect("refused");
+    assert!(e.to_string().contains("FEATURE_I24"), "{e}");
+    base();
+    patch_sb(&img, |sb| {
+        sb.set_feature_ro_compat(sb.feature_ro_compat() | ro_compat::VERITY | 0x4000_0000)
+    });
+    let before = std::fs::read(&img).unwrap();
+    let mut fs = Filesystem::open_path(&img, OpenOptions::default()).unwrap();
+    let why = fs.read_only_reason().unwrap().to_string();
+    assert!(
+        why.contains("verity") && why.contains("FEATURE_R30"),
+        "{why}"
+    );
+    let e = fs.create(ROOT_INO, b"x", 0o644, ME).unwrap_err();
+    assert_eq!(e.errno(), libc::EROFS);
+    assert!(fs.read_dir(ROOT_INO).is_ok());
+    fs.close().unwrap();
+    assert!(
+        std::fs::read(&img).unwrap() == before,
+        "a read-only open wrote to the image"
+    );
+    base();
+    patch_sb(&img, |sb| {
+        sb.set_feature_incompat(sb.feature_incompat() | incompat::RECOVER)
+    });
+    let mut fs = Filesystem::open_path(&img, OpenOptions::default()).unwrap();
+    assert!(fs.read_only_reason().unwrap().contains("recovery"));
+    assert_eq!(
+        fs.mkdir(ROOT_INO, b"x", 0o755, ME).unwrap_err().errno(),
+        libc::EROFS
+    );
+}
