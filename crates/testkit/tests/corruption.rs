@@ -1,0 +1,297 @@
+//! Corrupt images: a flipped byte in any metadata object gives an error
+//! naming the object, never a panic, and never a write to the image.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::Path;
+
+use folio_ext4::mkfs::{mkfs_path, FsType, MkfsOptions};
+use folio_ext4::{Error, Filesystem, OpenOptions, Owner, XattrMode, ROOT_INO};
+use folio_testkit::*;
+
+const ME: Owner = Owner { uid: 0, gid: 0 };
+
+struct Pristine {
+    bytes: Vec<u8>,
+    bs: u64,
+    dir: u32,
+    frag: u32,
+    x: u32,
+    empty: u32,
+    /// (what, byte offset) of interesting metadata.
+    spots: Vec<(&'static str, u64)>,
+    meta_blocks: Vec<u64>,
+}
+
+fn build(t: &TempDir, ty: FsType) -> Pristine {
+    let img = t.join("pristine.img");
+    let opts = MkfsOptions {
+        fs_type: ty,
+        block_size: Some(1024),
+        ..Default::default()
+    };
+    mkfs_path(&img, Some(16 << 20), &opts).unwrap();
+    let mut fs = Filesystem::open_path(&img, OpenOptions::default()).unwrap();
+    let dir = fs.mkdir(ROOT_INO, b"dir", 0o755, ME).unwrap();
+    for i in 0..300 {
+        fs.create(dir, format!("name-{i:04}").as_bytes(), 0o644, ME)
+            .unwrap();
+    }
+    let frag = fs.create(ROOT_INO, b"frag", 0o644, ME).unwrap();
+    for i in 0..40u64 {
+        fs.write(frag, i * 2048, &[i as u8 + 1; 1024]).unwrap();
+    }
+    let x = fs.create(ROOT_INO, b"x", 0o644, ME).unwrap();
+    fs.write(x, 0, b"xattr holder").unwrap();
+    fs.set_xattr(x, b"user.big", &[7u8; 700], XattrMode::Any)
+        .unwrap();
+    let empty = fs.create(ROOT_INO, b"empty", 0o644, ME).unwrap();
+    fs.sync().unwrap();
+
+    let bs = u64::from(fs.block_size());
+    let g = fs.geometry_info().clone();
+    let gd = fs.group_desc(0).unwrap().clone();
+    let inode_off = |ino: u32| gd.inode_table() * bs + u64::from(ino - 1) * u64::from(g.inode_size);
+    let dir_runs = fs.block_runs(dir).unwrap();
+    let dir_block = |l: u64| {
+        let r = dir_runs
+            .iter()
+            .find(|r| l >= r.lblk && l < r.lblk + r.len)
+            .unwrap();
+        r.pblk + (l - r.lblk)
+    };
+    let frag_meta = fs.mapping_blocks(frag).unwrap();
+    let xattr_blk = fs.read_inode(x).unwrap().file_acl();
+    let mut spots = vec![
+        ("superblock", 1024 + 0x30),
+        ("group descriptor 0", (g.first_data_block + 1) * bs + 0x0C),
+        ("inode", inode_off(x) + 0x4),
+        ("block bitmap of group 0", gd.block_bitmap() * bs + 3),
+        ("inode bitmap of group 0", gd.inode_bitmap() * bs + 0),
+        ("directory block 1", dir_block(1) * bs + 20),
+        ("xattr block", xattr_blk * bs + 40),
+    ];
+    if let Some(&b) = frag_meta.first() {
+        spots.push(("extent block", b * bs + 20));
+    }
+    if fs.stat(dir).unwrap().flags & folio_ext4::format::inode::FL_INDEX != 0 {
+        spots.push(("directory index", dir_block(0) * bs + 0x28));
+    }
+    let mut meta_blocks = vec![
+        1,
+        g.first_data_block + 1,
+        gd.block_bitmap(),
+        gd.inode_bitmap(),
+    ];
+    meta_blocks.extend((0..8).map(|i| gd.inode_table() + i));
+    meta_blocks.extend(dir_runs.iter().flat_map(|r| r.pblk..r.pblk + r.len));
+    meta_blocks.extend(frag_meta);
+    meta_blocks.push(xattr_blk);
+    fs.close().unwrap();
+    Pristine {
+        bytes: std::fs::read(&img).unwrap(),
+        bs,
+        dir,
+        frag,
+        x,
+        empty,
+        spots,
+        meta_blocks,
+    }
+}
+
+fn open(img: &Path) -> folio_ext4::Result<Filesystem> {
+    Filesystem::open_path(img, OpenOptions::default())
+}
+
+/// Read everything reachable; returns the first error.
+fn walk(fs: &mut Filesystem, dir: u32, depth: u32) -> folio_ext4::Result<()> {
+    if depth > 8 {
+        return Ok(());
+    }
+    for e in fs.read_dir(dir)? {
+        if e.name == b"." || e.name == b".." {
+            continue;
+        }
+        let st = fs.stat(e.ino)?;
+        fs.list_xattr(e.ino)?;
+        match st.file_type {
+            folio_ext4::FileType::Directory => walk(fs, e.ino, depth + 1)?,
+            folio_ext4::FileType::Regular => {
+                let mut b = vec![0u8; 4096];
+                let mut off = 0;
+                while off < st.size.min(1 << 20) {
+                    let n = fs.read(e.ino, off, &mut b)?;
+                    if n == 0 {
+                        break;
+                    }
+                    off += n as u64;
+                }
+            }
+            folio_ext4::FileType::Symlink => {
+                fs.readlink(e.ino)?;
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn each_corrupted_object_is_named_and_nothing_is_written() {
+    let t = TempDir::new("corrupt");
+    let p = build(&t, FsType::Ext4);
+    assert!(p.spots.len() >= 9, "all objects located: {:?}", p.spots);
+    for (what, off) in &p.spots {
+        let img = t.join("c.img");
+        let mut bytes = p.bytes.clone();
+        bytes[*off as usize] ^= 0x5a;
+        std::fs::write(&img, &bytes).unwrap();
+        let result: Result<(), Error> = (|| {
+            let mut fs = open(&img)?;
+            // A read that reaches the object, then a write that needs it.
+            let (read, write): (folio_ext4::Result<()>, folio_ext4::Result<()>) = match *what {
+                "inode" => (fs.stat(p.x).map(drop), fs.write(p.x, 0, b"y").map(drop)),
+                "extent block" => {
+                    let mut b = [0u8; 16];
+                    (
+                        fs.read(p.frag, 70_000, &mut b).map(drop),
+                        fs.write(p.frag, 1024, b"y").map(drop),
+                    )
+                }
+                "directory block 1" => (fs.read_dir(p.dir).map(drop), fs.rmdir(ROOT_INO, b"dir")),
+                "directory index" => (
+                    fs.lookup(p.dir, b"name-0007").map(drop),
+                    fs.create(p.dir, b"new", 0o644, ME).map(drop),
+                ),
+                "xattr block" => (
+                    fs.get_xattr(p.x, b"user.big").map(drop),
+                    fs.set_xattr(p.x, b"user.more", b"1", XattrMode::Any),
+                ),
+                "block bitmap of group 0" => (Ok(()), fs.write(p.empty, 0, b"data").map(drop)),
+                "inode bitmap of group 0" => {
+                    (Ok(()), fs.create(ROOT_INO, b"new", 0o644, ME).map(drop))
+                }
+                _ => (Ok(()), Ok(())),
+            };
+            let err = match (read, write) {
+                (Err(e), Err(_)) | (Ok(()), Err(e)) => e,
+                (r, w) => panic!("{what}: corruption went unnoticed: read {r:?}, write {w:?}"),
+            };
+            fs.close()?;
+            Err(err)
+        })();
+        let e = result.expect_err("an error");
+        assert!(
+            matches!(e, Error::BadChecksum { .. } | Error::Corrupted { .. }),
+            "{what}: unexpected error {e:?}"
+        );
+        let msg = e.to_string();
+        let name_word = what.split(' ').next().unwrap();
+        assert!(
+            msg.contains(name_word),
+            "{what}: message does not name it: {msg}"
+        );
+        assert!(
+            std::fs::read(&img).unwrap() == bytes,
+            "{what}: the corrupt image was written to"
+        );
+        if *what == "superblock" {
+            assert_eq!(e.errno(), libc::EBADMSG);
+        }
+    }
+    // A bad magic is not ext4 at all.
+    let img = t.join("m.img");
+    let mut bytes = p.bytes.clone();
+    bytes[1024 + 0x38] ^= 0xff;
+    std::fs::write(&img, &bytes).unwrap();
+    let e = open(&img).err().expect("refused");
+    assert!(e.to_string().contains("magic"), "{e}");
+    assert_eq!(p.bs, 1024);
+}
+
+#[test]
+fn structural_damage_without_checksums_is_caught() {
+    let t = TempDir::new("corrupt2");
+    let p = build(&t, FsType::Ext2);
+    // Directory entry with rec_len 0 (would loop forever if trusted).
+    let img = t.join("c.img");
+    let mut fs = Filesystem::open_path(
+        &t.join("pristine.img"),
+        OpenOptions {
+            read_only: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let runs = fs.block_runs(p.dir).unwrap();
+    let ind = fs.mapping_blocks(p.frag).unwrap();
+    drop(fs);
+    let mut bytes = p.bytes.clone();
+    let off = (runs[0].pblk * p.bs + 4) as usize;
+    bytes[off..off + 2].copy_from_slice(&0u16.to_le_bytes());
+    std::fs::write(&img, &bytes).unwrap();
+    let mut fs = open(&img).unwrap();
+    let e = fs.read_dir(p.dir).unwrap_err();
+    assert!(
+        matches!(e, Error::Corrupted { .. }) && e.to_string().contains("rec_len"),
+        "{e}"
+    );
+    // An indirect pointer past the end of the filesystem.
+    let mut bytes = p.bytes.clone();
+    let off = (ind[0] * p.bs) as usize;
+    bytes[off..off + 4].copy_from_slice(&0xFFFF_FFF0u32.to_le_bytes());
+    std::fs::write(&img, &bytes).unwrap();
+    let mut fs = open(&img).unwrap();
+    let mut b = [0u8; 16];
+    let e = fs.read(p.frag, 12 * 1024, &mut b).unwrap_err();
+    assert!(e.to_string().contains("outside the filesystem"), "{e}");
+    let e = fs.write(p.frag, 12 * 1024 + 5, b"x").unwrap_err();
+    assert_eq!(e.errno(), libc::EUCLEAN);
+}
+
+/// Random byte flips in metadata blocks: errors are fine, panics are not.
+#[test]
+fn random_metadata_damage_never_panics() {
+    let iterations: u64 = std::env::var("FOLIO_FUZZ_ITERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(150);
+    for ty in [FsType::Ext4, FsType::Ext2] {
+        let t = TempDir::new("fuzz");
+        let p = build(&t, ty);
+        let img = t.join("f.img");
+        for seed in 0..iterations {
+            let mut rng = Rng::new(seed ^ 0xC0FFEE);
+            let mut bytes = p.bytes.clone();
+            for _ in 0..1 + rng.below(4) {
+                let blk = p.meta_blocks[rng.below(p.meta_blocks.len() as u64) as usize];
+                let off = blk * p.bs + rng.below(p.bs);
+                bytes[off as usize] ^= 1 << rng.below(8);
+            }
+            std::fs::write(&img, &bytes).unwrap();
+            let outcome = catch_unwind(AssertUnwindSafe(|| {
+                let Ok(mut fs) = open(&img) else { return };
+                let _ = walk(&mut fs, ROOT_INO, 0);
+                let _ = fs
+                    .create(ROOT_INO, b"new-file", 0o644, ME)
+                    .and_then(|i| fs.write(i, 0, &[1u8; 5000]));
+                let _ = fs.mkdir(p.dir, b"new-dir", 0o755, ME);
+                let _ = fs.unlink(p.dir, b"name-0100");
+                let _ = fs.write(p.frag, 3000, b"overwrite");
+                let _ = fs.setattr(
+                    p.frag,
+                    &folio_ext4::SetAttr {
+                        size: Some(10_000),
+                        ..Default::default()
+                    },
+                );
+                let _ = fs.set_xattr(p.x, b"user.z", &[3u8; 300], XattrMode::Any);
+                let _ = fs.close();
+            }));
+            assert!(
+                outcome.is_ok(),
+                "{ty:?}: panic on damaged image; replay with seed {seed}"
+            );
+        }
+    }
+}
