@@ -66,7 +66,7 @@ fn build(t: &TempDir, ty: FsType) -> Pristine {
         ("group descriptor 0", (g.first_data_block + 1) * bs + 0x0C),
         ("inode", inode_off(x) + 0x4),
         ("block bitmap of group 0", gd.block_bitmap() * bs + 3),
-        ("inode bitmap of group 0", gd.inode_bitmap() * bs + 0),
+        ("inode bitmap of group 0", gd.inode_bitmap() * bs + 1),
         ("directory block 1", dir_block(1) * bs + 20),
         ("xattr block", xattr_blk * bs + 40),
     ];
