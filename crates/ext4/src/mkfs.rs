@@ -504,6 +504,11 @@ pub fn mkfs(dev: Arc<dyn BlockDevice>, size_bytes: u64, opts: &MkfsOptions) -> R
         }
     }
     sb.set_free_blocks_count(free_total);
+    // Like mke2fs: metadata overhead (without the resize inode's block),
+    // journal included; statfs leaves it out of the total.
+    let overhead =
+        blocks - free_total - u64::from(dind.is_some()) + u64::from(jblocks.unwrap_or(0));
+    sb.set_overhead_clusters(overhead as u32);
     sb.set_free_inodes_count(ipg * groups - 10);
 
     // Resize inode: the reserved descriptor blocks form its indirect tree.
@@ -588,7 +593,8 @@ pub fn mkfs(dev: Arc<dyn BlockDevice>, size_bytes: u64, opts: &MkfsOptions) -> R
     fs.dir_spread = false;
     let lpf = fs.mkdir(ROOT_INO, b"lost+found", 0o700, Owner::default())?;
     fs.dir_spread = true;
-    fs.expand_dir(lpf, 16384)?;
+    // mke2fs grows lost+found to 16 KiB within its direct blocks.
+    fs.expand_dir(lpf, 16384.min(12 * u64::from(bs)))?;
     let mut journal_blocks = 0;
     if let Some(j) = jblocks {
         fs.make_journal(j, opts.device_zeroed)?;

@@ -771,7 +771,12 @@ impl Filesystem {
 
     /// Filesystem statistics.
     pub fn statfs(&mut self) -> StatFs {
-        let overhead = self.overhead_blocks();
+        let recorded = u64::from(self.sb.overhead_clusters());
+        let overhead = if recorded != 0 {
+            recorded
+        } else {
+            self.overhead_blocks()
+        };
         let free = self.sb.free_blocks_count();
         let uuid = self.sb.uuid();
         let mut fsid = 0u64;

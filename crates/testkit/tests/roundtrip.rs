@@ -251,3 +251,47 @@ fn folio_written_trees_pass_e2fsck_and_match_through_the_kernel() {
         fs::remove_dir_all(&model).unwrap();
     }
 }
+
+/// `folio mkfs` with no options lays out exactly what mke2fs does:
+/// `dumpe2fs -h` agrees on every field but identifiers and times.
+#[test]
+fn mkfs_defaults_match_mke2fs() {
+    if !tools_present() || !require(have_tool("dumpe2fs"), "dumpe2fs is not installed") {
+        return;
+    }
+    let t = TempDir::new("mkfs-cmp");
+    let skip = [
+        "UUID",
+        "time",
+        "Hash Seed",
+        "Lifetime",
+        "Directory Hash",
+        "checksum",
+        "Checksum",
+        "Mount count",
+        "Last",
+        "created",
+        "Filesystem state",
+        "Journal start",
+        "Journal sequence",
+    ];
+    let header = |img: &Path| -> Vec<String> {
+        run(Command::new("dumpe2fs").arg("-h").arg(img))
+            .lines()
+            .filter(|l| !skip.iter().any(|s| l.contains(s)))
+            .map(str::to_string)
+            .collect()
+    };
+    for size in ["2M", "64M", "1G", "3G"] {
+        let a = t.join("folio.img");
+        let b = t.join("mke2fs.img");
+        let bytes = folio_cli::parse_size(size).unwrap();
+        mkfs_path(&a, Some(bytes), &MkfsOptions::default()).unwrap();
+        run(Command::new("mkfs.ext4")
+            .args(["-q", "-F"])
+            .arg(&b)
+            .arg(size));
+        assert_eq!(header(&a), header(&b), "size {size}");
+        e2fsck(&a).unwrap();
+    }
+}

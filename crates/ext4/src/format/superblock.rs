@@ -55,6 +55,7 @@ const FLAGS: usize = 0x160;
 const LOG_GROUPS_PER_FLEX: usize = 0x174;
 const CHECKSUM_TYPE: usize = 0x175;
 const KBYTES_WRITTEN: usize = 0x178;
+const OVERHEAD_CLUSTERS: usize = 0x248;
 const CHECKSUM_SEED: usize = 0x270;
 const ORPHAN_FILE_INUM: usize = 0x280;
 const CHECKSUM: usize = 0x3FC;
@@ -267,6 +268,7 @@ impl Superblock {
     field16!(min_extra_isize, set_min_extra_isize, MIN_EXTRA_ISIZE);
     field16!(want_extra_isize, set_want_extra_isize, WANT_EXTRA_ISIZE);
     field32!(flags, set_flags, FLAGS);
+    field32!(overhead_clusters, set_overhead_clusters, OVERHEAD_CLUSTERS);
     field32!(checksum_seed_raw, set_checksum_seed, CHECKSUM_SEED);
     field32!(orphan_file_inum, set_orphan_file_inum, ORPHAN_FILE_INUM);
     field32!(checksum, set_checksum, CHECKSUM);

@@ -1,0 +1,131 @@
+//! The `folio` command end to end: mkfs, mkdir, put, ls, cat, stat, get,
+//! rm, check; exit codes and error messages.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn folio(args: &[&dyn AsRef<std::ffi::OsStr>]) -> Output {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_folio"));
+    for a in args {
+        c.arg(a);
+    }
+    c.output().expect("run folio")
+}
+
+fn ok(args: &[&dyn AsRef<std::ffi::OsStr>]) -> String {
+    let o = folio(args);
+    assert!(
+        o.status.success(),
+        "folio failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn tmp(tag: &str) -> PathBuf {
+    let p = std::env::temp_dir().join(format!("folio-cli-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&p);
+    std::fs::create_dir_all(&p).unwrap();
+    p
+}
+
+fn have_e2fsck() -> bool {
+    ["/sbin/e2fsck", "/usr/sbin/e2fsck", "/usr/bin/e2fsck"]
+        .iter()
+        .any(|p| Path::new(p).exists())
+}
+
+#[test]
+fn commands_work_end_to_end() {
+    let dir = tmp("e2e");
+    let img = dir.join("disk.img");
+    let out = ok(&[&"mkfs", &img, &"--size", &"32M", &"--label", &"test"]);
+    assert!(
+        out.contains("Creating filesystem with 32768 1k blocks"),
+        "{out}"
+    );
+    let src = dir.join("src");
+    std::fs::create_dir_all(src.join("sub")).unwrap();
+    std::fs::write(src.join("a.txt"), b"alpha\n").unwrap();
+    std::fs::write(src.join("sub/b.bin"), vec![9u8; 200_000]).unwrap();
+    std::os::unix::fs::symlink("a.txt", src.join("ln")).unwrap();
+    ok(&[&"mkdir", &img, &"-p", &"/x/y/z"]);
+    ok(&[&"put", &img, &src, &"/x/y"]);
+    let ls = ok(&[&"ls", &img, &"/x/y/src"]);
+    assert_eq!(ls, "a.txt\nln\nsub\n");
+    let long = ok(&[&"ls", &img, &"-l", &"/x/y/src"]);
+    assert!(long.contains("ln -> a.txt"), "{long}");
+    assert_eq!(ok(&[&"cat", &img, &"/x/y/src/a.txt"]), "alpha\n");
+    assert_eq!(
+        ok(&[&"cat", &img, &"/x/y/src/ln"]),
+        "alpha\n",
+        "cat follows symlinks"
+    );
+    let st = ok(&[&"stat", &img, &"/x/y/src/sub/b.bin"]);
+    assert!(
+        st.contains("Size: 200000") && st.contains("regular file"),
+        "{st}"
+    );
+    let info = ok(&[&"info", &img]);
+    assert!(info.contains("Filesystem volume name:   test"), "{info}");
+    let out = dir.join("out");
+    std::fs::create_dir(&out).unwrap();
+    ok(&[&"get", &img, &"/x/y/src", &out]);
+    assert_eq!(
+        std::fs::read(out.join("src/sub/b.bin")).unwrap(),
+        vec![9u8; 200_000]
+    );
+    assert_eq!(
+        std::fs::read_link(out.join("src/ln")).unwrap(),
+        Path::new("a.txt")
+    );
+    ok(&[&"check", &img]);
+
+    // Errors: clear message, exit status 1, nothing changed.
+    let o = folio(&[&"rm", &img, &"/x"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("is a directory"));
+    let o = folio(&[&"cat", &img, &"/nope"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("/nope: no such file or directory"));
+    let o = folio(&[&"mkfs", &dir.join("bad.img"), &"--size", &"12Q"]);
+    assert_eq!(o.status.code(), Some(1));
+    let o = folio(&[&"ls"]);
+    assert_eq!(o.status.code(), Some(2), "usage errors exit 2");
+
+    ok(&[&"rm", &img, &"-r", &"/x"]);
+    assert_eq!(ok(&[&"ls", &img, &"/"]), "lost+found\n");
+    if have_e2fsck() {
+        let s = Command::new("e2fsck")
+            .arg("-fn")
+            .arg(&img)
+            .output()
+            .unwrap();
+        assert!(s.status.success(), "{}", String::from_utf8_lossy(&s.stdout));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn demo_makes_a_clean_image() {
+    let dir = tmp("demo");
+    let img = dir.join("demo.img");
+    let out = ok(&[&"demo", &img]);
+    assert!(
+        out.contains("hello.txt") && out.contains("sparse.bin"),
+        "{out}"
+    );
+    assert_eq!(
+        ok(&[&"cat", &img, &"/hello.txt"]),
+        "Hello from folio, a userspace ext4.\n"
+    );
+    if have_e2fsck() {
+        let s = Command::new("e2fsck")
+            .arg("-fn")
+            .arg(&img)
+            .output()
+            .unwrap();
+        assert!(s.status.success(), "{}", String::from_utf8_lossy(&s.stdout));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
