@@ -138,6 +138,25 @@ fn mkfs(image: &Path, size: Option<&str>, opts: MkfsOptions, quiet: bool) -> Cli
     Ok(())
 }
 
+/// Apply `f` to every path, reporting each failure like rm(1) and mkdir(1)
+/// do, then sync; fails if any path failed.
+fn each_path(
+    image: &Path,
+    paths: &[String],
+    f: impl Fn(&mut Filesystem, &str) -> CliResult,
+) -> CliResult {
+    let mut fs = open(image, false)?;
+    let mut result = Ok(());
+    for p in paths {
+        if let Err(e) = f(&mut fs, p) {
+            eprintln!("folio: {e}");
+            result = Err(String::new());
+        }
+    }
+    ctx(fs.close(), "sync")?;
+    result
+}
+
 fn run(cli: Cli) -> CliResult {
     match cli.cmd {
         Cmd::Demo { image } => copy::demo(&image),
@@ -215,34 +234,12 @@ fn run(cli: Cli) -> CliResult {
             image,
             paths,
             recursive,
-        } => {
-            let mut fs = open(&image, false)?;
-            let mut result = Ok(());
-            for p in &paths {
-                if let Err(e) = copy::rm(&mut fs, p, recursive) {
-                    eprintln!("folio: {e}");
-                    result = Err(String::new());
-                }
-            }
-            ctx(fs.close(), "sync")?;
-            result
-        }
+        } => each_path(&image, &paths, |fs, p| copy::rm(fs, p, recursive)),
         Cmd::Mkdir {
             image,
             paths,
             parents,
-        } => {
-            let mut fs = open(&image, false)?;
-            let mut result = Ok(());
-            for p in &paths {
-                if let Err(e) = copy::mkdir(&mut fs, p, parents) {
-                    eprintln!("folio: {e}");
-                    result = Err(String::new());
-                }
-            }
-            ctx(fs.close(), "sync")?;
-            result
-        }
+        } => each_path(&image, &paths, |fs, p| copy::mkdir(fs, p, parents)),
         Cmd::Check { image } => {
             let mut fs = open(&image, true)?;
             let problems = ctx(fs.check_counts(), "check")?;

@@ -84,6 +84,22 @@ impl Filesystem {
         bm
     }
 
+    /// Check a bitmap against the checksum its descriptor holds (16 bits
+    /// of it in 32-byte descriptors).
+    fn verify_bitmap(&self, bits: &[u8], want: u32, kind: &str, g: u32, blk: u64) -> Result<()> {
+        let mut got = bitmap_csum(self.csum_seed, bits);
+        if self.geo.desc_size < 64 {
+            got &= 0xFFFF;
+        }
+        if got != want {
+            return Err(Error::BadChecksum {
+                what: format!("{kind} bitmap of group {g}"),
+                block: blk,
+            });
+        }
+        Ok(())
+    }
+
     /// The block bitmap of group `g`, verified.
     pub(crate) fn load_block_bitmap(&mut self, g: u32) -> Result<Vec<u8>> {
         if self.block_uninit(g) {
@@ -94,16 +110,7 @@ impl Filesystem {
         if self.has_csum() {
             let n = (self.geo.blocks_per_group / 8) as usize;
             let want = self.groups[g as usize].block_bitmap_csum();
-            let mut got = bitmap_csum(self.csum_seed, &bm[..n]);
-            if self.geo.desc_size < 64 {
-                got &= 0xFFFF;
-            }
-            if got != want {
-                return Err(Error::BadChecksum {
-                    what: format!("block bitmap of group {g}"),
-                    block: blk,
-                });
-            }
+            self.verify_bitmap(&bm[..n], want, "block", g, blk)?;
         }
         Ok(bm)
     }
@@ -226,16 +233,7 @@ impl Filesystem {
         let bm = self.cache.read(blk)?.to_vec();
         if self.has_csum() {
             let want = self.groups[g as usize].inode_bitmap_csum();
-            let mut got = bitmap_csum(self.csum_seed, &bm[..ipg / 8]);
-            if self.geo.desc_size < 64 {
-                got &= 0xFFFF;
-            }
-            if got != want {
-                return Err(Error::BadChecksum {
-                    what: format!("inode bitmap of group {g}"),
-                    block: blk,
-                });
-            }
+            self.verify_bitmap(&bm[..ipg / 8], want, "inode", g, blk)?;
         }
         Ok(bm)
     }

@@ -24,5 +24,5 @@ pub use error::{Error, Result};
 pub use format::inode::{FileType, ROOT_INO};
 pub use format::Timespec;
 pub use fs::{Filesystem, OpenOptions};
-pub use ops::{Owner, RenameFlags, SetAttr, Stat, StatFs};
+pub use ops::{OpenFlags, Owner, RenameFlags, SetAttr, Stat, StatFs};
 pub use xattrs::XattrMode;

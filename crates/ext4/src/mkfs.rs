@@ -613,33 +613,30 @@ pub fn mkfs(dev: Arc<dyn BlockDevice>, size_bytes: u64, opts: &MkfsOptions) -> R
 }
 
 impl Filesystem {
+    /// A reserved inode (root, journal) made by mkfs: mode, links, times,
+    /// and an empty extent root on extent filesystems.
+    fn special_inode(&self, ino: u32, mode: u16, links: u16) -> Inode {
+        let isz = self.geo.inode_size;
+        let mut i = Inode::new(ino, isz as usize, 32.min(isz.saturating_sub(128)) as u16);
+        i.set_mode(mode);
+        i.set_links(links);
+        let now = Timespec::now();
+        i.set_atime(now);
+        i.set_mtime(now);
+        i.set_ctime(now);
+        i.set_crtime(now);
+        if self.sb.has_incompat(incompat::EXTENTS) {
+            self.init_extent_root(&mut i);
+        }
+        i
+    }
+
     /// Initialise inode 2 as the root directory (mkfs only: the inode is
     /// reserved, not allocated).
     fn make_root(&mut self, owner: Owner) -> Result<()> {
-        let mut root = Inode::new(
-            ROOT_INO,
-            self.geo.inode_size as usize,
-            32.min(self.geo.inode_size.saturating_sub(128)) as u16,
-        );
-        root.set_mode(S_IFDIR | 0o755);
+        let mut root = self.special_inode(ROOT_INO, S_IFDIR | 0o755, 2);
         root.set_uid(owner.uid);
         root.set_gid(owner.gid);
-        let now = Timespec::now();
-        root.set_atime(now);
-        root.set_mtime(now);
-        root.set_ctime(now);
-        root.set_crtime(now);
-        root.set_links(2);
-        if self.sb.has_incompat(incompat::EXTENTS) {
-            root.set_flags(crate::format::inode::FL_EXTENTS);
-            let mut r = [0u8; 60];
-            crate::format::extent::write_node(
-                &mut r,
-                4,
-                &crate::format::extent::Node::Leaf(vec![]),
-            );
-            root.i_block_mut().copy_from_slice(&r);
-        }
         self.dir_init(&mut root, ROOT_INO)?;
         self.write_inode(&mut root)?;
         let gd = &mut self.groups[0];
@@ -677,26 +674,8 @@ impl Filesystem {
     #[allow(clippy::big_endian_bytes)] // jbd2's on-disk format is big-endian
     fn make_journal(&mut self, jblocks: u32, zeroed: bool) -> Result<()> {
         let bs = u64::from(self.geo.block_size);
-        let mut j = Inode::new(
-            JOURNAL_INO,
-            self.geo.inode_size as usize,
-            32.min(self.geo.inode_size.saturating_sub(128)) as u16,
-        );
-        j.set_mode(S_IFREG | 0o600);
-        j.set_links(1);
-        let now = Timespec::now();
-        j.set_atime(now);
-        j.set_mtime(now);
-        j.set_ctime(now);
+        let mut j = self.special_inode(JOURNAL_INO, S_IFREG | 0o600, 1);
         if self.sb.has_incompat(incompat::EXTENTS) {
-            j.set_flags(crate::format::inode::FL_EXTENTS);
-            let mut r = [0u8; 60];
-            crate::format::extent::write_node(
-                &mut r,
-                4,
-                &crate::format::extent::Node::Leaf(vec![]),
-            );
-            j.i_block_mut().copy_from_slice(&r);
             // Like mke2fs: start in the middle of the filesystem, at a flex
             // group boundary.
             let mut g = self.block_group((self.geo.blocks_count - self.geo.first_data_block) / 2);

@@ -71,6 +71,19 @@ pub struct StatFs {
     pub fsid: u64,
 }
 
+/// open(2) flags the library honours.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct OpenFlags {
+    /// O_CREAT: create a regular file if the name does not exist.
+    pub create: bool,
+    /// O_EXCL (with `create`): fail with EEXIST if it exists.
+    pub exclusive: bool,
+    /// O_TRUNC: truncate an existing regular file to 0.
+    pub truncate: bool,
+    /// O_DIRECTORY: fail with ENOTDIR unless it is a directory.
+    pub directory: bool,
+}
+
 /// Who creates a file.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Owner {
@@ -142,7 +155,7 @@ impl Filesystem {
         Ok(inode)
     }
 
-    fn init_extent_root(&self, inode: &mut Inode) {
+    pub(crate) fn init_extent_root(&self, inode: &mut Inode) {
         inode.set_flags(inode.flags() | FL_EXTENTS);
         let mut root = [0u8; 60];
         write_node(&mut root, 4, &Node::Leaf(vec![]));
@@ -298,6 +311,41 @@ impl Filesystem {
             return Err(e);
         }
         Ok(inode.ino)
+    }
+
+    /// openat(2) without file handles: resolve `name` in `parent`,
+    /// creating or truncating as `flags` say, and return the inode number.
+    /// A final symlink is not followed (O_NOFOLLOW).
+    pub fn openat(
+        &mut self,
+        parent: u32,
+        name: &[u8],
+        flags: OpenFlags,
+        perm: u16,
+        owner: Owner,
+    ) -> Result<u32> {
+        let dir = self.dir_inode(parent)?;
+        let found = self.dir_lookup(&dir, name)?;
+        let ino = match found {
+            Some(_) if flags.create && flags.exclusive => return Err(Error::Exists),
+            Some((ino, _)) => ino,
+            None if flags.create => return self.create(parent, name, perm, owner),
+            None => return Err(Error::NotFound),
+        };
+        let mut inode = self.read_inode(ino)?;
+        if flags.directory && !inode.is_dir() {
+            return Err(Error::NotDir);
+        }
+        if flags.truncate {
+            if inode.is_dir() {
+                return Err(Error::IsDir);
+            }
+            if inode.is_reg() && inode.size() != 0 {
+                self.set_size(&mut inode, 0)?;
+                self.write_inode(&mut inode)?;
+            }
+        }
+        Ok(ino)
     }
 
     /// Create a regular file.

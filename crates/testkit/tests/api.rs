@@ -83,6 +83,45 @@ fn posix_operations_and_their_errors() {
     let m = fs.create(root, &ok255, 0o600, ME).unwrap();
     assert_eq!(fs.lookup(root, &ok255).unwrap(), m);
 
+    // open(2) flags
+    let c = folio_ext4::OpenFlags {
+        create: true,
+        ..Default::default()
+    };
+    let ce = folio_ext4::OpenFlags {
+        create: true,
+        exclusive: true,
+        ..Default::default()
+    };
+    let tr = folio_ext4::OpenFlags {
+        truncate: true,
+        ..Default::default()
+    };
+    assert_eq!(fs.openat(root, b"a", c, 0o644, ME).unwrap(), a);
+    assert_eq!(
+        fs.openat(root, b"a", ce, 0o644, ME).unwrap_err().errno(),
+        libc::EEXIST
+    );
+    assert_eq!(
+        fs.openat(root, b"nope", Default::default(), 0o644, ME)
+            .unwrap_err()
+            .errno(),
+        libc::ENOENT
+    );
+    let o = fs.openat(root, b"o", ce, 0o600, ME).unwrap();
+    fs.write(o, 0, b"12345").unwrap();
+    assert_eq!(fs.openat(root, b"o", tr, 0, ME).unwrap(), o);
+    assert_eq!(fs.stat(o).unwrap().size, 0);
+    let dflag = folio_ext4::OpenFlags {
+        directory: true,
+        ..Default::default()
+    };
+    assert_eq!(
+        fs.openat(root, b"o", dflag, 0, ME).unwrap_err().errno(),
+        libc::ENOTDIR
+    );
+    fs.unlink(root, b"o").unwrap();
+
     // stat and setattr with nanoseconds, crtime
     let st = fs.stat(a).unwrap();
     assert_eq!(

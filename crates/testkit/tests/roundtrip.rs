@@ -10,7 +10,7 @@ use folio_ext4::mkfs::{mkfs_path, FsType, MkfsOptions};
 use folio_ext4::{Filesystem, OpenOptions, RenameFlags, ROOT_INO};
 use folio_testkit::*;
 
-const FILES: usize = 1500;
+const FILES: usize = 2500;
 
 fn tools_present() -> bool {
     require(
@@ -176,6 +176,8 @@ fn folio_written_trees_pass_e2fsck_and_match_through_the_kernel() {
     enum Maker {
         Folio(FsType),
         Mke2fs(&'static str),
+        /// mkfs.ext4 with extra `-O` features.
+        Mke2fsWith(&'static str),
     }
     let configs = [
         (Maker::Folio(FsType::Ext4), 1024),
@@ -189,6 +191,7 @@ fn folio_written_trees_pass_e2fsck_and_match_through_the_kernel() {
         (Maker::Mke2fs("ext4"), 65536),
         (Maker::Mke2fs("ext3"), 4096),
         (Maker::Mke2fs("ext2"), 1024),
+        (Maker::Mke2fsWith("orphan_file"), 4096),
     ];
     for (i, (maker, bs)) in configs.iter().enumerate() {
         let img = t.join(&format!("w{i}.img"));
@@ -208,6 +211,13 @@ fn folio_written_trees_pass_e2fsck_and_match_through_the_kernel() {
                     .arg(&img)
                     .arg("900M"));
                 format!("mkfs.{kind} bs={bs}")
+            }
+            Maker::Mke2fsWith(features) => {
+                run(Command::new("mkfs.ext4")
+                    .args(["-q", "-F", "-O", features, "-b", &bs.to_string()])
+                    .arg(&img)
+                    .arg("900M"));
+                format!("mkfs.ext4 -O {features} bs={bs}")
             }
         };
         e2fsck(&img).unwrap_or_else(|e| panic!("{what}: fresh image: {e}"));
