@@ -1,0 +1,577 @@
+//! A jbd2-compatible journal: recovery of journals written by Linux,
+//! e2fsprogs or folio, and a writer for folio's transactions.
+//!
+//! The journal lives in blocks of the filesystem device given by `map`
+//! (journal logical block → device block), as an internal ext4 journal
+//! does. Protocol of [`Journal::commit`] (each step after the previous one
+//! is durable):
+//!
+//! 1. descriptor and data blocks into the log from `s_first`, the
+//!    superblock pointing at them (`s_start`, `s_sequence`); flush — this
+//!    flush also makes file data written before it durable (ordered mode);
+//! 2. the commit block; flush. The transaction is now durable;
+//! 3. (caller) the blocks in place; flush;
+//! 4. [`Journal::mark_empty`]: `s_start = 0`, next sequence; flush.
+//!
+//! The log is empty between transactions, so no revoke records are needed
+//! for blocks that are freed and reused later: nothing old is ever
+//! replayed. Recovery honours revoke records written by others.
+
+pub mod format;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::io;
+use std::sync::Arc;
+
+use folio_blockdev::BlockDevice;
+
+use format::*;
+
+/// Journal errors.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Error {
+    Io(io::Error),
+    /// The journal is inconsistent in a way recovery cannot pass over.
+    Corrupted(String),
+    /// A feature this implementation does not replay.
+    Unsupported(String),
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Io(e) => write!(f, "journal I/O error: {e}"),
+            Error::Corrupted(s) => write!(f, "journal corrupted: {s}"),
+            Error::Unsupported(s) => write!(f, "journal feature not supported: {s}"),
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+impl From<io::Error> for Error {
+    fn from(e: io::Error) -> Self {
+        Error::Io(e)
+    }
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// What recovery did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RecoveryReport {
+    /// Committed transactions found and replayed.
+    pub transactions: u32,
+    pub blocks_replayed: u64,
+    /// Journalled blocks skipped because a later revoke record covers them.
+    pub blocks_revoked: u64,
+    /// Why the scan stopped (end of log, torn transaction, ...).
+    pub stopped_because: String,
+}
+
+struct Txn {
+    seq: u32,
+    /// (target block, flags, journal logical block of the copy)
+    blocks: Vec<(u64, u32, u64)>,
+    revokes: Vec<u64>,
+}
+
+/// An open journal.
+pub struct Journal {
+    dev: Arc<dyn BlockDevice>,
+    map: Vec<u64>,
+    bs: usize,
+    fs_blocks: u64,
+    sb: JSuperblock,
+}
+
+impl Journal {
+    /// Open the journal whose blocks are `map` on `dev`. `fs_blocks` bounds
+    /// the block numbers a transaction may name.
+    pub fn load(
+        dev: Arc<dyn BlockDevice>,
+        map: Vec<u64>,
+        block_size: usize,
+        fs_blocks: u64,
+    ) -> Result<Self> {
+        let first = *map
+            .first()
+            .ok_or_else(|| Error::Corrupted("journal has no blocks".into()))?;
+        let mut raw = vec![0u8; block_size];
+        dev.read_at(first * block_size as u64, &mut raw)?;
+        let sb = JSuperblock { raw };
+        if sb.magic() != MAGIC {
+            return Err(Error::Corrupted("bad journal superblock magic".into()));
+        }
+        if sb.blocktype() != SUPERBLOCK_V2 && sb.blocktype() != SUPERBLOCK_V1 {
+            return Err(Error::Corrupted(format!(
+                "unknown journal superblock type {}",
+                sb.blocktype()
+            )));
+        }
+        if sb.block_size() as usize != block_size {
+            return Err(Error::Corrupted(
+                "journal block size differs from the filesystem's".into(),
+            ));
+        }
+        let maxlen = sb.maxlen() as usize;
+        if maxlen > map.len() || maxlen < 16 || sb.first() == 0 || sb.first() as usize >= maxlen {
+            return Err(Error::Corrupted(
+                "journal length or first block out of range".into(),
+            ));
+        }
+        if sb.blocktype() == SUPERBLOCK_V2 {
+            let unknown = sb.feature_incompat() & !INCOMPAT_SUPPORTED;
+            if unknown != 0 {
+                return Err(Error::Unsupported(format!(
+                    "jbd2 incompatible feature bits {unknown:#x}"
+                )));
+            }
+            if sb.csum_v2or3() {
+                if sb.checksum_type() != CSUM_TYPE_CRC32C {
+                    return Err(Error::Unsupported("journal checksum type".into()));
+                }
+                if sb.compute_checksum() != sb.checksum() {
+                    return Err(Error::Corrupted(
+                        "journal superblock checksum mismatch".into(),
+                    ));
+                }
+            }
+        }
+        if sb.start() != 0 && (sb.start() < sb.first() || sb.start() as usize >= maxlen) {
+            return Err(Error::Corrupted("journal start out of range".into()));
+        }
+        Ok(Journal {
+            dev,
+            map,
+            bs: block_size,
+            fs_blocks,
+            sb,
+        })
+    }
+
+    /// True if the log holds transactions that may need replay.
+    pub fn needs_recovery(&self) -> bool {
+        self.sb.start() != 0
+    }
+
+    pub fn superblock(&self) -> &JSuperblock {
+        &self.sb
+    }
+
+    fn read_log(&self, lblk: u64) -> Result<Vec<u8>> {
+        let p = self.map[lblk as usize];
+        let mut b = vec![0u8; self.bs];
+        self.dev.read_at(p * self.bs as u64, &mut b)?;
+        Ok(b)
+    }
+
+    fn write_log(&self, lblk: u64, data: &[u8]) -> Result<()> {
+        let p = self.map[lblk as usize];
+        self.dev.write_at(p * self.bs as u64, data)?;
+        Ok(())
+    }
+
+    fn next(&self, lblk: u64) -> u64 {
+        let n = lblk + 1;
+        if n >= u64::from(self.sb.maxlen()) {
+            u64::from(self.sb.first())
+        } else {
+            n
+        }
+    }
+
+    fn write_sb(&mut self) -> Result<()> {
+        self.sb.update_checksum();
+        let raw = self.sb.raw.clone();
+        self.write_log(0, &raw)
+    }
+
+    /// Scan the log for committed transactions (jbd2's PASS_SCAN).
+    fn scan(&self) -> Result<(Vec<Txn>, String)> {
+        let csum = self.sb.csum_v2or3();
+        let v3 = self.sb.has_incompat(INCOMPAT_CSUM_V3);
+        let seed = self.sb.csum_seed();
+        let bit64 = self.sb.has_incompat(INCOMPAT_64BIT);
+        let mut seq = self.sb.sequence();
+        let mut pos = u64::from(self.sb.start());
+        let mut txns = Vec::new();
+        let mut cur = Txn {
+            seq,
+            blocks: Vec::new(),
+            revokes: Vec::new(),
+        };
+        let limit = u64::from(self.sb.maxlen()) * 2;
+        let mut steps = 0u64;
+        let why = loop {
+            steps += 1;
+            if steps > limit {
+                break "the log wrapped without an end".to_string();
+            }
+            let b = self.read_log(pos)?;
+            let Some((kind, bseq)) = header(&b) else {
+                break format!("no journal block at log block {pos}");
+            };
+            if bseq != seq {
+                break format!("sequence {bseq} where {seq} was expected");
+            }
+            match kind {
+                DESCRIPTOR => {
+                    if csum
+                        && block_tail_csum(seed, &b) != be32(&b, self.bs - TAIL_LEN).unwrap_or(0)
+                    {
+                        break format!("descriptor checksum mismatch in transaction {seq}");
+                    }
+                    let Some(tags) = parse_tags(&b, &self.sb) else {
+                        break format!("malformed descriptor in transaction {seq}");
+                    };
+                    let mut torn = None;
+                    for t in tags {
+                        pos = self.next(pos);
+                        if t.blocknr >= self.fs_blocks {
+                            return Err(Error::Corrupted(format!(
+                                "transaction {seq} names block {} beyond the filesystem",
+                                t.blocknr
+                            )));
+                        }
+                        if csum {
+                            let data = self.read_log(pos)?;
+                            let mut c = data_csum(seed, seq, &data);
+                            if !v3 {
+                                c &= 0xFFFF;
+                            }
+                            if c != t.checksum {
+                                torn = Some(t.blocknr);
+                            }
+                        }
+                        cur.blocks.push((t.blocknr, t.flags, pos));
+                    }
+                    if let Some(blk) = torn {
+                        break format!(
+                            "transaction {seq} is torn (copy of block {blk} fails its checksum)"
+                        );
+                    }
+                    pos = self.next(pos);
+                }
+                REVOKE => {
+                    if csum
+                        && block_tail_csum(seed, &b) != be32(&b, self.bs - TAIL_LEN).unwrap_or(0)
+                    {
+                        break format!("revoke block checksum mismatch in transaction {seq}");
+                    }
+                    let count = be32(&b, 12).unwrap_or(0) as usize;
+                    let rec = if bit64 { 8 } else { 4 };
+                    let end = count.min(self.bs - if csum { TAIL_LEN } else { 0 });
+                    let mut off = 16;
+                    while off + rec <= end {
+                        let v = if bit64 {
+                            u64::from(be32(&b, off).unwrap_or(0)) << 32
+                                | u64::from(be32(&b, off + 4).unwrap_or(0))
+                        } else {
+                            u64::from(be32(&b, off).unwrap_or(0))
+                        };
+                        cur.revokes.push(v);
+                        off += rec;
+                    }
+                    pos = self.next(pos);
+                }
+                COMMIT => {
+                    if csum && commit_csum(seed, &b) != be32(&b, 0x10).unwrap_or(0) {
+                        break format!("commit block checksum mismatch in transaction {seq}");
+                    }
+                    txns.push(std::mem::replace(
+                        &mut cur,
+                        Txn {
+                            seq: seq.wrapping_add(1),
+                            blocks: Vec::new(),
+                            revokes: Vec::new(),
+                        },
+                    ));
+                    seq = seq.wrapping_add(1);
+                    pos = self.next(pos);
+                }
+                other => break format!("unknown journal block type {other}"),
+            }
+        };
+        Ok((txns, why))
+    }
+
+    /// Replay committed transactions, honouring revokes, then mark the
+    /// journal empty. Writes go straight to the device and are flushed.
+    pub fn recover(&mut self) -> Result<RecoveryReport> {
+        let mut report = RecoveryReport::default();
+        if !self.needs_recovery() {
+            report.stopped_because = "journal is empty".into();
+            return Ok(report);
+        }
+        let (txns, why) = self.scan()?;
+        report.stopped_because = why;
+        // PASS_REVOKE: the newest transaction revoking each block.
+        let mut revoked: HashMap<u64, u32> = HashMap::new();
+        for t in &txns {
+            for &b in &t.revokes {
+                let e = revoked.entry(b).or_insert(t.seq);
+                if t.seq.wrapping_sub(*e) as i32 > 0 {
+                    *e = t.seq;
+                }
+            }
+        }
+        // PASS_REPLAY.
+        for t in &txns {
+            for &(target, flags, pos) in &t.blocks {
+                if let Some(&r) = revoked.get(&target) {
+                    if r.wrapping_sub(t.seq) as i32 >= 0 {
+                        report.blocks_revoked += 1;
+                        continue;
+                    }
+                }
+                let mut data = self.read_log(pos)?;
+                if flags & FLAG_ESCAPE != 0 {
+                    put_be32(&mut data, 0, MAGIC);
+                }
+                self.dev.write_at(target * self.bs as u64, &data)?;
+                report.blocks_replayed += 1;
+            }
+        }
+        report.transactions = txns.len() as u32;
+        self.dev.flush()?;
+        let next = txns
+            .last()
+            .map_or(self.sb.sequence(), |t| t.seq.wrapping_add(1));
+        self.sb.set_start(0);
+        self.sb.set_sequence(next);
+        self.write_sb()?;
+        self.dev.flush()?;
+        Ok(report)
+    }
+
+    /// Turn on the features folio writes with: checksums v3 and 64-bit
+    /// block numbers when the filesystem has metadata_csum / 64bit, as
+    /// Linux does when it mounts.
+    pub fn set_write_features(&mut self, csum_v3: bool, bit64: bool) {
+        let mut inc = self.sb.feature_incompat();
+        if csum_v3 {
+            inc = (inc & !INCOMPAT_CSUM_V2) | INCOMPAT_CSUM_V3;
+            self.sb.set_checksum_type(CSUM_TYPE_CRC32C);
+            self.sb
+                .set_feature_compat(self.sb.feature_compat() & !COMPAT_CHECKSUM);
+        }
+        if bit64 {
+            inc |= INCOMPAT_64BIT;
+        }
+        self.sb.set_feature_incompat(inc);
+        if self.sb.blocktype() == SUPERBLOCK_V1 {
+            self.sb.set_blocktype(SUPERBLOCK_V2);
+        }
+    }
+
+    fn tags_per_descriptor(&self) -> usize {
+        let room =
+            self.bs - HEADER_LEN - UUID_LEN - if self.sb.csum_v2or3() { TAIL_LEN } else { 0 };
+        room / self.sb.tag_bytes()
+    }
+
+    /// Most blocks one transaction can carry.
+    pub fn capacity_blocks(&self) -> usize {
+        let log = (self.sb.maxlen() - self.sb.first()) as usize;
+        let per = self.tags_per_descriptor();
+        // descriptors + copies + commit block must fit in the log.
+        (log.saturating_sub(2)) * per / (per + 1)
+    }
+
+    /// Write one transaction holding `blocks` (target block, new contents)
+    /// and make it durable (steps 1 and 2 above). The log must be empty.
+    pub fn commit(&mut self, blocks: &[(u64, &[u8])]) -> Result<()> {
+        assert!(
+            !self.needs_recovery(),
+            "commit needs an empty log (recover or mark_empty first)"
+        );
+        assert!(
+            blocks.len() <= self.capacity_blocks(),
+            "transaction larger than the journal"
+        );
+        let seq = self.sb.sequence();
+        let seed = self.sb.csum_seed();
+        let csum = self.sb.csum_v2or3();
+        let v3 = self.sb.has_incompat(INCOMPAT_CSUM_V3);
+        let tb = self.sb.tag_bytes();
+        let per = self.tags_per_descriptor();
+        let first = u64::from(self.sb.first());
+        let mut pos = first;
+        for chunk in blocks.chunks(per) {
+            let mut desc = vec![0u8; self.bs];
+            write_header(&mut desc, DESCRIPTOR, seq);
+            let desc_pos = pos;
+            pos = self.next(pos);
+            let mut off = HEADER_LEN;
+            for (i, (target, data)) in chunk.iter().enumerate() {
+                assert_eq!(data.len(), self.bs);
+                let mut flags = 0;
+                if i > 0 {
+                    flags |= FLAG_SAME_UUID;
+                }
+                if i + 1 == chunk.len() {
+                    flags |= FLAG_LAST_TAG;
+                }
+                let mut copy = data.to_vec();
+                if be32(&copy, 0) == Some(MAGIC) {
+                    flags |= FLAG_ESCAPE;
+                    put_be32(&mut copy, 0, 0);
+                }
+                let mut c = if csum { data_csum(seed, seq, &copy) } else { 0 };
+                if !v3 {
+                    c &= 0xFFFF;
+                }
+                write_tag(
+                    &mut desc,
+                    off,
+                    &self.sb,
+                    &Tag {
+                        blocknr: *target,
+                        flags,
+                        checksum: c,
+                    },
+                );
+                off += tb;
+                if i == 0 {
+                    desc[off..off + UUID_LEN].copy_from_slice(&self.sb.uuid());
+                    off += UUID_LEN;
+                }
+                self.write_log(pos, &copy)?;
+                pos = self.next(pos);
+            }
+            if csum {
+                let c = block_tail_csum(seed, &desc);
+                put_be32(&mut desc, self.bs - TAIL_LEN, c);
+            }
+            self.write_log(desc_pos, &desc)?;
+        }
+        self.sb.set_start(first as u32);
+        self.sb.set_sequence(seq);
+        self.write_sb()?;
+        self.dev.flush()?;
+        let mut commit = vec![0u8; self.bs];
+        write_header(&mut commit, COMMIT, seq);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        commit[0x30..0x38].copy_from_slice(&now.as_secs().to_be_bytes());
+        put_be32(&mut commit, 0x38, now.subsec_nanos());
+        if csum {
+            let c = commit_csum(seed, &commit);
+            put_be32(&mut commit, 0x10, c);
+        }
+        self.write_log(pos, &commit)?;
+        self.dev.flush()?;
+        Ok(())
+    }
+
+    /// After the caller has written the committed blocks in place and
+    /// flushed: empty the log (step 4).
+    pub fn mark_empty(&mut self) -> Result<()> {
+        let next = self.sb.sequence().wrapping_add(1);
+        self.sb.set_start(0);
+        self.sb.set_sequence(next);
+        self.write_sb()?;
+        self.dev.flush()?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use folio_blockdev::MemDevice;
+
+    fn new_journal(bs: usize, len: u32, features: (bool, bool)) -> (MemDevice, Journal) {
+        // Filesystem blocks 0..64, journal at 64..64+len.
+        let dev = MemDevice::new(bs * (64 + len as usize));
+        let mut sb = vec![0u8; bs];
+        write_header(&mut sb, SUPERBLOCK_V2, 0);
+        put_be32(&mut sb, 0xC, bs as u32);
+        put_be32(&mut sb, 0x10, len);
+        put_be32(&mut sb, 0x14, 1);
+        put_be32(&mut sb, 0x18, 7);
+        sb[0x30..0x40].copy_from_slice(&[9; 16]);
+        dev.write_at(64 * bs as u64, &sb).unwrap();
+        let map = (64..64 + u64::from(len)).collect();
+        let mut j = Journal::load(Arc::new(dev.clone()), map, bs, 64).unwrap();
+        j.set_write_features(features.0, features.1);
+        (dev, j)
+    }
+
+    #[test]
+    fn committed_transactions_replay_and_uncommitted_do_not() {
+        for features in [(false, false), (true, true), (true, false), (false, true)] {
+            let bs = 1024;
+            let (dev, mut j) = new_journal(bs, 64, features);
+            let a = vec![0xAA; bs];
+            let mut escaped = vec![0xBB; bs];
+            escaped[..4].copy_from_slice(&MAGIC.to_be_bytes());
+            j.commit(&[(3, &a), (5, &escaped)]).unwrap();
+            // Crash before checkpoint: recovery writes both blocks.
+            let mut j2 = Journal::load(Arc::new(dev.clone()), (64..128).collect(), bs, 64).unwrap();
+            assert!(j2.needs_recovery());
+            let r = j2.recover().unwrap();
+            assert_eq!(
+                (r.transactions, r.blocks_replayed),
+                (1, 2),
+                "{features:?}: {r:?}"
+            );
+            let snap = dev.snapshot();
+            assert_eq!(&snap[3 * bs..4 * bs], &a[..]);
+            assert_eq!(&snap[5 * bs..6 * bs], &escaped[..]);
+            assert!(!j2.needs_recovery());
+            // A transaction without its commit block is not replayed.
+            let (dev, mut j) = new_journal(bs, 64, features);
+            j.commit(&[(3, &a)]).unwrap();
+            let commit_pos = 64 + 1 + 2; // sb, descriptor, copy, commit
+            dev.write_at(commit_pos as u64 * bs as u64, &vec![0u8; bs])
+                .unwrap();
+            let mut j2 = Journal::load(Arc::new(dev.clone()), (64..128).collect(), bs, 64).unwrap();
+            assert_eq!(j2.recover().unwrap().transactions, 0);
+            assert!(dev.snapshot()[3 * bs..4 * bs].iter().all(|&b| b == 0));
+        }
+    }
+
+    #[test]
+    fn torn_copies_are_detected_with_checksums() {
+        let bs = 1024;
+        let (dev, mut j) = new_journal(bs, 64, (true, true));
+        j.commit(&[(3, &vec![1u8; bs]), (4, &vec![2u8; bs])])
+            .unwrap();
+        // Tear the second copy.
+        dev.write_at((64 + 3) as u64 * bs as u64, &vec![7u8; 512])
+            .unwrap();
+        let mut j2 = Journal::load(Arc::new(dev.clone()), (64..128).collect(), bs, 64).unwrap();
+        let r = j2.recover().unwrap();
+        assert_eq!(r.transactions, 0, "{r:?}");
+        assert!(r.stopped_because.contains("torn"));
+    }
+
+    #[test]
+    fn hostile_superblocks_are_errors() {
+        let bs = 1024;
+        let (dev, _) = new_journal(bs, 64, (false, false));
+        let map: Vec<u64> = (64..128).collect();
+        put_be32_dev(&dev, 64 * bs + 0x10, 1_000_000);
+        assert!(Journal::load(Arc::new(dev.clone()), map.clone(), bs, 64).is_err());
+        put_be32_dev(&dev, 64 * bs + 0x10, 64);
+        put_be32_dev(&dev, 64 * bs + 0x1C, 500);
+        assert!(Journal::load(Arc::new(dev.clone()), map.clone(), bs, 64).is_err());
+        put_be32_dev(&dev, 64 * bs + 0x1C, 0);
+        put_be32_dev(&dev, 64 * bs + 0x28, 0x8000);
+        assert!(matches!(
+            Journal::load(Arc::new(dev), map, bs, 64),
+            Err(Error::Unsupported(_))
+        ));
+    }
+
+    fn put_be32_dev(dev: &MemDevice, off: usize, v: u32) {
+        let mut b = [0u8; 4];
+        put_be32(&mut b, 0, v);
+        dev.write_at(off as u64, &b).unwrap();
+    }
+}
