@@ -30,6 +30,9 @@ pub struct BufferCache {
     clock: VecDeque<u64>,
     hits: u64,
     misses: u64,
+    /// Never write a dirty block back on its own (a journal decides when
+    /// metadata may reach its home location): the cache grows instead.
+    no_steal: bool,
 }
 
 impl BufferCache {
@@ -44,6 +47,7 @@ impl BufferCache {
             clock: VecDeque::new(),
             hits: 0,
             misses: 0,
+            no_steal: false,
         }
     }
 
@@ -94,7 +98,7 @@ impl BufferCache {
             return Ok(());
         }
         let dirty = self.map.values().filter(|e| e.dirty).count();
-        if dirty * 2 >= self.capacity {
+        if dirty * 2 >= self.capacity && !self.no_steal {
             self.flush_dirty()?;
         }
         // Second-chance clock over at most two sweeps.
@@ -187,6 +191,35 @@ impl BufferCache {
         self.dev.flush()
     }
 
+    /// Keep dirty blocks until told (see the field).
+    pub fn set_no_steal(&mut self, on: bool) {
+        self.no_steal = on;
+    }
+
+    /// Copies of every dirty block, in ascending block order.
+    pub fn dirty_blocks(&self) -> Vec<(u64, Vec<u8>)> {
+        let mut v: Vec<(u64, Vec<u8>)> = self
+            .map
+            .iter()
+            .filter(|(_, e)| e.dirty)
+            .map(|(&b, e)| (b, e.data.to_vec()))
+            .collect();
+        v.sort_unstable_by_key(|x| x.0);
+        v
+    }
+
+    /// Mark every block clean: the caller wrote them all to the device.
+    pub fn mark_clean(&mut self) {
+        for e in self.map.values_mut() {
+            e.dirty = false;
+        }
+    }
+
+    /// Capacity in blocks.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
     /// Number of dirty blocks.
     pub fn dirty_count(&self) -> usize {
         self.map.values().filter(|e| e.dirty).count()
@@ -220,6 +253,20 @@ mod tests {
         for b in 0..100usize {
             assert_eq!(snap[b * 1024], b as u8 + 1);
         }
+    }
+
+    #[test]
+    fn no_steal_keeps_dirty_blocks_off_the_device() {
+        let dev = MemDevice::new(1024 * 200);
+        let mut c = BufferCache::new(Arc::new(dev.clone()), 1024, 16);
+        c.set_no_steal(true);
+        for b in 0..100u64 {
+            c.modify(b).unwrap()[0] = 1;
+        }
+        assert!(dev.snapshot().iter().all(|&x| x == 0));
+        assert_eq!(c.dirty_blocks().len(), 100);
+        c.sync().unwrap();
+        assert_eq!(dev.snapshot()[99 * 1024], 1);
     }
 
     #[test]

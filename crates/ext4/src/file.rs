@@ -103,6 +103,10 @@ impl Filesystem {
 
     /// Write `data` to file `ino` at `offset`. Returns the bytes written.
     pub fn write(&mut self, ino: u32, offset: u64, data: &[u8]) -> Result<usize> {
+        self.retry_nospc(|fs| fs.write_impl(ino, offset, data))
+    }
+
+    fn write_impl(&mut self, ino: u32, offset: u64, data: &[u8]) -> Result<usize> {
         self.check_writable()?;
         let mut inode = self.read_inode(ino)?;
         if inode.is_dir() {

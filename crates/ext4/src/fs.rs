@@ -1,7 +1,7 @@
 //! Opening an image: superblock and group descriptor validation, the
 //! feature policy, inode I/O and writing metadata back.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -69,6 +69,14 @@ pub struct Filesystem {
     /// Spread new directories over groups (off only while mkfs makes
     /// lost+found, which belongs next to the root).
     pub(crate) dir_spread: bool,
+    /// The journal, on read-write opens of journalled images.
+    pub(crate) journal: Option<folio_journal::Journal>,
+    /// Blocks freed by the running transaction: not allocated again until
+    /// it commits.
+    pub(crate) pinned: BTreeSet<u64>,
+    /// needs_recovery is set on disk (we have started writing).
+    pub(crate) recover_on_disk: bool,
+    pub(crate) last_recovery: Option<folio_journal::RecoveryReport>,
 }
 
 fn names(mask: u32, table: &[(u32, &str)], prefix: &str) -> String {
@@ -82,8 +90,15 @@ impl Filesystem {
         Self::open(Arc::new(dev), opts)
     }
 
-    /// Open a filesystem on `dev`.
+    /// Open a filesystem on `dev`. A read-write open of an image whose
+    /// journal needs recovery replays it first (and processes orphans); a
+    /// read-only open leaves it and says so in [`Self::read_only_reason`].
     pub fn open(dev: Arc<dyn BlockDevice>, opts: OpenOptions) -> Result<Self> {
+        Self::open_recovering(dev, opts)
+    }
+
+    /// Open without recovery or journal.
+    pub(crate) fn open_once(dev: Arc<dyn BlockDevice>, opts: OpenOptions) -> Result<Self> {
         let mut raw = [0u8; SUPERBLOCK_SIZE];
         if dev.size_bytes() < SUPERBLOCK_OFFSET + SUPERBLOCK_SIZE as u64 {
             return Err(Error::corrupted(
@@ -133,10 +148,12 @@ impl Filesystem {
                 names(unknown_ro, ro_compat::NAMES, "R")
             ));
         }
-        if sb.has_incompat(incompat::RECOVER) && read_only.is_none() {
+        if sb.has_incompat(incompat::RECOVER) {
+            // Said even when read-only was asked for: what is shown may
+            // miss the journal's last transactions.
             read_only = Some(
-                "the journal needs recovery, which folio cannot replay yet; \
-                 run `e2fsck -E journal_only` first"
+                "the journal needs recovery and was not replayed (open read-write, or run \
+                 `folio recover`, to replay it)"
                     .into(),
             );
         }
@@ -179,6 +196,10 @@ impl Filesystem {
             extent_cache: HashMap::new(),
             bytes_written: 0,
             dir_spread: true,
+            journal: None,
+            pinned: BTreeSet::new(),
+            recover_on_disk: false,
+            last_recovery: None,
         })
     }
 
@@ -513,11 +534,8 @@ impl Filesystem {
         Ok(())
     }
 
-    /// Write all metadata back and flush the device.
-    pub fn sync(&mut self) -> Result<()> {
-        if self.read_only.is_some() {
-            return Ok(());
-        }
+    /// Put the group descriptors and superblock into the cache.
+    pub(crate) fn write_metadata_to_cache(&mut self) -> Result<()> {
         if self.gdt_dirty {
             self.write_gdt()?;
             self.gdt_dirty = false;
@@ -526,12 +544,32 @@ impl Filesystem {
             self.write_superblock()?;
             self.sb_dirty = false;
         }
+        Ok(())
+    }
+
+    /// Make everything written so far durable: file data, then metadata
+    /// (through the journal when there is one).
+    pub fn sync(&mut self) -> Result<()> {
+        if self.read_only.is_some() {
+            return Ok(());
+        }
+        if self.journal.is_some() {
+            return self.sync_journalled();
+        }
+        self.write_metadata_to_cache()?;
         self.cache.sync()?;
         Ok(())
     }
 
-    /// Sync and close.
+    /// Sync and close cleanly (needs_recovery cleared).
     pub fn close(mut self) -> Result<()> {
+        if self.read_only.is_some() {
+            return Ok(());
+        }
+        // Commit what is pending (setting needs_recovery on the first
+        // commit), then commit the superblock with the flag cleared.
+        self.sync()?;
+        self.prepare_clean_close();
         self.sync()
     }
 

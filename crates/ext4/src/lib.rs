@@ -15,12 +15,14 @@ pub mod error;
 pub mod file;
 pub mod format;
 pub mod fs;
+pub mod journaling;
 pub mod mkfs;
 pub mod ops;
 pub mod xattrs;
 
 pub use dir::DirEntry;
 pub use error::{Error, Result};
+pub use folio_journal::RecoveryReport;
 pub use format::inode::{FileType, ROOT_INO};
 pub use format::Timespec;
 pub use fs::{Filesystem, OpenOptions};

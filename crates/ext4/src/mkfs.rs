@@ -263,9 +263,8 @@ pub fn mkfs(dev: Arc<dyn BlockDevice>, size_bytes: u64, opts: &MkfsOptions) -> R
     } else {
         None
     };
-    if jblocks.is_some() {
-        f_compat |= compat::HAS_JOURNAL;
-    }
+    // has_journal is set by make_journal once the journal exists (phase 2
+    // runs unjournalled).
     if ext4 {
         f_incompat |= incompat::EXTENTS | incompat::BIT64 | incompat::FLEX_BG;
         f_ro |= ro_compat::HUGE_FILE
@@ -747,6 +746,8 @@ impl Filesystem {
         backup[16] = j.size() as u32;
         self.sb.set_jnl_backup(&backup);
         self.sb.set_journal_inum(JOURNAL_INO);
+        let c = self.sb.feature_compat() | compat::HAS_JOURNAL;
+        self.sb.set_feature_compat(c);
         self.sb_dirty = true;
         Ok(())
     }

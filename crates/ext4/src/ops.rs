@@ -286,6 +286,17 @@ impl Filesystem {
         rdev: (u32, u32),
         owner: Owner,
     ) -> Result<u32> {
+        self.retry_nospc(|fs| fs.mknod_impl(parent, name, mode, rdev, owner))
+    }
+
+    fn mknod_impl(
+        &mut self,
+        parent: u32,
+        name: &[u8],
+        mode: u16,
+        rdev: (u32, u32),
+        owner: Owner,
+    ) -> Result<u32> {
         self.check_writable()?;
         let mut dir = self.dir_inode(parent)?;
         self.check_new_name(&dir, name)?;
@@ -317,6 +328,17 @@ impl Filesystem {
     /// creating or truncating as `flags` say, and return the inode number.
     /// A final symlink is not followed (O_NOFOLLOW).
     pub fn openat(
+        &mut self,
+        parent: u32,
+        name: &[u8],
+        flags: OpenFlags,
+        perm: u16,
+        owner: Owner,
+    ) -> Result<u32> {
+        self.retry_nospc(|fs| fs.openat_impl(parent, name, flags, perm, owner))
+    }
+
+    fn openat_impl(
         &mut self,
         parent: u32,
         name: &[u8],
@@ -378,6 +400,10 @@ impl Filesystem {
 
     /// Create a directory.
     pub fn mkdir(&mut self, parent: u32, name: &[u8], perm: u16, owner: Owner) -> Result<u32> {
+        self.retry_nospc(|fs| fs.mkdir_impl(parent, name, perm, owner))
+    }
+
+    fn mkdir_impl(&mut self, parent: u32, name: &[u8], perm: u16, owner: Owner) -> Result<u32> {
         self.check_writable()?;
         let mut pdir = self.dir_inode(parent)?;
         self.check_new_name(&pdir, name)?;
@@ -402,6 +428,16 @@ impl Filesystem {
 
     /// Create a symbolic link to `target`.
     pub fn symlink(
+        &mut self,
+        parent: u32,
+        name: &[u8],
+        target: &[u8],
+        owner: Owner,
+    ) -> Result<u32> {
+        self.retry_nospc(|fs| fs.symlink_impl(parent, name, target, owner))
+    }
+
+    fn symlink_impl(
         &mut self,
         parent: u32,
         name: &[u8],
@@ -490,6 +526,10 @@ impl Filesystem {
 
     /// Add a hard link to `ino` as `new_parent/new_name`.
     pub fn link(&mut self, ino: u32, new_parent: u32, new_name: &[u8]) -> Result<()> {
+        self.retry_nospc(|fs| fs.link_impl(ino, new_parent, new_name))
+    }
+
+    fn link_impl(&mut self, ino: u32, new_parent: u32, new_name: &[u8]) -> Result<()> {
         self.check_writable()?;
         let mut inode = self.read_inode(ino)?;
         if inode.is_dir() {
@@ -553,6 +593,10 @@ impl Filesystem {
 
     /// Remove a non-directory name.
     pub fn unlink(&mut self, parent: u32, name: &[u8]) -> Result<()> {
+        self.retry_nospc(|fs| fs.unlink_impl(parent, name))
+    }
+
+    fn unlink_impl(&mut self, parent: u32, name: &[u8]) -> Result<()> {
         self.check_writable()?;
         let dir = self.dir_inode(parent)?;
         let (ino, _) = self.dir_lookup(&dir, name)?.ok_or(Error::NotFound)?;
@@ -574,6 +618,10 @@ impl Filesystem {
 
     /// Remove an empty directory.
     pub fn rmdir(&mut self, parent: u32, name: &[u8]) -> Result<()> {
+        self.retry_nospc(|fs| fs.rmdir_impl(parent, name))
+    }
+
+    fn rmdir_impl(&mut self, parent: u32, name: &[u8]) -> Result<()> {
         self.check_writable()?;
         if name == b"." {
             return Err(Error::Invalid("cannot remove \".\"".into()));
@@ -620,6 +668,17 @@ impl Filesystem {
 
     /// Rename `parent/name` to `new_parent/new_name` (renameat2 semantics).
     pub fn rename(
+        &mut self,
+        parent: u32,
+        name: &[u8],
+        new_parent: u32,
+        new_name: &[u8],
+        flags: RenameFlags,
+    ) -> Result<()> {
+        self.retry_nospc(|fs| fs.rename_impl(parent, name, new_parent, new_name, flags))
+    }
+
+    fn rename_impl(
         &mut self,
         parent: u32,
         name: &[u8],
@@ -767,6 +826,10 @@ impl Filesystem {
 
     /// Change attributes of `ino`.
     pub fn setattr(&mut self, ino: u32, attr: &SetAttr) -> Result<Stat> {
+        self.retry_nospc(|fs| fs.setattr_impl(ino, attr))
+    }
+
+    fn setattr_impl(&mut self, ino: u32, attr: &SetAttr) -> Result<Stat> {
         self.check_writable()?;
         let mut inode = self.read_inode(ino)?;
         if let Some(size) = attr.size {

@@ -95,6 +95,16 @@ impl Filesystem {
         value: &[u8],
         mode: XattrMode,
     ) -> Result<()> {
+        self.retry_nospc(|fs| fs.set_xattr_impl(ino, name, value, mode))
+    }
+
+    fn set_xattr_impl(
+        &mut self,
+        ino: u32,
+        name: &[u8],
+        value: &[u8],
+        mode: XattrMode,
+    ) -> Result<()> {
         self.check_writable()?;
         let (index, suffix) = Xattr::split_name(name)
             .ok_or_else(|| Error::Unsupported("extended attribute namespace".into()))?;
@@ -127,6 +137,10 @@ impl Filesystem {
 
     /// Remove attribute `name` of inode `ino`.
     pub fn remove_xattr(&mut self, ino: u32, name: &[u8]) -> Result<()> {
+        self.retry_nospc(|fs| fs.remove_xattr_impl(ino, name))
+    }
+
+    fn remove_xattr_impl(&mut self, ino: u32, name: &[u8]) -> Result<()> {
         self.check_writable()?;
         let (index, suffix) = Xattr::split_name(name).ok_or(Error::NoAttr)?;
         let mut inode = self.read_inode(ino)?;

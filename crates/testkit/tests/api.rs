@@ -606,10 +606,33 @@ fn feature_flags_refuse_or_force_read_only_by_name() {
     patch_sb(&img, |sb| {
         sb.set_feature_incompat(sb.feature_incompat() | incompat::RECOVER)
     });
-    let mut fs = Filesystem::open_path(&img, OpenOptions::default()).unwrap();
+    // Read-only: not replayed, and it says why.
+    let mut fs = Filesystem::open_path(
+        &img,
+        OpenOptions {
+            read_only: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     assert!(fs.read_only_reason().unwrap().contains("recovery"));
     assert_eq!(
         fs.mkdir(ROOT_INO, b"x", 0o755, ME).unwrap_err().errno(),
         libc::EROFS
     );
+    drop(fs);
+    // Read-write: the (empty) journal is replayed and the flag cleared.
+    let mut fs = Filesystem::open_path(&img, OpenOptions::default()).unwrap();
+    assert!(fs.read_only_reason().is_none());
+    assert_eq!(fs.recovery_report().unwrap().transactions, 0);
+    fs.mkdir(ROOT_INO, b"x", 0o755, ME).unwrap();
+    fs.close().unwrap();
+    let sb = folio_ext4::format::superblock::Superblock::from_bytes(
+        &std::fs::read(&img).unwrap()[1024..2048],
+    )
+    .unwrap();
+    assert!(!sb.has_incompat(incompat::RECOVER));
+    if require(have_tool("e2fsck"), "e2fsck is not installed") {
+        e2fsck(&img).unwrap();
+    }
 }

@@ -1,0 +1,318 @@
+//! ext4 on the jbd2 journal: recovery at open, ordered-mode commits,
+//! the needs_recovery flag, the free-block rule and orphan processing.
+//!
+//! A transaction is every metadata block dirtied since the last commit.
+//! The buffer cache runs in no-steal mode, so no metadata reaches its home
+//! location before the transaction holding it has committed. File data is
+//! written to the device before the commit's first flush (ordered mode).
+//! Commits happen at [`Filesystem::sync`] and, between operations, when
+//! the running transaction grows past half of what the journal holds —
+//! never in the middle of an operation, so each operation is atomic.
+//!
+//! Free-block rule: a block freed by the running transaction is not
+//! allocated again until that transaction has committed ([`pinned`]);
+//! otherwise new data could land in a block the last committed metadata
+//! still points to. When an allocation fails with pinned blocks pending,
+//! the operation is retried once after a commit.
+//!
+//! [`pinned`]: Filesystem::pinned
+
+use std::sync::Arc;
+
+use folio_journal::{Journal, RecoveryReport};
+
+use crate::error::{Error, Result};
+use crate::format::inode::JOURNAL_INO;
+use crate::format::superblock::{
+    compat, incompat, ro_compat, Superblock, SUPERBLOCK_OFFSET, SUPERBLOCK_SIZE,
+};
+use crate::fs::{Filesystem, OpenOptions};
+
+impl From<folio_journal::Error> for Error {
+    fn from(e: folio_journal::Error) -> Self {
+        match e {
+            folio_journal::Error::Io(e) => Error::Io(e),
+            folio_journal::Error::Unsupported(s) => {
+                Error::UnsupportedFeature(format!("journal: {s}"))
+            }
+            other => Error::Corrupted {
+                what: other.to_string(),
+                block: 0,
+            },
+        }
+    }
+}
+
+impl Filesystem {
+    /// Device blocks of the journal inode, in journal order.
+    fn journal_map(&mut self) -> Result<Vec<u64>> {
+        let ino = self.sb.journal_inum();
+        if ino != JOURNAL_INO && ino == 0 {
+            return Err(Error::corrupted("has_journal without a journal inode", 0));
+        }
+        let inode = self.read_inode(ino)?;
+        if !inode.is_reg() {
+            return Err(Error::corrupted(
+                "the journal inode is not a regular file",
+                0,
+            ));
+        }
+        let bs = u64::from(self.geo.block_size);
+        let blocks = inode.size() / bs;
+        if blocks > self.geo.blocks_count || blocks < 16 {
+            return Err(Error::corrupted("journal inode size out of range", 0));
+        }
+        let mut map = Vec::with_capacity(blocks as usize);
+        for r in self.block_runs(ino)? {
+            if r.lblk != map.len() as u64 || r.unwritten {
+                return Err(Error::corrupted("the journal inode has holes", 0));
+            }
+            for k in 0..r.len {
+                if map.len() as u64 == blocks {
+                    break;
+                }
+                map.push(r.pblk + k);
+            }
+        }
+        if (map.len() as u64) < blocks {
+            return Err(Error::corrupted("the journal inode has holes", 0));
+        }
+        Ok(map)
+    }
+
+    /// Open with journal recovery: if the image needs it and may be
+    /// written, replay the journal, clear needs_recovery, process orphans.
+    pub(crate) fn open_recovering(
+        dev: Arc<dyn folio_blockdev::BlockDevice>,
+        opts: OpenOptions,
+    ) -> Result<Self> {
+        let fs = Self::open_once(dev.clone(), opts.clone())?;
+        let recover =
+            fs.sb.has_incompat(incompat::RECOVER) && fs.sb.has_compat(compat::HAS_JOURNAL);
+        if !recover || opts.read_only || dev.is_read_only() {
+            let mut fs = fs;
+            fs.attach_journal()?;
+            return Ok(fs);
+        }
+        let report = Self::replay(fs, &dev)?;
+        let mut fs = Self::open_once(dev, opts)?;
+        fs.last_recovery = Some(report);
+        fs.attach_journal()?;
+        if fs.read_only.is_none() {
+            fs.process_orphans()?;
+        }
+        Ok(fs)
+    }
+
+    /// Replay the journal of `fs` (opened read-only because of
+    /// needs_recovery) and clear the flag on disk.
+    fn replay(
+        mut fs: Filesystem,
+        dev: &Arc<dyn folio_blockdev::BlockDevice>,
+    ) -> Result<RecoveryReport> {
+        let map = fs.journal_map()?;
+        let bs = fs.geo.block_size as usize;
+        let blocks = fs.geo.blocks_count;
+        drop(fs);
+        let mut j = Journal::load(dev.clone(), map, bs, blocks)?;
+        let report = j.recover()?;
+        // The replayed superblock may be a journalled copy with the flag
+        // still set: clear it on disk.
+        let mut raw = [0u8; SUPERBLOCK_SIZE];
+        dev.read_at(SUPERBLOCK_OFFSET, &mut raw)?;
+        let mut sb = Superblock { raw };
+        sb.set_feature_incompat(sb.feature_incompat() & !incompat::RECOVER);
+        sb.update_checksum();
+        dev.write_at(SUPERBLOCK_OFFSET, &sb.raw)?;
+        dev.flush()?;
+        Ok(report)
+    }
+
+    /// Load the journal for writing (read-write opens of journalled
+    /// images). A journal that cannot be used makes the filesystem
+    /// read-only with the reason.
+    fn attach_journal(&mut self) -> Result<()> {
+        if self.read_only.is_some() || !self.sb.has_compat(compat::HAS_JOURNAL) {
+            return Ok(());
+        }
+        if self.sb.has_incompat(incompat::JOURNAL_DEV) || self.sb.journal_inum() == 0 {
+            self.read_only = Some("external journals are not supported".into());
+            return Ok(());
+        }
+        let map = match self.journal_map() {
+            Ok(m) => m,
+            Err(e) => {
+                self.read_only = Some(format!("the journal is unusable: {e}"));
+                return Ok(());
+            }
+        };
+        let dev = self.dev().clone();
+        let mut j = match Journal::load(
+            dev,
+            map,
+            self.geo.block_size as usize,
+            self.geo.blocks_count,
+        ) {
+            Ok(j) => j,
+            Err(e) => {
+                self.read_only = Some(format!("the journal is unusable: {e}"));
+                return Ok(());
+            }
+        };
+        if j.needs_recovery() {
+            self.read_only = Some(
+                "the journal holds transactions but needs_recovery is clear; run e2fsck".into(),
+            );
+            return Ok(());
+        }
+        j.set_write_features(
+            self.sb.metadata_csum(),
+            self.sb.has_incompat(incompat::BIT64),
+        );
+        self.cache.set_no_steal(true);
+        self.journal = Some(j);
+        Ok(())
+    }
+
+    /// What recovery did when this filesystem was opened, if it ran.
+    pub fn recovery_report(&self) -> Option<&RecoveryReport> {
+        self.last_recovery.as_ref()
+    }
+
+    /// Is the filesystem journalled (writes are atomic per transaction)?
+    pub fn is_journalled(&self) -> bool {
+        self.journal.is_some()
+    }
+
+    /// Set needs_recovery in the on-disk superblock alone (nothing else of
+    /// the running transaction) and make it durable.
+    fn set_recover_on_disk(&mut self) -> Result<()> {
+        let dev = self.dev().clone();
+        let mut raw = [0u8; SUPERBLOCK_SIZE];
+        dev.read_at(SUPERBLOCK_OFFSET, &mut raw)?;
+        let mut sb = Superblock { raw };
+        sb.set_feature_incompat(sb.feature_incompat() | incompat::RECOVER);
+        sb.update_checksum();
+        dev.write_at(SUPERBLOCK_OFFSET, &sb.raw)?;
+        dev.flush()?;
+        Ok(())
+    }
+
+    /// Commit every dirty metadata block through the journal, write them
+    /// in place and empty the log.
+    pub(crate) fn sync_journalled(&mut self) -> Result<()> {
+        if !self.recover_on_disk
+            && (self.sb_dirty || self.gdt_dirty || self.cache.dirty_count() > 0)
+        {
+            self.set_recover_on_disk()?;
+            self.recover_on_disk = true;
+            let f = self.sb.feature_incompat() | incompat::RECOVER;
+            self.sb.set_feature_incompat(f);
+            self.sb_dirty = true;
+        }
+        self.write_metadata_to_cache()?;
+        let dirty = self.cache.dirty_blocks();
+        if dirty.is_empty() {
+            // Nothing to commit; fsync still needs the data durable.
+            self.dev().flush()?;
+            return Ok(());
+        }
+        let cap = self
+            .journal
+            .as_ref()
+            .map_or(1, Journal::capacity_blocks)
+            .max(1);
+        for chunk in dirty.chunks(cap) {
+            let refs: Vec<(u64, &[u8])> = chunk.iter().map(|(b, d)| (*b, d.as_slice())).collect();
+            let j = self.journal.as_mut().expect("journalled");
+            j.commit(&refs)?;
+            for (b, d) in chunk {
+                self.dev()
+                    .write_at(*b * u64::from(self.geo.block_size), d)?;
+            }
+            self.dev().flush()?;
+            self.journal.as_mut().expect("journalled").mark_empty()?;
+        }
+        self.cache.mark_clean();
+        self.pinned.clear();
+        Ok(())
+    }
+
+    /// Clear needs_recovery for a clean close (journalled images).
+    pub(crate) fn prepare_clean_close(&mut self) {
+        if self.journal.is_some() && self.recover_on_disk {
+            let f = self.sb.feature_incompat() & !incompat::RECOVER;
+            self.sb.set_feature_incompat(f);
+            self.sb_dirty = true;
+        }
+    }
+
+    /// Called after each mutating operation: commit when the running
+    /// transaction has grown large.
+    pub(crate) fn op_done(&mut self) -> Result<()> {
+        if let Some(j) = &self.journal {
+            let limit = (j.capacity_blocks() / 2)
+                .min(self.cache.capacity() / 2)
+                .max(8);
+            if self.cache.dirty_count() >= limit {
+                self.sync()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Run `f`; if it fails for lack of space while freed blocks wait for
+    /// a commit, commit and run it once more.
+    pub(crate) fn retry_nospc<T>(
+        &mut self,
+        mut f: impl FnMut(&mut Self) -> Result<T>,
+    ) -> Result<T> {
+        let r = match f(self) {
+            Err(Error::NoSpace) if !self.pinned.is_empty() => {
+                self.sync()?;
+                f(self)
+            }
+            r => r,
+        };
+        if r.is_ok() {
+            self.op_done()?;
+        }
+        r
+    }
+
+    /// Process the orphan list left by an interrupted unlink or truncate:
+    /// free unlinked inodes, cut the others back to their size.
+    pub(crate) fn process_orphans(&mut self) -> Result<u32> {
+        if self.sb.has_ro_compat(ro_compat::ORPHAN_PRESENT) {
+            return Ok(0);
+        }
+        let mut ino = self.sb.last_orphan();
+        let mut n = 0u32;
+        let bs = u64::from(self.geo.block_size);
+        while ino != 0 {
+            if n > self.geo.inodes_count || ino > self.geo.inodes_count {
+                return Err(Error::corrupted("the orphan list is corrupt", 0));
+            }
+            let mut inode = self.read_inode(ino)?;
+            let next = inode.dtime();
+            if inode.links() == 0 {
+                self.release_inode(&mut inode)?;
+            } else {
+                if inode.is_reg() || inode.is_dir() {
+                    let keep = inode.size().div_ceil(bs);
+                    self.truncate_blocks(&mut inode, keep)?;
+                }
+                inode.set_dtime(0);
+                self.write_inode(&mut inode)?;
+            }
+            n += 1;
+            ino = next;
+        }
+        if self.sb.last_orphan() != 0 {
+            self.sb.set_last_orphan(0);
+            self.sb_dirty = true;
+            self.sync()?;
+        }
+        Ok(n)
+    }
+}
