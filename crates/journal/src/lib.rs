@@ -17,6 +17,9 @@
 //! for blocks that are freed and reused later: nothing old is ever
 //! replayed. Recovery honours revoke records written by others.
 
+// jbd2 stores every integer big-endian.
+#![allow(clippy::big_endian_bytes)]
+
 pub mod format;
 
 use std::collections::HashMap;
