@@ -17,7 +17,9 @@ use std::path::Path;
 use std::sync::{Arc, RwLock};
 
 mod cache;
+pub mod crash;
 pub use cache::BufferCache;
+pub use crash::CrashDevice;
 
 /// A byte-addressed device. Offsets and lengths are in bytes.
 pub trait BlockDevice: Send + Sync {

@@ -104,6 +104,9 @@ enum Cmd {
         #[arg(short = 'p')]
         parents: bool,
     },
+    /// Replay the journal if it needs recovery, process orphans, and exit
+    /// (like `e2fsck -E journal_only`).
+    Recover { image: PathBuf },
     /// Verify the image's allocation counters against its bitmaps.
     Check { image: PathBuf },
 }
@@ -240,6 +243,24 @@ fn run(cli: Cli) -> CliResult {
             paths,
             parents,
         } => each_path(&image, &paths, |fs, p| copy::mkdir(fs, p, parents)),
+        Cmd::Recover { image } => {
+            let fs = open(&image, false)?;
+            match fs.recovery_report() {
+                Some(r) => println!(
+                    "{}: replayed {} transaction(s), {} block(s) written, {} revoked ({})",
+                    image.display(),
+                    r.transactions,
+                    r.blocks_replayed,
+                    r.blocks_revoked,
+                    r.stopped_because
+                ),
+                None => println!("{}: journal is clean, nothing to recover", image.display()),
+            }
+            if let Some(why) = fs.read_only_reason() {
+                return Err(format!("{}: {why}", image.display()));
+            }
+            ctx(fs.close(), "sync")
+        }
         Cmd::Check { image } => {
             let mut fs = open(&image, true)?;
             let problems = ctx(fs.check_counts(), "check")?;

@@ -148,20 +148,29 @@ impl Filesystem {
             }
             let mut bm = self.load_block_bitmap(g)?;
             let count = self.group_block_count(g) as usize;
-            let from = if i == 0 {
-                (goal - self.group_first_block(g)) as usize
-            } else {
-                0
-            };
-            let found = find_zero(&bm, from, count).or_else(|| find_zero(&bm, 0, from.min(count)));
+            let gstart = self.group_first_block(g);
+            // Blocks freed by the running transaction look used here: they
+            // may not be reused before it commits.
+            let mut search = bm.clone();
+            let mut pinned_here = false;
+            for &b in self.pinned.range(gstart..gstart + count as u64) {
+                set_bit(&mut search, (b - gstart) as usize);
+                pinned_here = true;
+            }
+            let from = if i == 0 { (goal - gstart) as usize } else { 0 };
+            let found =
+                find_zero(&search, from, count).or_else(|| find_zero(&search, 0, from.min(count)));
             let Some(first) = found else {
+                if pinned_here {
+                    continue;
+                }
                 return Err(Error::corrupted(
                     format!("group {g} claims free blocks but its bitmap is full"),
                     self.groups[g as usize].block_bitmap(),
                 ));
             };
             let mut len = 0usize;
-            while first + len < count && len < want as usize && !bit(&bm, first + len) {
+            while first + len < count && len < want as usize && !bit(&search, first + len) {
                 set_bit(&mut bm, first + len);
                 len += 1;
             }
@@ -201,9 +210,13 @@ impl Filesystem {
                     ));
                 }
             }
+            let journalled = self.journal.is_some();
             for x in b..chunk_end {
                 clear_bit(&mut bm, (x - gstart) as usize);
                 self.cache.forget(x);
+                if journalled {
+                    self.pinned.insert(x);
+                }
             }
             self.store_block_bitmap(g, &bm)?;
             let n = chunk_end - b;

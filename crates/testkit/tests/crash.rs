@@ -1,0 +1,516 @@
+//! Crash consistency: workloads run on a crash-recording device; at every
+//! flush and at random points between flushes (random subsets of the
+//! pending writes, torn into 512-byte sectors) the image is recovered by
+//! folio and checked:
+//! 1. `e2fsck -fn` is clean;
+//! 2. every file synced and not touched since is there, exact;
+//! 3. no file holds a byte that was never written to it (the device is
+//!    filled with a marker first; each file is written with its own tag);
+//! 4. a rename is all-or-nothing.
+//!
+//! `FOLIO_CRASH_WORKLOADS=N` runs more workloads (each ~250 states);
+//! a failure prints the workload seed and crash point to replay.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use folio_blockdev::crash::{apply, crash_image, Event};
+use folio_blockdev::{BlockDevice, CrashDevice, MemDevice};
+use folio_ext4::mkfs::{mkfs, MkfsOptions};
+use folio_ext4::{FileType, Filesystem, OpenOptions, Owner, RenameFlags, SetAttr, ROOT_INO};
+use folio_testkit::*;
+
+const IMG: usize = 4 << 20;
+const PIECE: usize = 512;
+const MARK: u8 = 0xEE;
+const ME: Owner = Owner { uid: 0, gid: 0 };
+
+fn base_image(bs: u32) -> Vec<u8> {
+    let dev = MemDevice::from_bytes(vec![MARK; IMG]);
+    let opts = MkfsOptions {
+        block_size: Some(bs),
+        ..Default::default()
+    };
+    mkfs(Arc::new(dev.clone()), IMG as u64, &opts).unwrap();
+    dev.snapshot()
+}
+
+#[derive(Clone, Debug, Default)]
+struct Model {
+    /// tag → (path, content)
+    files: BTreeMap<u8, (String, Vec<u8>)>,
+    dirs: Vec<String>,
+}
+
+struct Checkpoint {
+    /// Event count when the sync returned.
+    event: usize,
+    step: usize,
+    model: Model,
+}
+
+#[derive(Default, Clone)]
+struct OpRec {
+    event_start: usize,
+    step: usize,
+    /// Tags whose content or existence changed.
+    changed: Vec<u8>,
+    /// A rename of a tag to a path.
+    renamed: Option<(u8, String)>,
+}
+
+struct Workload {
+    base: Vec<u8>,
+    events: Vec<Event>,
+    checkpoints: Vec<Checkpoint>,
+    ops: Vec<OpRec>,
+}
+
+fn lookup_path(fs: &mut Filesystem, path: &str) -> (u32, Vec<u8>) {
+    let (p, n) = fs.resolve_parent(path).unwrap();
+    (p, n.as_bytes().to_vec())
+}
+
+fn run_workload(seed: u64, bs: u32, steps: usize) -> Workload {
+    let base = base_image(bs);
+    let dev = CrashDevice::new(base.clone());
+    let mut fs = Filesystem::open(Arc::new(dev.clone()), OpenOptions::default()).unwrap();
+    let mut rng = Rng::new(seed);
+    let mut m = Model {
+        dirs: vec!["/".into()],
+        ..Default::default()
+    };
+    let mut checkpoints = vec![Checkpoint {
+        event: 0,
+        step: 0,
+        model: m.clone(),
+    }];
+    let mut ops = Vec::new();
+    let mut next_tag = 1u8;
+    for step in 1..=steps {
+        let mut rec = OpRec {
+            event_start: dev.event_count(),
+            step,
+            ..Default::default()
+        };
+        let tags: Vec<u8> = m.files.keys().copied().collect();
+        let pick = |rng: &mut Rng| tags[rng.below(tags.len() as u64) as usize];
+        match rng.below(100) {
+            0..=14 if next_tag < 200 => {
+                let dir = m.dirs[rng.below(m.dirs.len() as u64) as usize].clone();
+                let tag = next_tag;
+                next_tag += if next_tag + 1 == MARK { 2 } else { 1 };
+                let path = format!("{}/f{tag}", dir.trim_end_matches('/'));
+                let (p, n) = lookup_path(&mut fs, &path);
+                fs.create(p, &n, 0o644, ME).unwrap();
+                m.files.insert(tag, (path, Vec::new()));
+                rec.changed.push(tag);
+            }
+            15..=44 if !tags.is_empty() => {
+                let tag = pick(&mut rng);
+                let (path, content) = m.files.get_mut(&tag).unwrap();
+                let off = if rng.below(3) == 0 {
+                    content.len()
+                } else {
+                    rng.below(40_000) as usize
+                };
+                let len = 1 + rng.below(6000) as usize;
+                let ino = fs.resolve(path).unwrap();
+                fs.write(ino, off as u64, &vec![tag; len]).unwrap();
+                if content.len() < off + len {
+                    content.resize(off + len, 0);
+                }
+                content[off..off + len].fill(tag);
+                rec.changed.push(tag);
+            }
+            45..=52 if !tags.is_empty() => {
+                let tag = pick(&mut rng);
+                let (path, content) = m.files.get_mut(&tag).unwrap();
+                let size = rng.below(50_000) as usize;
+                let ino = fs.resolve(path).unwrap();
+                fs.setattr(
+                    ino,
+                    &SetAttr {
+                        size: Some(size as u64),
+                        ..Default::default()
+                    },
+                )
+                .unwrap();
+                content.resize(size, 0);
+                rec.changed.push(tag);
+            }
+            53..=64 if !tags.is_empty() => {
+                let tag = pick(&mut rng);
+                let from = m.files[&tag].0.clone();
+                let over = rng.below(3) == 0 && tags.len() > 1;
+                let to = if over {
+                    let victim = pick(&mut rng);
+                    if victim == tag {
+                        continue;
+                    }
+                    let p = m.files[&victim].0.clone();
+                    m.files.remove(&victim);
+                    rec.changed.push(victim);
+                    p
+                } else {
+                    let dir = &m.dirs[rng.below(m.dirs.len() as u64) as usize];
+                    format!("{}/r{tag}-{step}", dir.trim_end_matches('/'))
+                };
+                let (p, n) = lookup_path(&mut fs, &from);
+                let (q, o) = lookup_path(&mut fs, &to);
+                fs.rename(p, &n, q, &o, RenameFlags::default()).unwrap();
+                m.files.get_mut(&tag).unwrap().0 = to.clone();
+                rec.renamed = Some((tag, to));
+            }
+            65..=70 if !tags.is_empty() => {
+                let tag = pick(&mut rng);
+                let (p, n) = lookup_path(&mut fs, &m.files[&tag].0);
+                fs.unlink(p, &n).unwrap();
+                m.files.remove(&tag);
+                rec.changed.push(tag);
+            }
+            71..=76 if m.dirs.len() < 6 => {
+                let path = format!("/d{step}");
+                fs.mkdir(ROOT_INO, path[1..].as_bytes(), 0o755, ME).unwrap();
+                m.dirs.push(path);
+            }
+            77..=82 => {
+                // Directory growth: many empty entries in one directory.
+                let d = match fs.lookup(ROOT_INO, b"big") {
+                    Ok(d) => d,
+                    Err(_) => fs.mkdir(ROOT_INO, b"big", 0o755, ME).unwrap(),
+                };
+                for i in 0..40 {
+                    fs.create(
+                        d,
+                        format!("entry-{step}-{i}-padding-the-name").as_bytes(),
+                        0o644,
+                        ME,
+                    )
+                    .unwrap();
+                }
+            }
+            _ => {
+                fs.sync().unwrap();
+                checkpoints.push(Checkpoint {
+                    event: dev.event_count(),
+                    step,
+                    model: m.clone(),
+                });
+            }
+        }
+        ops.push(rec);
+    }
+    // The process dies here: no close.
+    drop(fs);
+    Workload {
+        base,
+        events: dev.events(),
+        checkpoints,
+        ops,
+    }
+}
+
+/// Files of a recovered image: path → content.
+fn files_of(fs: &mut Filesystem) -> folio_ext4::Result<BTreeMap<String, Vec<u8>>> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![(ROOT_INO, String::new())];
+    while let Some((dir, prefix)) = stack.pop() {
+        for e in fs.read_dir(dir)? {
+            if e.name == b"." || e.name == b".." || e.name == b"lost+found" || e.name == b"big" {
+                continue;
+            }
+            let path = format!("{prefix}/{}", String::from_utf8_lossy(&e.name));
+            let st = fs.stat(e.ino)?;
+            match st.file_type {
+                FileType::Directory => stack.push((e.ino, path)),
+                _ => {
+                    let mut b = vec![0u8; st.size as usize];
+                    fs.read(e.ino, 0, &mut b)?;
+                    out.insert(path, b);
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Check one crash state. `durable_upto`: events certainly durable;
+/// `crash_at`: events issued before the crash.
+fn check_state(
+    w: &Workload,
+    img: Vec<u8>,
+    durable_upto: usize,
+    crash_at: usize,
+    scratch: &std::path::Path,
+) -> Result<(), String> {
+    let cp = w
+        .checkpoints
+        .iter()
+        .rev()
+        .find(|c| c.event <= durable_upto)
+        .expect("checkpoint 0");
+    let after: Vec<&OpRec> = w
+        .ops
+        .iter()
+        .filter(|o| o.step > cp.step && o.event_start < crash_at)
+        .collect();
+    let mem = MemDevice::from_bytes(img);
+    let mut fs = Filesystem::open(Arc::new(mem.clone()), OpenOptions::default())
+        .map_err(|e| format!("open/recovery failed: {e}"))?;
+    let files = files_of(&mut fs).map_err(|e| format!("walk failed: {e}"))?;
+    // 3. No stale or foreign bytes.
+    for (path, data) in &files {
+        let tag = data.iter().copied().find(|&b| b != 0);
+        if let Some(t) = tag {
+            if t == MARK || data.iter().any(|&b| b != 0 && b != t) {
+                return Err(format!("{path} holds bytes never written to it"));
+            }
+        }
+    }
+    // 2. Synced, untouched files are exact.
+    for (tag, (path, content)) in &cp.model.files {
+        let touched = after
+            .iter()
+            .any(|o| o.changed.contains(tag) || o.renamed.as_ref().is_some_and(|r| r.0 == *tag));
+        let renamed_only = !after.iter().any(|o| o.changed.contains(tag));
+        if !touched {
+            match files.get(path) {
+                Some(d) if d == content => {}
+                Some(d) => {
+                    return Err(format!(
+                        "{path} (synced) has {} bytes, expected {}",
+                        d.len(),
+                        content.len()
+                    ))
+                }
+                None => return Err(format!("{path} (synced) is missing")),
+            }
+        } else if renamed_only && !content.is_empty() {
+            // 4. All or nothing: exactly one of its names holds it.
+            let mut names = vec![path.clone()];
+            names.extend(after.iter().filter_map(|o| {
+                o.renamed
+                    .as_ref()
+                    .filter(|r| r.0 == *tag)
+                    .map(|r| r.1.clone())
+            }));
+            let hits = names
+                .iter()
+                .filter(|n| files.get(*n) == Some(content))
+                .count();
+            if hits != 1 {
+                return Err(format!(
+                    "renamed file f{tag} found under {hits} of its names {names:?}"
+                ));
+            }
+        }
+    }
+    for d in &cp.model.dirs {
+        if fs.resolve(d).is_err() {
+            return Err(format!("synced directory {d} is missing"));
+        }
+    }
+    fs.close().map_err(|e| format!("close failed: {e}"))?;
+    // 1. e2fsck.
+    std::fs::write(scratch, mem.snapshot()).unwrap();
+    e2fsck(scratch)
+}
+
+struct Tally {
+    checked: usize,
+    failed: Vec<String>,
+}
+
+fn crash_states(seed: u64, bs: u32, scratch: &std::path::Path) -> Tally {
+    let w = run_workload(seed, bs, 160);
+    let mut rng = Rng::new(seed ^ 0x5EED);
+    let mut tally = Tally {
+        checked: 0,
+        failed: Vec::new(),
+    };
+    let mut durable = w.base.clone();
+    let mut prev = 0usize;
+    let flushes: Vec<usize> = w
+        .events
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| matches!(e, Event::Flush))
+        .map(|(i, _)| i)
+        .collect();
+    let ends = flushes
+        .iter()
+        .copied()
+        .chain(std::iter::once(w.events.len()));
+    for f in ends {
+        // Random points between the previous flush and this one, with
+        // random subsets of the pending writes, torn by sector.
+        if f > prev {
+            for _ in 0..3 {
+                let cut = prev + 1 + rng.below((f - prev) as u64) as usize;
+                let p = [10, 50, 90][rng.below(3) as usize];
+                let mut kr = Rng::new(rng.next_u64());
+                let img = crash_image(&durable, &w.events[prev..cut], PIECE, |_, _| {
+                    kr.below(100) < p
+                });
+                tally.checked += 1;
+                if let Err(e) = check_state(&w, img, prev, cut, scratch) {
+                    tally.failed.push(format!("seed {seed} bs {bs}: crash after event {cut} (durable {prev}, keep {p}%): {e}"));
+                }
+            }
+        }
+        if f == w.events.len() {
+            break;
+        }
+        for e in &w.events[prev..f] {
+            apply(&mut durable, e);
+        }
+        prev = f + 1;
+        tally.checked += 1;
+        if let Err(e) = check_state(&w, durable.clone(), prev, prev, scratch) {
+            tally.failed.push(format!(
+                "seed {seed} bs {bs}: crash at flush event {f}: {e}"
+            ));
+        }
+    }
+    tally
+}
+
+#[test]
+fn every_crash_state_recovers_clean_with_synced_data_intact() {
+    if !require(have_tool("e2fsck"), "e2fsck is not installed") {
+        return;
+    }
+    let workloads: u64 = std::env::var("FOLIO_CRASH_WORKLOADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(8);
+    let t = TempDir::new("crash");
+    let results: Vec<Tally> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..2u64)
+            .map(|worker| {
+                let scratch = t.join(&format!("state-{worker}.img"));
+                s.spawn(move || {
+                    let mut out = Vec::new();
+                    for seed in (worker..workloads).step_by(2) {
+                        let bs = if seed % 2 == 0 { 1024 } else { 4096 };
+                        out.push(crash_states(seed, bs, &scratch));
+                    }
+                    out
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect()
+    });
+    let checked: usize = results.iter().map(|r| r.checked).sum();
+    let failed: Vec<&String> = results.iter().flat_map(|r| &r.failed).collect();
+    println!("crash states checked: {checked}, failed: {}", failed.len());
+    assert!(checked > 500, "only {checked} crash states");
+    assert!(
+        failed.is_empty(),
+        "{} of {checked} crash states failed:\n{}",
+        failed.len(),
+        failed
+            .iter()
+            .take(10)
+            .map(|s| s.as_str())
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}
+
+#[test]
+#[ignore]
+fn debug_live_state() {
+    let w = run_workload(0, 1024, 160);
+    let mut live = w.base.clone();
+    for e in &w.events {
+        apply(&mut live, e);
+    }
+    let mem = MemDevice::from_bytes(live);
+    let mut fs = Filesystem::open(Arc::new(mem), OpenOptions::default()).unwrap();
+    let files = files_of(&mut fs).unwrap();
+    let model = &w.checkpoints.last().unwrap().model;
+    for (path, data) in &files {
+        let tag = data.iter().copied().find(|&b| b != 0);
+        if let Some(t) = tag {
+            let bad: Vec<usize> = data
+                .iter()
+                .enumerate()
+                .filter(|(_, &b)| b != 0 && b != t)
+                .map(|(i, _)| i)
+                .collect();
+            if !bad.is_empty() {
+                println!(
+                    "{path}: len {} tag {t}: {} bad bytes, first at {} (value {:#x}), last at {}",
+                    data.len(),
+                    bad.len(),
+                    bad[0],
+                    data[bad[0]],
+                    bad[bad.len() - 1]
+                );
+            }
+        }
+    }
+    let _ = model;
+}
+
+#[test]
+#[ignore]
+fn debug_state_101() {
+    let w = run_workload(0, 1024, 160);
+    let mut img = w.base.clone();
+    for e in &w.events[..101] {
+        apply(&mut img, e);
+    }
+    let mem = MemDevice::from_bytes(img);
+    let mut fs = Filesystem::open(Arc::new(mem), OpenOptions::default()).unwrap();
+    println!("recovery: {:?}", fs.recovery_report());
+    let files = files_of(&mut fs).unwrap();
+    for (path, data) in &files {
+        let tag = data.iter().copied().find(|&b| b != 0);
+        if let Some(t) = tag {
+            let bad: Vec<usize> = data
+                .iter()
+                .enumerate()
+                .filter(|(_, &b)| b != 0 && b != t)
+                .map(|(i, _)| i)
+                .collect();
+            if !bad.is_empty() {
+                println!(
+                    "{path}: len {} tag {t}: {} bad bytes, first at {} (value {:#x}), last at {}",
+                    data.len(),
+                    bad.len(),
+                    bad[0],
+                    data[bad[0]],
+                    bad[bad.len() - 1]
+                );
+                let ino = fs.resolve(path).unwrap();
+                println!("runs {:?}", fs.block_runs(ino).unwrap());
+            }
+        }
+    }
+    let cp = w.checkpoints.iter().rev().find(|c| c.event <= 101).unwrap();
+    println!("checkpoint step {} event {}", cp.step, cp.event);
+    for o in w
+        .ops
+        .iter()
+        .filter(|o| o.event_start <= 101 && o.step + 3 > cp.step)
+    {
+        println!(
+            "op step {} start {} changed {:?} renamed {:?}",
+            o.step, o.event_start, o.changed, o.renamed
+        );
+    }
+    for (i, e) in w.events[80..101].iter().enumerate() {
+        match e {
+            Event::Write { offset, data } => {
+                println!("{}: write blk {} len {}", 80 + i, offset / 1024, data.len())
+            }
+            Event::Flush => println!("{}: flush", 80 + i),
+        }
+    }
+}
