@@ -86,7 +86,33 @@ impl Filesystem {
         dev: Arc<dyn folio_blockdev::BlockDevice>,
         opts: OpenOptions,
     ) -> Result<Self> {
-        let fs = Self::open_once(dev.clone(), opts.clone())?;
+        let writable = !opts.read_only && !dev.is_read_only();
+        let fs = match Self::open_once(dev.clone(), opts.clone()) {
+            Ok(fs) => fs,
+            Err(e @ (Error::BadChecksum { .. } | Error::Corrupted { .. })) if writable => {
+                // A crash in the middle of a checkpoint can tear the
+                // superblock or a descriptor block; the journal holds good
+                // copies. Find it through a backup superblock.
+                let report = match Self::rescue_replay(&dev) {
+                    Ok(Some(r)) => r,
+                    _ => match Self::repair_torn_flag_write(&dev) {
+                        Ok(true) => RecoveryReport {
+                            stopped_because: "repaired a superblock torn while needs_recovery was being set or cleared".into(),
+                            ..Default::default()
+                        },
+                        _ => return Err(e),
+                    },
+                };
+                let mut fs = Self::open_once(dev, opts)?;
+                fs.last_recovery = Some(report);
+                fs.attach_journal()?;
+                if fs.read_only.is_none() {
+                    fs.process_orphans()?;
+                }
+                return Ok(fs);
+            }
+            Err(e) => return Err(e),
+        };
         let recover =
             fs.sb.has_incompat(incompat::RECOVER) && fs.sb.has_compat(compat::HAS_JOURNAL);
         if !recover || opts.read_only || dev.is_read_only() {
@@ -126,6 +152,176 @@ impl Filesystem {
         dev.write_at(SUPERBLOCK_OFFSET, &sb.raw)?;
         dev.flush()?;
         Ok(report)
+    }
+
+    /// Replay the journal found through the group 1 backup superblock's
+    /// `s_jnl_blocks` (e2fsck's way when the primary cannot be read).
+    /// `Ok(None)` if there is no usable backup or nothing to replay.
+    fn rescue_replay(dev: &Arc<dyn folio_blockdev::BlockDevice>) -> Result<Option<RecoveryReport>> {
+        // Candidates: the group 1 backup for each block size (checksum
+        // verified), then the primary itself with its checksum not trusted
+        // (a tear leaves the journal location intact: it never changes and
+        // lies in the superblock's first sector; the journal superblock is
+        // validated on its own). The replay rewrites the primary whole.
+        let mut candidates: Vec<(u64, Option<u64>, bool)> = (0..=6u32)
+            .map(|log| {
+                let bs = 1024u64 << log;
+                let bpg = (bs * 8).min(65528);
+                let fdb = u64::from(bs == 1024);
+                ((fdb + bpg) * bs, Some(bs), true)
+            })
+            .collect();
+        candidates.push((SUPERBLOCK_OFFSET, None, false));
+        for (off, want_bs, verify) in candidates {
+            if off + SUPERBLOCK_SIZE as u64 > dev.size_bytes() {
+                continue;
+            }
+            let mut raw = [0u8; SUPERBLOCK_SIZE];
+            dev.read_at(off, &mut raw)?;
+            let sb = Superblock { raw };
+            let Some(bs) = sb.block_size().map(u64::from) else {
+                continue;
+            };
+            let valid = sb.magic() == crate::format::superblock::MAGIC
+                && want_bs.is_none_or(|w| w == bs)
+                && (!verify || sb.block_group_nr() == 1)
+                && (!verify || !sb.metadata_csum() || sb.compute_checksum() == sb.checksum())
+                && sb.has_compat(compat::HAS_JOURNAL)
+                && sb.jnl_backup_type() == 1
+                && sb.blocks_count().saturating_mul(bs) <= dev.size_bytes();
+            if !valid {
+                continue;
+            }
+            let Ok(map) = Self::map_from_jnl_backup(dev, &sb, bs) else {
+                continue;
+            };
+            let Ok(mut j) = Journal::load(dev.clone(), map, bs as usize, sb.blocks_count()) else {
+                continue;
+            };
+            if !j.needs_recovery() {
+                return Ok(None);
+            }
+            let report = j.recover()?;
+            let mut raw = [0u8; SUPERBLOCK_SIZE];
+            dev.read_at(SUPERBLOCK_OFFSET, &mut raw)?;
+            let mut psb = Superblock { raw };
+            if psb.magic() == crate::format::superblock::MAGIC {
+                psb.set_feature_incompat(psb.feature_incompat() & !incompat::RECOVER);
+                psb.update_checksum();
+                dev.write_at(SUPERBLOCK_OFFSET, &psb.raw)?;
+                dev.flush()?;
+            }
+            return Ok(Some(report));
+        }
+        Ok(None)
+    }
+
+    /// The superblock writes that bypass the journal only set or clear
+    /// needs_recovery. Torn between sectors, the old and new versions
+    /// differ in that one flag and in the checksum, so toggling the flag
+    /// and finding the checksum valid recovers an exact copy.
+    fn repair_torn_flag_write(dev: &Arc<dyn folio_blockdev::BlockDevice>) -> Result<bool> {
+        let mut raw = [0u8; SUPERBLOCK_SIZE];
+        dev.read_at(SUPERBLOCK_OFFSET, &mut raw)?;
+        let mut sb = Superblock { raw };
+        if sb.magic() != crate::format::superblock::MAGIC || !sb.metadata_csum() {
+            return Ok(false);
+        }
+        sb.set_feature_incompat(sb.feature_incompat() ^ incompat::RECOVER);
+        if sb.compute_checksum() != sb.checksum() {
+            return Ok(false);
+        }
+        // Either version will do: the journal is empty (checked by the
+        // caller's failed replay) — keep the flag clear.
+        sb.set_feature_incompat(sb.feature_incompat() & !incompat::RECOVER);
+        sb.update_checksum();
+        dev.write_at(SUPERBLOCK_OFFSET, &sb.raw)?;
+        dev.flush()?;
+        Ok(true)
+    }
+
+    /// Journal block map from `s_jnl_blocks` (extent root or indirect map).
+    fn map_from_jnl_backup(
+        dev: &Arc<dyn folio_blockdev::BlockDevice>,
+        sb: &Superblock,
+        bs: u64,
+    ) -> Result<Vec<u64>> {
+        use crate::format::extent::{parse_node, Node};
+        let w = sb.jnl_blocks();
+        let mut iblock = [0u8; 60];
+        for (i, v) in w.iter().take(15).enumerate() {
+            iblock[i * 4..i * 4 + 4].copy_from_slice(&v.to_le_bytes());
+        }
+        let size = u64::from(w[15]) << 32 | u64::from(w[16]);
+        let nblocks = size / bs;
+        if nblocks < 16 || nblocks > sb.blocks_count() {
+            return Err(Error::corrupted("backup journal size out of range", 0));
+        }
+        let bad = || Error::corrupted("backup journal map is corrupt", 0);
+        let read_block = |blk: u64| -> Result<Vec<u8>> {
+            let mut b = vec![0u8; bs as usize];
+            dev.read_at(blk.checked_mul(bs).ok_or_else(bad)?, &mut b)?;
+            Ok(b)
+        };
+        let mut map = Vec::with_capacity(nblocks as usize);
+        if sb.has_incompat(incompat::EXTENTS) {
+            // Walk the tree (bounded depth) collecting leaf extents.
+            let mut stack = vec![(iblock.to_vec(), 0u32)];
+            let mut leaves = Vec::new();
+            while let Some((node, depth)) = stack.pop() {
+                if depth > 5 {
+                    return Err(bad());
+                }
+                match parse_node(&node).map_err(|_| bad())?.1 {
+                    Node::Leaf(v) => leaves.extend(v),
+                    Node::Index { entries, .. } => {
+                        for ix in entries.iter().rev() {
+                            stack.push((read_block(ix.child)?, depth + 1));
+                        }
+                    }
+                }
+            }
+            leaves.sort_by_key(|e| e.lblk);
+            for e in leaves {
+                if u64::from(e.lblk) != map.len() as u64 {
+                    return Err(bad());
+                }
+                map.extend(e.pblk..e.pblk + u64::from(e.len));
+            }
+        } else {
+            let ptrs = |blk: u64| -> Result<Vec<u64>> {
+                Ok(read_block(blk)?
+                    .chunks_exact(4)
+                    .map(|c| u64::from(u32::from_le_bytes([c[0], c[1], c[2], c[3]])))
+                    .collect())
+            };
+            map.extend(w.iter().take(12).map(|&v| u64::from(v)));
+            for (slot, depth) in [(12usize, 1u32), (13, 2), (14, 3)] {
+                let root = u64::from(w[slot]);
+                if root == 0 || map.len() as u64 >= nblocks {
+                    continue;
+                }
+                let mut frontier = vec![root];
+                for _ in 1..depth {
+                    let mut next = Vec::new();
+                    for b in frontier {
+                        next.extend(ptrs(b)?.into_iter().filter(|&p| p != 0));
+                        if next.len() as u64 > nblocks {
+                            return Err(bad());
+                        }
+                    }
+                    frontier = next;
+                }
+                for b in frontier {
+                    map.extend(ptrs(b)?);
+                }
+            }
+        }
+        map.truncate(nblocks as usize);
+        if (map.len() as u64) < nblocks || map.iter().any(|&b| b == 0 || b >= sb.blocks_count()) {
+            return Err(bad());
+        }
+        Ok(map)
     }
 
     /// Load the journal for writing (read-write opens of journalled

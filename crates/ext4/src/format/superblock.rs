@@ -368,6 +368,20 @@ impl Superblock {
         }
         self.raw[JNL_BACKUP_TYPE] = 1; // EXT3_JNL_BACKUP_BLOCKS
     }
+    /// `s_jnl_blocks`: a copy of the journal inode's i_block (15 words)
+    /// and its size (hi, lo), kept so the journal can be found without
+    /// the inode.
+    pub fn jnl_blocks(&self) -> [u32; 17] {
+        std::array::from_fn(|i| le32(&self.raw, JNL_BLOCKS + 4 * i))
+    }
+    pub fn jnl_backup_type(&self) -> u8 {
+        self.raw[JNL_BACKUP_TYPE]
+    }
+    /// `s_block_group_nr`: which group's copy this is.
+    pub fn block_group_nr(&self) -> u16 {
+        le16(&self.raw, 0x5A)
+    }
+
     pub fn log_groups_per_flex(&self) -> u8 {
         self.raw[LOG_GROUPS_PER_FLEX]
     }
