@@ -183,7 +183,8 @@ fn run_workload(seed: u64, bs: u32, steps: usize) -> Workload {
             }
             71..=76 if m.dirs.len() < 6 => {
                 let path = format!("/d{step}");
-                fs.mkdir(ROOT_INO, path[1..].as_bytes(), 0o755, ME).unwrap();
+                fs.mkdir(ROOT_INO, &path.as_bytes()[1..], 0o755, ME)
+                    .unwrap();
                 m.dirs.push(path);
             }
             77..=82 => {
