@@ -143,20 +143,22 @@ impl Filesystem {
         let pblk = self.dir_pblk(dir, lblk)?;
         let data = self.cache.read(pblk)?.to_vec();
         if self.has_csum() {
+            // Index blocks are recognised by position and shape first, as
+            // Linux does: a root converted from a full leaf keeps the old
+            // leaf tail's bytes and would pass for a leaf.
             let seed = dir.csum_seed(self.csum_seed);
-            if has_tail(&data) {
-                if leaf_csum(seed, &data) != tail_csum_stored(&data) {
+            if let Some(co) = self.dx_count_offset(dir, lblk, &data) {
+                let stored = dx_csum_stored(&data, co);
+                if stored.is_none() || dx_csum(seed, &data, co) != stored {
                     return Err(Error::BadChecksum {
-                        what: format!("directory block {lblk} of inode {}", dir.ino),
+                        what: format!("directory index block {lblk} of inode {}", dir.ino),
                         block: pblk,
                     });
                 }
-            } else if let Some(co) = self.dx_count_offset(dir, lblk, &data) {
-                if dx_csum(seed, &data, co) != dx_csum_stored(&data, co)
-                    || dx_csum_stored(&data, co).is_none()
-                {
+            } else if has_tail(&data) {
+                if leaf_csum(seed, &data) != tail_csum_stored(&data) {
                     return Err(Error::BadChecksum {
-                        what: format!("directory index block {lblk} of inode {}", dir.ino),
+                        what: format!("directory block {lblk} of inode {}", dir.ino),
                         block: pblk,
                     });
                 }
@@ -190,11 +192,17 @@ impl Filesystem {
         Ok(())
     }
 
-    fn block_entries(&self, data: &[u8], pblk: u64) -> Result<Vec<RawEntry>> {
-        let usable = if has_tail(data) {
-            data.len() - TAIL_LEN
-        } else {
+    fn block_entries(
+        &self,
+        dir: &Inode,
+        lblk: u64,
+        data: &[u8],
+        pblk: u64,
+    ) -> Result<Vec<RawEntry>> {
+        let usable = if self.dx_count_offset(dir, lblk, data).is_some() || !has_tail(data) {
             data.len()
+        } else {
+            data.len() - TAIL_LEN
         };
         parse_entries(data, usable).map_err(|e| Error::corrupted(format!("directory: {e}"), pblk))
     }
@@ -208,7 +216,7 @@ impl Filesystem {
         let mut out = Vec::new();
         for lblk in 0..self.dir_blocks(&dir) {
             let (pblk, data) = self.read_dir_block(&dir, lblk)?;
-            for e in self.block_entries(&data, pblk)? {
+            for e in self.block_entries(&dir, lblk, &data, pblk)? {
                 if e.inode != 0 {
                     out.push(DirEntry {
                         name: e.name,
@@ -333,7 +341,7 @@ impl Filesystem {
 
     fn search_block(&mut self, dir: &Inode, lblk: u64, name: &[u8]) -> Result<Option<Found>> {
         let (pblk, data) = self.read_dir_block(dir, lblk)?;
-        let entries = self.block_entries(&data, pblk)?;
+        let entries = self.block_entries(dir, lblk, &data, pblk)?;
         let mut prev = None;
         for e in entries {
             if e.inode != 0 && e.name == name {
@@ -378,9 +386,7 @@ impl Filesystem {
     /// are not reachable by hash). Returns their offsets and inodes.
     fn dot_entries(&mut self, dir: &Inode) -> Result<(u64, Vec<u8>, RawEntry, RawEntry)> {
         let (pblk, data) = self.read_dir_block(dir, 0)?;
-        let bs = data.len();
-        let ents = parse_entries(&data, if has_tail(&data) { bs - TAIL_LEN } else { bs })
-            .map_err(|e| Error::corrupted(format!("directory {}: {e}", dir.ino), pblk))?;
+        let ents = self.block_entries(dir, 0, &data, pblk)?;
         match (ents.first(), ents.get(1)) {
             (Some(d), Some(dd)) if d.name == b"." && dd.name == b".." => {
                 Ok((pblk, data, d.clone(), dd.clone()))
@@ -396,13 +402,9 @@ impl Filesystem {
     pub(crate) fn set_dotdot(&mut self, dir: &Inode, parent: u32) -> Result<()> {
         let (pblk, mut data, _, dd) = self.dot_entries(dir)?;
         put32(&mut data, dd.offset, parent);
-        if has_tail(&data) || !self.has_csum() {
-            self.write_leaf_block(dir, pblk, &mut data)
-        } else {
-            let co = self
-                .dx_count_offset(dir, 0, &data)
-                .ok_or_else(|| Error::corrupted("directory block 0 has no checksum", pblk))?;
-            self.write_dx_block(dir, pblk, &mut data, co)
+        match self.dx_count_offset(dir, 0, &data) {
+            Some(co) => self.write_dx_block(dir, pblk, &mut data, co),
+            None => self.write_leaf_block(dir, pblk, &mut data),
         }
     }
 
@@ -480,7 +482,7 @@ impl Filesystem {
     pub(crate) fn dir_is_empty(&mut self, dir: &Inode) -> Result<bool> {
         for lblk in 0..self.dir_blocks(dir) {
             let (pblk, data) = self.read_dir_block(dir, lblk)?;
-            for e in self.block_entries(&data, pblk)? {
+            for e in self.block_entries(dir, lblk, &data, pblk)? {
                 if e.inode != 0 && e.name != b"." && e.name != b".." {
                     return Ok(false);
                 }
@@ -552,7 +554,7 @@ impl Filesystem {
         let bs = self.geo.block_size as usize;
         let usable = self.leaf_usable();
         let (pblk0, data0) = self.read_dir_block(dir, 0)?;
-        let entries = self.block_entries(&data0, pblk0)?;
+        let entries = self.block_entries(dir, 0, &data0, pblk0)?;
         let mut dot = dir.ino;
         let mut dotdot = dir.ino;
         let mut rest = Vec::new();
@@ -600,7 +602,7 @@ impl Filesystem {
         }
         // Split the leaf by hash, upper half to a new block.
         let mut ents: Vec<(u32, Vec<u8>, u32, u8)> = Vec::new();
-        for e in self.block_entries(&data, pblk)? {
+        for e in self.block_entries(dir, leaf_lblk, &data, pblk)? {
             if e.inode != 0 {
                 ents.push((
                     self.name_hash(version, &e.name)?,

@@ -106,6 +106,7 @@ impl Filesystem {
                 let mut fs = Self::open_once(dev, opts)?;
                 fs.last_recovery = Some(report);
                 fs.attach_journal()?;
+                fs.refresh_summary_counts();
                 if fs.read_only.is_none() {
                     fs.process_orphans()?;
                 }
@@ -118,12 +119,14 @@ impl Filesystem {
         if !recover || opts.read_only || dev.is_read_only() {
             let mut fs = fs;
             fs.attach_journal()?;
+            fs.refresh_summary_counts();
             return Ok(fs);
         }
         let report = Self::replay(fs, &dev)?;
         let mut fs = Self::open_once(dev, opts)?;
         fs.last_recovery = Some(report);
         fs.attach_journal()?;
+        fs.refresh_summary_counts();
         if fs.read_only.is_none() {
             fs.process_orphans()?;
         }
@@ -368,6 +371,23 @@ impl Filesystem {
         self.cache.set_no_steal(true);
         self.journal = Some(j);
         Ok(())
+    }
+
+    /// The superblock's free counts are hints the kernel does not keep
+    /// current on disk (it counts from the group descriptors at mount, and
+    /// so does e2fsck after a replay): recompute them on read-write opens.
+    fn refresh_summary_counts(&mut self) {
+        if self.read_only.is_some() {
+            return;
+        }
+        let blocks: u64 = self.groups.iter().map(|g| u64::from(g.free_blocks())).sum();
+        let inodes: u64 = self.groups.iter().map(|g| u64::from(g.free_inodes())).sum();
+        if blocks != self.sb.free_blocks_count() || inodes != u64::from(self.sb.free_inodes_count())
+        {
+            self.sb.set_free_blocks_count(blocks);
+            self.sb.set_free_inodes_count(inodes as u32);
+            self.sb_dirty = true;
+        }
     }
 
     /// What recovery did when this filesystem was opened, if it ran.

@@ -340,9 +340,12 @@ impl Journal {
         }
         report.transactions = txns.len() as u32;
         self.dev.flush()?;
-        let next = txns
+        // Like jbd2: skip one past the first uncommitted sequence, so a torn
+        // transaction's leftovers can never pass for the next one.
+        let end = txns
             .last()
             .map_or(self.sb.sequence(), |t| t.seq.wrapping_add(1));
+        let next = end.wrapping_add(1);
         self.sb.set_start(0);
         self.sb.set_sequence(next);
         self.write_sb()?;

@@ -1,0 +1,244 @@
+//! Journals written by others replay in folio exactly as e2fsck replays
+//! them: transactions made with debugfs (`jo`, `jw`, `jc`, with a revoke
+//! and a torn transaction), and the journal the Linux kernel leaves when a
+//! mounted filesystem is shut down without a checkpoint.
+
+use std::path::Path;
+use std::process::Command;
+
+use folio_ext4::{Filesystem, OpenOptions, ROOT_INO};
+use folio_testkit::*;
+
+/// Blocks that differ between two images, except the primary superblock's
+/// block (replay stamps times and counters there) and the journal's own
+/// blocks (the log is scratch space; both journals are empty afterwards).
+fn differing_blocks(a: &Path, b: &Path, bs: usize) -> Vec<usize> {
+    let mut fs = Filesystem::open_path(
+        b,
+        OpenOptions {
+            read_only: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let journal: std::collections::HashSet<usize> = fs
+        .block_runs(8)
+        .unwrap()
+        .iter()
+        .flat_map(|r| (r.pblk..r.pblk + r.len).map(|x| x as usize))
+        .collect();
+    drop(fs);
+    let a = std::fs::read(a).unwrap();
+    let b = std::fs::read(b).unwrap();
+    assert_eq!(a.len(), b.len());
+    let sb_block = 1024 / bs;
+    (0..a.len() / bs)
+        .filter(|&i| {
+            i != sb_block
+                && !journal.contains(&i)
+                && a[i * bs..(i + 1) * bs] != b[i * bs..(i + 1) * bs]
+        })
+        .collect()
+}
+
+fn superblock_fields(img: &Path) -> (u32, u32, u32, u64, u32) {
+    let bytes = std::fs::read(img).unwrap();
+    let sb = folio_ext4::format::superblock::Superblock::from_bytes(&bytes[1024..2048]).unwrap();
+    (
+        sb.feature_compat(),
+        sb.feature_incompat(),
+        sb.feature_ro_compat(),
+        sb.free_blocks_count(),
+        sb.free_inodes_count(),
+    )
+}
+
+/// Replay `img` with e2fsck and with folio; the results must agree.
+fn replay_both(
+    t: &TempDir,
+    img: &Path,
+    bs: usize,
+) -> (
+    std::path::PathBuf,
+    std::path::PathBuf,
+    folio_ext4::RecoveryReport,
+) {
+    let a = t.join("by-e2fsck.img");
+    let b = t.join("by-folio.img");
+    std::fs::copy(img, &a).unwrap();
+    std::fs::copy(img, &b).unwrap();
+    let out = Command::new("e2fsck")
+        .args(["-fy", "-E", "journal_only"])
+        .arg(&a)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.code().unwrap_or(8) <= 1,
+        "e2fsck replay failed: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let fs = Filesystem::open_path(&b, OpenOptions::default()).unwrap();
+    let report = fs.recovery_report().cloned().expect("folio ran recovery");
+    fs.close().unwrap();
+    let d = differing_blocks(&a, &b, bs);
+    assert!(
+        d.is_empty(),
+        "blocks differ after replay: {d:?} (report {report:?})"
+    );
+    assert_eq!(superblock_fields(&a), superblock_fields(&b));
+    e2fsck(&b).unwrap();
+    (a, b, report)
+}
+
+#[test]
+fn debugfs_journals_replay_like_e2fsck() {
+    if !require(
+        have_tool("debugfs") && have_tool("e2fsck") && have_tool("mkfs.ext4"),
+        "e2fsprogs is not installed",
+    ) {
+        return;
+    }
+    let t = TempDir::new("jr-debugfs");
+    for (bs, extra) in [(1024usize, ""), (4096, ""), (4096, "^metadata_csum")] {
+        let img = t.join("j.img");
+        let mut mk = Command::new("mkfs.ext4");
+        mk.args(["-q", "-F", "-b", &bs.to_string()]);
+        if !extra.is_empty() {
+            mk.args(["-O", extra]);
+        }
+        run(mk.arg(&img).arg("32M"));
+        let mut rng = Rng::new(bs as u64);
+        let one = t.join("one.bin");
+        let three = t.join("three.bin");
+        std::fs::write(&one, rng.bytes(bs)).unwrap();
+        std::fs::write(&three, rng.bytes(3 * bs)).unwrap();
+        // Blocks well past the metadata of the first group.
+        let base = if bs == 1024 { 3000 } else { 3000 };
+        let script = format!(
+            "jo\njw -b {b0},{b1},{b2} -c {three}\njw -b {b3} -c {one}\njw -r {b1}\njw -b {b4} -c {one}\njw -b {b5} {one}\njc\n",
+            b0 = base,
+            b1 = base + 1,
+            b2 = base + 2,
+            b3 = base + 10,
+            b4 = base + 20,
+            b5 = base + 30,
+            three = three.display(),
+            one = one.display(),
+        );
+        let out = Command::new("debugfs")
+            .arg("-w")
+            .arg("-f")
+            .arg("-")
+            .arg(&img)
+            .stdin_str(&script);
+        assert!(out.contains("jc"), "{out}");
+        let (_, _, report) = replay_both(&t, &img, bs);
+        assert!(report.transactions >= 2, "bs {bs} {extra}: {report:?}");
+    }
+}
+
+trait StdinStr {
+    fn stdin_str(&mut self, input: &str) -> String;
+}
+
+impl StdinStr for Command {
+    fn stdin_str(&mut self, input: &str) -> String {
+        use std::io::Write;
+        let mut child = self
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    }
+}
+
+#[test]
+fn kernel_journals_replay_like_e2fsck_and_kernel_trees_read_back() {
+    if !require(
+        have_tool("e2fsck") && have_tool("mkfs.ext4"),
+        "e2fsprogs is not installed",
+    ) || !require(
+        can_loop_mount(),
+        "not root or no loop devices: kernel journal test skipped",
+    ) {
+        return;
+    }
+    let t = TempDir::new("jr-kernel");
+    let src = t.join("src");
+    make_tree(&src, 0xCAFE, 600);
+    for bs in [1024usize, 4096] {
+        let img = t.join("k.img");
+        run(Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-b", &bs.to_string()])
+            .arg(&img)
+            .arg("128M"));
+        let mnt = TempDir::new("kmnt");
+        run(Command::new("mount")
+            .args(["-o", "loop"])
+            .arg(&img)
+            .arg(&mnt.path));
+        // A tree the kernel writes (htree directories included), synced;
+        // then more changes that only reach the journal.
+        let cp = Command::new("cp")
+            .arg("-a")
+            .arg(&src)
+            .arg(mnt.path.join("tree"))
+            .status()
+            .unwrap();
+        let sync = Command::new("sync")
+            .arg("-f")
+            .arg(&mnt.path)
+            .status()
+            .unwrap();
+        let late = mnt.path.join("late");
+        std::fs::create_dir(&late).unwrap();
+        for i in 0..300 {
+            std::fs::write(late.join(format!("n{i}")), format!("late {i}")).unwrap();
+        }
+        std::fs::rename(mnt.path.join("tree/many"), mnt.path.join("moved")).unwrap();
+        let shut = shutdown_ext4(&mnt.path);
+        let _ = Command::new("umount").arg(&mnt.path).status();
+        assert!(cp.success() && sync.success());
+        shut.unwrap();
+        let sb = folio_ext4::format::superblock::Superblock::from_bytes(
+            &std::fs::read(&img).unwrap()[1024..2048],
+        )
+        .unwrap();
+        assert!(
+            sb.has_incompat(folio_ext4::format::superblock::incompat::RECOVER),
+            "the kernel left a journal to replay"
+        );
+        let (a, b, report) = replay_both(&t, &img, bs);
+        assert!(report.transactions >= 1, "{report:?}");
+        // The kernel's view of e2fsck's replay equals folio's reading of
+        // folio's replay.
+        let m = LoopMount::new(&a).unwrap();
+        let kernel = host_tree(&m.dir.path);
+        drop(m);
+        let mut fs = Filesystem::open_path(
+            &b,
+            OpenOptions {
+                read_only: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let ours = folio_tree(&mut fs, ROOT_INO);
+        let d = diff_trees(&kernel, &ours, 10);
+        assert!(d.is_empty(), "bs {bs}: {d:#?}");
+        assert!(ours.contains_key("moved") && ours.len() > 500);
+    }
+}
