@@ -113,7 +113,7 @@ fn debugfs_journals_replay_like_e2fsck() {
         std::fs::write(&one, rng.bytes(bs)).unwrap();
         std::fs::write(&three, rng.bytes(3 * bs)).unwrap();
         // Blocks well past the metadata of the first group.
-        let base = if bs == 1024 { 3000 } else { 3000 };
+        let base = 3000; // well past the first group's metadata
         let script = format!(
             "jo\njw -b {b0},{b1},{b2} -c {three}\njw -b {b3} -c {one}\njw -r {b1}\njw -b {b4} -c {one}\njw -b {b5} {one}\njc\n",
             b0 = base,
