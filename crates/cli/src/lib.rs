@@ -4,6 +4,7 @@
 pub mod copy;
 pub mod hostxattr;
 pub mod show;
+pub mod torture;
 
 /// Parse a size such as `64M`, `1G`, `4096`, `2KiB`.
 pub fn parse_size(s: &str) -> Result<u64, String> {

@@ -107,6 +107,17 @@ enum Cmd {
     /// Replay the journal if it needs recovery, process orphans, and exit
     /// (like `e2fsck -E journal_only`).
     Recover { image: PathBuf },
+    /// Write-heavy workload for crash tests: creates and rewrites files
+    /// with deterministic contents, fsyncs, and prints `synced NAME LEN
+    /// SEED` for each file once durable. Runs until killed or --ops.
+    #[command(hide = true)]
+    Torture {
+        image: PathBuf,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        #[arg(long, default_value_t = u64::MAX)]
+        ops: u64,
+    },
     /// Verify the image's allocation counters against its bitmaps.
     Check { image: PathBuf },
 }
@@ -259,6 +270,11 @@ fn run(cli: Cli) -> CliResult {
             if let Some(why) = fs.read_only_reason() {
                 return Err(format!("{}: {why}", image.display()));
             }
+            ctx(fs.close(), "sync")
+        }
+        Cmd::Torture { image, seed, ops } => {
+            let mut fs = open(&image, false)?;
+            folio_cli::torture::run(&mut fs, seed, ops)?;
             ctx(fs.close(), "sync")
         }
         Cmd::Check { image } => {

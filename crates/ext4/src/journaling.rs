@@ -120,6 +120,9 @@ impl Filesystem {
             let mut fs = fs;
             fs.attach_journal()?;
             fs.refresh_summary_counts();
+            if fs.read_only.is_none() && fs.sb.last_orphan() != 0 {
+                fs.process_orphans()?;
+            }
             return Ok(fs);
         }
         let report = Self::replay(fs, &dev)?;

@@ -860,6 +860,15 @@ impl Filesystem {
         self.stat(ino)
     }
 
+    /// fsync(2)/fdatasync(2) of `ino`: its data and the metadata that
+    /// reaches it are durable on return. The running transaction is shared
+    /// by all files, so this commits all of it (more than asked, never
+    /// less); with nothing to commit it only flushes the device.
+    pub fn fsync(&mut self, ino: u32, datasync: bool) -> Result<()> {
+        let _ = (self.read_inode(ino)?, datasync);
+        self.sync()
+    }
+
     /// Blocks taken by fixed metadata (what statfs leaves out of f_blocks).
     fn overhead_blocks(&mut self) -> u64 {
         let itb = (u64::from(self.geo.inodes_per_group) * u64::from(self.geo.inode_size))

@@ -242,3 +242,58 @@ fn kernel_journals_replay_like_e2fsck_and_kernel_trees_read_back() {
         assert!(ours.contains_key("moved") && ours.len() > 500);
     }
 }
+
+/// A file unlinked while still open when the system went down stays on
+/// the orphan list (entry gone, links 0, blocks allocated, listed in
+/// `s_last_orphan`). folio frees it at the next read-write open, as the
+/// kernel and e2fsck do. The state is made with debugfs, exactly as such a
+/// crash leaves it.
+#[test]
+fn orphans_are_freed_at_open() {
+    if !require(
+        have_tool("debugfs") && have_tool("e2fsck") && have_tool("mkfs.ext4"),
+        "e2fsprogs is not installed",
+    ) {
+        return;
+    }
+    let t = TempDir::new("jr-orphan");
+    let img = t.join("o.img");
+    run(Command::new("mkfs.ext4")
+        .args(["-q", "-F"])
+        .arg(&img)
+        .arg("64M"));
+    let mut fs = Filesystem::open_path(&img, OpenOptions::default()).unwrap();
+    let free0 = fs.statfs().blocks_free;
+    let owner = folio_ext4::Owner::default();
+    let v = fs.create(ROOT_INO, b"victim", 0o644, owner).unwrap();
+    fs.write(v, 0, &vec![5u8; 4 << 20]).unwrap();
+    let keep = fs.create(ROOT_INO, b"keep", 0o644, owner).unwrap();
+    fs.write(keep, 0, b"still here").unwrap();
+    fs.close().unwrap();
+    let script = format!(
+        "unlink /victim\nsif <{v}> links_count 0\nsif <{v}> dtime 0\nssv last_orphan {v}\n"
+    );
+    let out = Command::new("debugfs")
+        .arg("-w")
+        .arg("-f")
+        .arg("-")
+        .arg(&img)
+        .stdin_str(&script);
+    assert!(out.contains("ssv"), "{out}");
+    let mut fs = Filesystem::open_path(&img, OpenOptions::default()).unwrap();
+    assert_eq!(fs.superblock().last_orphan(), 0, "orphan list processed");
+    let st = fs.stat(v).unwrap();
+    assert_eq!(
+        (st.nlink, st.size, st.blocks_512),
+        (0, 0, 0),
+        "the orphan is freed"
+    );
+    assert_eq!(
+        fs.statfs().blocks_free,
+        free0 - 1,
+        "only keep's block is in use"
+    );
+    assert_eq!(fs.check_counts().unwrap(), Vec::<String>::new());
+    fs.close().unwrap();
+    e2fsck(&img).unwrap();
+}
