@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Run every folio test. Installs the system tools the tests use (e2fsprogs
-# for mkfs.ext4/e2fsck/debugfs, util-linux for mount/losetup) when missing.
+# for mkfs.ext4/e2fsck/debugfs, util-linux for mount/losetup, fuse3 for
+# fusermount3) when missing.
 # Tests that need root or loop devices skip outside CI and run under CI=true.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,6 +11,7 @@ for tool in mkfs.ext4 e2fsck debugfs; do
     command -v "$tool" >/dev/null 2>&1 || [ -x "/sbin/$tool" ] || need+=(e2fsprogs)
 done
 command -v losetup >/dev/null 2>&1 || need+=(util-linux mount)
+command -v fusermount3 >/dev/null 2>&1 || need+=(fuse3)
 if [ ${#need[@]} -gt 0 ]; then
     sudo=""
     [ "$(id -u)" -eq 0 ] || sudo="sudo"

@@ -104,6 +104,30 @@ enum Cmd {
         #[arg(short = 'p')]
         parents: bool,
     },
+    /// Mount an image through FUSE (with no arguments: make a demo image
+    /// and mount it on ./folio-demo).
+    Mount {
+        image: Option<PathBuf>,
+        mountpoint: Option<PathBuf>,
+        /// Mount options (comma-separated, repeatable): ro, rw,
+        /// allow_other, allow_root, fsname=, subtype=, auto_unmount,
+        /// nodev, nosuid, noexec, noatime, ...
+        #[arg(short = 'o', action = clap::ArgAction::Append)]
+        options: Vec<String>,
+        /// Stay in the foreground.
+        #[arg(short = 'f', long)]
+        foreground: bool,
+        /// Threads serving FUSE requests.
+        #[arg(long, default_value_t = 4)]
+        threads: usize,
+    },
+    /// Unmount a folio mount and wait for its final sync.
+    Umount {
+        mountpoint: PathBuf,
+        /// Lazy unmount (detach now, clean up when no longer busy).
+        #[arg(short = 'l')]
+        lazy: bool,
+    },
     /// Replay the journal if it needs recovery, process orphans, and exit
     /// (like `e2fsck -E journal_only`).
     Recover { image: PathBuf },
@@ -254,6 +278,40 @@ fn run(cli: Cli) -> CliResult {
             paths,
             parents,
         } => each_path(&image, &paths, |fs, p| copy::mkdir(fs, p, parents)),
+        Cmd::Mount {
+            image,
+            mountpoint,
+            options,
+            foreground,
+            threads,
+        } => {
+            let (image, mountpoint) = match (image, mountpoint) {
+                (Some(i), Some(m)) => (i, m),
+                (None, None) => {
+                    let img = PathBuf::from("folio-demo.img");
+                    if !img.exists() {
+                        copy::demo(&img)?;
+                    }
+                    let mnt = PathBuf::from("folio-demo");
+                    std::fs::create_dir_all(&mnt).map_err(|e| format!("{}: {e}", mnt.display()))?;
+                    (img, mnt)
+                }
+                _ => return Err("give both IMAGE and MOUNTPOINT, or neither for the demo".into()),
+            };
+            if foreground {
+                folio_cli::mount::mount_foreground(&image, &mountpoint, &options, threads)
+            } else {
+                folio_cli::mount::mount_background(&image, &mountpoint, &options, threads)?;
+                println!(
+                    "Mounted {} on {} (fuse.folio). Unmount with: folio umount {}",
+                    image.display(),
+                    mountpoint.display(),
+                    mountpoint.display()
+                );
+                Ok(())
+            }
+        }
+        Cmd::Umount { mountpoint, lazy } => folio_cli::mount::umount(&mountpoint, lazy),
         Cmd::Recover { image } => {
             let fs = open(&image, false)?;
             match fs.recovery_report() {
@@ -293,8 +351,35 @@ fn run(cli: Cli) -> CliResult {
     }
 }
 
+/// `mount -t fuse.folio SOURCE DIR -o OPTS` runs `mount.fuse.folio SOURCE
+/// DIR -o OPTS`: when called by that name (a symlink to this binary), act
+/// as `folio mount`. mount(8)'s own flags (-n, -s, -v) are ignored.
+fn mount_helper_args() -> Option<Vec<String>> {
+    let args: Vec<String> = std::env::args().collect();
+    let name = args.first()?.rsplit('/').next()?.to_string();
+    if name != "mount.fuse.folio" && name != "mount.folio" {
+        return None;
+    }
+    let mut out = vec!["folio".to_string(), "mount".to_string()];
+    let mut it = args.into_iter().skip(1);
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "-n" | "-s" | "-v" => {}
+            "-o" => {
+                out.push("-o".into());
+                out.push(it.next().unwrap_or_default());
+            }
+            _ => out.push(a),
+        }
+    }
+    Some(out)
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match mount_helper_args() {
+        Some(args) => Cli::parse_from(args),
+        None => Cli::parse(),
+    };
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -1,0 +1,372 @@
+//! `folio mount` and `folio umount`.
+//!
+//! Lifecycle of a mount: the image is locked (flock) for as long as the
+//! serving process lives, so a second mount of it fails and `folio umount`
+//! can wait until the final sync has finished. The filesystem commits every
+//! 5 seconds (ext4's default commit interval) and on unmount; SIGINT,
+//! SIGTERM and SIGHUP unmount cleanly.
+
+#![allow(unsafe_code)]
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use folio_ext4::{Filesystem, OpenOptions};
+use folio_fuse::{FolioFuse, Shared};
+use fuser::{Config, MountOption, SessionACL};
+
+/// Parsed `-o` options.
+#[derive(Debug)]
+struct Opts {
+    read_only: bool,
+    acl: SessionACL,
+    mount: Vec<MountOption>,
+}
+
+fn parse_opts(list: &[String], image: &Path) -> Result<Opts, String> {
+    let mut o = Opts {
+        read_only: false,
+        acl: SessionACL::Owner,
+        mount: Vec::new(),
+    };
+    let mut fsname = None;
+    let mut subtype = None;
+    let mut no_auto_unmount = false;
+    for opt in list
+        .iter()
+        .flat_map(|s| s.split(','))
+        .filter(|s| !s.is_empty())
+    {
+        let (k, v) = match opt.split_once('=') {
+            Some((k, v)) => (k, Some(v)),
+            None => (opt, None),
+        };
+        match (k, v) {
+            ("ro", None) => o.read_only = true,
+            ("rw", None) => o.read_only = false,
+            ("allow_other", None) => o.acl = SessionACL::All,
+            ("allow_root", None) => o.acl = SessionACL::RootAndOwner,
+            ("default_permissions", None) => {}
+            ("auto_unmount", None) => o.mount.push(MountOption::AutoUnmount),
+            ("no_auto_unmount", None) => no_auto_unmount = true,
+            ("dev", None) => o.mount.push(MountOption::Dev),
+            ("nodev", None) => o.mount.push(MountOption::NoDev),
+            ("suid", None) => o.mount.push(MountOption::Suid),
+            ("nosuid", None) => o.mount.push(MountOption::NoSuid),
+            ("exec", None) => o.mount.push(MountOption::Exec),
+            ("noexec", None) => o.mount.push(MountOption::NoExec),
+            ("atime", None) => o.mount.push(MountOption::Atime),
+            ("noatime", None) => o.mount.push(MountOption::NoAtime),
+            ("sync", None) => o.mount.push(MountOption::Sync),
+            ("async", None) => o.mount.push(MountOption::Async),
+            ("dirsync", None) => o.mount.push(MountOption::DirSync),
+            ("fsname", Some(v)) => fsname = Some(v.to_string()),
+            ("subtype", Some(v)) => subtype = Some(v.to_string()),
+            // fstab-only words mount(8) may pass through.
+            (
+                "defaults" | "user" | "users" | "nouser" | "auto" | "noauto" | "nofail" | "_netdev",
+                None,
+            ) => {}
+            (k, _) if k.starts_with("x-") => {}
+            _ => return Err(format!("unknown mount option {opt:?}")),
+        }
+    }
+    // auto_unmount by default: the mount goes away if this process dies
+    // (no ENOTCONN left behind), and it routes the mount through
+    // fusermount3, which records the type as fuse.<subtype> (fuser's
+    // direct mount(2) path would list it as plain "fuse").
+    // fuser needs a non-owner ACL for auto_unmount; for root, allow_root
+    // grants nothing beyond owner-only. Other users mount through
+    // fusermount3 anyway (mount(2) needs root), which records the subtype.
+    let root = std::fs::read_to_string("/proc/self/status")
+        .map(|s| {
+            s.lines()
+                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"))
+        })
+        .unwrap_or(false);
+    if root && !no_auto_unmount {
+        if matches!(o.acl, SessionACL::Owner) {
+            o.acl = SessionACL::RootAndOwner;
+        }
+        if !o.mount.contains(&MountOption::AutoUnmount) {
+            o.mount.push(MountOption::AutoUnmount);
+        }
+    }
+    o.mount.push(MountOption::DefaultPermissions);
+    o.mount.push(if o.read_only {
+        MountOption::RO
+    } else {
+        MountOption::RW
+    });
+    o.mount.push(MountOption::FSName(
+        fsname.unwrap_or_else(|| image.display().to_string()),
+    ));
+    o.mount.push(MountOption::Subtype(
+        subtype.unwrap_or_else(|| "folio".into()),
+    ));
+    Ok(o)
+}
+
+/// Is `dir` a mount point (per /proc/self/mountinfo)?
+pub fn is_mounted(dir: &Path) -> bool {
+    let Ok(canon) = dir.canonicalize() else {
+        return false;
+    };
+    let target = canon.to_string_lossy().replace(' ', "\\040");
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .map(|s| {
+            s.lines()
+                .any(|l| l.split(' ').nth(4) == Some(target.as_str()))
+        })
+        .unwrap_or(false)
+}
+
+fn lock_image(image: &Path, read_only: bool) -> Result<File, String> {
+    let f = File::options()
+        .read(true)
+        .write(!read_only)
+        .open(image)
+        .map_err(|e| format!("{}: {e}", image.display()))?;
+    match f.try_lock() {
+        Ok(()) => Ok(f),
+        Err(std::fs::TryLockError::WouldBlock) => Err(format!(
+            "{}: in use by another folio process (already mounted?)",
+            image.display()
+        )),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(format!("{}: cannot lock: {e}", image.display()))
+        }
+    }
+}
+
+/// Mount in this process and serve until unmounted or signalled.
+pub fn mount_foreground(
+    image: &Path,
+    mountpoint: &Path,
+    options: &[String],
+    threads: usize,
+) -> Result<(), String> {
+    let opts = parse_opts(options, image)?;
+    let lock = lock_image(image, opts.read_only)?;
+    let fs = Filesystem::open_path(
+        image,
+        OpenOptions {
+            read_only: opts.read_only,
+            ..Default::default()
+        },
+    )
+    .map_err(|e| format!("{}: {e}", image.display()))?;
+    if let Some(r) = fs.recovery_report() {
+        eprintln!(
+            "folio: {}: journal recovered ({} transactions)",
+            image.display(),
+            r.transactions
+        );
+    }
+    if let (Some(why), false) = (fs.read_only_reason(), opts.read_only) {
+        eprintln!("folio: {}: mounting read-only: {why}", image.display());
+    }
+    let shared: Shared = Arc::new(Mutex::new(Some(fs)));
+    // Block the signals we wait for before any thread exists, so that
+    // every thread inherits the mask and only sigwait sees them.
+    let set = signal_set();
+    // SAFETY: `set` is a valid, initialised sigset_t; a null old-set is allowed.
+    unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    let mut config = Config::default();
+    config.mount_options = opts.mount;
+    config.acl = opts.acl;
+    config.n_threads = Some(threads.max(1));
+    let mut session = fuser::Session::new(FolioFuse::new(shared.clone()), mountpoint, &config)
+        .map_err(|e| format!("{}: mount failed: {e}", mountpoint.display()))?;
+    let mut unmounter = session.unmount_callable();
+    let bg = session
+        .spawn()
+        .map_err(|e| format!("{}: {e}", mountpoint.display()))?;
+    // The session ends on unmount (by us or by anyone): wake the main
+    // thread with SIGUSR1.
+    std::thread::spawn(move || {
+        let _ = bg.join();
+        // SAFETY: sending a signal to our own process has no memory effects.
+        unsafe { libc::kill(libc::getpid(), libc::SIGUSR1) };
+    });
+    // Periodic commits, like ext4's commit=5.
+    let committer = shared.clone();
+    std::thread::spawn(move || loop {
+        std::thread::sleep(Duration::from_secs(5));
+        let mut g = committer.lock().unwrap_or_else(|e| e.into_inner());
+        match g.as_mut() {
+            Some(fs) => {
+                if let Err(e) = fs.sync() {
+                    eprintln!("folio: periodic commit failed: {e}");
+                }
+            }
+            None => return,
+        }
+    });
+    loop {
+        let mut sig: libc::c_int = 0;
+        // SAFETY: `set` is initialised and `sig` is a valid out-pointer.
+        unsafe { libc::sigwait(&set, &mut sig) };
+        if sig == libc::SIGUSR1 {
+            break;
+        }
+        // SIGINT / SIGTERM / SIGHUP: unmount; the session then ends.
+        if let Err(e) = unmounter.unmount() {
+            eprintln!("folio: unmount failed: {e}; retrying lazily");
+            let _ = Command::new("umount").arg("-l").arg(mountpoint).status();
+        }
+    }
+    let fs = shared.lock().unwrap_or_else(|e| e.into_inner()).take();
+    let result = match fs {
+        Some(fs) => fs
+            .close()
+            .map_err(|e| format!("{}: final sync failed: {e}", image.display())),
+        None => Ok(()),
+    };
+    drop(lock);
+    result
+}
+
+fn signal_set() -> libc::sigset_t {
+    // SAFETY: sigemptyset initialises the set; sigaddset only adds valid
+    // signal numbers to it.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGUSR1] {
+            libc::sigaddset(&mut set, s);
+        }
+        set
+    }
+}
+
+/// Mount in a background process and return once the mount is live.
+pub fn mount_background(
+    image: &Path,
+    mountpoint: &Path,
+    options: &[String],
+    threads: usize,
+) -> Result<(), String> {
+    // Check what we can before detaching, for clear errors.
+    parse_opts(options, image)?;
+    if !mountpoint.is_dir() {
+        return Err(format!(
+            "{}: mount point is not a directory",
+            mountpoint.display()
+        ));
+    }
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("mount")
+        .arg(image)
+        .arg(mountpoint)
+        .arg("-f")
+        .arg("--threads")
+        .arg(threads.to_string());
+    for o in options {
+        cmd.arg("-o").arg(o);
+    }
+    use std::os::unix::process::CommandExt;
+    cmd.stdin(Stdio::null()).process_group(0);
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| format!("cannot start the mount process: {e}"))?;
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(20) {
+        if is_mounted(mountpoint) {
+            return Ok(());
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(format!(
+                "the mount process exited ({status}) before mounting"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    Err(format!("{}: not mounted after 20 s", mountpoint.display()))
+}
+
+/// Unmount `mountpoint`; with `wait_for`, wait until the serving process
+/// has released the image (its final sync is done).
+pub fn umount(mountpoint: &Path, lazy: bool) -> Result<(), String> {
+    let source = mount_source(mountpoint);
+    let status = Command::new("fusermount3")
+        .arg(if lazy { "-uz" } else { "-u" })
+        .arg(mountpoint)
+        .status()
+        .or_else(|_| {
+            Command::new("umount")
+                .args(if lazy { vec!["-l"] } else { vec![] })
+                .arg(mountpoint)
+                .status()
+        })
+        .map_err(|e| format!("cannot run fusermount3 or umount: {e}"))?;
+    if !status.success() {
+        return Err(format!("{}: unmount failed", mountpoint.display()));
+    }
+    if let Some(img) = source.filter(|p| p.is_file()) {
+        // The server holds a lock on the image until its final sync ends.
+        if let Ok(f) = File::open(&img) {
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_secs(60) {
+                if f.try_lock_shared().is_ok() {
+                    return Ok(());
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            return Err(format!(
+                "{}: the folio process did not finish within 60 s",
+                img.display()
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The source (fsname) of a fuse.folio mount, if `dir` is one.
+fn mount_source(dir: &Path) -> Option<PathBuf> {
+    let canon = dir.canonicalize().ok()?;
+    let target = canon.to_string_lossy().replace(' ', "\\040");
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    for l in info.lines() {
+        let f: Vec<&str> = l.split(' ').collect();
+        if f.get(4) != Some(&target.as_str()) {
+            continue;
+        }
+        let dash = f.iter().position(|x| *x == "-")?;
+        if f.get(dash + 1).is_some_and(|t| t.starts_with("fuse")) {
+            return f
+                .get(dash + 2)
+                .map(|s| PathBuf::from(s.replace("\\040", " ")));
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_parse_like_fuse_mounts() {
+        let img = Path::new("/x.img");
+        let o = parse_opts(
+            &["ro,allow_other".into(), "fsname=disk,noatime".into()],
+            img,
+        )
+        .unwrap();
+        assert!(o.read_only);
+        assert!(matches!(o.acl, SessionACL::All));
+        assert!(o.mount.contains(&MountOption::FSName("disk".into())));
+        assert!(o.mount.contains(&MountOption::Subtype("folio".into())));
+        assert!(o.mount.contains(&MountOption::NoAtime));
+        assert!(parse_opts(&["defaults,nofail,x-systemd.automount".into()], img).is_ok());
+        assert!(parse_opts(&["bogus".into()], img)
+            .unwrap_err()
+            .contains("bogus"));
+    }
+}

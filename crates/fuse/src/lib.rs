@@ -1,0 +1,683 @@
+//! Serve a folio [`Filesystem`] through the kernel's FUSE.
+//!
+//! A thin adapter: every request takes the filesystem lock, calls the
+//! POSIX-shaped library API and replies; errno values come from
+//! [`folio_ext4::Error::errno`], the one place they are chosen. Permission
+//! checks are the kernel's (`default_permissions`). Inode numbers are
+//! ext4's, except that the root (2) is FUSE's 1.
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use folio_ext4::format::inode::S_IFMT;
+use folio_ext4::{
+    DirEntry, Error, FileType as FT, Filesystem, OpenFlags as FOpen, Owner, RenameFlags as FRename,
+    SetAttr, Stat, Timespec, XattrMode, ROOT_INO,
+};
+use fuser::{
+    Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, KernelConfig,
+    OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty,
+    ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow,
+    WriteFlags,
+};
+
+/// How long the kernel may cache attributes and entries. Every change goes
+/// through this process, so the kernel's cache cannot go stale behind it.
+const TTL: Duration = Duration::from_secs(1);
+
+/// The filesystem shared between the FUSE threads and whoever mounted it
+/// (who closes it after the session ends).
+pub type Shared = Arc<Mutex<Option<Filesystem>>>;
+
+/// A FUSE filesystem over a folio [`Filesystem`].
+pub struct FolioFuse {
+    fs: Shared,
+    block_size: u32,
+    /// Directory listings snapshotted at opendir, by handle: offsets stay
+    /// valid while the directory changes.
+    dirs: Mutex<HashMap<u64, Vec<DirEntry>>>,
+    next_fh: AtomicU64,
+}
+
+fn to_fuse(ino: u32) -> INodeNo {
+    INodeNo(if ino == ROOT_INO { 1 } else { u64::from(ino) })
+}
+
+fn from_fuse(ino: INodeNo) -> u32 {
+    if ino.0 == 1 {
+        ROOT_INO
+    } else {
+        ino.0 as u32
+    }
+}
+
+fn errno(e: &Error) -> Errno {
+    Errno::from_i32(e.errno())
+}
+
+fn systime(t: Timespec) -> SystemTime {
+    if t.sec >= 0 {
+        UNIX_EPOCH + Duration::new(t.sec as u64, t.nsec)
+    } else {
+        UNIX_EPOCH - Duration::from_secs(t.sec.unsigned_abs())
+            + Duration::from_nanos(u64::from(t.nsec))
+    }
+}
+
+fn timespec(t: SystemTime) -> Timespec {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => Timespec {
+            sec: d.as_secs() as i64,
+            nsec: d.subsec_nanos(),
+        },
+        Err(e) => {
+            let d = e.duration();
+            let (mut sec, mut nsec) = (-(d.as_secs() as i64), d.subsec_nanos());
+            if nsec > 0 {
+                sec -= 1;
+                nsec = 1_000_000_000 - nsec;
+            }
+            Timespec { sec, nsec }
+        }
+    }
+}
+
+fn kind(t: FT) -> FileType {
+    match t {
+        FT::Directory => FileType::Directory,
+        FT::Symlink => FileType::Symlink,
+        FT::CharDev => FileType::CharDevice,
+        FT::BlockDev => FileType::BlockDevice,
+        FT::Fifo => FileType::NamedPipe,
+        FT::Socket => FileType::Socket,
+        FT::Regular | FT::Unknown => FileType::RegularFile,
+    }
+}
+
+/// Linux's dev_t encoding of (major, minor).
+fn makedev((major, minor): (u32, u32)) -> u32 {
+    (minor & 0xff) | ((major & 0xfff) << 8) | ((minor & !0xff) << 12)
+}
+
+fn splitdev(rdev: u32) -> (u32, u32) {
+    (
+        (rdev >> 8) & 0xfff,
+        (rdev & 0xff) | ((rdev >> 12) & 0xfff00),
+    )
+}
+
+impl FolioFuse {
+    pub fn new(fs: Shared) -> Self {
+        let block_size = fs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map_or(4096, Filesystem::block_size);
+        FolioFuse {
+            fs,
+            block_size,
+            dirs: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+        }
+    }
+
+    /// Run `f` on the filesystem; EIO if it has been closed.
+    fn with<T>(
+        &self,
+        f: impl FnOnce(&mut Filesystem) -> folio_ext4::Result<T>,
+    ) -> Result<T, Errno> {
+        let mut guard: MutexGuard<'_, Option<Filesystem>> =
+            self.fs.lock().unwrap_or_else(|e| e.into_inner());
+        let fs = guard.as_mut().ok_or(Errno::EIO)?;
+        f(fs).map_err(|e| errno(&e))
+    }
+
+    fn attr(&self, st: &Stat) -> FileAttr {
+        FileAttr {
+            ino: to_fuse(st.ino),
+            size: st.size,
+            blocks: st.blocks_512,
+            atime: systime(st.atime),
+            mtime: systime(st.mtime),
+            ctime: systime(st.ctime),
+            crtime: systime(st.crtime.unwrap_or(st.ctime)),
+            kind: kind(st.file_type),
+            perm: st.mode & 0o7777,
+            nlink: u32::from(st.nlink),
+            uid: st.uid,
+            gid: st.gid,
+            rdev: makedev(st.rdev),
+            blksize: self.block_size,
+            flags: 0,
+        }
+    }
+
+    fn entry(&self, ino: u32, reply: ReplyEntry) {
+        match self.with(|fs| fs.stat(ino)) {
+            Ok(st) => reply.entry(&TTL, &self.attr(&st), Generation(u64::from(st.generation))),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn owner(req: &Request) -> Owner {
+        Owner {
+            uid: req.uid(),
+            gid: req.gid(),
+        }
+    }
+}
+
+impl fuser::Filesystem for FolioFuse {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        // Large requests; the kernel's own checks do the rest.
+        let _ = config.set_max_write(1 << 20);
+        let _ = config.set_max_readahead(1 << 20);
+        let _ = config.add_capabilities(
+            fuser::InitFlags::FUSE_ASYNC_READ
+                | fuser::InitFlags::FUSE_BIG_WRITES
+                | fuser::InitFlags::FUSE_PARALLEL_DIROPS,
+        );
+        Ok(())
+    }
+
+    fn destroy(&mut self) {
+        let mut guard = self.fs.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(fs) = guard.as_mut() {
+            if let Err(e) = fs.sync() {
+                eprintln!("folio: sync at unmount failed: {e}");
+            }
+        }
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        match self.with(|fs| fs.lookup(from_fuse(parent), name.as_bytes())) {
+            Ok(ino) => self.entry(ino, reply),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.with(|fs| fs.stat(from_fuse(ino))) {
+            Ok(st) => reply.attr(&TTL, &self.attr(&st)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let t = |x: TimeOrNow| match x {
+            TimeOrNow::SpecificTime(s) => timespec(s),
+            TimeOrNow::Now => Timespec::now(),
+        };
+        let attr = SetAttr {
+            mode: mode.map(|m| (m & 0o7777) as u16),
+            uid,
+            gid,
+            size,
+            atime: atime.map(t),
+            mtime: mtime.map(t),
+            ctime: ctime.map(timespec),
+            crtime: crtime.map(timespec),
+        };
+        match self.with(|fs| fs.setattr(from_fuse(ino), &attr)) {
+            Ok(st) => reply.attr(&TTL, &self.attr(&st)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.with(|fs| fs.readlink(from_fuse(ino))) {
+            Ok(t) => reply.data(&t),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        let m = ((mode & !umask) & 0o7777) as u16 | (mode as u16 & S_IFMT);
+        match self.with(|fs| {
+            fs.mknod(
+                from_fuse(parent),
+                name.as_bytes(),
+                m,
+                splitdev(rdev),
+                Self::owner(req),
+            )
+        }) {
+            Ok(ino) => self.entry(ino, reply),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        reply: ReplyEntry,
+    ) {
+        let perm = ((mode & !umask) & 0o7777) as u16;
+        match self.with(|fs| fs.mkdir(from_fuse(parent), name.as_bytes(), perm, Self::owner(req))) {
+            Ok(ino) => self.entry(ino, reply),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        match self.with(|fs| fs.unlink(from_fuse(parent), name.as_bytes())) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        match self.with(|fs| fs.rmdir(from_fuse(parent), name.as_bytes())) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        let t = target.as_os_str().as_bytes();
+        match self
+            .with(|fs| fs.symlink(from_fuse(parent), link_name.as_bytes(), t, Self::owner(req)))
+        {
+            Ok(ino) => self.entry(ino, reply),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        if flags.contains(RenameFlags::RENAME_WHITEOUT) {
+            return reply.error(Errno::EINVAL);
+        }
+        let f = FRename {
+            noreplace: flags.contains(RenameFlags::RENAME_NOREPLACE),
+            exchange: flags.contains(RenameFlags::RENAME_EXCHANGE),
+        };
+        match self.with(|fs| {
+            fs.rename(
+                from_fuse(parent),
+                name.as_bytes(),
+                from_fuse(newparent),
+                newname.as_bytes(),
+                f,
+            )
+        }) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        let ino = from_fuse(ino);
+        match self.with(|fs| fs.link(ino, from_fuse(newparent), newname.as_bytes())) {
+            Ok(()) => self.entry(ino, reply),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.with(|fs| fs.stat(from_fuse(ino))) {
+            Ok(_) => reply.opened(FileHandle(0), FopenFlags::empty()),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<fuser::LockOwner>,
+        reply: ReplyData,
+    ) {
+        let mut buf = vec![0u8; size as usize];
+        match self.with(|fs| fs.read(from_fuse(ino), offset, &mut buf)) {
+            Ok(n) => reply.data(&buf[..n]),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<fuser::LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        match self.with(|fs| fs.write(from_fuse(ino), offset, data)) {
+            Ok(n) => reply.written(n as u32),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: fuser::LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        match self.with(|fs| fs.fsync(from_fuse(ino), datasync)) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.with(|fs| fs.read_dir(from_fuse(ino))) {
+            Ok(list) => {
+                let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+                self.dirs
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(fh, list);
+                reply.opened(FileHandle(fh), FopenFlags::empty());
+            }
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let dirs = self.dirs.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(list) = dirs.get(&fh.0) else {
+            return reply.error(Errno::EBADF);
+        };
+        for (i, e) in list.iter().enumerate().skip(offset as usize) {
+            if reply.add(
+                to_fuse(e.ino),
+                i as u64 + 1,
+                kind(e.file_type),
+                OsStr::from_bytes(&e.name),
+            ) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        self.dirs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&fh.0);
+        reply.ok();
+    }
+
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        match self.with(|fs| fs.fsync(from_fuse(ino), datasync)) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        match self.with(|fs| Ok(fs.statfs())) {
+            Ok(s) => reply.statfs(
+                s.blocks,
+                s.blocks_free,
+                s.blocks_avail,
+                s.files,
+                s.files_free,
+                s.block_size,
+                s.name_max,
+                s.block_size,
+            ),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        let mode = if flags & libc::XATTR_CREATE != 0 {
+            XattrMode::Create
+        } else if flags & libc::XATTR_REPLACE != 0 {
+            XattrMode::Replace
+        } else {
+            XattrMode::Any
+        };
+        match self.with(|fs| fs.set_xattr(from_fuse(ino), name.as_bytes(), value, mode)) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        match self.with(|fs| fs.get_xattr(from_fuse(ino), name.as_bytes())) {
+            Ok(v) if size == 0 => reply.size(v.len() as u32),
+            Ok(v) if v.len() <= size as usize => reply.data(&v),
+            Ok(_) => reply.error(Errno::ERANGE),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        match self.with(|fs| fs.list_xattr(from_fuse(ino))) {
+            Ok(names) => {
+                let mut buf = Vec::new();
+                for n in names {
+                    buf.extend_from_slice(&n);
+                    buf.push(0);
+                }
+                if size == 0 {
+                    reply.size(buf.len() as u32)
+                } else if buf.len() <= size as usize {
+                    reply.data(&buf)
+                } else {
+                    reply.error(Errno::ERANGE)
+                }
+            }
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        match self.with(|fs| fs.remove_xattr(from_fuse(ino), name.as_bytes())) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn access(&self, _req: &Request, _ino: INodeNo, _mask: fuser::AccessFlags, reply: ReplyEmpty) {
+        // default_permissions: the kernel has already checked.
+        reply.ok();
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let perm = ((mode & !umask) & 0o7777) as u16;
+        let of = FOpen {
+            create: true,
+            exclusive: flags & libc::O_EXCL != 0,
+            truncate: flags & libc::O_TRUNC != 0,
+            directory: false,
+        };
+        let r = self.with(|fs| {
+            let ino = fs.openat(
+                from_fuse(parent),
+                name.as_bytes(),
+                of,
+                perm,
+                Self::owner(req),
+            )?;
+            fs.stat(ino)
+        });
+        match r {
+            Ok(st) => reply.created(
+                &TTL,
+                &self.attr(&st),
+                Generation(u64::from(st.generation)),
+                FileHandle(0),
+                FopenFlags::empty(),
+            ),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn lseek(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: ReplyLseek,
+    ) {
+        if whence != libc::SEEK_DATA && whence != libc::SEEK_HOLE {
+            return reply.error(Errno::EINVAL);
+        }
+        let r = self.with(|fs| {
+            let st = fs.stat(from_fuse(ino))?;
+            let runs = fs.block_runs(from_fuse(ino))?;
+            Ok((st.size, runs))
+        });
+        let (size, runs) = match r {
+            Ok(x) => x,
+            Err(e) => return reply.error(e),
+        };
+        let off = offset.max(0) as u64;
+        if off >= size {
+            return reply.error(Errno::ENXIO);
+        }
+        let bs = u64::from(self.block_size);
+        // Data is any written extent; unwritten extents read as zeros and
+        // count as holes, as ext4 reports them without cached data.
+        let data: Vec<(u64, u64)> = runs
+            .iter()
+            .filter(|r| !r.unwritten)
+            .map(|r| (r.lblk * bs, ((r.lblk + r.len) * bs).min(size)))
+            .collect();
+        let result = if whence == libc::SEEK_DATA {
+            data.iter()
+                .find(|&&(_, e)| e > off)
+                .map(|&(s, _)| s.max(off))
+        } else {
+            let mut pos = off;
+            for &(s, e) in &data {
+                if s > pos {
+                    break;
+                }
+                if e > pos {
+                    pos = e;
+                }
+            }
+            Some(pos.min(size))
+        };
+        match result {
+            Some(p) => reply.offset(p as i64),
+            None => reply.error(Errno::ENXIO),
+        }
+    }
+}
