@@ -185,6 +185,11 @@ pub fn mount_foreground(
     let bg = session
         .spawn()
         .map_err(|e| format!("{}: {e}", mountpoint.display()))?;
+    if std::env::var_os(DAEMON_ENV).is_some() {
+        // Mounted: let go of the starter's stdio (it exits once it sees the
+        // mount), as a daemon does.
+        detach_stdio();
+    }
     // The session ends on unmount (by us or by anyone): wake the main
     // thread with SIGUSR1.
     std::thread::spawn(move || {
@@ -214,8 +219,17 @@ pub fn mount_foreground(
             break;
         }
         // SIGINT / SIGTERM / SIGHUP: unmount; the session then ends.
-        if let Err(e) = unmounter.unmount() {
-            eprintln!("folio: unmount failed: {e}; retrying lazily");
+        // (With auto_unmount, fuser's own unmount leaves the work to the
+        // fusermount3 helper, so ask for it explicitly.)
+        let done = Command::new("fusermount3")
+            .arg("-u")
+            .arg(mountpoint)
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+            || unmounter.unmount().is_ok() && !is_mounted(mountpoint);
+        if !done {
+            eprintln!("folio: unmount failed; detaching lazily");
             let _ = Command::new("umount").arg("-l").arg(mountpoint).status();
         }
     }
@@ -228,6 +242,20 @@ pub fn mount_foreground(
     };
     drop(lock);
     result
+}
+
+/// Set for the background server process started by [`mount_background`].
+const DAEMON_ENV: &str = "FOLIO_MOUNT_DAEMON";
+
+fn detach_stdio() {
+    if let Ok(null) = File::options().read(true).write(true).open("/dev/null") {
+        use std::os::fd::AsRawFd;
+        for fd in [0, 1, 2] {
+            // SAFETY: dup2 onto the standard descriptors of a file we keep
+            // open for the call; no Rust object owns descriptors 0-2.
+            unsafe { libc::dup2(null.as_raw_fd(), fd) };
+        }
+    }
 }
 
 fn signal_set() -> libc::sigset_t {
@@ -270,7 +298,11 @@ pub fn mount_background(
         cmd.arg("-o").arg(o);
     }
     use std::os::unix::process::CommandExt;
-    cmd.stdin(Stdio::null()).process_group(0);
+    cmd.env(DAEMON_ENV, "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .process_group(0);
     let mut child = cmd
         .spawn()
         .map_err(|e| format!("cannot start the mount process: {e}"))?;
@@ -280,9 +312,17 @@ pub fn mount_background(
             return Ok(());
         }
         if let Ok(Some(status)) = child.try_wait() {
-            return Err(format!(
-                "the mount process exited ({status}) before mounting"
-            ));
+            let mut why = String::new();
+            if let Some(mut e) = child.stderr.take() {
+                use std::io::Read;
+                let _ = e.read_to_string(&mut why);
+            }
+            let why = why.trim().trim_start_matches("folio: ");
+            return Err(if why.is_empty() {
+                format!("the mount process exited ({status}) before mounting")
+            } else {
+                why.to_string()
+            });
         }
         std::thread::sleep(Duration::from_millis(20));
     }

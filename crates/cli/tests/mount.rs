@@ -1,0 +1,452 @@
+//! `folio mount` end to end: a POSIX behaviour suite of our own runs,
+//! unchanged, on a folio FUSE mount and on a kernel ext4 mount of an
+//! identical image; both images are e2fsck clean afterwards. Needs root,
+//! /dev/fuse and loop devices: skipped outside CI without them.
+
+#![allow(unsafe_code)]
+
+use std::ffi::CString;
+use std::fs;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use folio_cli::hostxattr;
+
+fn ci() -> bool {
+    matches!(std::env::var("CI").as_deref(), Ok("true") | Ok("1"))
+}
+
+fn prerequisites() -> bool {
+    let root = fs::read_to_string("/proc/self/status")
+        .map(|s| {
+            s.lines()
+                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"))
+        })
+        .unwrap_or(false);
+    let ok = root && Path::new("/dev/fuse").exists() && Path::new("/dev/loop-control").exists();
+    if !ok {
+        assert!(
+            !ci(),
+            "CI=true but root, /dev/fuse or loop devices are missing"
+        );
+        eprintln!("SKIP: mount tests need root, /dev/fuse and loop devices");
+    }
+    ok
+}
+
+fn tmp(tag: &str) -> PathBuf {
+    let p = std::env::temp_dir().join(format!("folio-mt-{tag}-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&p);
+    fs::create_dir_all(&p).unwrap();
+    p
+}
+
+fn errno_of<T>(r: std::io::Result<T>) -> Option<i32> {
+    r.err().and_then(|e| e.raw_os_error())
+}
+
+fn cpath(p: &Path) -> CString {
+    CString::new(p.as_os_str().as_bytes()).unwrap()
+}
+
+fn renameat2(a: &Path, b: &Path, flags: u32) -> i32 {
+    let (ca, cb) = (cpath(a), cpath(b));
+    // SAFETY: both paths are NUL-terminated strings alive for the call.
+    let r = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            ca.as_ptr(),
+            libc::AT_FDCWD,
+            cb.as_ptr(),
+            flags,
+        )
+    };
+    if r == 0 {
+        0
+    } else {
+        std::io::Error::last_os_error().raw_os_error().unwrap_or(-1)
+    }
+}
+
+/// The behaviour suite. Returns the list of deviations (empty = pass).
+fn posix_suite(root: &Path) -> Vec<String> {
+    let mut bad = Vec::new();
+    let mut check = |ok: bool, what: &str| {
+        if !ok {
+            bad.push(what.to_string());
+        }
+    };
+    let d = root.join("suite");
+    fs::create_dir(&d).unwrap();
+    // Files: create, exclusive create, write, read back.
+    let f = d.join("file");
+    fs::write(&f, b"hello world").unwrap();
+    check(
+        fs::read(&f).unwrap() == b"hello world",
+        "read back what was written",
+    );
+    check(
+        errno_of(fs::File::options().write(true).create_new(true).open(&f)) == Some(libc::EEXIST),
+        "O_EXCL on existing is EEXIST",
+    );
+    // Long names.
+    let long = d.join("n".repeat(256));
+    check(
+        errno_of(fs::write(&long, b"x")) == Some(libc::ENAMETOOLONG),
+        "256-byte name is ENAMETOOLONG",
+    );
+    check(
+        fs::read_dir(&d).unwrap().count() == 1,
+        "a failed long-name create changes nothing",
+    );
+    let ok255 = d.join("m".repeat(255));
+    check(fs::write(&ok255, b"x").is_ok(), "255-byte name works");
+    // Directories.
+    fs::create_dir(d.join("sub")).unwrap();
+    fs::write(d.join("sub/inner"), b"i").unwrap();
+    check(
+        errno_of(fs::remove_dir(d.join("sub"))) == Some(libc::ENOTEMPTY),
+        "rmdir non-empty is ENOTEMPTY",
+    );
+    check(
+        errno_of(fs::remove_file(d.join("sub"))) == Some(libc::EISDIR),
+        "unlink of a directory is EISDIR",
+    );
+    check(
+        errno_of(fs::remove_dir(&f)) == Some(libc::ENOTDIR),
+        "rmdir of a file is ENOTDIR",
+    );
+    check(
+        fs::metadata(&d).unwrap().nlink() == 3,
+        "directory link count counts subdirectories",
+    );
+    // Rename: over a file, NOREPLACE, EXCHANGE, directory over non-empty.
+    fs::write(d.join("a"), b"A").unwrap();
+    fs::write(d.join("b"), b"B").unwrap();
+    fs::rename(d.join("a"), d.join("b")).unwrap();
+    check(
+        fs::read(d.join("b")).unwrap() == b"A" && !d.join("a").exists(),
+        "rename replaces the target",
+    );
+    fs::write(d.join("c"), b"C").unwrap();
+    check(
+        renameat2(&d.join("c"), &d.join("b"), libc::RENAME_NOREPLACE) == libc::EEXIST,
+        "RENAME_NOREPLACE is EEXIST",
+    );
+    check(
+        renameat2(&d.join("c"), &d.join("b"), libc::RENAME_EXCHANGE) == 0,
+        "RENAME_EXCHANGE works",
+    );
+    check(
+        fs::read(d.join("b")).unwrap() == b"C" && fs::read(d.join("c")).unwrap() == b"A",
+        "RENAME_EXCHANGE swaps",
+    );
+    fs::create_dir(d.join("empty")).unwrap();
+    check(
+        errno_of(fs::rename(d.join("empty"), d.join("sub"))) == Some(libc::ENOTEMPTY),
+        "dir over non-empty dir is ENOTEMPTY",
+    );
+    check(
+        errno_of(fs::rename(d.join("sub"), d.join("sub/inner2"))) == Some(libc::EINVAL),
+        "dir into itself is EINVAL",
+    );
+    // Links.
+    fs::hard_link(d.join("b"), d.join("b2")).unwrap();
+    check(
+        fs::metadata(d.join("b")).unwrap().nlink() == 2,
+        "hard link counts",
+    );
+    std::os::unix::fs::symlink("b", d.join("sym")).unwrap();
+    check(
+        fs::read_link(d.join("sym")).unwrap() == Path::new("b"),
+        "readlink",
+    );
+    check(fs::read(d.join("sym")).unwrap() == b"C", "symlink resolves");
+    let longt = "t".repeat(300);
+    std::os::unix::fs::symlink(&longt, d.join("longsym")).unwrap();
+    check(
+        fs::read_link(d.join("longsym")).unwrap() == Path::new(&longt),
+        "long symlink target",
+    );
+    // Sizes: truncate down then up leaves zeros.
+    let t = d.join("trunc");
+    fs::write(&t, vec![b'x'; 5000]).unwrap();
+    let h = fs::File::options().write(true).open(&t).unwrap();
+    h.set_len(10).unwrap();
+    h.set_len(5000).unwrap();
+    drop(h);
+    let data = fs::read(&t).unwrap();
+    check(
+        data.len() == 5000 && data[10..].iter().all(|&b| b == 0) && &data[..10] == b"xxxxxxxxxx",
+        "truncate down/up zeroes the tail",
+    );
+    let h = fs::File::options().write(true).open(&t).unwrap();
+    check(
+        errno_of(h.set_len(1u64 << 50)) == Some(libc::EFBIG),
+        "truncate past the maximum file size is EFBIG",
+    );
+    drop(h);
+    // Sparse files and SEEK_DATA / SEEK_HOLE.
+    let s = d.join("sparse");
+    {
+        let mut h = fs::File::create(&s).unwrap();
+        h.seek(SeekFrom::Start(1 << 20)).unwrap();
+        h.write_all(b"data").unwrap();
+    }
+    {
+        use std::os::fd::AsRawFd;
+        let h = fs::File::open(&s).unwrap();
+        // SAFETY: valid descriptor; lseek has no memory effects.
+        let data = unsafe { libc::lseek(h.as_raw_fd(), 0, libc::SEEK_DATA) };
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(h.as_raw_fd(), 0, libc::SEEK_HOLE) };
+        check(
+            data > 0 && data <= 1 << 20,
+            "SEEK_DATA skips the leading hole",
+        );
+        check(hole == 0, "SEEK_HOLE finds the hole at 0");
+    }
+    check(
+        fs::metadata(&s).unwrap().blocks() < 64,
+        "a sparse file allocates little",
+    );
+    // Modes, owners, times with nanoseconds.
+    fs::set_permissions(&f, fs::Permissions::from_mode(0o4751)).unwrap();
+    check(
+        fs::metadata(&f).unwrap().mode() & 0o7777 == 0o4751,
+        "chmod keeps special bits",
+    );
+    std::os::unix::fs::chown(&f, Some(1234), Some(5678)).unwrap();
+    let m = fs::metadata(&f).unwrap();
+    check((m.uid(), m.gid()) == (1234, 5678), "chown");
+    let when = std::time::UNIX_EPOCH + std::time::Duration::new(1_500_000_000, 123_456_789);
+    fs::File::options()
+        .write(true)
+        .open(&f)
+        .unwrap()
+        .set_times(fs::FileTimes::new().set_modified(when))
+        .unwrap();
+    let m = fs::metadata(&f).unwrap();
+    check(
+        (m.mtime(), m.mtime_nsec()) == (1_500_000_000, 123_456_789),
+        "utimens keeps nanoseconds",
+    );
+    // Extended attributes.
+    check(hostxattr::set(&f, b"user.k", b"value").is_ok(), "setxattr");
+    check(
+        hostxattr::get(&f, b"user.k").ok().as_deref() == Some(&b"value"[..]),
+        "getxattr",
+    );
+    check(
+        hostxattr::list(&f).unwrap().contains(&b"user.k".to_vec()),
+        "listxattr",
+    );
+    check(
+        errno_of(hostxattr::get(&f, b"user.none")) == Some(libc::ENODATA),
+        "missing xattr is ENODATA",
+    );
+    check(
+        hostxattr::set(&f, b"user.big", &[7u8; 700]).is_ok(),
+        "xattr in a block",
+    );
+    // Special files.
+    let fifo = cpath(&d.join("fifo"));
+    // SAFETY: NUL-terminated path.
+    check(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) } == 0, "mkfifo");
+    check(
+        fs::symlink_metadata(d.join("fifo"))
+            .map(|m| m.file_type().is_fifo())
+            .unwrap_or(false),
+        "fifo type",
+    );
+    // Bulk data.
+    let big: Vec<u8> = (0..8u32 << 20).map(|i| (i % 251) as u8).collect();
+    fs::write(d.join("big"), &big).unwrap();
+    let mut back = Vec::new();
+    fs::File::open(d.join("big"))
+        .unwrap()
+        .read_to_end(&mut back)
+        .unwrap();
+    check(back == big, "8 MiB round trip");
+    // statfs.
+    let c = cpath(root);
+    // SAFETY: zeroed statvfs is a valid out-parameter for statvfs.
+    let mut sv: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: NUL-terminated path and a valid out-pointer.
+    check(
+        unsafe { libc::statvfs(c.as_ptr(), &mut sv) } == 0
+            && sv.f_blocks > 0
+            && sv.f_namemax == 255,
+        "statfs",
+    );
+    // Clean up a tree.
+    fs::remove_dir_all(d.join("sub")).unwrap();
+    check(!d.join("sub").exists(), "remove a tree");
+    bad
+}
+
+use std::os::unix::fs::FileTypeExt;
+
+fn e2fsck_clean(img: &Path) -> bool {
+    Command::new("e2fsck")
+        .arg("-fn")
+        .arg(img)
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+#[test]
+fn posix_suite_passes_on_folio_and_on_the_kernel() {
+    if !prerequisites() {
+        return;
+    }
+    let dir = tmp("posix");
+    let folio = env!("CARGO_BIN_EXE_folio");
+    let a = dir.join("folio.img");
+    let b = dir.join("kernel.img");
+    assert!(Command::new(folio)
+        .args(["mkfs", "-q"])
+        .arg(&a)
+        .args(["--size", "256M"])
+        .status()
+        .unwrap()
+        .success());
+    fs::copy(&a, &b).unwrap();
+    // folio FUSE mount.
+    let ma = dir.join("ma");
+    fs::create_dir(&ma).unwrap();
+    let out = Command::new(folio)
+        .arg("mount")
+        .arg(&a)
+        .arg(&ma)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "mount: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let info = fs::read_to_string("/proc/self/mounts").unwrap();
+    assert!(
+        info.lines()
+            .any(|l| l.contains(ma.to_str().unwrap()) && l.contains("fuse.folio")),
+        "listed as fuse.folio"
+    );
+    let folio_bad = posix_suite(&ma);
+    assert!(Command::new(folio)
+        .arg("umount")
+        .arg(&ma)
+        .status()
+        .unwrap()
+        .success());
+    // Kernel ext4 on an identical image.
+    let mb = dir.join("mb");
+    fs::create_dir(&mb).unwrap();
+    assert!(Command::new("mount")
+        .args(["-o", "loop"])
+        .arg(&b)
+        .arg(&mb)
+        .status()
+        .unwrap()
+        .success());
+    let kernel_bad = posix_suite(&mb);
+    assert!(Command::new("umount").arg(&mb).status().unwrap().success());
+    assert!(
+        kernel_bad.is_empty(),
+        "the suite itself disagrees with the kernel: {kernel_bad:?}"
+    );
+    assert!(folio_bad.is_empty(), "folio deviates: {folio_bad:?}");
+    assert!(e2fsck_clean(&a), "folio image not clean after unmount");
+    assert!(e2fsck_clean(&b));
+    let _ = fs::remove_dir_all(&dir);
+}
+
+/// `mount -t fuse.folio` runs `mount.fuse.folio SOURCE DIR -o OPTS`.
+#[test]
+fn mount_helper_and_signals() {
+    if !prerequisites() {
+        return;
+    }
+    let dir = tmp("helper");
+    let folio = env!("CARGO_BIN_EXE_folio");
+    let img = dir.join("h.img");
+    assert!(Command::new(folio)
+        .args(["mkfs", "-q"])
+        .arg(&img)
+        .args(["--size", "64M"])
+        .status()
+        .unwrap()
+        .success());
+    let helper = dir.join("mount.fuse.folio");
+    std::os::unix::fs::symlink(folio, &helper).unwrap();
+    let mnt = dir.join("m");
+    fs::create_dir(&mnt).unwrap();
+    let out = Command::new(&helper)
+        .arg(&img)
+        .arg(&mnt)
+        .args(["-o", "rw,noatime"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "helper: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    fs::write(mnt.join("via-helper"), b"ok").unwrap();
+    assert!(Command::new(folio)
+        .arg("umount")
+        .arg(&mnt)
+        .status()
+        .unwrap()
+        .success());
+    // Foreground mount; SIGTERM unmounts cleanly and syncs.
+    let mut child = Command::new(folio)
+        .arg("mount")
+        .arg(&img)
+        .arg(&mnt)
+        .arg("-f")
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while !fs::read_to_string("/proc/self/mounts")
+        .unwrap()
+        .contains(mnt.to_str().unwrap())
+    {
+        assert!(
+            start.elapsed().as_secs() < 20,
+            "foreground mount did not appear"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    fs::write(mnt.join("before-sigterm"), b"kept").unwrap();
+    // SAFETY: signalling a child process we own.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    assert!(status.success(), "SIGTERM exit: {status}");
+    assert!(
+        !fs::read_to_string("/proc/self/mounts")
+            .unwrap()
+            .contains(mnt.to_str().unwrap()),
+        "unmounted"
+    );
+    assert!(e2fsck_clean(&img));
+    let out = Command::new(folio)
+        .arg("cat")
+        .arg(&img)
+        .arg("/before-sigterm")
+        .output()
+        .unwrap();
+    assert_eq!(out.stdout, b"kept");
+    let out = Command::new(folio)
+        .arg("cat")
+        .arg(&img)
+        .arg("/via-helper")
+        .output()
+        .unwrap();
+    assert_eq!(out.stdout, b"ok");
+    let _ = fs::remove_dir_all(&dir);
+}
