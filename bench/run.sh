@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# Benchmark folio's FUSE mount against fuse2fs and the kernel's ext4 on
+# identical images, in one run, and print each result and the ratios
+# folio/fuse2fs and folio/kernel. Needs root (loop and FUSE mounts);
+# installs fio, fuse2fs and fuse3 if missing.
+#
+#   bash bench/run.sh            # default: 1 GiB images, quick workloads
+#   SIZE=4G SCALE=4 bash bench/run.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SIZE=${SIZE:-1G}
+SCALE=${SCALE:-1}
+need=()
+command -v fio >/dev/null || need+=(fio)
+command -v fuse2fs >/dev/null || need+=(fuse2fs)
+command -v fusermount3 >/dev/null || need+=(fuse3)
+command -v mkfs.ext4 >/dev/null || need+=(e2fsprogs)
+if [ ${#need[@]} -gt 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+[ "$(id -u)" -eq 0 ] || { echo "bench/run.sh needs root (loop and FUSE mounts)"; exit 1; }
+cargo build --release -q -p folio-cli
+FOLIO=$(pwd)/target/release/folio
+W=$(mktemp -d /tmp/folio-bench.XXXXXX)
+cleanup() {
+    for m in folio fuse2fs kernel; do
+        mountpoint -q "$W/$m" 2>/dev/null && { fusermount3 -u "$W/$m" 2>/dev/null || umount "$W/$m"; }
+    done
+    rm -rf "$W"
+}
+trap cleanup EXIT
+mkfs.ext4 -q -F "$W/base.img" "$SIZE"
+for m in folio fuse2fs kernel; do
+    cp --sparse=always "$W/base.img" "$W/$m.img"
+    mkdir -p "$W/$m"
+done
+"$FOLIO" mount "$W/folio.img" "$W/folio" >/dev/null
+fuse2fs "$W/fuse2fs.img" "$W/fuse2fs" -o rw >/dev/null
+mount -o loop "$W/kernel.img" "$W/kernel"
+
+drop() { sync; echo 3 > /proc/sys/vm/drop_caches; }
+MB=$((256 * SCALE))
+# name|fio arguments
+WORKLOADS=(
+  "seq-write-1M|--rw=write --bs=1M --size=${MB}M --end_fsync=1"
+  "seq-read-1M|--rw=read --bs=1M --size=${MB}M"
+  "rand-write-4k|--rw=randwrite --bs=4k --size=$((32 * SCALE))M --end_fsync=1"
+  "rand-read-4k|--rw=randread --bs=4k --size=$((32 * SCALE))M"
+  "parallel-write-4x|--rw=write --bs=256k --size=$((64 * SCALE))M --numjobs=4 --end_fsync=1"
+)
+declare -A RESULT
+for w in "${WORKLOADS[@]}"; do
+    name=${w%%|*}; args=${w#*|}
+    for m in folio fuse2fs kernel; do
+        drop
+        # Reads use the file the matching write made.
+        file="$W/$m/bench-${name#*-}"
+        case $name in seq-read-1M) file="$W/$m/bench-write-1M";; rand-read-4k) file="$W/$m/bench-write-4k";; esac
+        out=$(fio --name="$name" --filename="$file" $args --ioengine=psync --group_reporting --output-format=json 2>/dev/null)
+        RESULT[$name,$m]=$(python3 -c 'import json,sys; j=json.load(sys.stdin)["jobs"][0]; k="read" if j["read"]["io_bytes"] else "write"; print("%.1f" % (j[k]["bw_bytes"]/1048576))' <<<"$out")
+    done
+done
+# Metadata: create, stat, unlink many small files.
+N=$((3000 * SCALE))
+for m in folio fuse2fs kernel; do
+    drop
+    RESULT[metadata,$m]=$(python3 - "$W/$m/meta" "$N" <<'PY'
+import os, sys, time
+d, n = sys.argv[1], int(sys.argv[2])
+os.mkdir(d)
+t = time.monotonic()
+for i in range(n):
+    fd = os.open(f"{d}/f{i}", os.O_CREAT | os.O_WRONLY, 0o644); os.write(fd, b"x" * 100); os.close(fd)
+for i in range(n):
+    os.stat(f"{d}/f{i}")
+for i in range(n):
+    os.unlink(f"{d}/f{i}")
+os.sync()
+print("%.0f" % (3 * n / (time.monotonic() - t)))
+PY
+)
+done
+printf "\n%-20s %10s %10s %10s %14s %14s\n" workload folio fuse2fs kernel folio/fuse2fs folio/kernel
+for name in seq-write-1M seq-read-1M rand-write-4k rand-read-4k parallel-write-4x metadata; do
+    f=${RESULT[$name,folio]}; g=${RESULT[$name,fuse2fs]}; k=${RESULT[$name,kernel]}
+    unit=MiB/s; [ "$name" = metadata ] && unit=ops/s
+    printf "%-20s %10s %10s %10s %14s %14s   (%s)\n" "$name" "$f" "$g" "$k" \
+        "$(python3 -c "print('%.2f' % ($f/$g if $g else 0))")" "$(python3 -c "print('%.2f' % ($f/$k if $k else 0))")" "$unit"
+done
+"$FOLIO" umount "$W/folio"
+fusermount3 -u "$W/fuse2fs"
+umount "$W/kernel"
+for m in folio fuse2fs kernel; do
+    e2fsck -fn "$W/$m.img" >/dev/null 2>&1 && echo "$m image: e2fsck clean" || echo "$m image: e2fsck NOT clean"
+done
