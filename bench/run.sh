@@ -89,6 +89,8 @@ for name in seq-write-1M seq-read-1M rand-write-4k rand-read-4k parallel-write-4
 done
 "$FOLIO" umount "$W/folio"
 fusermount3 -u "$W/fuse2fs"
+# fuse2fs finishes writing after the unmount returns: wait for it.
+while pgrep -f "fuse2fs $W/fuse2fs.img" >/dev/null; do sleep 0.1; done
 umount "$W/kernel"
 for m in folio fuse2fs kernel; do
     e2fsck -fn "$W/$m.img" >/dev/null 2>&1 && echo "$m image: e2fsck clean" || echo "$m image: e2fsck NOT clean"

@@ -615,6 +615,10 @@ impl Filesystem {
                 }
             }
             let converted = mark_written(&mut list, lblk, end);
+            if allocated.is_empty() && converted.is_empty() {
+                // Pure overwrite: the block map is unchanged.
+                return Ok(fresh);
+            }
             fresh.extend(converted);
             let data_blocks: u64 = allocated.iter().map(|a| a.1).sum();
             if let Err(e) = self.write_extent_tree(inode, list) {
