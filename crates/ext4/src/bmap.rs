@@ -549,6 +549,31 @@ impl Filesystem {
         Ok(())
     }
 
+    /// Unmap logical block `lblk` of an indirect-mapped inode (the caller
+    /// frees the data block; indirect blocks stay).
+    pub(crate) fn ind_clear(&mut self, inode: &mut Inode, lblk: u64) -> Result<()> {
+        let Some((slot, path)) = self.ind_path(lblk) else {
+            return Ok(());
+        };
+        if path.is_empty() {
+            put32(inode.i_block_mut(), slot * 4, 0);
+            return Ok(());
+        }
+        let mut p = u64::from(get32(inode.i_block(), slot * 4).unwrap_or(0));
+        for (k, &idx) in path.iter().enumerate() {
+            if p == 0 {
+                return Ok(());
+            }
+            if k + 1 == path.len() {
+                let b = self.cache.modify(p)?;
+                put32(b, idx * 4, 0);
+            } else {
+                p = self.ind_ptr(p, idx, inode.ino)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Make every block of `[lblk, lblk+len)` mapped and written. Returns the
     /// logical ranges that were newly allocated or converted from unwritten
     /// (their old contents must not be exposed: the caller overwrites or

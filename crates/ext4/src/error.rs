@@ -44,6 +44,8 @@ pub enum Error {
     /// An attribute value or list does not fit the caller's buffer or the
     /// inode/block.
     Range,
+    /// No data (or hole) at or after the offset: lseek's ENXIO.
+    NoSuchOffset,
     /// An argument is invalid; the string says which.
     Invalid(String),
     /// Not implemented yet; the string says what.
@@ -79,6 +81,7 @@ impl Error {
             Error::TooManyLinks => libc::EMLINK,
             Error::NoAttr => libc::ENODATA,
             Error::Range => libc::ERANGE,
+            Error::NoSuchOffset => libc::ENXIO,
             Error::Invalid(_) => libc::EINVAL,
             Error::Unsupported(_) => libc::EOPNOTSUPP,
         }
@@ -108,6 +111,7 @@ impl fmt::Display for Error {
             Error::TooManyLinks => write!(f, "too many links"),
             Error::NoAttr => write!(f, "no such attribute"),
             Error::Range => write!(f, "value out of range"),
+            Error::NoSuchOffset => write!(f, "no such device or address (offset past the data)"),
             Error::Invalid(s) => write!(f, "invalid argument: {s}"),
             Error::Unsupported(s) => write!(f, "not supported: {s}"),
         }

@@ -12,6 +12,7 @@ pub mod bmap;
 pub mod csum;
 pub mod dir;
 pub mod error;
+pub mod falloc;
 pub mod file;
 pub mod format;
 pub mod fs;

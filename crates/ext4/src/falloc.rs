@@ -1,0 +1,371 @@
+//! fallocate(2) modes, SEEK_DATA/SEEK_HOLE, and FIEMAP-style maps.
+//!
+//! Semantics follow Linux ext4: preallocation makes unwritten extents that
+//! read as zeros (extending the size unless KEEP_SIZE); PUNCH_HOLE frees
+//! whole blocks and zeroes partial ones (size kept); ZERO_RANGE turns the
+//! range into zeros (whole blocks become unwritten); COLLAPSE_RANGE and
+//! INSERT_RANGE shift the block map by whole blocks. Indirect-mapped files
+//! (ext2/3) support only hole punching, as in Linux; the rest is
+//! EOPNOTSUPP.
+
+use crate::bmap::{insert_extent, remove_range, Mapping};
+use crate::error::{Error, Result};
+use crate::format::extent::{Extent, MAX_UNWRITTEN_LEN};
+use crate::format::inode::Inode;
+use crate::format::Timespec;
+use crate::fs::Filesystem;
+
+pub const FALLOC_FL_KEEP_SIZE: u32 = 0x01;
+pub const FALLOC_FL_PUNCH_HOLE: u32 = 0x02;
+pub const FALLOC_FL_COLLAPSE_RANGE: u32 = 0x08;
+pub const FALLOC_FL_ZERO_RANGE: u32 = 0x10;
+pub const FALLOC_FL_INSERT_RANGE: u32 = 0x20;
+
+impl Filesystem {
+    /// fallocate(2) on inode `ino`. `mode` is Linux's FALLOC_FL_* bits.
+    pub fn fallocate(&mut self, ino: u32, mode: u32, offset: u64, len: u64) -> Result<()> {
+        self.retry_nospc(|fs| fs.fallocate_impl(ino, mode, offset, len))
+    }
+
+    fn fallocate_impl(&mut self, ino: u32, mode: u32, offset: u64, len: u64) -> Result<()> {
+        self.check_writable()?;
+        let known = FALLOC_FL_KEEP_SIZE
+            | FALLOC_FL_PUNCH_HOLE
+            | FALLOC_FL_COLLAPSE_RANGE
+            | FALLOC_FL_ZERO_RANGE
+            | FALLOC_FL_INSERT_RANGE;
+        if mode & !known != 0 {
+            return Err(Error::Unsupported("fallocate mode".into()));
+        }
+        if len == 0 || offset > i64::MAX as u64 || len > i64::MAX as u64 {
+            return Err(Error::Invalid("fallocate offset or length".into()));
+        }
+        let mut inode = self.read_inode(ino)?;
+        if inode.is_dir() {
+            return Err(Error::IsDir);
+        }
+        if !inode.is_reg() {
+            return Err(Error::Invalid(
+                "fallocate needs a regular file (ENODEV)".into(),
+            ));
+        }
+        let end = offset.checked_add(len).ok_or(Error::FileTooBig)?;
+        let shift = mode & (FALLOC_FL_COLLAPSE_RANGE | FALLOC_FL_INSERT_RANGE) != 0;
+        if shift && mode != FALLOC_FL_COLLAPSE_RANGE && mode != FALLOC_FL_INSERT_RANGE {
+            return Err(Error::Invalid(
+                "COLLAPSE_RANGE and INSERT_RANGE take no other flags".into(),
+            ));
+        }
+        if mode & FALLOC_FL_PUNCH_HOLE != 0 && mode & FALLOC_FL_KEEP_SIZE == 0 {
+            return Err(Error::Unsupported("PUNCH_HOLE needs KEEP_SIZE".into()));
+        }
+        if mode & FALLOC_FL_PUNCH_HOLE != 0 && mode & FALLOC_FL_ZERO_RANGE != 0 {
+            return Err(Error::Unsupported("PUNCH_HOLE with ZERO_RANGE".into()));
+        }
+        let extents = Self::uses_extents(&inode);
+        if mode & FALLOC_FL_PUNCH_HOLE != 0 {
+            self.punch(&mut inode, offset, end)?;
+        } else if !extents {
+            return Err(Error::Unsupported(
+                "fallocate on an indirect-mapped (ext2/3) file".into(),
+            ));
+        } else if mode == FALLOC_FL_COLLAPSE_RANGE {
+            self.collapse(&mut inode, offset, len)?;
+        } else if mode == FALLOC_FL_INSERT_RANGE {
+            self.insert(&mut inode, offset, len)?;
+        } else {
+            if end > self.max_file_size(&inode) {
+                return Err(Error::FileTooBig);
+            }
+            if mode & FALLOC_FL_ZERO_RANGE != 0 {
+                self.zero_range(&mut inode, offset, end)?;
+            } else {
+                self.prealloc(&mut inode, offset, end)?;
+            }
+            if mode & FALLOC_FL_KEEP_SIZE == 0 && end > inode.size() {
+                let old = inode.size();
+                self.zero_tail_of(&inode, old)?;
+                inode.set_size(end);
+                self.note_large_file(end);
+            }
+        }
+        let now = Timespec::now();
+        inode.set_mtime(now);
+        inode.set_ctime(now);
+        self.write_inode(&mut inode)
+    }
+
+    fn bs(&self) -> u64 {
+        u64::from(self.geo.block_size)
+    }
+
+    /// Zero bytes `[from, to)` of mapped, written blocks (partial blocks
+    /// at the edges of a range).
+    fn zero_bytes(&mut self, inode: &Inode, from: u64, to: u64) -> Result<()> {
+        let bs = self.bs();
+        let mut pos = from;
+        while pos < to {
+            let lblk = pos / bs;
+            let blk_end = ((lblk + 1) * bs).min(to);
+            if let (
+                Mapping::Mapped {
+                    pblk,
+                    unwritten: false,
+                },
+                _,
+            ) = self.map_block(inode, lblk, 1)?
+            {
+                let zeros = vec![0u8; (blk_end - pos) as usize];
+                self.dev().write_at(pblk * bs + pos % bs, &zeros)?;
+            }
+            pos = blk_end;
+        }
+        Ok(())
+    }
+
+    fn zero_tail_of(&mut self, inode: &Inode, size: u64) -> Result<()> {
+        let bs = self.bs();
+        if size % bs != 0 {
+            self.zero_bytes(inode, size, size.div_ceil(bs) * bs)?;
+        }
+        Ok(())
+    }
+
+    /// Free whole blocks inside `[from, to)` and zero the partial ones.
+    fn punch(&mut self, inode: &mut Inode, from: u64, to: u64) -> Result<()> {
+        let bs = self.bs();
+        let to = to.min(inode.size().max(from));
+        if from >= to {
+            return Ok(());
+        }
+        let first_full = from.div_ceil(bs);
+        let last_full = to / bs; // exclusive
+        if first_full >= last_full {
+            return self.zero_bytes(inode, from, to);
+        }
+        self.zero_bytes(inode, from, first_full * bs)?;
+        self.zero_bytes(inode, last_full * bs, to)?;
+        self.free_range(inode, first_full, last_full)
+    }
+
+    /// Free logical blocks `[from, to)`.
+    fn free_range(&mut self, inode: &mut Inode, from: u64, to: u64) -> Result<()> {
+        let spb = u64::from(self.geo.block_size / 512);
+        if Self::uses_extents(inode) {
+            let mut list = (*self.extents(inode)?).clone();
+            let freed = remove_range(&mut list, from, to);
+            if freed.is_empty() {
+                return Ok(());
+            }
+            self.write_extent_tree(inode, list)?;
+            let mut total = 0;
+            for (p, l) in freed {
+                self.free_blocks(p, l)?;
+                total += l;
+            }
+            self.add_i_blocks(inode, -((total * spb) as i64))
+        } else {
+            // Indirect maps: free block by block below `to`, then let
+            // truncate-style pruning happen only at the end of the file.
+            for l in from..to {
+                if let (Mapping::Mapped { pblk, .. }, _) = self.map_block(inode, l, 1)? {
+                    self.ind_clear(inode, l)?;
+                    self.free_blocks(pblk, 1)?;
+                    self.add_i_blocks(inode, -(spb as i64))?;
+                }
+            }
+            Ok(())
+        }
+    }
+
+    /// Allocate unwritten extents over the holes of `[from, to)` (bytes).
+    fn prealloc(&mut self, inode: &mut Inode, from: u64, to: u64) -> Result<()> {
+        let bs = self.bs();
+        let (first, last) = (from / bs, to.div_ceil(bs));
+        let mut list = (*self.extents(inode)?).clone();
+        let mut allocated = Vec::new();
+        let mut cur = first;
+        let spb = i64::from(self.geo.block_size / 512);
+        let result: Result<()> = (|| {
+            while cur < last {
+                let pos = list.partition_point(|e| e.end() <= cur);
+                let gap = match list.get(pos) {
+                    Some(e) if u64::from(e.lblk) <= cur => {
+                        cur = e.end();
+                        continue;
+                    }
+                    Some(e) => u64::from(e.lblk).min(last) - cur,
+                    None => last - cur,
+                };
+                let goal = if pos > 0 {
+                    list[pos - 1].pblk + u64::from(list[pos - 1].len)
+                } else {
+                    self.inode_goal(inode)
+                };
+                let want = gap.min(u64::from(MAX_UNWRITTEN_LEN)) as u32;
+                let (p, n) = self.alloc_blocks(goal, want)?;
+                // Fresh blocks read as zeros because they are unwritten;
+                // no need to write them.
+                allocated.push((p, u64::from(n)));
+                insert_extent(
+                    &mut list,
+                    Extent {
+                        lblk: cur as u32,
+                        len: n,
+                        pblk: p,
+                        unwritten: true,
+                    },
+                );
+                cur += u64::from(n);
+            }
+            Ok(())
+        })();
+        if let Err(e) = result.and_then(|()| self.write_extent_tree(inode, list)) {
+            for (p, l) in allocated {
+                self.free_blocks(p, l)?;
+            }
+            self.extent_cache.remove(&inode.ino);
+            return Err(e);
+        }
+        let n: u64 = allocated.iter().map(|a| a.1).sum();
+        self.add_i_blocks(inode, n as i64 * spb)
+    }
+
+    /// Make `[from, to)` read as zeros: partial blocks zeroed in place,
+    /// whole blocks replaced by unwritten extents.
+    fn zero_range(&mut self, inode: &mut Inode, from: u64, to: u64) -> Result<()> {
+        let bs = self.bs();
+        let first_full = from.div_ceil(bs);
+        let last_full = to / bs;
+        if first_full >= last_full {
+            self.zero_bytes(inode, from, to.min(inode.size().max(from)))?;
+            return self.prealloc(inode, from, to);
+        }
+        let size = inode.size();
+        self.zero_bytes(inode, from, (first_full * bs).min(size.max(from)))?;
+        self.zero_bytes(inode, last_full * bs, to.min(size.max(last_full * bs)))?;
+        self.free_range(inode, first_full, last_full)?;
+        self.prealloc(inode, from, to)
+    }
+
+    fn check_shift_args(&self, inode: &Inode, offset: u64, len: u64) -> Result<()> {
+        let bs = self.bs();
+        if offset % bs != 0 || len % bs != 0 {
+            return Err(Error::Invalid(
+                "COLLAPSE/INSERT_RANGE need block-aligned offset and length".into(),
+            ));
+        }
+        let _ = inode;
+        Ok(())
+    }
+
+    fn collapse(&mut self, inode: &mut Inode, offset: u64, len: u64) -> Result<()> {
+        self.check_shift_args(inode, offset, len)?;
+        let size = inode.size();
+        if offset + len >= size {
+            return Err(Error::Invalid(
+                "COLLAPSE_RANGE reaches the end of the file".into(),
+            ));
+        }
+        let bs = self.bs();
+        let (start, n) = (offset / bs, len / bs);
+        self.free_range(inode, start, start + n)?;
+        let mut list = (*self.extents(inode)?).clone();
+        for e in &mut list {
+            if u64::from(e.lblk) >= start + n {
+                e.lblk -= n as u32;
+            }
+        }
+        let merged = Self::remerge(list);
+        self.write_extent_tree(inode, merged)?;
+        inode.set_size(size - len);
+        Ok(())
+    }
+
+    fn insert(&mut self, inode: &mut Inode, offset: u64, len: u64) -> Result<()> {
+        self.check_shift_args(inode, offset, len)?;
+        let size = inode.size();
+        if offset >= size {
+            return Err(Error::Invalid(
+                "INSERT_RANGE at or past the end of the file".into(),
+            ));
+        }
+        let new_size = size.checked_add(len).ok_or(Error::FileTooBig)?;
+        if new_size > self.max_file_size(inode) {
+            return Err(Error::FileTooBig);
+        }
+        let bs = self.bs();
+        let (start, n) = (offset / bs, len / bs);
+        let mut list = (*self.extents(inode)?).clone();
+        // Split an extent spanning the insertion point.
+        let mut split = Vec::with_capacity(list.len() + 1);
+        for e in list.drain(..) {
+            let s = u64::from(e.lblk);
+            if s < start && e.end() > start {
+                let head = (start - s) as u32;
+                split.push(Extent { len: head, ..e });
+                split.push(Extent {
+                    lblk: start as u32,
+                    len: e.len - head,
+                    pblk: e.pblk + u64::from(head),
+                    unwritten: e.unwritten,
+                });
+            } else {
+                split.push(e);
+            }
+        }
+        for e in &mut split {
+            if u64::from(e.lblk) >= start {
+                if e.end() + n > 1 << 32 {
+                    return Err(Error::FileTooBig);
+                }
+                e.lblk += n as u32;
+            }
+        }
+        self.write_extent_tree(inode, split)?;
+        inode.set_size(new_size);
+        Ok(())
+    }
+
+    fn remerge(list: Vec<Extent>) -> Vec<Extent> {
+        let mut out: Vec<Extent> = Vec::with_capacity(list.len());
+        for e in list {
+            insert_extent(&mut out, e);
+        }
+        out
+    }
+
+    /// lseek(2) SEEK_DATA (`data`) or SEEK_HOLE from `offset`; ENXIO
+    /// ([`Error::NoSuchOffset`]) at or past the end, as Linux.
+    pub fn seek_data_hole(&mut self, ino: u32, offset: u64, data: bool) -> Result<u64> {
+        let st = self.stat(ino)?;
+        if offset >= st.size {
+            return Err(Error::NoSuchOffset);
+        }
+        let bs = self.bs();
+        let runs = self.block_runs(ino)?;
+        // Unwritten extents read as zeros: they are holes here, as ext4
+        // reports them when no dirty data is cached.
+        let spans: Vec<(u64, u64)> = runs
+            .iter()
+            .filter(|r| !r.unwritten)
+            .map(|r| (r.lblk * bs, ((r.lblk + r.len) * bs).min(st.size)))
+            .collect();
+        if data {
+            spans
+                .iter()
+                .find(|&&(_, e)| e > offset)
+                .map(|&(s, _)| s.max(offset))
+                .ok_or(Error::NoSuchOffset)
+        } else {
+            let mut pos = offset;
+            for &(s, e) in &spans {
+                if s > pos {
+                    break;
+                }
+                pos = pos.max(e);
+            }
+            Ok(pos.min(st.size))
+        }
+    }
+}
