@@ -262,6 +262,76 @@ fn posix_suite(root: &Path) -> Vec<String> {
             .unwrap_or(false),
         "fifo type",
     );
+    // fallocate: preallocate, punch, collapse.
+    {
+        use std::os::fd::AsRawFd;
+        let fa = d.join("falloc");
+        let h = fs::File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&fa)
+            .unwrap();
+        let fd = h.as_raw_fd();
+        // SAFETY: valid descriptor; fallocate has no memory effects.
+        check(
+            unsafe { libc::fallocate(fd, 0, 0, 1 << 20) } == 0,
+            "fallocate preallocates",
+        );
+        check(
+            fs::metadata(&fa).unwrap().len() == 1 << 20,
+            "fallocate extends the size",
+        );
+        check(
+            fs::read(&fa).unwrap().iter().all(|&b| b == 0),
+            "preallocated space reads as zeros",
+        );
+        drop(h);
+        fs::write(&fa, vec![9u8; 64 << 10]).unwrap();
+        let h = fs::File::options()
+            .read(true)
+            .write(true)
+            .open(&fa)
+            .unwrap();
+        let fd = h.as_raw_fd();
+        let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        // SAFETY: as above.
+        check(
+            unsafe { libc::fallocate(fd, mode, 4096, 8192) } == 0,
+            "punch hole",
+        );
+        // SAFETY: as above.
+        check(
+            unsafe { libc::fallocate(fd, libc::FALLOC_FL_PUNCH_HOLE, 4096, 8192) } == -1,
+            "punch without KEEP_SIZE fails",
+        );
+        let data = fs::read(&fa).unwrap();
+        check(
+            data.len() == 64 << 10 && data[4096..12288].iter().all(|&b| b == 0) && data[12288] == 9,
+            "punched range reads zeros, size kept",
+        );
+        // The kernel's FUSE driver refuses COLLAPSE/INSERT_RANGE itself
+        // (EOPNOTSUPP) before asking the filesystem; elsewhere they work.
+        // SAFETY: as above.
+        let r = unsafe { libc::fallocate(fd, libc::FALLOC_FL_COLLAPSE_RANGE, 0, 16384) };
+        if r == 0 {
+            check(
+                fs::metadata(&fa).unwrap().len() == (64 << 10) - 16384,
+                "collapse shrinks the file",
+            );
+            // SAFETY: as above.
+            check(
+                unsafe { libc::fallocate(fd, libc::FALLOC_FL_COLLAPSE_RANGE, 100, 4096) } == -1,
+                "unaligned collapse fails",
+            );
+        } else {
+            check(
+                std::io::Error::last_os_error().raw_os_error() == Some(libc::EOPNOTSUPP),
+                "collapse is done or refused by the FUSE driver",
+            );
+        }
+    }
     // Bulk data.
     let big: Vec<u8> = (0..8u32 << 20).map(|i| (i % 251) as u8).collect();
     fs::write(d.join("big"), &big).unwrap();

@@ -125,7 +125,7 @@ impl Filesystem {
 
     fn zero_tail_of(&mut self, inode: &Inode, size: u64) -> Result<()> {
         let bs = self.bs();
-        if size % bs != 0 {
+        if !size.is_multiple_of(bs) {
             self.zero_bytes(inode, size, size.div_ceil(bs) * bs)?;
         }
         Ok(())
@@ -250,7 +250,7 @@ impl Filesystem {
 
     fn check_shift_args(&self, inode: &Inode, offset: u64, len: u64) -> Result<()> {
         let bs = self.bs();
-        if offset % bs != 0 || len % bs != 0 {
+        if !offset.is_multiple_of(bs) || !len.is_multiple_of(bs) {
             return Err(Error::Invalid(
                 "COLLAPSE/INSERT_RANGE need block-aligned offset and length".into(),
             ));

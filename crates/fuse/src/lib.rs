@@ -635,49 +635,33 @@ impl fuser::Filesystem for FolioFuse {
         whence: i32,
         reply: ReplyLseek,
     ) {
-        if whence != libc::SEEK_DATA && whence != libc::SEEK_HOLE {
-            return reply.error(Errno::EINVAL);
-        }
-        let r = self.with(|fs| {
-            let st = fs.stat(from_fuse(ino))?;
-            let runs = fs.block_runs(from_fuse(ino))?;
-            Ok((st.size, runs))
-        });
-        let (size, runs) = match r {
-            Ok(x) => x,
-            Err(e) => return reply.error(e),
+        let data = match whence {
+            libc::SEEK_DATA => true,
+            libc::SEEK_HOLE => false,
+            _ => return reply.error(Errno::EINVAL),
         };
-        let off = offset.max(0) as u64;
-        if off >= size {
+        if offset < 0 {
             return reply.error(Errno::ENXIO);
         }
-        let bs = u64::from(self.block_size);
-        // Data is any written extent; unwritten extents read as zeros and
-        // count as holes, as ext4 reports them without cached data.
-        let data: Vec<(u64, u64)> = runs
-            .iter()
-            .filter(|r| !r.unwritten)
-            .map(|r| (r.lblk * bs, ((r.lblk + r.len) * bs).min(size)))
-            .collect();
-        let result = if whence == libc::SEEK_DATA {
-            data.iter()
-                .find(|&&(_, e)| e > off)
-                .map(|&(s, _)| s.max(off))
-        } else {
-            let mut pos = off;
-            for &(s, e) in &data {
-                if s > pos {
-                    break;
-                }
-                if e > pos {
-                    pos = e;
-                }
-            }
-            Some(pos.min(size))
-        };
-        match result {
-            Some(p) => reply.offset(p as i64),
-            None => reply.error(Errno::ENXIO),
+        match self.with(|fs| fs.seek_data_hole(from_fuse(ino), offset as u64, data)) {
+            Ok(p) => reply.offset(p as i64),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        match self.with(|fs| fs.fallocate(from_fuse(ino), mode as u32, offset, length)) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
         }
     }
 }
