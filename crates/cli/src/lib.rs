@@ -3,6 +3,7 @@
 
 pub mod copy;
 pub mod hostxattr;
+pub mod io;
 pub mod mount;
 pub mod show;
 pub mod torture;

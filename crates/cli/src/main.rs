@@ -128,6 +128,19 @@ enum Cmd {
         #[arg(short = 'l')]
         lazy: bool,
     },
+    /// xfs_io-style commands on a file in the image: pwrite [-S byte]
+    /// [-b size], pread [-v], truncate, falloc [-k], fpunch, fzero [-k],
+    /// fcollapse, finsert, fiemap [-v], seek -d|-h, fsync, fdatasync, stat.
+    Io {
+        image: PathBuf,
+        path: String,
+        /// A command; repeat for several (run in order).
+        #[arg(short = 'c', required = true, action = clap::ArgAction::Append)]
+        commands: Vec<String>,
+        /// Create the file if it does not exist.
+        #[arg(short = 'f')]
+        create: bool,
+    },
     /// Replay the journal if it needs recovery, process orphans, and exit
     /// (like `e2fsck -E journal_only`).
     Recover { image: PathBuf },
@@ -312,6 +325,17 @@ fn run(cli: Cli) -> CliResult {
             }
         }
         Cmd::Umount { mountpoint, lazy } => folio_cli::mount::umount(&mountpoint, lazy),
+        Cmd::Io {
+            image,
+            path,
+            commands,
+            create,
+        } => {
+            let mut fs = open(&image, false)?;
+            let r = folio_cli::io::run(&mut fs, &path, create, &commands);
+            ctx(fs.close(), "sync")?;
+            r
+        }
         Cmd::Recover { image } => {
             let fs = open(&image, false)?;
             match fs.recovery_report() {

@@ -129,3 +129,74 @@ fn demo_makes_a_clean_image() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn io_commands_shape_output_like_xfs_io() {
+    let dir = tmp("io");
+    let img = dir.join("io.img");
+    ok(&[&"mkfs", &img, &"-q", &"--size", &"32M", &"-b", &"4096"]);
+    let out = ok(&[
+        &"io",
+        &img,
+        &"/f",
+        &"-f",
+        &"-c",
+        &"pwrite -S 0xab 0 64k",
+        &"-c",
+        &"fpunch 4k 8k",
+        &"-c",
+        &"falloc -k 128k 16k",
+        &"-c",
+        &"seek -d 4096",
+        &"-c",
+        &"seek -h 0",
+        &"-c",
+        &"pread -v 0 16",
+        &"-c",
+        &"fiemap -v",
+        &"-c",
+        &"fzero 0 100",
+        &"-c",
+        &"pread 0 100",
+        &"-c",
+        &"finsert 0 4k",
+        &"-c",
+        &"fcollapse 0 4k",
+        &"-c",
+        &"truncate 10000",
+        &"-c",
+        &"fsync",
+        &"-c",
+        &"stat",
+    ]);
+    assert!(out.contains("wrote 65536/65536 bytes at offset 0"), "{out}");
+    assert!(
+        out.contains("DATA\t12288") && out.contains("HOLE\t4096"),
+        "{out}"
+    );
+    assert!(out.contains("00000000:  ab ab ab ab"), "{out}");
+    assert!(
+        out.contains("hole") && out.contains("0x801"),
+        "unwritten last extent flagged: {out}"
+    );
+    assert!(out.contains("stat.size = 10000"), "{out}");
+    let o = folio(&[&"io", &img, &"/f", &"-c", &"fcollapse 100 4k"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("fallocate: Invalid argument"));
+    let got = folio(&[&"cat", &img, &"/f"]).stdout;
+    assert_eq!(got.len(), 10000);
+    assert!(got[..100].iter().all(|&b| b == 0) && got[100..4096].iter().all(|&b| b == 0xab));
+    assert!(
+        got[4096..].iter().all(|&b| b == 0),
+        "the hole runs to the truncated end"
+    );
+    if have_e2fsck() {
+        let s = Command::new("e2fsck")
+            .arg("-fn")
+            .arg(&img)
+            .output()
+            .unwrap();
+        assert!(s.status.success(), "{}", String::from_utf8_lossy(&s.stdout));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
