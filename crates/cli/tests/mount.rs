@@ -520,3 +520,199 @@ fn mount_helper_and_signals() {
     assert_eq!(out.stdout, b"ok");
     let _ = fs::remove_dir_all(&dir);
 }
+
+/// xorshift for the mount model test.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// The model test through the mount, with ordinary system calls
+/// (pread/pwrite, ftruncate, fallocate, fsync, mmap reads and writes).
+#[test]
+fn model_test_through_the_mount_with_mmap() {
+    if !prerequisites() {
+        return;
+    }
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::FileExt;
+    let dir = tmp("fsxm");
+    let folio = env!("CARGO_BIN_EXE_folio");
+    let img = dir.join("m.img");
+    assert!(Command::new(folio)
+        .args(["mkfs", "-q"])
+        .arg(&img)
+        .args(["--size", "64M"])
+        .status()
+        .unwrap()
+        .success());
+    let mnt = dir.join("m");
+    fs::create_dir(&mnt).unwrap();
+    assert!(Command::new(folio)
+        .arg("mount")
+        .arg(&img)
+        .arg(&mnt)
+        .status()
+        .unwrap()
+        .success());
+    let path = mnt.join("model");
+    let f = fs::File::options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)
+        .unwrap();
+    let fd = f.as_raw_fd();
+    let mut model: Vec<u8> = Vec::new();
+    let mut rng = Rng(0x5EED_F00D);
+    let max = 200_000u64;
+    let mut failure = None;
+    for k in 0..4000u32 {
+        let what = rng.below(100);
+        let op = match what {
+            0..=34 => {
+                let (off, len) = (rng.below(max), 1 + rng.below(9000));
+                let data: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
+                f.write_all_at(&data, off).unwrap();
+                let end = (off + len) as usize;
+                if model.len() < end {
+                    model.resize(end, 0);
+                }
+                model[off as usize..end].copy_from_slice(&data);
+                format!("pwrite {off} {len}")
+            }
+            35..=49 => {
+                let (off, len) = (rng.below(max), 1 + rng.below(9000) as usize);
+                let mut buf = vec![0u8; len];
+                let n = f.read_at(&mut buf, off).unwrap();
+                let want = model
+                    .get(off as usize..)
+                    .map_or(&[][..], |s| &s[..s.len().min(len)]);
+                if &buf[..n] != want {
+                    failure = Some(format!("op {k}: pread {off} {len} differs"));
+                    break;
+                }
+                format!("pread {off} {len}")
+            }
+            50..=57 => {
+                let size = rng.below(max);
+                f.set_len(size).unwrap();
+                model.resize(size as usize, 0);
+                format!("truncate {size}")
+            }
+            58..=67 => {
+                let (off, len) = (rng.below(max), 1 + rng.below(20_000));
+                let mode = [
+                    0,
+                    libc::FALLOC_FL_KEEP_SIZE,
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                    libc::FALLOC_FL_ZERO_RANGE,
+                ][rng.below(4) as usize];
+                // SAFETY: valid descriptor; fallocate has no memory effects.
+                let r = unsafe { libc::fallocate(fd, mode, off as i64, len as i64) };
+                assert_eq!(
+                    r,
+                    0,
+                    "op {k}: fallocate mode {mode:#x}: {}",
+                    std::io::Error::last_os_error()
+                );
+                let (o, e) = (off as usize, (off + len) as usize);
+                if mode & (libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE) != 0 {
+                    let stop = e.min(model.len());
+                    if o < stop {
+                        model[o..stop].fill(0);
+                    }
+                }
+                if mode & libc::FALLOC_FL_KEEP_SIZE == 0 && e > model.len() {
+                    model.resize(e, 0);
+                }
+                format!("fallocate {mode:#x} {off} {len}")
+            }
+            68..=75 => {
+                f.sync_all().unwrap();
+                "fsync".to_string()
+            }
+            _ if !model.is_empty() => {
+                // mmap the file; read a window and write a few bytes.
+                let len = model.len();
+                // SAFETY: mapping a file we hold open, length = its size.
+                let p = unsafe {
+                    libc::mmap(
+                        std::ptr::null_mut(),
+                        len,
+                        libc::PROT_READ | libc::PROT_WRITE,
+                        libc::MAP_SHARED,
+                        fd,
+                        0,
+                    )
+                };
+                assert_ne!(
+                    p,
+                    libc::MAP_FAILED,
+                    "op {k}: mmap: {}",
+                    std::io::Error::last_os_error()
+                );
+                // SAFETY: the mapping is `len` bytes long and stays mapped
+                // until munmap below; nothing else aliases it here.
+                let mem = unsafe { std::slice::from_raw_parts_mut(p.cast::<u8>(), len) };
+                let at = rng.below(len as u64) as usize;
+                let n = (1 + rng.below(5000) as usize).min(len - at);
+                if mem[at..at + n] != model[at..at + n] {
+                    failure = Some(format!("op {k}: mmap read at {at} differs"));
+                }
+                let v = rng.next() as u8;
+                mem[at..at + n].fill(v);
+                model[at..at + n].fill(v);
+                // SAFETY: flushing and unmapping the mapping made above.
+                unsafe {
+                    libc::msync(p, len, libc::MS_SYNC);
+                    libc::munmap(p, len);
+                }
+                if failure.is_some() {
+                    break;
+                }
+                format!("mmap rw {at} {n}")
+            }
+            _ => continue,
+        };
+        let size = f.metadata().unwrap().len();
+        if size != model.len() as u64 {
+            failure = Some(format!("op {k} ({op}): size {size}, model {}", model.len()));
+            break;
+        }
+    }
+    let all = fs::read(&path).unwrap();
+    drop(f);
+    assert!(Command::new(folio)
+        .arg("umount")
+        .arg(&mnt)
+        .status()
+        .unwrap()
+        .success());
+    assert!(failure.is_none(), "{}", failure.unwrap());
+    assert!(
+        all == model,
+        "final contents through the mount differ from the model"
+    );
+    assert!(e2fsck_clean(&img), "image not clean after the model test");
+    let out = Command::new(folio)
+        .arg("cat")
+        .arg(&img)
+        .arg("/model")
+        .output()
+        .unwrap();
+    assert!(
+        out.stdout == model,
+        "the image holds different bytes than the model"
+    );
+    let _ = fs::remove_dir_all(&dir);
+}
