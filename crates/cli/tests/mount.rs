@@ -716,3 +716,101 @@ fn model_test_through_the_mount_with_mmap() {
     );
     let _ = fs::remove_dir_all(&dir);
 }
+
+/// Seed 001's loop-over-a-filesystem scenario: `losetup` on a file in the
+/// folio mount, `mkfs.ext4` on the loop device, mount it, write and read,
+/// unmount; both images are e2fsck clean.
+#[test]
+fn loop_device_on_a_file_inside_the_mount() {
+    if !prerequisites() {
+        return;
+    }
+    let dir = tmp("loop");
+    let folio = env!("CARGO_BIN_EXE_folio");
+    let outer = dir.join("outer.img");
+    assert!(Command::new(folio)
+        .args(["mkfs", "-q"])
+        .arg(&outer)
+        .args(["--size", "256M"])
+        .status()
+        .unwrap()
+        .success());
+    let mnt = dir.join("m");
+    let inner_mnt = dir.join("inner");
+    fs::create_dir(&mnt).unwrap();
+    fs::create_dir(&inner_mnt).unwrap();
+    assert!(Command::new(folio)
+        .arg("mount")
+        .arg(&outer)
+        .arg(&mnt)
+        .status()
+        .unwrap()
+        .success());
+    let disk = mnt.join("disk.img");
+    fs::File::create(&disk).unwrap().set_len(64 << 20).unwrap();
+    let out = Command::new("losetup")
+        .args(["--find", "--show"])
+        .arg(&disk)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "losetup: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let loopdev = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let mut ok = Command::new("mkfs.ext4")
+        .args(["-q", "-F", &loopdev])
+        .status()
+        .unwrap()
+        .success();
+    ok &= Command::new("mount")
+        .arg(&loopdev)
+        .arg(&inner_mnt)
+        .status()
+        .unwrap()
+        .success();
+    let data: Vec<u8> = (0..3u32 << 20).map(|i| (i * 7 % 253) as u8).collect();
+    if ok {
+        fs::write(inner_mnt.join("payload"), &data).unwrap();
+        fs::create_dir(inner_mnt.join("d")).unwrap();
+        for i in 0..200 {
+            fs::write(inner_mnt.join(format!("d/f{i}")), format!("{i}")).unwrap();
+        }
+        ok &= Command::new("umount")
+            .arg(&inner_mnt)
+            .status()
+            .unwrap()
+            .success();
+        ok &= Command::new("mount")
+            .arg(&loopdev)
+            .arg(&inner_mnt)
+            .status()
+            .unwrap()
+            .success();
+        ok &= fs::read(inner_mnt.join("payload"))
+            .map(|d| d == data)
+            .unwrap_or(false);
+        ok &= fs::read_to_string(inner_mnt.join("d/f199"))
+            .map(|s| s == "199")
+            .unwrap_or(false);
+        let _ = Command::new("umount").arg(&inner_mnt).status();
+    }
+    let inner_clean = Command::new("e2fsck")
+        .arg("-fn")
+        .arg(&loopdev)
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    let _ = Command::new("losetup").arg("-d").arg(&loopdev).status();
+    assert!(Command::new(folio)
+        .arg("umount")
+        .arg(&mnt)
+        .status()
+        .unwrap()
+        .success());
+    assert!(ok, "the ext4 inside the loop device did not work");
+    assert!(inner_clean, "the inner filesystem is not clean");
+    assert!(e2fsck_clean(&outer), "the folio image is not clean");
+    let _ = fs::remove_dir_all(&dir);
+}
