@@ -1,4 +1,6 @@
-//! Crash consistency: workloads run on a crash-recording device; at every
+//! Crash consistency: workloads (creates, writes, appends, truncates,
+//! renames, unlinks, directory growth, fallocate modes, syncs) run on a
+//! crash-recording device; at every
 //! flush and at random points between flushes (random subsets of the
 //! pending writes, torn into 512-byte sectors) the image is recovered by
 //! folio and checked:
@@ -202,6 +204,30 @@ fn run_workload(seed: u64, bs: u32, steps: usize) -> Workload {
                     )
                     .unwrap();
                 }
+            }
+            83..=88 if !tags.is_empty() => {
+                use folio_ext4::falloc::*;
+                let tag = pick(&mut rng);
+                let (path, content) = m.files.get_mut(&tag).unwrap();
+                let mode = [
+                    0,
+                    FALLOC_FL_KEEP_SIZE,
+                    FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                    FALLOC_FL_ZERO_RANGE,
+                ][rng.below(4) as usize];
+                let (off, len) = (rng.below(40_000) as usize, 1 + rng.below(12_000) as usize);
+                let ino = fs.resolve(path).unwrap();
+                fs.fallocate(ino, mode, off as u64, len as u64).unwrap();
+                if mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE) != 0 {
+                    let stop = (off + len).min(content.len());
+                    if off < stop {
+                        content[off..stop].fill(0);
+                    }
+                }
+                if mode & FALLOC_FL_KEEP_SIZE == 0 && off + len > content.len() {
+                    content.resize(off + len, 0);
+                }
+                rec.changed.push(tag);
             }
             _ => {
                 fs.sync().unwrap();
