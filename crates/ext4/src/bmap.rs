@@ -700,25 +700,37 @@ impl Filesystem {
         self.group_first_block(g)
     }
 
+    /// Unmap and free logical blocks `[from, to)` of an extent-mapped
+    /// inode (tree rewritten, i_blocks updated; the caller writes the
+    /// inode).
+    pub(crate) fn free_extent_range(
+        &mut self,
+        inode: &mut Inode,
+        from: u64,
+        to: u64,
+    ) -> Result<()> {
+        let spb = u64::from(self.geo.block_size / 512);
+        let mut list = (*self.extents(inode)?).clone();
+        let freed = remove_range(&mut list, from, to);
+        if freed.is_empty() {
+            return Ok(());
+        }
+        self.write_extent_tree(inode, list)?;
+        let mut total = 0;
+        for (p, l) in freed {
+            self.free_blocks(p, l)?;
+            total += l;
+        }
+        self.add_i_blocks(inode, -((total * spb) as i64))
+    }
+
     /// Free every block mapped at or beyond logical block `from` (and
     /// indirect blocks left empty). The caller writes the inode.
     pub(crate) fn truncate_blocks(&mut self, inode: &mut Inode, from: u64) -> Result<()> {
         self.check_writable()?;
         let spb = u64::from(self.geo.block_size / 512);
         if Self::uses_extents(inode) {
-            let mut list = (*self.extents(inode)?).clone();
-            let freed = remove_range(&mut list, from, u64::MAX);
-            if freed.is_empty() {
-                return Ok(());
-            }
-            self.write_extent_tree(inode, list)?;
-            let mut total = 0;
-            for (p, l) in freed {
-                self.free_blocks(p, l)?;
-                total += l;
-            }
-            self.add_i_blocks(inode, -((total * spb) as i64))?;
-            return Ok(());
+            return self.free_extent_range(inode, from, u64::MAX);
         }
         let apb = u64::from(self.geo.block_size / 4);
         let mut freed_blocks = 0u64;

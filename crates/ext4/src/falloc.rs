@@ -8,7 +8,7 @@
 //! (ext2/3) support only hole punching, as in Linux; the rest is
 //! EOPNOTSUPP.
 
-use crate::bmap::{insert_extent, remove_range, Mapping};
+use crate::bmap::{insert_extent, Mapping};
 use crate::error::{Error, Result};
 use crate::format::extent::{Extent, MAX_UNWRITTEN_LEN};
 use crate::format::inode::Inode;
@@ -152,18 +152,7 @@ impl Filesystem {
     fn free_range(&mut self, inode: &mut Inode, from: u64, to: u64) -> Result<()> {
         let spb = u64::from(self.geo.block_size / 512);
         if Self::uses_extents(inode) {
-            let mut list = (*self.extents(inode)?).clone();
-            let freed = remove_range(&mut list, from, to);
-            if freed.is_empty() {
-                return Ok(());
-            }
-            self.write_extent_tree(inode, list)?;
-            let mut total = 0;
-            for (p, l) in freed {
-                self.free_blocks(p, l)?;
-                total += l;
-            }
-            self.add_i_blocks(inode, -((total * spb) as i64))
+            self.free_extent_range(inode, from, to)
         } else {
             // Indirect maps: free block by block below `to`, then let
             // truncate-style pruning happen only at the end of the file.

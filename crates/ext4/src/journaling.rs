@@ -103,37 +103,30 @@ impl Filesystem {
                         _ => return Err(e),
                     },
                 };
-                let mut fs = Self::open_once(dev, opts)?;
-                fs.last_recovery = Some(report);
-                fs.attach_journal()?;
-                fs.refresh_summary_counts();
-                if fs.read_only.is_none() {
-                    fs.process_orphans()?;
-                }
-                return Ok(fs);
+                let fs = Self::open_once(dev, opts)?;
+                return fs.finish_open(Some(report));
             }
             Err(e) => return Err(e),
         };
         let recover =
             fs.sb.has_incompat(incompat::RECOVER) && fs.sb.has_compat(compat::HAS_JOURNAL);
         if !recover || opts.read_only || dev.is_read_only() {
-            let mut fs = fs;
-            fs.attach_journal()?;
-            fs.refresh_summary_counts();
-            if fs.read_only.is_none() && fs.sb.last_orphan() != 0 {
-                fs.process_orphans()?;
-            }
-            return Ok(fs);
+            return fs.finish_open(None);
         }
         let report = Self::replay(fs, &dev)?;
-        let mut fs = Self::open_once(dev, opts)?;
-        fs.last_recovery = Some(report);
-        fs.attach_journal()?;
-        fs.refresh_summary_counts();
-        if fs.read_only.is_none() {
-            fs.process_orphans()?;
+        Self::open_once(dev, opts)?.finish_open(Some(report))
+    }
+
+    /// The steps after every open: attach the journal, recompute the
+    /// summary counts, process orphans (read-write opens only).
+    fn finish_open(mut self, report: Option<RecoveryReport>) -> Result<Self> {
+        self.last_recovery = report;
+        self.attach_journal()?;
+        self.refresh_summary_counts();
+        if self.read_only.is_none() && self.sb.last_orphan() != 0 {
+            self.process_orphans()?;
         }
-        Ok(fs)
+        Ok(self)
     }
 
     /// Replay the journal of `fs` (opened read-only because of
