@@ -332,6 +332,38 @@ fn posix_suite(root: &Path) -> Vec<String> {
             );
         }
     }
+    // A file unlinked while open stays readable; its space returns on close.
+    {
+        let u = d.join("unlinked");
+        fs::write(&u, vec![6u8; 1 << 20]).unwrap();
+        let h = fs::File::open(&u).unwrap();
+        fs::remove_file(&u).unwrap();
+        let mut back = Vec::new();
+        (&h).read_to_end(&mut back).unwrap();
+        check(
+            back.len() == 1 << 20 && back.iter().all(|&b| b == 6),
+            "an unlinked open file stays readable",
+        );
+        let free = |p: &Path| {
+            let c = cpath(p);
+            // SAFETY: zeroed statvfs is a valid out-parameter.
+            let mut sv: libc::statvfs = unsafe { std::mem::zeroed() };
+            // SAFETY: NUL-terminated path and a valid out-pointer.
+            unsafe { libc::statvfs(c.as_ptr(), &mut sv) };
+            sv.f_bfree * sv.f_frsize
+        };
+        let before = free(root);
+        drop(h);
+        let mut freed = false;
+        for _ in 0..100 {
+            if free(root) >= before + (1 << 20) - 65536 {
+                freed = true;
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        check(freed, "its space returns at the last close");
+    }
     // Bulk data.
     let big: Vec<u8> = (0..8u32 << 20).map(|i| (i % 251) as u8).collect();
     fs::write(d.join("big"), &big).unwrap();

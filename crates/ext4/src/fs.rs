@@ -77,6 +77,8 @@ pub struct Filesystem {
     /// needs_recovery is set on disk (we have started writing).
     pub(crate) recover_on_disk: bool,
     pub(crate) last_recovery: Option<folio_journal::RecoveryReport>,
+    /// Open references by inode (see `open_ref`).
+    pub(crate) open_refs: HashMap<u32, u32>,
 }
 
 fn names(mask: u32, table: &[(u32, &str)], prefix: &str) -> String {
@@ -200,6 +202,7 @@ impl Filesystem {
             pinned: BTreeSet::new(),
             recover_on_disk: false,
             last_recovery: None,
+            open_refs: HashMap::new(),
         })
     }
 

@@ -578,17 +578,87 @@ impl Filesystem {
 
     fn drop_link(&mut self, ino: u32) -> Result<()> {
         let mut inode = self.read_inode(ino)?;
-        if inode.is_dir() {
-            return self.release_inode(&mut inode);
-        }
         let l = inode.links();
-        if l <= 1 {
+        if inode.is_dir() || l <= 1 {
+            if self.open_refs.contains_key(&ino) {
+                // Still open: keep it on the orphan list until the last
+                // close (a crash meanwhile frees it at recovery).
+                return self.orphan_add(&mut inode);
+            }
             self.release_inode(&mut inode)
         } else {
             inode.set_links(l - 1);
             inode.set_ctime(Timespec::now());
             self.write_inode(&mut inode)
         }
+    }
+
+    /// Note that `ino` is open (one more reference). An inode whose last
+    /// name goes while it is open stays readable and writable until
+    /// [`Self::close_ref`] drops the last reference.
+    pub fn open_ref(&mut self, ino: u32) {
+        *self.open_refs.entry(ino).or_insert(0) += 1;
+    }
+
+    /// Drop a reference taken by [`Self::open_ref`]; the last one frees an
+    /// inode that has no names left.
+    pub fn close_ref(&mut self, ino: u32) -> Result<()> {
+        let Some(n) = self.open_refs.get_mut(&ino) else {
+            return Ok(());
+        };
+        *n -= 1;
+        if *n > 0 {
+            return Ok(());
+        }
+        self.open_refs.remove(&ino);
+        let mut inode = self.read_inode(ino)?;
+        if inode.links() == 0 && inode.mode() != 0 && self.read_only.is_none() {
+            self.orphan_remove(ino)?;
+            self.release_inode(&mut inode)?;
+            self.op_done()?;
+        }
+        Ok(())
+    }
+
+    /// Put an unlinked-but-open inode on the orphan list (`s_last_orphan`,
+    /// chained through `i_dtime`, as ext4 does).
+    fn orphan_add(&mut self, inode: &mut Inode) -> Result<()> {
+        inode.set_links(0);
+        inode.set_dtime(self.sb.last_orphan());
+        inode.set_ctime(Timespec::now());
+        self.write_inode(inode)?;
+        self.sb.set_last_orphan(inode.ino);
+        self.sb_dirty = true;
+        Ok(())
+    }
+
+    /// Take `ino` off the orphan list.
+    fn orphan_remove(&mut self, ino: u32) -> Result<()> {
+        let mut prev: Option<u32> = None;
+        let mut cur = self.sb.last_orphan();
+        for _ in 0..=self.geo.inodes_count {
+            if cur == 0 {
+                return Ok(());
+            }
+            let next = self.read_inode(cur)?.dtime();
+            if cur == ino {
+                match prev {
+                    None => {
+                        self.sb.set_last_orphan(next);
+                        self.sb_dirty = true;
+                    }
+                    Some(p) => {
+                        let mut pi = self.read_inode(p)?;
+                        pi.set_dtime(next);
+                        self.write_inode(&mut pi)?;
+                    }
+                }
+                return Ok(());
+            }
+            prev = Some(cur);
+            cur = next;
+        }
+        Err(Error::corrupted("the orphan list has a loop", 0))
     }
 
     /// Remove a non-directory name.

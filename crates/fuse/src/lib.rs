@@ -372,8 +372,30 @@ impl fuser::Filesystem for FolioFuse {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        match self.with(|fs| fs.stat(from_fuse(ino))) {
-            Ok(_) => reply.opened(FileHandle(0), FopenFlags::empty()),
+        let ino = from_fuse(ino);
+        match self.with(|fs| {
+            fs.stat(ino)?;
+            fs.open_ref(ino);
+            Ok(())
+        }) {
+            Ok(()) => reply.opened(FileHandle(0), FopenFlags::empty()),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<fuser::LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        // The last close of an unlinked file frees it.
+        match self.with(|fs| fs.close_ref(from_fuse(ino))) {
+            Ok(()) => reply.ok(),
             Err(e) => reply.error(e),
         }
     }
@@ -612,6 +634,7 @@ impl fuser::Filesystem for FolioFuse {
                 perm,
                 Self::owner(req),
             )?;
+            fs.open_ref(ino);
             fs.stat(ino)
         });
         match r {
