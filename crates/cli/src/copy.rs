@@ -132,13 +132,12 @@ fn put_node(
     Ok(())
 }
 
-/// Copy the host file's extended attributes. POSIX ACLs are skipped: their
-/// on-disk ext4 encoding differs from the VFS one and the conversion is not
-/// written yet.
+/// Copy the host file's extended attributes, POSIX ACLs included (the
+/// library converts them to ext4's encoding).
 fn copy_xattrs_in(fs: &mut Filesystem, host: &Path, ino: u32) -> Result<(), String> {
     let shown = host.display().to_string();
     for name in crate::hostxattr::list(host).map_err(|e| host_err(host, e))? {
-        if name.starts_with(b"system.") {
+        if name.starts_with(b"system.") && !name.starts_with(b"system.posix_acl_") {
             continue;
         }
         let value = crate::hostxattr::get(host, &name).map_err(|e| host_err(host, e))?;
@@ -268,7 +267,7 @@ fn get_node(fs: &mut Filesystem, ino: u32, host: &Path, shown: &str) -> Result<(
         }
     }
     for name in fs.list_xattr(ino).map_err(|e| e2s(shown, e))? {
-        if name.starts_with(b"system.") {
+        if name.starts_with(b"system.") && !name.starts_with(b"system.posix_acl_") {
             continue;
         }
         let v = fs.get_xattr(ino, &name).map_err(|e| e2s(shown, e))?;

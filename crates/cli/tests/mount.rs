@@ -364,6 +364,47 @@ fn posix_suite(root: &Path) -> Vec<String> {
         }
         check(freed, "its space returns at the last close");
     }
+    // POSIX ACLs: a named-user entry opens a 0600 file to uid 1234.
+    {
+        let acl_file = d.join("acl");
+        let plain = d.join("noacl");
+        fs::write(&acl_file, b"secret").unwrap();
+        fs::write(&plain, b"secret").unwrap();
+        fs::set_permissions(&acl_file, fs::Permissions::from_mode(0o600)).unwrap();
+        fs::set_permissions(&plain, fs::Permissions::from_mode(0o600)).unwrap();
+        let mut acl = 2u32.to_le_bytes().to_vec();
+        for (tag, perm, id) in [
+            (1u16, 6u16, u32::MAX),
+            (2, 4, 1234),
+            (4, 0, u32::MAX),
+            (0x10, 4, u32::MAX),
+            (0x20, 0, u32::MAX),
+        ] {
+            acl.extend_from_slice(&tag.to_le_bytes());
+            acl.extend_from_slice(&perm.to_le_bytes());
+            acl.extend_from_slice(&id.to_le_bytes());
+        }
+        check(
+            hostxattr::set(&acl_file, b"system.posix_acl_access", &acl).is_ok(),
+            "set a POSIX ACL",
+        );
+        check(
+            hostxattr::get(&acl_file, b"system.posix_acl_access").ok() == Some(acl.clone()),
+            "the ACL reads back",
+        );
+        let as_user = |p: &Path| {
+            use std::os::unix::process::CommandExt;
+            Command::new("cat")
+                .arg(p)
+                .uid(1234)
+                .gid(1234)
+                .output()
+                .map(|o| o.status.success())
+                .unwrap_or(false)
+        };
+        check(as_user(&acl_file), "the ACL grants uid 1234 read access");
+        check(!as_user(&plain), "without an ACL uid 1234 is refused");
+    }
     // Bulk data.
     let big: Vec<u8> = (0..8u32 << 20).map(|i| (i % 251) as u8).collect();
     fs::write(d.join("big"), &big).unwrap();
@@ -425,6 +466,7 @@ fn posix_suite_passes_on_folio_and_on_the_kernel() {
         .arg("mount")
         .arg(&a)
         .arg(&ma)
+        .args(["-o", "allow_other"])
         .output()
         .unwrap();
     assert!(

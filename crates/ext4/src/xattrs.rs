@@ -1,8 +1,8 @@
 //! Extended attribute operations: in-inode table first, then one block.
 //!
-//! Values are stored and returned as raw bytes. POSIX ACLs
-//! (`system.posix_acl_*`) are kept in ext4's on-disk ACL encoding; the
-//! conversion to and from the VFS encoding belongs to the mount layer.
+//! Values are stored and returned as raw bytes, except POSIX ACLs
+//! (`system.posix_acl_access` / `_default`): callers see the VFS xattr
+//! encoding, the disk holds ext4's compact one, as with Linux.
 
 use crate::error::{Error, Result};
 use crate::format::inode::Inode;
@@ -12,6 +12,11 @@ use crate::format::xattr::{
 };
 use crate::format::{get32, put32, Timespec};
 use crate::fs::Filesystem;
+
+/// `system.posix_acl_access` and `system.posix_acl_default`.
+fn is_acl(index: u8) -> bool {
+    index == 2 || index == 3
+}
 
 /// How `set_xattr` treats an existing attribute (XATTR_CREATE/REPLACE).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -70,11 +75,21 @@ impl Filesystem {
     pub fn get_xattr(&mut self, ino: u32, name: &[u8]) -> Result<Vec<u8>> {
         let inode = self.read_inode(ino)?;
         let (index, suffix) = Xattr::split_name(name).ok_or(Error::NoAttr)?;
-        self.all_xattrs(&inode)?
+        let value = self
+            .all_xattrs(&inode)?
             .into_iter()
             .find(|x| x.index == index && x.name == suffix)
             .map(|x| x.value)
-            .ok_or(Error::NoAttr)
+            .ok_or(Error::NoAttr)?;
+        if is_acl(index) {
+            return crate::format::xattr::acl::to_vfs(&value).ok_or_else(|| {
+                Error::corrupted(
+                    format!("inode {ino}: malformed POSIX ACL"),
+                    inode.file_acl(),
+                )
+            });
+        }
+        Ok(value)
     }
 
     /// Full names of every attribute of inode `ino`.
@@ -111,6 +126,22 @@ impl Filesystem {
         if suffix.len() > 255 {
             return Err(Error::Range);
         }
+        let acl_mode = if index == 2 {
+            Some(
+                crate::format::xattr::acl::mode_bits(value)
+                    .ok_or_else(|| Error::Invalid("malformed POSIX ACL".into()))?,
+            )
+        } else {
+            None
+        };
+        let converted;
+        let value = if is_acl(index) {
+            converted = crate::format::xattr::acl::to_ext4(value)
+                .ok_or_else(|| Error::Invalid("malformed POSIX ACL".into()))?;
+            &converted[..]
+        } else {
+            value
+        };
         let mut inode = self.read_inode(ino)?;
         let mut attrs = self.all_xattrs(&inode)?;
         let pos = attrs
@@ -129,6 +160,11 @@ impl Filesystem {
         match pos {
             Some(i) => attrs[i] = new,
             None => attrs.push(new),
+        }
+        if let Some(bits) = acl_mode {
+            // An access ACL sets the group class to its mask, as in ext4:
+            // the kernel's permission check consults the ACL through it.
+            inode.set_mode((inode.mode() & !0o777) | bits);
         }
         self.store_xattrs(&mut inode, attrs)?;
         inode.set_ctime(Timespec::now());

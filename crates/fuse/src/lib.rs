@@ -177,11 +177,20 @@ impl fuser::Filesystem for FolioFuse {
         // Large requests; the kernel's own checks do the rest.
         let _ = config.set_max_write(1 << 20);
         let _ = config.set_max_readahead(1 << 20);
-        let _ = config.add_capabilities(
-            fuser::InitFlags::FUSE_ASYNC_READ
-                | fuser::InitFlags::FUSE_BIG_WRITES
-                | fuser::InitFlags::FUSE_PARALLEL_DIROPS,
-        );
+        // Ask for each capability on its own: fuser refuses the whole set if
+        // the kernel lacks any one of them (FUSE_BIG_WRITES is implied and
+        // no longer offered by recent kernels).
+        for cap in [
+            fuser::InitFlags::FUSE_ASYNC_READ,
+            fuser::InitFlags::FUSE_BIG_WRITES,
+            fuser::InitFlags::FUSE_PARALLEL_DIROPS,
+            // The kernel enforces POSIX ACLs (read through getxattr in the
+            // VFS encoding the library serves) and keeps mode and ACL mask
+            // in step.
+            fuser::InitFlags::FUSE_POSIX_ACL,
+        ] {
+            let _ = config.add_capabilities(cap);
+        }
         Ok(())
     }
 

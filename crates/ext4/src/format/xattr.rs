@@ -279,3 +279,114 @@ mod tests {
         assert!(parse_table(&area, 0, 0).is_err());
     }
 }
+
+/// POSIX ACLs: ext4 stores `system.posix_acl_*` in its own compact
+/// encoding (version 1; 4-byte entries for the owner, group, mask and
+/// other, 8-byte entries with an id for named users and groups), while the
+/// xattr interface uses the VFS encoding (version 2, 8-byte entries, id
+/// 0xFFFFFFFF where unused).
+pub mod acl {
+    const EXT4_VERSION: u32 = 1;
+    const VFS_VERSION: u32 = 2;
+    const USER: u16 = 0x02;
+    const GROUP: u16 = 0x08;
+    const KNOWN: [u16; 6] = [0x01, USER, 0x04, GROUP, 0x10, 0x20];
+
+    fn le16(b: &[u8], o: usize) -> Option<u16> {
+        Some(u16::from_le_bytes(b.get(o..o + 2)?.try_into().ok()?))
+    }
+    fn le32(b: &[u8], o: usize) -> Option<u32> {
+        Some(u32::from_le_bytes(b.get(o..o + 4)?.try_into().ok()?))
+    }
+
+    /// ext4 encoding → VFS encoding; `None` if malformed.
+    pub fn to_vfs(ext4: &[u8]) -> Option<Vec<u8>> {
+        if le32(ext4, 0)? != EXT4_VERSION {
+            return None;
+        }
+        let mut out = VFS_VERSION.to_le_bytes().to_vec();
+        let mut o = 4;
+        while o < ext4.len() {
+            let tag = le16(ext4, o)?;
+            let perm = le16(ext4, o + 2)?;
+            if !KNOWN.contains(&tag) {
+                return None;
+            }
+            let id = if tag == USER || tag == GROUP {
+                let id = le32(ext4, o + 4)?;
+                o += 8;
+                id
+            } else {
+                o += 4;
+                u32::MAX
+            };
+            out.extend_from_slice(&tag.to_le_bytes());
+            out.extend_from_slice(&perm.to_le_bytes());
+            out.extend_from_slice(&id.to_le_bytes());
+        }
+        Some(out)
+    }
+
+    /// The permission bits an access ACL implies (as Linux's
+    /// posix_acl_update_mode): owner from USER_OBJ, group from MASK (or
+    /// GROUP_OBJ without a mask), other from OTHER.
+    pub fn mode_bits(vfs: &[u8]) -> Option<u16> {
+        let (mut user, mut group, mut mask, mut other) = (None, None, None, None);
+        for e in vfs.get(4..)?.chunks_exact(8) {
+            let perm = le16(e, 2)? & 7;
+            match le16(e, 0)? {
+                0x01 => user = Some(perm),
+                0x04 => group = Some(perm),
+                0x10 => mask = Some(perm),
+                0x20 => other = Some(perm),
+                _ => {}
+            }
+        }
+        Some(user? << 6 | mask.or(group)? << 3 | other?)
+    }
+
+    /// VFS encoding → ext4 encoding; `None` if malformed.
+    pub fn to_ext4(vfs: &[u8]) -> Option<Vec<u8>> {
+        if le32(vfs, 0)? != VFS_VERSION || !(vfs.len() - 4).is_multiple_of(8) {
+            return None;
+        }
+        let mut out = EXT4_VERSION.to_le_bytes().to_vec();
+        for e in vfs[4..].chunks_exact(8) {
+            let tag = le16(e, 0)?;
+            if !KNOWN.contains(&tag) {
+                return None;
+            }
+            out.extend_from_slice(&e[0..4]);
+            if tag == USER || tag == GROUP {
+                out.extend_from_slice(&e[4..8]);
+            }
+        }
+        Some(out)
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn round_trip_and_reject_garbage() {
+            let mut vfs = 2u32.to_le_bytes().to_vec();
+            for (tag, perm, id) in [
+                (1u16, 6u16, u32::MAX),
+                (2, 4, 1234),
+                (4, 4, u32::MAX),
+                (0x10, 6, u32::MAX),
+                (0x20, 0, u32::MAX),
+            ] {
+                vfs.extend_from_slice(&tag.to_le_bytes());
+                vfs.extend_from_slice(&perm.to_le_bytes());
+                vfs.extend_from_slice(&id.to_le_bytes());
+            }
+            let e = to_ext4(&vfs).unwrap();
+            assert_eq!(e.len(), 4 + 4 + 8 + 4 + 4 + 4);
+            assert_eq!(to_vfs(&e).unwrap(), vfs);
+            assert!(to_ext4(&vfs[..7]).is_none());
+            assert!(to_vfs(&[1, 0, 0, 0, 0x40, 0, 0, 0]).is_none());
+        }
+    }
+}
