@@ -56,6 +56,14 @@ fn from_fuse(ino: INodeNo) -> u32 {
     }
 }
 
+/// Reply to a request whose success carries no data.
+fn answer(reply: ReplyEmpty, r: Result<(), Errno>) {
+    match r {
+        Ok(()) => reply.ok(),
+        Err(e) => reply.error(e),
+    }
+}
+
 fn errno(e: &Error) -> Errno {
     Errno::from_i32(e.errno())
 }
@@ -304,17 +312,17 @@ impl fuser::Filesystem for FolioFuse {
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        match self.with(|fs| fs.unlink(from_fuse(parent), name.as_bytes())) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        answer(
+            reply,
+            self.with(|fs| fs.unlink(from_fuse(parent), name.as_bytes())),
+        )
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        match self.with(|fs| fs.rmdir(from_fuse(parent), name.as_bytes())) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        answer(
+            reply,
+            self.with(|fs| fs.rmdir(from_fuse(parent), name.as_bytes())),
+        )
     }
 
     fn symlink(
@@ -403,10 +411,7 @@ impl fuser::Filesystem for FolioFuse {
         reply: ReplyEmpty,
     ) {
         // The last close of an unlinked file frees it.
-        match self.with(|fs| fs.close_ref(from_fuse(ino))) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        answer(reply, self.with(|fs| fs.close_ref(from_fuse(ino))))
     }
 
     fn read(
@@ -464,10 +469,7 @@ impl fuser::Filesystem for FolioFuse {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
-        match self.with(|fs| fs.fsync(from_fuse(ino), datasync)) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        answer(reply, self.with(|fs| fs.fsync(from_fuse(ino), datasync)))
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -532,10 +534,7 @@ impl fuser::Filesystem for FolioFuse {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
-        match self.with(|fs| fs.fsync(from_fuse(ino), datasync)) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        answer(reply, self.with(|fs| fs.fsync(from_fuse(ino), datasync)))
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
@@ -571,10 +570,10 @@ impl fuser::Filesystem for FolioFuse {
         } else {
             XattrMode::Any
         };
-        match self.with(|fs| fs.set_xattr(from_fuse(ino), name.as_bytes(), value, mode)) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        answer(
+            reply,
+            self.with(|fs| fs.set_xattr(from_fuse(ino), name.as_bytes(), value, mode)),
+        )
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
@@ -607,10 +606,10 @@ impl fuser::Filesystem for FolioFuse {
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        match self.with(|fs| fs.remove_xattr(from_fuse(ino), name.as_bytes())) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        answer(
+            reply,
+            self.with(|fs| fs.remove_xattr(from_fuse(ino), name.as_bytes())),
+        )
     }
 
     fn access(&self, _req: &Request, _ino: INodeNo, _mask: fuser::AccessFlags, reply: ReplyEmpty) {
@@ -691,9 +690,9 @@ impl fuser::Filesystem for FolioFuse {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        match self.with(|fs| fs.fallocate(from_fuse(ino), mode as u32, offset, length)) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        answer(
+            reply,
+            self.with(|fs| fs.fallocate(from_fuse(ino), mode as u32, offset, length)),
+        )
     }
 }
