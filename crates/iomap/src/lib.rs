@@ -1,0 +1,760 @@
+//! The generic data path of folio, after Linux's iomap.
+//!
+//! A filesystem implements [`IomapOps`]: asked `begin(ino, pos, len,
+//! flags)`, it describes the file at `pos` as one [`Iomap`] — a hole, a
+//! delayed allocation, mapped blocks, unwritten (allocated, reading as
+//! zeros) blocks or inline data — and is told the outcome with `end(...)`.
+//! On that, this crate implements, for any filesystem:
+//! - buffered read with readahead ([`buffered_read`]);
+//! - buffered write ([`buffered_write`]): the filesystem reserves the whole
+//!   span at the first `begin` (delayed allocation), the data is copied
+//!   folio by folio, and `end` is told exactly how much was copied so it
+//!   can give back the unused part of the reservation;
+//! - writeback ([`writeback`]): dirty blocks are gathered into runs, mapped
+//!   with [`flags::WRITEBACK`] (where delayed allocations become real,
+//!   unwritten extents) and written; `end` then converts what reached the
+//!   device to written. A failed write leaves the folios dirty and the
+//!   extents unwritten, so nothing stale becomes readable;
+//! - tail zeroing when a file grows ([`zero_tail`]);
+//! - direct I/O coherent with the cache ([`direct_write`], [`direct_read`]);
+//! - SEEK_DATA/SEEK_HOLE that see dirty data in the cache ([`seek_data_hole`]).
+//!
+//! Locking: these functions take folio locks in ascending order and call
+//! back into the filesystem with folio locks held (`begin` for writeback),
+//! so the filesystem's allocator sits below the folio lock in the lock
+//! order, as in Linux.
+
+use std::io;
+use std::sync::Arc;
+
+use folio_blockdev::BlockDevice;
+use folio_pagecache::{mask, AddressSpace, FolioGuard, PageCache};
+
+/// What a range of a file is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IomapKind {
+    /// No blocks: reads as zeros.
+    Hole,
+    /// Space reserved, blocks not chosen yet (data only in the cache).
+    Delalloc,
+    /// Blocks holding the file's data at `addr`.
+    Mapped,
+    /// Blocks allocated at `addr` that read as zeros until converted.
+    Unwritten,
+    /// Data stored in the inode itself ([`Iomap::inline`]).
+    Inline,
+}
+
+/// One mapping answer.
+#[derive(Clone, Debug)]
+pub struct Iomap {
+    pub kind: IomapKind,
+    /// File byte offset where the mapping starts (block aligned).
+    pub offset: u64,
+    /// Length in bytes.
+    pub length: u64,
+    /// Device byte address of `offset` (Mapped and Unwritten).
+    pub addr: u64,
+    /// The blocks were allocated or reserved by this `begin`: their old
+    /// contents must never be read, only overwritten or zeroed.
+    pub new: bool,
+    /// The data of an inline mapping.
+    pub inline: Vec<u8>,
+}
+
+impl Iomap {
+    pub fn end(&self) -> u64 {
+        self.offset + self.length
+    }
+    /// Device address of file byte `pos` inside this mapping.
+    pub fn addr_of(&self, pos: u64) -> u64 {
+        self.addr + (pos - self.offset)
+    }
+}
+
+/// Flags for [`IomapOps::begin`].
+pub mod flags {
+    /// A buffered write: reserve (delay-allocate) holes.
+    pub const WRITE: u32 = 1;
+    /// Report the mapping only (FIEMAP, SEEK): allocate nothing.
+    pub const REPORT: u32 = 2;
+    /// Direct I/O: allocate real blocks now (unwritten until `end`).
+    pub const DIRECT: u32 = 4;
+    /// Writeback: turn delayed allocations into real (unwritten) blocks.
+    pub const WRITEBACK: u32 = 8;
+}
+
+/// The mapping interface a filesystem implements.
+pub trait IomapOps {
+    type Error: From<io::Error>;
+    /// The device file data lives on.
+    fn device(&self) -> Arc<dyn BlockDevice>;
+    /// Describe `[pos, pos+len)` of inode `ino` starting at `pos` (the
+    /// answer may be shorter than `len`, never longer, never empty).
+    fn begin(&mut self, ino: u64, pos: u64, len: u64, flags: u32) -> Result<Iomap, Self::Error>;
+    /// The operation started by `begin` at `pos` for `len` bytes finished
+    /// having done `done` bytes from `pos`.
+    fn end(
+        &mut self,
+        ino: u64,
+        pos: u64,
+        len: u64,
+        done: u64,
+        flags: u32,
+        map: &Iomap,
+    ) -> Result<(), Self::Error>;
+}
+
+/// Largest readahead window.
+pub const MAX_READAHEAD: u64 = 1 << 20;
+
+/// Fill the blocks `[first, first+n)` of a locked folio from `map` unless
+/// they are uptodate, then mark them uptodate. Bytes at or beyond `isize`
+/// are zeroed in the block straddling it.
+fn fill_blocks<E: From<io::Error>>(
+    dev: &dyn BlockDevice,
+    g: &FolioGuard,
+    bs: usize,
+    first: u32,
+    n: u32,
+    map: &Iomap,
+    isize: u64,
+) -> Result<(), E> {
+    let mut st = g.state();
+    let mut b = first;
+    while b < first + n {
+        if st.is_block_uptodate(b) {
+            b += 1;
+            continue;
+        }
+        // A run of blocks that are not uptodate.
+        let mut e = b + 1;
+        while e < first + n && !st.is_block_uptodate(e) {
+            e += 1;
+        }
+        let from = b as usize * bs;
+        let to = e as usize * bs;
+        let pos = g.pos() + from as u64;
+        let buf = &mut st.data_mut()[from..to];
+        match map.kind {
+            IomapKind::Mapped if !map.new => dev.read_at(map.addr_of(pos), buf)?,
+            IomapKind::Inline => {
+                buf.fill(0);
+                let at = (pos - map.offset) as usize;
+                if at < map.inline.len() {
+                    let k = (map.inline.len() - at).min(buf.len());
+                    buf[..k].copy_from_slice(&map.inline[at..at + k]);
+                }
+            }
+            _ => buf.fill(0),
+        }
+        let fpos = g.pos();
+        if isize < fpos + to as u64 && isize > fpos + from as u64 {
+            let cut = (isize - fpos) as usize;
+            st.data_mut()[cut..to].fill(0);
+        }
+        st.set_uptodate(b, e - b);
+        b = e;
+    }
+    Ok(())
+}
+
+/// Make `[start, end)` of the file uptodate in the cache (end clamped to
+/// the block holding `isize`), folio by folio, one `begin` per mapping.
+fn fill_range<O: IomapOps>(
+    ops: &mut O,
+    m: &AddressSpace,
+    ino: u64,
+    isize: u64,
+    start: u64,
+    end: u64,
+) -> Result<(), O::Error> {
+    let bs = m.block_size() as u64;
+    let fsz = m.folio_size() as u64;
+    let end = end.min(isize.div_ceil(bs) * bs);
+    let dev = ops.device();
+    let mut cur = start / bs * bs;
+    while cur < end {
+        let map = ops.begin(ino, cur, end - cur, 0)?;
+        let map_end = map.end().min(end);
+        if map_end <= cur {
+            return Err(io::Error::other("filesystem returned an empty mapping").into());
+        }
+        while cur < map_end {
+            let g = m.grab(cur / fsz);
+            let seg_end = map_end.min(g.pos() + fsz);
+            let first = ((cur - g.pos()) / bs) as u32;
+            let n = ((seg_end - cur).div_ceil(bs)) as u32;
+            fill_blocks::<O::Error>(dev.as_ref(), &g, bs as usize, first, n, &map, isize)?;
+            cur = seg_end;
+        }
+        ops.end(ino, map.offset, map.length, map.length, 0, &map)?;
+    }
+    Ok(())
+}
+
+/// Read `buf.len()` bytes at `pos` of a file of size `isize` through the
+/// cache. Returns the bytes read (short at end of file).
+pub fn buffered_read<O: IomapOps>(
+    ops: &mut O,
+    m: &AddressSpace,
+    ino: u64,
+    isize: u64,
+    pos: u64,
+    buf: &mut [u8],
+) -> Result<usize, O::Error> {
+    if pos >= isize || buf.is_empty() {
+        return Ok(0);
+    }
+    let len = (isize - pos).min(buf.len() as u64) as usize;
+    let fsz = m.folio_size() as u64;
+    let bs = m.block_size();
+    let mut done = 0usize;
+    let mut filled = false;
+    while done < len {
+        let p = pos + done as u64;
+        let off = (p % fsz) as usize;
+        let n = (fsz as usize - off).min(len - done);
+        let out = &mut buf[done..done + n];
+        if let Some(f) = m.find(p / fsz) {
+            if f.read_uptodate(off, out, bs).is_some() {
+                done += n;
+                continue;
+            }
+        }
+        if filled {
+            // Filled a moment ago but gone again (a tiny budget reclaimed
+            // it): read this folio under its lock instead.
+            let map = ops.begin(ino, p, n as u64, 0)?;
+            let g = m.grab(p / fsz);
+            let first = (off / bs) as u32;
+            let last = ((off + n - 1) / bs) as u32;
+            let n2 = (((map.end() - p) as usize).min(n)).max(1);
+            let last = last.min(((off + n2 - 1) / bs) as u32);
+            fill_blocks::<O::Error>(
+                ops.device().as_ref(),
+                &g,
+                bs,
+                first,
+                last - first + 1,
+                &map,
+                isize,
+            )?;
+            ops.end(ino, map.offset, map.length, map.length, 0, &map)?;
+            let take = n.min(n2);
+            out[..take].copy_from_slice(&g.state().data()[off..off + take]);
+            done += take;
+            filled = false;
+            continue;
+        }
+        let win = m.readahead_window(p, (len - done) as u64, MAX_READAHEAD);
+        let fill_to = p + ((len - done) as u64).max(win);
+        fill_range(ops, m, ino, isize, p, fill_to)?;
+        filled = true;
+    }
+    Ok(len)
+}
+
+/// Outcome of a buffered write: bytes copied, and the error that stopped
+/// it early, if any.
+pub struct WriteOutcome<E> {
+    pub written: u64,
+    pub error: Option<E>,
+}
+
+/// Write `len` bytes at `pos` through the cache. `src` fills each slice
+/// it is given with the next bytes of data and returns how many it
+/// filled: fewer (or an error) means the source failed midway, like a
+/// faulting user buffer. The filesystem's `end` learns exactly how much
+/// was copied. The caller updates the file size from `written`.
+pub fn buffered_write<O: IomapOps>(
+    ops: &mut O,
+    m: &AddressSpace,
+    ino: u64,
+    isize: u64,
+    pos: u64,
+    len: u64,
+    src: &mut dyn FnMut(&mut [u8]) -> io::Result<usize>,
+) -> WriteOutcome<O::Error> {
+    let mut written = 0u64;
+    let end = pos + len;
+    let bs = m.block_size();
+    let fsz = m.folio_size() as u64;
+    let dev = ops.device();
+    while pos + written < end {
+        let start = pos + written;
+        let map = match ops.begin(ino, start, end - start, flags::WRITE) {
+            Ok(map) => map,
+            Err(e) => {
+                return WriteOutcome {
+                    written,
+                    error: Some(e),
+                }
+            }
+        };
+        let map_end = map.end().min(end);
+        let mut error: Option<O::Error> = None;
+        let mut short = false;
+        while pos + written < map_end {
+            let cur = pos + written;
+            let g = m.grab(cur / fsz);
+            let seg_end = map_end.min(g.pos() + fsz);
+            let a = (cur - g.pos()) as usize;
+            let b = (seg_end - g.pos()) as usize;
+            let first = (a / bs) as u32;
+            let last = ((b - 1) / bs) as u32;
+            // Edge blocks only partly overwritten must be read (or zeroed)
+            // first; whole blocks are simply overwritten.
+            let mut edges = Vec::with_capacity(2);
+            if a % bs != 0 {
+                edges.push(first);
+            }
+            if b % bs != 0 && (last != first || a % bs == 0) {
+                edges.push(last);
+            }
+            for blk in edges {
+                if let Err(e) = fill_blocks::<O::Error>(dev.as_ref(), &g, bs, blk, 1, &map, isize) {
+                    error = Some(e);
+                    break;
+                }
+            }
+            if error.is_some() {
+                break;
+            }
+            let copied = {
+                let mut st = g.state();
+                let r = src(&mut st.data_mut()[a..b]);
+                let n = match r {
+                    Ok(n) => n.min(b - a),
+                    Err(e) => {
+                        error = Some(e.into());
+                        0
+                    }
+                };
+                if n < b - a {
+                    short = true;
+                    // Keep only what landed in blocks that are valid: a
+                    // block that was not uptodate and is only partly
+                    // copied holds garbage past the copy.
+                    let stop = a + n;
+                    if stop % bs != 0 && !st.is_block_uptodate((stop / bs) as u32) {
+                        (stop / bs * bs).max(a) - a
+                    } else {
+                        n
+                    }
+                } else {
+                    n
+                }
+            };
+            if copied > 0 {
+                let fb = (a / bs) as u32;
+                let lb = ((a + copied - 1) / bs) as u32;
+                m.mark_dirty(&g, fb, lb - fb + 1);
+            }
+            written += copied as u64;
+            if short {
+                break;
+            }
+        }
+        let done = pos + written - start;
+        if let Err(e) = ops.end(ino, start, end - start, done, flags::WRITE, &map) {
+            error.get_or_insert(e);
+        }
+        if short || error.is_some() {
+            if error.is_none() && written == 0 {
+                error = Some(io::Error::from_raw_os_error(14).into()); // EFAULT
+            }
+            return WriteOutcome { written, error };
+        }
+    }
+    WriteOutcome {
+        written,
+        error: None,
+    }
+}
+
+/// A run of dirty blocks waiting to be written: locked folios and, for
+/// each part, the dirty block mask being written. Parts of one folio share
+/// its guard; the folio unlocks when the last part is done.
+struct Run {
+    pos: u64,
+    len: u64,
+    parts: Vec<(Arc<FolioGuard>, u64)>,
+}
+
+/// Write back the dirty blocks of bytes `[start, end)` of inode `ino`.
+/// Returns the bytes written. On error the blocks not written stay dirty.
+pub fn writeback<O: IomapOps>(
+    ops: &mut O,
+    pc: &PageCache,
+    m: &AddressSpace,
+    ino: u64,
+    start: u64,
+    end: u64,
+) -> Result<u64, O::Error> {
+    if end <= start {
+        return Ok(0);
+    }
+    let bs = m.block_size() as u64;
+    let max_run = pc.pool().buf_bytes().max(bs as usize) as u64;
+    let mut total = 0;
+    let mut run: Option<Run> = None;
+    for idx in m.dirty_indices(m.index_of(start), m.index_of(end - 1)) {
+        let Some(f) = m.find(idx) else { continue };
+        let Ok(g) = m.lock_folio(&f) else { continue };
+        let dirty = g.state().dirty_mask();
+        if dirty == 0 {
+            continue;
+        }
+        m.set_writeback(&g, true);
+        // Split the folio's dirty bits into contiguous block runs.
+        let g = Arc::new(g);
+        let mut b = 0u32;
+        while b < g.blocks() {
+            if dirty & (1 << b) == 0 {
+                b += 1;
+                continue;
+            }
+            let mut e = b + 1;
+            while e < g.blocks() && dirty & (1 << e) != 0 {
+                e += 1;
+            }
+            let p = g.pos() + u64::from(b) * bs;
+            let l = u64::from(e - b) * bs;
+            let extend = matches!(&run, Some(r) if r.pos + r.len == p && r.len + l <= max_run);
+            if !extend {
+                if let Some(r) = run.take() {
+                    total += flush_run(ops, pc, m, ino, r)?;
+                }
+                run = Some(Run {
+                    pos: p,
+                    len: 0,
+                    parts: Vec::new(),
+                });
+            }
+            let r = run.as_mut().expect("a run was just started");
+            r.len += l;
+            r.parts.push((Arc::clone(&g), mask(b, e - b)));
+            b = e;
+        }
+    }
+    if let Some(r) = run.take() {
+        total += flush_run(ops, pc, m, ino, r)?;
+    }
+    Ok(total)
+}
+
+/// Copy bytes `[from, to)` of the file out of the run's folios into `out`.
+fn gather(parts: &[(Arc<FolioGuard>, u64)], from: u64, to: u64, out: &mut [u8]) {
+    for (g, _) in parts {
+        let fp = g.pos();
+        let fe = fp + g.size() as u64;
+        let a = from.max(fp);
+        let b = to.min(fe);
+        if a >= b {
+            continue;
+        }
+        let st = g.state();
+        out[(a - from) as usize..(b - from) as usize]
+            .copy_from_slice(&st.data()[(a - fp) as usize..(b - fp) as usize]);
+    }
+}
+
+/// Write one run: map it (allocating delayed blocks), write the data,
+/// report the outcome to the filesystem, and clean the folios.
+fn flush_run<O: IomapOps>(
+    ops: &mut O,
+    pc: &PageCache,
+    m: &AddressSpace,
+    ino: u64,
+    r: Run,
+) -> Result<u64, O::Error> {
+    let dev = ops.device();
+    let mut done = 0u64;
+    let result = (|| -> Result<(), O::Error> {
+        while done < r.len {
+            let p = r.pos + done;
+            let map = ops.begin(ino, p, r.len - done, flags::WRITEBACK)?;
+            let n = map.end().min(r.pos + r.len) - p;
+            if !matches!(map.kind, IomapKind::Mapped | IomapKind::Unwritten) || n == 0 {
+                return Err(io::Error::other(format!(
+                    "writeback of inode {ino} at byte {p}: the filesystem gave a {:?} mapping",
+                    map.kind
+                ))
+                .into());
+            }
+            let io = match pc.pool().take() {
+                Some(mut buf) => {
+                    let out = &mut buf.as_mut()[..n as usize];
+                    gather(&r.parts, p, p + n, out);
+                    dev.write_at(map.addr_of(p), out)
+                }
+                None => {
+                    // No reserved buffer free: write straight from the
+                    // folios, one piece each (no allocation needed).
+                    let mut res = Ok(());
+                    for (g, _) in &r.parts {
+                        let a = p.max(g.pos());
+                        let b = (p + n).min(g.pos() + g.size() as u64);
+                        if a >= b {
+                            continue;
+                        }
+                        let st = g.state();
+                        let piece = &st.data()[(a - g.pos()) as usize..(b - g.pos()) as usize];
+                        res = dev.write_at(map.addr_of(a), piece);
+                        if res.is_err() {
+                            break;
+                        }
+                    }
+                    res
+                }
+            };
+            let ok = io.is_ok();
+            ops.end(ino, p, n, if ok { n } else { 0 }, flags::WRITEBACK, &map)?;
+            io?;
+            done += n;
+        }
+        Ok(())
+    })();
+    // Clean every block that reached the device.
+    let bs = m.block_size() as u64;
+    let written_to = r.pos + done;
+    for (g, msk) in &r.parts {
+        let mut clean = 0u64;
+        for b in 0..g.blocks() {
+            let bit = 1u64 << b;
+            if msk & bit != 0 && g.pos() + (u64::from(b) + 1) * bs <= written_to {
+                clean |= bit;
+            }
+        }
+        m.clear_dirty(g, clean);
+        m.set_writeback(g, false);
+    }
+    result.map(|()| done)
+}
+
+/// Zero the bytes of the block holding byte `size` from `size` to the
+/// block's end (the file grows past `size`; the old tail must read as
+/// zeros). Blocks that read as zeros anyway are only fixed in the cache.
+pub fn zero_tail<O: IomapOps>(
+    ops: &mut O,
+    m: &AddressSpace,
+    ino: u64,
+    size: u64,
+) -> Result<(), O::Error> {
+    let bs = m.block_size() as u64;
+    if size % bs == 0 {
+        return Ok(());
+    }
+    let blk_pos = size / bs * bs;
+    let fsz = m.folio_size() as u64;
+    let map = ops.begin(ino, blk_pos, bs, flags::REPORT)?;
+    let backed = matches!(map.kind, IomapKind::Mapped | IomapKind::Delalloc);
+    let cached = m.find(size / fsz);
+    if !backed && cached.is_none() {
+        ops.end(ino, blk_pos, bs, bs, flags::REPORT, &map)?;
+        return Ok(());
+    }
+    let g = m.grab(size / fsz);
+    let b = ((blk_pos - g.pos()) / bs) as u32;
+    let uptodate = g.state().is_block_uptodate(b);
+    if backed {
+        fill_blocks::<O::Error>(ops.device().as_ref(), &g, bs as usize, b, 1, &map, u64::MAX)?;
+    }
+    let from = (size - g.pos()) as usize;
+    let to = (blk_pos + bs - g.pos()) as usize;
+    if backed || uptodate {
+        g.state().data_mut()[from..to].fill(0);
+    }
+    if backed {
+        m.mark_dirty(&g, b, 1);
+    }
+    ops.end(ino, blk_pos, bs, bs, flags::REPORT, &map)?;
+    Ok(())
+}
+
+fn einval<E: From<io::Error>>(what: &str) -> E {
+    io::Error::new(io::ErrorKind::InvalidInput, what.to_string()).into()
+}
+
+/// Make the cache coherent for direct I/O on `[pos, end)`: write back
+/// dirty data there, then drop the folios so that no later writeback or
+/// read can use older data than what direct I/O puts on the device.
+pub fn flush_and_invalidate<O: IomapOps>(
+    ops: &mut O,
+    pc: &PageCache,
+    m: &AddressSpace,
+    ino: u64,
+    pos: u64,
+    end: u64,
+) -> Result<(), O::Error> {
+    writeback(ops, pc, m, ino, pos, end)?;
+    m.invalidate_range(pos, end).map_err(|idx| {
+        io::Error::new(
+            io::ErrorKind::ResourceBusy,
+            format!("inode {ino}: folio {idx} was dirtied again during invalidation"),
+        )
+        .into()
+    })
+}
+
+/// Direct write of `data` at `pos` (both block aligned): cached data in
+/// the range is written back and dropped first, then the data goes to the
+/// device; blocks allocated for it stay unwritten until it is there.
+pub fn direct_write<O: IomapOps>(
+    ops: &mut O,
+    pc: &PageCache,
+    m: &AddressSpace,
+    ino: u64,
+    pos: u64,
+    data: &[u8],
+) -> Result<u64, O::Error> {
+    let bs = m.block_size() as u64;
+    if pos % bs != 0 || data.len() as u64 % bs != 0 {
+        return Err(einval("direct I/O needs block-aligned offset and length"));
+    }
+    let end = pos + data.len() as u64;
+    flush_and_invalidate(ops, pc, m, ino, pos, end)?;
+    let dev = ops.device();
+    let mut cur = pos;
+    while cur < end {
+        let map = ops.begin(ino, cur, end - cur, flags::WRITE | flags::DIRECT)?;
+        let n = map.end().min(end) - cur;
+        if !matches!(map.kind, IomapKind::Mapped | IomapKind::Unwritten) || n == 0 {
+            return Err(io::Error::other(format!(
+                "direct write of inode {ino}: the filesystem gave a {:?} mapping",
+                map.kind
+            ))
+            .into());
+        }
+        let src = &data[(cur - pos) as usize..(cur - pos + n) as usize];
+        let io = dev.write_at(map.addr_of(cur), src);
+        let ok = io.is_ok();
+        ops.end(
+            ino,
+            cur,
+            end - cur,
+            if ok { n } else { 0 },
+            flags::WRITE | flags::DIRECT,
+            &map,
+        )?;
+        io?;
+        cur += n;
+    }
+    Ok(end - pos)
+}
+
+/// Direct read at `pos` (block aligned) of a file of size `isize`:
+/// dirty cached data in the range is written back first so the device is
+/// current.
+pub fn direct_read<O: IomapOps>(
+    ops: &mut O,
+    pc: &PageCache,
+    m: &AddressSpace,
+    ino: u64,
+    isize: u64,
+    pos: u64,
+    buf: &mut [u8],
+) -> Result<usize, O::Error> {
+    let bs = m.block_size() as u64;
+    if pos % bs != 0 || buf.len() as u64 % bs != 0 {
+        return Err(einval("direct I/O needs block-aligned offset and length"));
+    }
+    if pos >= isize {
+        return Ok(0);
+    }
+    let len = (isize - pos).min(buf.len() as u64);
+    writeback(ops, pc, m, ino, pos, pos + len)?;
+    let dev = ops.device();
+    let mut cur = pos;
+    while cur < pos + len {
+        let map = ops.begin(ino, cur, pos + len - cur, flags::REPORT)?;
+        let n = map.end().min(pos + len) - cur;
+        if n == 0 {
+            return Err(io::Error::other("filesystem returned an empty mapping").into());
+        }
+        let out = &mut buf[(cur - pos) as usize..(cur - pos + n) as usize];
+        match map.kind {
+            IomapKind::Mapped => dev.read_at(map.addr_of(cur), out)?,
+            _ => out.fill(0),
+        }
+        ops.end(ino, cur, n, n, flags::REPORT, &map)?;
+        cur += n;
+    }
+    Ok(len as usize)
+}
+
+/// First dirty block of `[from, to)` in the cache, as a byte offset.
+fn first_dirty(m: &AddressSpace, from: u64, to: u64) -> Option<u64> {
+    if to <= from {
+        return None;
+    }
+    let bs = m.block_size() as u64;
+    for idx in m.dirty_indices(m.index_of(from), m.index_of(to - 1)) {
+        let f = m.find(idx)?;
+        let Ok(g) = m.lock_folio(&f) else { continue };
+        let d = g.state().dirty_mask();
+        for b in 0..g.blocks() {
+            let p = g.pos() + u64::from(b) * bs;
+            if d & (1 << b) != 0 && p + bs > from && p < to {
+                return Some(p.max(from));
+            }
+        }
+    }
+    None
+}
+
+/// SEEK_DATA (`data`) or SEEK_HOLE from `pos` in a file of size `isize`.
+/// Delayed allocations are data; unwritten extents are holes except where
+/// the cache holds dirty data for them. `None` means ENXIO.
+pub fn seek_data_hole<O: IomapOps>(
+    ops: &mut O,
+    m: &AddressSpace,
+    ino: u64,
+    isize: u64,
+    pos: u64,
+    data: bool,
+) -> Result<Option<u64>, O::Error> {
+    if pos >= isize {
+        return Ok(None);
+    }
+    let mut cur = pos;
+    while cur < isize {
+        let map = ops.begin(ino, cur, isize - cur, flags::REPORT)?;
+        let end = map.end().min(isize);
+        ops.end(ino, cur, end - cur, end - cur, flags::REPORT, &map)?;
+        if end <= cur {
+            return Err(io::Error::other("filesystem returned an empty mapping").into());
+        }
+        match map.kind {
+            IomapKind::Mapped | IomapKind::Delalloc | IomapKind::Inline => {
+                if data {
+                    return Ok(Some(cur));
+                }
+            }
+            IomapKind::Hole => {
+                if !data {
+                    return Ok(Some(cur));
+                }
+            }
+            IomapKind::Unwritten => {
+                // Data where the cache has dirty blocks, holes elsewhere.
+                let mut p = cur;
+                while p < end {
+                    match first_dirty(m, p, end) {
+                        Some(d) if data => return Ok(Some(d)),
+                        Some(d) if d > p => return Ok(Some(p)),
+                        Some(d) => p = d + m.block_size() as u64 - d % m.block_size() as u64,
+                        None if data => break,
+                        None => return Ok(Some(p)),
+                    }
+                }
+            }
+        }
+        cur = end;
+    }
+    Ok(if data { None } else { Some(isize) })
+}
+
+#[cfg(test)]
+mod tests;
