@@ -485,7 +485,7 @@ fn flush_run<O: IomapOps>(
             }
             let io = match pc.pool().take() {
                 Some(mut buf) => {
-                    let out = &mut buf.as_mut()[..n as usize];
+                    let out = &mut buf.bytes_mut()[..n as usize];
                     gather(&r.parts, p, p + n, out);
                     dev.write_at(map.addr_of(p), out)
                 }
@@ -590,11 +590,8 @@ pub fn flush_and_invalidate<O: IomapOps>(
 ) -> Result<(), O::Error> {
     writeback(ops, pc, m, ino, pos, end)?;
     m.invalidate_range(pos, end).map_err(|idx| {
-        io::Error::new(
-            io::ErrorKind::ResourceBusy,
-            format!("inode {ino}: folio {idx} was dirtied again during invalidation"),
-        )
-        .into()
+        let _ = (ino, idx); // EBUSY: a folio was dirtied again meanwhile
+        io::Error::from_raw_os_error(16).into()
     })
 }
 

@@ -52,8 +52,8 @@ impl IomapOps for Toy {
         let nblk = (pos + len).div_ceil(BS) - lblk;
         if fl & flags::WRITE != 0 {
             for l in lblk..lblk + nblk {
-                if !self.map.contains_key(&l) {
-                    self.map.insert(l, Blk::Delalloc);
+                if let std::collections::btree_map::Entry::Vacant(v) = self.map.entry(l) {
+                    v.insert(Blk::Delalloc);
                     self.reserved += 1;
                 }
             }

@@ -731,7 +731,7 @@ pub struct PoolBuf<'a> {
 }
 
 impl PoolBuf<'_> {
-    pub fn as_mut(&mut self) -> &mut [u8] {
+    pub fn bytes_mut(&mut self) -> &mut [u8] {
         self.buf.as_deref_mut().unwrap_or_default()
     }
 }

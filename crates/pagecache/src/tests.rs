@@ -174,6 +174,6 @@ fn pool_never_allocates_beyond_its_buffers() {
     assert!(pc.pool().take().is_none());
     drop(a);
     let mut c = pc.pool().take().unwrap();
-    assert_eq!(c.as_mut().len(), 4096);
+    assert_eq!(c.bytes_mut().len(), 4096);
     drop(b);
 }
