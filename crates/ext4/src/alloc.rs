@@ -134,6 +134,17 @@ impl Filesystem {
     pub(crate) fn alloc_blocks(&mut self, goal: u64, want: u32) -> Result<(u64, u32)> {
         self.check_writable()?;
         assert!(want > 0);
+        // Blocks reserved for delayed allocations are spoken for: only
+        // their own writeback may take them.
+        let want = if self.alloc_from_reserve {
+            want
+        } else {
+            let room = self.unclaimed_blocks();
+            if room == 0 {
+                return Err(Error::NoSpace);
+            }
+            want.min(u32::try_from(room).unwrap_or(u32::MAX))
+        };
         let goal = if goal < self.geo.first_data_block || goal >= self.geo.blocks_count {
             self.geo.first_data_block
         } else {

@@ -866,11 +866,43 @@ pub struct BlockRun {
     pub pblk: u64,
     pub len: u64,
     pub unwritten: bool,
+    /// Delayed allocation: no device block yet (`pblk` is 0).
+    pub delalloc: bool,
 }
 
 impl Filesystem {
-    /// The mapped runs of inode `ino`, in logical order.
+    /// The mapped runs of inode `ino` on the device, in logical order.
+    /// Dirty cached data is written back first (FIEMAP_FLAG_SYNC), so
+    /// the answer shows where the data really lives.
     pub fn block_runs(&mut self, ino: u32) -> Result<Vec<BlockRun>> {
+        self.writeback_range(ino, 0, u64::MAX)?;
+        self.block_runs_nosync(ino)
+    }
+
+    /// FIEMAP: like [`Self::block_runs`] but, with `sync` false, without
+    /// writing back: delayed allocations appear as runs flagged
+    /// `delalloc`, as ext4 reports them.
+    pub fn fiemap(&mut self, ino: u32, sync: bool) -> Result<Vec<BlockRun>> {
+        if sync {
+            return self.block_runs(ino);
+        }
+        let mut runs = self.block_runs_nosync(ino)?;
+        if let Some(da) = self.delalloc.get(&ino) {
+            for (&s, &l) in &da.runs {
+                runs.push(BlockRun {
+                    lblk: s,
+                    pblk: 0,
+                    len: l,
+                    unwritten: false,
+                    delalloc: true,
+                });
+            }
+            runs.sort_by_key(|r| r.lblk);
+        }
+        Ok(runs)
+    }
+
+    pub(crate) fn block_runs_nosync(&mut self, ino: u32) -> Result<Vec<BlockRun>> {
         let inode = self.read_inode(ino)?;
         let bs = u64::from(self.geo.block_size);
         let end = inode.size().div_ceil(bs);
@@ -883,6 +915,7 @@ impl Filesystem {
                     pblk: e.pblk,
                     len: u64::from(e.len),
                     unwritten: e.unwritten,
+                    delalloc: false,
                 })
                 .collect());
         }
@@ -896,6 +929,7 @@ impl Filesystem {
                     pblk,
                     len: n,
                     unwritten,
+                    delalloc: false,
                 });
             }
             l += n;
@@ -906,6 +940,7 @@ impl Filesystem {
     /// Blocks holding inode `ino`'s mapping metadata (extent tree nodes or
     /// indirect blocks).
     pub fn mapping_blocks(&mut self, ino: u32) -> Result<Vec<u64>> {
+        self.writeback_range(ino, 0, u64::MAX)?;
         let inode = self.read_inode(ino)?;
         if Self::uses_extents(&inode) {
             return Ok(self.read_extent_tree(&inode)?.1);
@@ -937,6 +972,7 @@ impl Filesystem {
 
     /// Depth of an extent-mapped inode's tree (`None` for indirect maps).
     pub fn extent_depth(&mut self, ino: u32) -> Result<Option<u16>> {
+        self.writeback_range(ino, 0, u64::MAX)?;
         let inode = self.read_inode(ino)?;
         if !Self::uses_extents(&inode) {
             return Ok(None);

@@ -48,6 +48,11 @@ pub enum Error {
     NoSuchOffset,
     /// An argument is invalid; the string says which.
     Invalid(String),
+    /// The file's block map is pinned (EBUSY).
+    Busy,
+    /// The file's block map is pinned and may not be truncated (ETXTBSY,
+    /// as for an active swap file).
+    TextBusy,
     /// Not implemented yet; the string says what.
     Unsupported(String),
 }
@@ -83,6 +88,8 @@ impl Error {
             Error::Range => libc::ERANGE,
             Error::NoSuchOffset => libc::ENXIO,
             Error::Invalid(_) => libc::EINVAL,
+            Error::Busy => libc::EBUSY,
+            Error::TextBusy => libc::ETXTBSY,
             Error::Unsupported(_) => libc::EOPNOTSUPP,
         }
     }
@@ -113,6 +120,11 @@ impl fmt::Display for Error {
             Error::Range => write!(f, "value out of range"),
             Error::NoSuchOffset => write!(f, "no such device or address (offset past the data)"),
             Error::Invalid(s) => write!(f, "invalid argument: {s}"),
+            Error::Busy => write!(
+                f,
+                "the file's block map is pinned (device or resource busy)"
+            ),
+            Error::TextBusy => write!(f, "the file's block map is pinned (text file busy)"),
             Error::Unsupported(s) => write!(f, "not supported: {s}"),
         }
     }

@@ -40,6 +40,20 @@ impl Filesystem {
         if len == 0 || offset > i64::MAX as u64 || len > i64::MAX as u64 {
             return Err(Error::Invalid("fallocate offset or length".into()));
         }
+        if self.pinned_maps.contains(&ino) {
+            return Err(Error::Busy);
+        }
+        // Work on the device directly below: write back and drop the
+        // cache where this can change data (the whole tail when ranges
+        // shift), so no stale folio survives and no delayed allocation is
+        // left in the range.
+        let shift_modes = FALLOC_FL_COLLAPSE_RANGE | FALLOC_FL_INSERT_RANGE;
+        let flush_to = if mode & shift_modes != 0 {
+            u64::MAX
+        } else {
+            offset.saturating_add(len)
+        };
+        self.flush_range(ino, offset, flush_to)?;
         let mut inode = self.read_inode(ino)?;
         if inode.is_dir() {
             return Err(Error::IsDir);
@@ -331,30 +345,10 @@ impl Filesystem {
         if offset >= st.size {
             return Err(Error::NoSuchOffset);
         }
-        let bs = self.bs();
-        let runs = self.block_runs(ino)?;
-        // Unwritten extents read as zeros: they are holes here, as ext4
-        // reports them when no dirty data is cached.
-        let spans: Vec<(u64, u64)> = runs
-            .iter()
-            .filter(|r| !r.unwritten)
-            .map(|r| (r.lblk * bs, ((r.lblk + r.len) * bs).min(st.size)))
-            .collect();
-        if data {
-            spans
-                .iter()
-                .find(|&&(_, e)| e > offset)
-                .map(|&(s, _)| s.max(offset))
-                .ok_or(Error::NoSuchOffset)
-        } else {
-            let mut pos = offset;
-            for &(s, e) in &spans {
-                if s > pos {
-                    break;
-                }
-                pos = pos.max(e);
-            }
-            Ok(pos.min(st.size))
-        }
+        // Delayed allocations are data; unwritten extents are holes except
+        // where dirty data is cached for them (as ext4 reports them).
+        let m = self.mapping_of(ino);
+        folio_iomap::seek_data_hole(self, &m, u64::from(ino), st.size, offset, data)?
+            .ok_or(Error::NoSuchOffset)
     }
 }

@@ -1,12 +1,14 @@
-//! File data: reads, writes and size changes.
+//! File data: reads, writes and size changes, through the page cache and
+//! the generic iomap paths (`folio-iomap`) with this crate's mapping
+//! operations (`data.rs`).
 //!
-//! This is the direct data path the issue-2 library uses (data goes to the
-//! device, metadata through the buffer cache). The page cache and iomap
-//! layers will take its place. Two rules hold already:
-//! - a block allocated for a write is fully written (data plus zeros)
-//!   before anything can read it, so no stale disk contents are exposed;
-//! - when a file grows (write past EOF, truncate up), the bytes of the old
-//!   last block beyond the old size are zeroed first.
+//! - Buffered writes go to the cache with delayed allocation; writeback
+//!   (at sync, fsync, commit, under memory or dirty pressure) places them.
+//! - When a file grows (write past EOF, truncate up), the bytes of the old
+//!   last block beyond the old size are zeroed first, in the cache.
+//! - Direct I/O writes back and drops the cached range first.
+
+use std::sync::Arc;
 
 use crate::bmap::Mapping;
 use crate::error::{Error, Result};
@@ -14,9 +16,6 @@ use crate::format::inode::Inode;
 use crate::format::superblock::ro_compat;
 use crate::format::Timespec;
 use crate::fs::Filesystem;
-
-/// Largest single device write the data path issues.
-const MAX_IO_BYTES: u64 = 1 << 20;
 
 impl Filesystem {
     /// Largest size a file with this inode may have, in bytes.
@@ -30,45 +29,24 @@ impl Filesystem {
         by_map
     }
 
-    /// Read file data of `inode` at `offset` into `buf`; returns bytes read
-    /// (short at end of file).
+    /// Read file data of `inode` at `offset` into `buf` through the page
+    /// cache; returns bytes read (short at end of file).
     pub(crate) fn read_data(
         &mut self,
         inode: &Inode,
         offset: u64,
         buf: &mut [u8],
     ) -> Result<usize> {
-        let size = inode.size();
-        if offset >= size || buf.is_empty() {
-            return Ok(0);
+        let m = self.mapping_of(inode.ino);
+        let n =
+            folio_iomap::buffered_read(self, &m, u64::from(inode.ino), inode.size(), offset, buf)?;
+        if self.pc.over_budget() {
+            self.pc.balance();
         }
-        let len = (size - offset).min(buf.len() as u64) as usize;
-        let bs = u64::from(self.geo.block_size);
-        let mut done = 0usize;
-        while done < len {
-            let pos = offset + done as u64;
-            let lblk = pos / bs;
-            let in_blk = pos % bs;
-            let want_blocks = (in_blk + (len - done) as u64).div_ceil(bs);
-            let (m, n) = self.map_block(inode, lblk, want_blocks)?;
-            let run_bytes = (n * bs - in_blk).min((len - done) as u64) as usize;
-            let out = &mut buf[done..done + run_bytes];
-            match m {
-                Mapping::Hole
-                | Mapping::Mapped {
-                    unwritten: true, ..
-                } => out.fill(0),
-                Mapping::Mapped { pblk, .. } => {
-                    self.dev().read_at(pblk * bs + in_blk, out)?;
-                }
-            }
-            done += run_bytes;
-        }
-        Ok(len)
+        Ok(n)
     }
 
-    /// Read from file `ino`.
-    pub fn read(&mut self, ino: u32, offset: u64, buf: &mut [u8]) -> Result<usize> {
+    fn regular(&mut self, ino: u32) -> Result<Inode> {
         let inode = self.read_inode(ino)?;
         if inode.is_dir() {
             return Err(Error::IsDir);
@@ -76,51 +54,75 @@ impl Filesystem {
         if !inode.is_reg() {
             return Err(Error::Invalid("not a regular file".into()));
         }
+        Ok(inode)
+    }
+
+    /// Read from file `ino`.
+    pub fn read(&mut self, ino: u32, offset: u64, buf: &mut [u8]) -> Result<usize> {
+        let inode = self.regular(ino)?;
         self.read_data(&inode, offset, buf)
     }
 
     /// Zero the bytes of the block holding byte `size` from `size` to the
-    /// block's end, if that block is mapped and written.
+    /// block's end (the file is about to grow past `size`).
     fn zero_block_tail(&mut self, inode: &Inode, size: u64) -> Result<()> {
-        let bs = u64::from(self.geo.block_size);
-        let in_blk = size % bs;
-        if in_blk == 0 {
-            return Ok(());
-        }
-        if let (
-            Mapping::Mapped {
-                pblk,
-                unwritten: false,
-            },
-            _,
-        ) = self.map_block(inode, size / bs, 1)?
-        {
-            let zeros = vec![0u8; (bs - in_blk) as usize];
-            self.dev().write_at(pblk * bs + in_blk, &zeros)?;
-        }
-        Ok(())
+        let m = self.mapping_of(inode.ino);
+        folio_iomap::zero_tail(self, &m, u64::from(inode.ino), size)
     }
 
     /// Write `data` to file `ino` at `offset`. Returns the bytes written.
     pub fn write(&mut self, ino: u32, offset: u64, data: &[u8]) -> Result<usize> {
-        self.retry_nospc(|fs| fs.write_impl(ino, offset, data))
+        let mut at = 0usize;
+        self.write_with(ino, offset, data.len(), &mut |buf: &mut [u8]| {
+            let n = buf.len().min(data.len() - at);
+            buf[..n].copy_from_slice(&data[at..at + n]);
+            at += n;
+            Ok(n)
+        })
     }
 
-    fn write_impl(&mut self, ino: u32, offset: u64, data: &[u8]) -> Result<usize> {
+    /// Write `len` bytes at `offset`, taking the data from `src`, which
+    /// fills each slice it is given and returns how much it filled. A
+    /// source that fails midway (fewer bytes, or an error) gives a short
+    /// write: exactly the bytes copied are kept, the space reserved for the
+    /// rest is given back, and nothing else becomes readable. With nothing
+    /// copied the source's error (EFAULT for a short source) is returned.
+    pub fn write_with(
+        &mut self,
+        ino: u32,
+        offset: u64,
+        len: usize,
+        src: &mut dyn FnMut(&mut [u8]) -> std::io::Result<usize>,
+    ) -> Result<usize> {
+        let r = self.write_impl(ino, offset, len, &mut *src);
+        let r = match r {
+            Err(Error::NoSpace) if !self.pinned.is_empty() || self.resv_total > 0 => {
+                // Freed blocks wait for a commit and reservations hold a
+                // worst-case allowance: settle both, then try once more.
+                self.sync()?;
+                self.write_impl(ino, offset, len, src)
+            }
+            r => r,
+        };
+        if r.is_ok() {
+            self.op_done()?;
+        }
+        r
+    }
+
+    fn write_impl(
+        &mut self,
+        ino: u32,
+        offset: u64,
+        len: usize,
+        src: &mut dyn FnMut(&mut [u8]) -> std::io::Result<usize>,
+    ) -> Result<usize> {
         self.check_writable()?;
-        let mut inode = self.read_inode(ino)?;
-        if inode.is_dir() {
-            return Err(Error::IsDir);
-        }
-        if !inode.is_reg() {
-            return Err(Error::Invalid("not a regular file".into()));
-        }
-        if data.is_empty() {
+        let inode = self.regular(ino)?;
+        if len == 0 {
             return Ok(0);
         }
-        let end = offset
-            .checked_add(data.len() as u64)
-            .ok_or(Error::FileTooBig)?;
+        let end = offset.checked_add(len as u64).ok_or(Error::FileTooBig)?;
         if end > self.max_file_size(&inode) {
             return Err(Error::FileTooBig);
         }
@@ -128,50 +130,74 @@ impl Filesystem {
         if offset > old_size {
             self.zero_block_tail(&inode, old_size)?;
         }
-        let bs = u64::from(self.geo.block_size);
-        let first = offset / bs;
-        let last = (end - 1) / bs;
-        let fresh = self.allocate_range(&mut inode, first, last - first + 1)?;
-        let is_fresh = |l: u64| fresh.iter().any(|&(s, n)| l >= s && l < s + n);
-        let mut pos = offset;
-        while pos < end {
-            let lblk = pos / bs;
-            let (m, n) = self.map_block(&inode, lblk, last - lblk + 1)?;
-            let Mapping::Mapped {
-                pblk,
-                unwritten: false,
-            } = m
-            else {
-                return Err(Error::corrupted(
-                    format!("inode {ino}: block {lblk} unmapped right after allocation"),
-                    0,
-                ));
-            };
-            // Cut the run where freshness changes and at MAX_IO_BYTES.
-            let fresh_run = is_fresh(lblk);
-            let mut k = 1;
-            while k < n && is_fresh(lblk + k) == fresh_run && k * bs < MAX_IO_BYTES {
-                k += 1;
+        let m = self.mapping_of(ino);
+        self.inflight.clear();
+        let out = folio_iomap::buffered_write(
+            self,
+            &m,
+            u64::from(ino),
+            old_size,
+            offset,
+            len as u64,
+            src,
+        );
+        self.inflight.clear();
+        if out.written > 0 {
+            let mut inode = self.read_inode(ino)?;
+            let new_end = offset + out.written;
+            if new_end > inode.size() {
+                inode.set_size(new_end);
+                self.note_large_file(new_end);
             }
-            let run_start = lblk * bs;
-            let run_end = ((lblk + k) * bs).min(if fresh_run { u64::MAX } else { end });
-            let data_from = pos;
-            let data_to = end.min((lblk + k) * bs);
-            let src = &data[(data_from - offset) as usize..(data_to - offset) as usize];
-            if fresh_run {
-                // Whole blocks: the data, zeros around it.
-                let mut buf = vec![0u8; (run_end - run_start) as usize];
-                let at = (data_from - run_start) as usize;
-                buf[at..at + src.len()].copy_from_slice(src);
-                self.dev().write_at(pblk * bs, &buf)?;
-            } else {
-                self.dev()
-                    .write_at(pblk * bs + (data_from - run_start), src)?;
-            }
-            pos = data_to;
+            let now = Timespec::now();
+            inode.set_mtime(now);
+            inode.set_ctime(now);
+            self.write_inode(&mut inode)?;
+            self.bytes_written += out.written;
         }
-        self.bytes_written += data.len() as u64;
-        if end > old_size {
+        self.balance_dirty()?;
+        match out.error {
+            Some(e) if out.written == 0 => Err(e),
+            _ => Ok(out.written as usize),
+        }
+    }
+
+    /// O_DIRECT write: `offset` and `data.len()` must be multiples of the
+    /// block size (EINVAL otherwise). Cached data of the range is written
+    /// back and dropped first, so no later writeback can overwrite what
+    /// this puts on the device.
+    pub fn write_direct(&mut self, ino: u32, offset: u64, data: &[u8]) -> Result<usize> {
+        self.retry_nospc(|fs| fs.write_direct_impl(ino, offset, data))
+    }
+
+    fn write_direct_impl(&mut self, ino: u32, offset: u64, data: &[u8]) -> Result<usize> {
+        self.check_writable()?;
+        let inode = self.regular(ino)?;
+        let end = offset
+            .checked_add(data.len() as u64)
+            .ok_or(Error::FileTooBig)?;
+        if end > self.max_file_size(&inode) {
+            return Err(Error::FileTooBig);
+        }
+        if self.pinned_maps.contains(&ino) {
+            return Err(Error::Busy);
+        }
+        if data.is_empty() {
+            return Ok(0);
+        }
+        let old_size = inode.size();
+        if offset > old_size {
+            self.zero_block_tail(&inode, old_size)?;
+            // The tail block may be cached dirty: direct I/O must not race
+            // its writeback, so settle it now.
+            let bs = u64::from(self.geo.block_size);
+            self.writeback_range(ino, old_size / bs * bs, old_size.div_ceil(bs) * bs)?;
+        }
+        let m = self.mapping_of(ino);
+        let pc = Arc::clone(&self.pc);
+        let n = folio_iomap::direct_write(self, &pc, &m, u64::from(ino), offset, data)?;
+        let mut inode = self.read_inode(ino)?;
+        if end > inode.size() {
             inode.set_size(end);
             self.note_large_file(end);
         }
@@ -179,7 +205,62 @@ impl Filesystem {
         inode.set_mtime(now);
         inode.set_ctime(now);
         self.write_inode(&mut inode)?;
-        Ok(data.len())
+        self.bytes_written += n;
+        Ok(n as usize)
+    }
+
+    /// O_DIRECT read: block-aligned offset and length (EINVAL otherwise).
+    pub fn read_direct(&mut self, ino: u32, offset: u64, buf: &mut [u8]) -> Result<usize> {
+        let inode = self.regular(ino)?;
+        let m = self.mapping_of(ino);
+        let pc = Arc::clone(&self.pc);
+        folio_iomap::direct_read(self, &pc, &m, u64::from(ino), inode.size(), offset, buf)
+    }
+
+    /// Pin the block map of `ino` for a client that does its own block I/O
+    /// (a swap file, the md bitmap of seed 002): dirty data is written
+    /// back, delayed and unwritten blocks are made real, the cache is
+    /// dropped, and until [`Self::unpin_mapping`] anything that would move
+    /// or free blocks (truncate, fallocate, direct I/O) fails with EBUSY
+    /// (ETXTBSY for truncate, as for an active swap file). Returns the
+    /// map as (logical block, device block, length) runs.
+    pub fn pin_mapping(&mut self, ino: u32) -> Result<Vec<(u64, u64, u64)>> {
+        let inode = self.regular(ino)?;
+        self.flush_range(ino, 0, u64::MAX)?;
+        let bs = u64::from(self.geo.block_size);
+        let blocks = inode.size().div_ceil(bs);
+        let mut runs = Vec::new();
+        let mut l = 0;
+        while l < blocks {
+            let (m, n) = self.map_block(&inode, l, blocks - l)?;
+            match m {
+                Mapping::Mapped {
+                    pblk,
+                    unwritten: false,
+                } => runs.push((l, pblk, n)),
+                _ => {
+                    return Err(Error::Invalid(
+                        "the file has holes or unwritten extents; a pinned map must be fully \
+                         written (write it out first)"
+                            .into(),
+                    ))
+                }
+            }
+            l += n;
+        }
+        self.sync()?;
+        self.pinned_maps.insert(ino);
+        Ok(runs)
+    }
+
+    /// Release a pin taken by [`Self::pin_mapping`]. Data the client wrote
+    /// to the blocks meanwhile is what the file now holds; the cache was
+    /// dropped at pin time and stays coherent.
+    pub fn unpin_mapping(&mut self, ino: u32) -> Result<()> {
+        if !self.pinned_maps.remove(&ino) {
+            return Err(Error::Invalid("the mapping is not pinned".into()));
+        }
+        self.flush_range(ino, 0, u64::MAX)
     }
 
     /// Set the large_file feature once a file passes 2 GiB.
@@ -206,11 +287,21 @@ impl Filesystem {
         if size > self.max_file_size(inode) {
             return Err(Error::FileTooBig);
         }
+        if self.pinned_maps.contains(&inode.ino) {
+            return Err(Error::TextBusy);
+        }
         let bs = u64::from(self.geo.block_size);
         let old = inode.size();
         if size < old {
+            // Cached folios beyond the new size go (dirty data there now
+            // belongs to no file), then the blocks, then the new last
+            // block's tail is zeroed.
+            self.cache_truncate(inode.ino, size)?;
             self.truncate_blocks(inode, size.div_ceil(bs))?;
+            inode.set_size(size);
+            self.write_inode(inode)?;
             self.zero_block_tail(inode, size)?;
+            *inode = self.read_inode(inode.ino)?;
         } else if size > old {
             self.zero_block_tail(inode, old)?;
             self.note_large_file(size);

@@ -23,6 +23,8 @@ pub struct OpenOptions {
     pub read_only: bool,
     /// Metadata buffer cache capacity, in blocks.
     pub cache_blocks: usize,
+    /// The page cache for file data (budget, folio size, dirty limits).
+    pub page_cache: folio_pagecache::Config,
 }
 
 impl Default for OpenOptions {
@@ -30,6 +32,7 @@ impl Default for OpenOptions {
         OpenOptions {
             read_only: false,
             cache_blocks: 8192,
+            page_cache: folio_pagecache::Config::default(),
         }
     }
 }
@@ -79,6 +82,19 @@ pub struct Filesystem {
     pub(crate) last_recovery: Option<folio_journal::RecoveryReport>,
     /// Open references by inode (see `open_ref`).
     pub(crate) open_refs: HashMap<u32, u32>,
+    /// File data cache.
+    pub(crate) pc: Arc<folio_pagecache::PageCache>,
+    /// Delayed allocations by inode.
+    pub(crate) delalloc: HashMap<u32, crate::data::Delalloc>,
+    /// Blocks reserved by all delayed allocations (data and mapping).
+    pub(crate) resv_total: u64,
+    /// Reservations made by the buffered write in progress (given back
+    /// by its `end` if the copy stops short).
+    pub(crate) inflight: Vec<(u64, u64)>,
+    /// Allocations may use reserved blocks (writeback of delayed data).
+    pub(crate) alloc_from_reserve: bool,
+    /// Inodes whose block map is pinned (`pin_mapping`).
+    pub(crate) pinned_maps: std::collections::HashSet<u32>,
 }
 
 fn names(mask: u32, table: &[(u32, &str)], prefix: &str) -> String {
@@ -203,6 +219,12 @@ impl Filesystem {
             recover_on_disk: false,
             last_recovery: None,
             open_refs: HashMap::new(),
+            pc: Arc::new(folio_pagecache::PageCache::new(opts.page_cache.clone())),
+            delalloc: HashMap::new(),
+            resv_total: 0,
+            inflight: Vec::new(),
+            alloc_from_reserve: false,
+            pinned_maps: std::collections::HashSet::new(),
         })
     }
 
@@ -556,6 +578,10 @@ impl Filesystem {
         if self.read_only.is_some() {
             return Ok(());
         }
+        // Ordered data: every dirty folio reaches the device (and delayed
+        // allocations get their blocks) before the metadata that maps it
+        // commits.
+        self.writeback_all()?;
         if self.journal.is_some() {
             return self.sync_journalled();
         }

@@ -63,7 +63,7 @@ impl Filesystem {
             return Err(Error::corrupted("journal inode size out of range", 0));
         }
         let mut map = Vec::with_capacity(blocks as usize);
-        for r in self.block_runs(ino)? {
+        for r in self.block_runs_nosync(ino)? {
             if r.lblk != map.len() as u64 || r.unwritten {
                 return Err(Error::corrupted("the journal inode has holes", 0));
             }
@@ -480,7 +480,7 @@ impl Filesystem {
         mut f: impl FnMut(&mut Self) -> Result<T>,
     ) -> Result<T> {
         let r = match f(self) {
-            Err(Error::NoSpace) if !self.pinned.is_empty() => {
+            Err(Error::NoSpace) if !self.pinned.is_empty() || self.resv_total > 0 => {
                 self.sync()?;
                 f(self)
             }

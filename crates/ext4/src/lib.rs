@@ -10,6 +10,7 @@
 pub mod alloc;
 pub mod bmap;
 pub mod csum;
+pub mod data;
 pub mod dir;
 pub mod error;
 pub mod falloc;
@@ -21,9 +22,11 @@ pub mod mkfs;
 pub mod ops;
 pub mod xattrs;
 
+pub use data::AllocOp;
 pub use dir::DirEntry;
 pub use error::{Error, Result};
 pub use folio_journal::RecoveryReport;
+pub use folio_pagecache::Config as CacheConfig;
 pub use format::inode::{FileType, ROOT_INO};
 pub use format::Timespec;
 pub use fs::{Filesystem, OpenOptions};

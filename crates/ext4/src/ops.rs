@@ -253,7 +253,9 @@ impl Filesystem {
             uid: i.uid(),
             gid: i.gid(),
             size: i.size(),
-            blocks_512: i.blocks_512(huge, self.geo.block_size),
+            // Delayed blocks count, as in ext4 (du sees data not yet placed).
+            blocks_512: i.blocks_512(huge, self.geo.block_size)
+                + self.delalloc_blocks(ino) * u64::from(self.geo.block_size / 512),
             atime: i.atime(),
             mtime: i.mtime(),
             ctime: i.ctime(),
@@ -556,6 +558,9 @@ impl Filesystem {
         let is_dir = inode.is_dir();
         let has_blocks = matches!(inode.file_type(), FileType::Regular | FileType::Directory)
             || (inode.is_symlink() && !self.is_fast_symlink(inode));
+        if inode.is_reg() {
+            self.cache_truncate(inode.ino, 0)?;
+        }
         if has_blocks {
             self.truncate_blocks(inode, 0)?;
         }
@@ -967,7 +972,11 @@ impl Filesystem {
         } else {
             self.overhead_blocks()
         };
-        let free = self.sb.free_blocks_count();
+        // Reserved (delayed) blocks are not free to anyone else.
+        let free = self
+            .sb
+            .free_blocks_count()
+            .saturating_sub(self.reserved_blocks());
         let uuid = self.sb.uuid();
         let mut fsid = 0u64;
         for (i, b) in uuid.iter().enumerate() {

@@ -357,7 +357,15 @@ pub fn buffered_write<O: IomapOps>(
             }
         }
         let done = pos + written - start;
-        if let Err(e) = ops.end(ino, start, end - start, done, flags::WRITE, &map) {
+        // Stopping early: `end` covers the rest of the span, so the
+        // filesystem gives back every reservation the copy did not use.
+        let stopping = short || error.is_some();
+        let seg = if stopping {
+            end - start
+        } else {
+            map_end - start
+        };
+        if let Err(e) = ops.end(ino, start, seg, done, flags::WRITE, &map) {
             error.get_or_insert(e);
         }
         if short || error.is_some() {

@@ -1,0 +1,707 @@
+//! ext4 under the page cache: the iomap operations, delayed allocation and
+//! space reservation.
+//!
+//! - A buffered write reserves every hole of its span at the first
+//!   `begin` ([`Filesystem::reserve_interval`]): the blocks are counted
+//!   against free space (plus a worst-case allowance for the extent-tree
+//!   or indirect blocks they may need) but not chosen. A write that cannot
+//!   reserve fails with ENOSPC, or is short, at write time; `end` gives
+//!   back exactly the reservation the copy did not use.
+//! - Writeback `begin` turns a delayed run into real blocks in one
+//!   allocation, as an unwritten extent (written, on ext2/3 indirect
+//!   maps); `end` converts it to written once the data is on the device,
+//!   or, if the write failed, leaves it unwritten (indirect: frees it and
+//!   reserves again), so no stale block ever becomes readable.
+//! - The allocation API ([`AllocOp`]) needs no page cache: reserve,
+//!   allocate (unwritten) or deallocate a file interval.
+//!
+//! Reserved blocks are invisible to every other allocation
+//! ([`Filesystem::alloc_blocks`] keeps them), so data accepted into the
+//! cache always finds space at writeback.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use folio_blockdev::BlockDevice;
+use folio_iomap::{flags, Iomap, IomapKind, IomapOps};
+use folio_pagecache::AddressSpace;
+
+use crate::bmap::{mark_written, Mapping};
+use crate::error::{Error, Result};
+use crate::format::extent::{Extent, MAX_UNWRITTEN_LEN};
+use crate::format::inode::Inode;
+use crate::fs::Filesystem;
+
+/// What [`Filesystem::allocate_interval`] does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AllocOp {
+    /// Count the holes of the interval against free space (delayed).
+    Reserve,
+    /// Give real blocks to the interval's holes and reservations, as
+    /// unwritten extents (they read as zeros until written).
+    Allocate,
+    /// Unmap the interval: free its blocks and drop its reservations.
+    Deallocate,
+}
+
+/// Delayed-allocation state of one inode.
+#[derive(Default, Debug)]
+pub(crate) struct Delalloc {
+    /// Reserved logical runs: start -> length, non-overlapping.
+    pub(crate) runs: BTreeMap<u64, u64>,
+    /// Blocks in `runs`.
+    pub(crate) blocks: u64,
+    /// Worst-case mapping blocks reserved for them.
+    pub(crate) meta: u64,
+}
+
+impl Delalloc {
+    /// The reserved run containing `lblk`, as (start, len).
+    fn run_at(&self, lblk: u64) -> Option<(u64, u64)> {
+        let (&s, &l) = self.runs.range(..=lblk).next_back()?;
+        (lblk < s + l).then_some((s, l))
+    }
+    /// First reserved block at or after `lblk`.
+    fn next_start(&self, lblk: u64) -> Option<u64> {
+        if let Some((s, _)) = self.run_at(lblk) {
+            return Some(s.max(lblk));
+        }
+        self.runs.range(lblk..).next().map(|(&s, _)| s)
+    }
+    fn insert(&mut self, start: u64, len: u64) {
+        let mut s = start;
+        let mut e = start + len;
+        if let Some((ps, pl)) = self.runs.range(..s).next_back().map(|(a, b)| (*a, *b)) {
+            if ps + pl >= s {
+                s = ps;
+                e = e.max(ps + pl);
+                self.runs.remove(&ps);
+                self.blocks -= pl;
+            }
+        }
+        let overl: Vec<(u64, u64)> = self.runs.range(s..=e).map(|(a, b)| (*a, *b)).collect();
+        for (a, b) in overl {
+            e = e.max(a + b);
+            self.runs.remove(&a);
+            self.blocks -= b;
+        }
+        self.runs.insert(s, e - s);
+        self.blocks += e - s;
+    }
+    /// Remove `[start, start+len)`; returns the blocks removed.
+    fn remove(&mut self, start: u64, len: u64) -> u64 {
+        let end = start + len;
+        let mut removed = 0;
+        let hits: Vec<(u64, u64)> = self
+            .runs
+            .range(..end)
+            .filter(|(a, b)| **a + **b > start)
+            .map(|(a, b)| (*a, *b))
+            .collect();
+        for (a, l) in hits {
+            self.runs.remove(&a);
+            let e = a + l;
+            if a < start {
+                self.runs.insert(a, start - a);
+            }
+            if e > end {
+                self.runs.insert(end, e - end);
+            }
+            removed += e.min(end) - a.max(start);
+        }
+        self.blocks -= removed;
+        removed
+    }
+}
+
+/// Worst-case mapping blocks needed to map `d` more blocks into a file
+/// whose map is `inode`'s: a new leaf for every half-full leaf's worth of
+/// extents, plus one split per level and a new root level.
+fn meta_for(fs: &Filesystem, inode: &Inode, d: u64) -> u64 {
+    if d == 0 {
+        return 0;
+    }
+    let bs = u64::from(fs.geo.block_size);
+    if Filesystem::uses_extents(inode) {
+        let per_leaf = (bs - 12) / 12 / 2;
+        let depth = u64::from(crate::format::get16(inode.i_block(), 6).unwrap_or(0));
+        let entries = u64::from(crate::format::get16(inode.i_block(), 2).unwrap_or(0));
+        if depth == 0 && entries + d <= 4 {
+            return 0;
+        }
+        d.div_ceil(per_leaf) + depth + 2
+    } else {
+        let ppb = bs / 4;
+        d.div_ceil(ppb) + 3
+    }
+}
+
+impl Filesystem {
+    /// The page-cache mapping of inode `ino`.
+    pub(crate) fn mapping_of(&self, ino: u32) -> Arc<AddressSpace> {
+        self.pc
+            .mapping(u64::from(ino), self.geo.block_size as usize)
+    }
+
+    /// Blocks reserved for delayed allocation, data and mapping, in total.
+    pub(crate) fn reserved_blocks(&self) -> u64 {
+        self.resv_total
+    }
+
+    /// Delayed-allocation blocks of `ino` (for st_blocks, like ext4).
+    pub(crate) fn delalloc_blocks(&self, ino: u32) -> u64 {
+        self.delalloc.get(&ino).map_or(0, |d| d.blocks)
+    }
+
+    /// Free blocks nobody has claimed: not reserved, not pinned.
+    pub(crate) fn unclaimed_blocks(&self) -> u64 {
+        self.sb
+            .free_blocks_count()
+            .saturating_sub(self.pinned.len() as u64)
+            .saturating_sub(self.resv_total)
+    }
+
+    /// Re-derive `ino`'s mapping-block allowance after its delayed blocks
+    /// changed; fails (changing nothing) if it would not fit.
+    fn set_meta_reservation(&mut self, inode: &Inode, grow_ok_only_if_fits: bool) -> Result<()> {
+        let ino = inode.ino;
+        let d = self.delalloc.get(&ino).map_or(0, |d| d.blocks);
+        let want = meta_for(self, inode, d);
+        let have = self.delalloc.get(&ino).map_or(0, |d| d.meta);
+        if want > have {
+            if grow_ok_only_if_fits && self.unclaimed_blocks() < want - have {
+                return Err(Error::NoSpace);
+            }
+            self.resv_total += want - have;
+        } else {
+            self.resv_total -= have - want;
+        }
+        if let Some(da) = self.delalloc.get_mut(&ino) {
+            da.meta = want;
+            if da.blocks == 0 {
+                self.resv_total -= da.meta;
+                self.delalloc.remove(&ino);
+            }
+        }
+        Ok(())
+    }
+
+    /// Reserve the holes of `[lblk, lblk+n)` that are neither mapped nor
+    /// reserved. Reserves from the start as far as space allows; returns
+    /// the newly reserved runs (empty and ENOSPC if not even one block).
+    fn reserve_holes(&mut self, inode: &Inode, lblk: u64, n: u64) -> Result<Vec<(u64, u64)>> {
+        let mut holes = Vec::new();
+        let mut cur = lblk;
+        let end = lblk + n;
+        while cur < end {
+            let (m, k) = self.map_block(inode, cur, end - cur)?;
+            if m == Mapping::Hole {
+                // Split the hole around existing reservations.
+                let mut p = cur;
+                while p < cur + k {
+                    let da = self.delalloc.get(&inode.ino);
+                    if let Some((s, l)) = da.and_then(|d| d.run_at(p)) {
+                        p = (s + l).min(cur + k);
+                        continue;
+                    }
+                    let next = da
+                        .and_then(|d| d.next_start(p))
+                        .unwrap_or(u64::MAX)
+                        .min(cur + k);
+                    holes.push((p, next - p));
+                    p = next;
+                }
+            }
+            cur += k;
+        }
+        let wanted = !holes.is_empty();
+        let mut got = Vec::new();
+        for (s, l) in holes {
+            let room = self.unclaimed_blocks();
+            let take = l.min(room);
+            if take == 0 {
+                break;
+            }
+            let da = self.delalloc.entry(inode.ino).or_default();
+            da.insert(s, take);
+            self.resv_total += take;
+            if self.set_meta_reservation(inode, true).is_err() {
+                // Not even the mapping allowance fits: undo this run.
+                let da = self.delalloc.entry(inode.ino).or_default();
+                da.remove(s, take);
+                self.resv_total -= take;
+                self.set_meta_reservation(inode, false)?;
+                break;
+            }
+            got.push((s, take));
+            if take < l {
+                break;
+            }
+        }
+        if got.is_empty() && wanted {
+            return Err(Error::NoSpace);
+        }
+        Ok(got)
+    }
+
+    /// Drop reservations of `[lblk, lblk+n)` of `ino`.
+    pub(crate) fn unreserve(&mut self, ino: u32, lblk: u64, n: u64) -> Result<()> {
+        let Some(da) = self.delalloc.get_mut(&ino) else {
+            return Ok(());
+        };
+        let removed = da.remove(lblk, n);
+        self.resv_total -= removed;
+        let inode = self.read_inode(ino)?;
+        self.set_meta_reservation(&inode, false)
+    }
+
+    /// The allocation API: reserve, allocate or deallocate blocks
+    /// `[lblk, lblk+n)` of `ino`, with no page cache involved.
+    pub fn allocate_interval(&mut self, ino: u32, op: AllocOp, lblk: u64, n: u64) -> Result<()> {
+        self.check_writable()?;
+        let mut inode = self.read_inode(ino)?;
+        if !inode.is_reg() {
+            return Err(Error::Invalid("not a regular file".into()));
+        }
+        if lblk + n > self.max_file_blocks(&inode) {
+            return Err(Error::FileTooBig);
+        }
+        match op {
+            AllocOp::Reserve => {
+                let got = self.reserve_holes(&inode, lblk, n)?;
+                let want = self.count_holes(&inode, lblk, n)?;
+                if want > 0 {
+                    // Partial: give it back, reservation is all or nothing here.
+                    for (s, l) in got {
+                        self.unreserve(ino, s, l)?;
+                    }
+                    return Err(Error::NoSpace);
+                }
+                Ok(())
+            }
+            AllocOp::Allocate => {
+                let mut cur = lblk;
+                while cur < lblk + n {
+                    let (m, k) = self.map_block(&inode, cur, lblk + n - cur)?;
+                    if m == Mapping::Hole {
+                        self.alloc_run(&mut inode, cur, k, true)?;
+                    }
+                    cur += k;
+                }
+                self.write_inode(&mut inode)
+            }
+            AllocOp::Deallocate => {
+                self.unreserve(ino, lblk, n)?;
+                let mut inode = self.read_inode(ino)?;
+                if Self::uses_extents(&inode) {
+                    self.free_extent_range(&mut inode, lblk, lblk + n)?;
+                } else {
+                    self.ind_free_range(&mut inode, lblk, lblk + n)?;
+                }
+                self.write_inode(&mut inode)
+            }
+        }
+    }
+
+    /// Holes of `[lblk, lblk+n)` not covered by a reservation, in blocks.
+    fn count_holes(&mut self, inode: &Inode, lblk: u64, n: u64) -> Result<u64> {
+        let mut cur = lblk;
+        let mut holes = 0;
+        while cur < lblk + n {
+            let (m, k) = self.map_block(inode, cur, lblk + n - cur)?;
+            if m == Mapping::Hole {
+                for b in cur..cur + k {
+                    if self
+                        .delalloc
+                        .get(&inode.ino)
+                        .and_then(|d| d.run_at(b))
+                        .is_none()
+                    {
+                        holes += 1;
+                    }
+                }
+            }
+            cur += k;
+        }
+        Ok(holes)
+    }
+
+    /// Free the blocks of `[from, to)` of an indirect-mapped inode.
+    fn ind_free_range(&mut self, inode: &mut Inode, from: u64, to: u64) -> Result<()> {
+        let spb = i64::from(self.geo.block_size / 512);
+        for l in from..to {
+            let (m, _) = self.map_block(inode, l, 1)?;
+            if let Mapping::Mapped { pblk, .. } = m {
+                self.ind_clear(inode, l)?;
+                self.free_blocks(pblk, 1)?;
+                self.add_i_blocks(inode, -spb)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Allocate real blocks for up to `n` blocks at `lblk` (a hole or a
+    /// reservation) in one contiguous piece; returns (pblk, count).
+    /// Extent files get an unwritten extent; indirect files written
+    /// blocks. Draws on the reservation when `reserved`.
+    fn alloc_run(
+        &mut self,
+        inode: &mut Inode,
+        lblk: u64,
+        n: u64,
+        fresh: bool,
+    ) -> Result<(u64, u64)> {
+        let spb = i64::from(self.geo.block_size / 512);
+        if Self::uses_extents(inode) {
+            let mut list = (*self.extents(inode)?).clone();
+            let goal = {
+                let pos = list.partition_point(|e| e.end() <= lblk);
+                if pos > 0 {
+                    let e = &list[pos - 1];
+                    e.pblk + (lblk - u64::from(e.lblk))
+                } else {
+                    self.inode_goal(inode)
+                }
+            };
+            let want = n.min(u64::from(MAX_UNWRITTEN_LEN)) as u32;
+            let (pb, got) = self.alloc_for(goal, want, fresh)?;
+            crate::bmap::insert_extent(
+                &mut list,
+                Extent {
+                    lblk: lblk as u32,
+                    len: got,
+                    pblk: pb,
+                    unwritten: true,
+                },
+            );
+            if let Err(e) = self.write_extent_tree(inode, list) {
+                self.free_blocks(pb, u64::from(got))?;
+                self.extent_cache.remove(&inode.ino);
+                return Err(e);
+            }
+            self.add_i_blocks(inode, i64::from(got) * spb)?;
+            Ok((pb, u64::from(got)))
+        } else {
+            // One block at a time: indirect maps have no runs to speak of.
+            let fresh_range = self.allocate_range_reserved(inode, lblk, fresh)?;
+            Ok(fresh_range)
+        }
+    }
+
+    fn allocate_range_reserved(
+        &mut self,
+        inode: &mut Inode,
+        lblk: u64,
+        fresh: bool,
+    ) -> Result<(u64, u64)> {
+        let was = self.alloc_from_reserve;
+        self.alloc_from_reserve = !fresh;
+        let r = self.allocate_range(inode, lblk, 1);
+        self.alloc_from_reserve = was;
+        r?;
+        match self.map_block(inode, lblk, 1)?.0 {
+            Mapping::Mapped { pblk, .. } => Ok((pblk, 1)),
+            Mapping::Hole => Err(Error::corrupted("block unmapped right after allocation", 0)),
+        }
+    }
+
+    /// alloc_blocks, drawing on the reservation unless `fresh`.
+    fn alloc_for(&mut self, goal: u64, want: u32, fresh: bool) -> Result<(u64, u32)> {
+        let was = self.alloc_from_reserve;
+        self.alloc_from_reserve = !fresh;
+        let r = self.alloc_blocks(goal, want);
+        self.alloc_from_reserve = was;
+        r
+    }
+
+    /// Writeback of delayed run at `lblk`: give it real blocks.
+    fn writeback_allocate(&mut self, ino: u32, lblk: u64, n: u64) -> Result<()> {
+        let mut inode = self.read_inode(ino)?;
+        let (s, l) = self
+            .delalloc
+            .get(&ino)
+            .and_then(|d| d.run_at(lblk))
+            .ok_or_else(|| Error::corrupted("writeback of an unreserved block", 0))?;
+        let k = n.min(s + l - lblk);
+        // The data blocks come out of the reservation: release it first so
+        // the allocation below may use them; the mapping allowance stays
+        // until the run is done.
+        let was = self.alloc_from_reserve;
+        self.alloc_from_reserve = true;
+        let r = self.alloc_run(&mut inode, lblk, k, false);
+        self.alloc_from_reserve = was;
+        let (_, got) = r?;
+        if let Some(da) = self.delalloc.get_mut(&ino) {
+            let removed = da.remove(lblk, got);
+            self.resv_total -= removed;
+        }
+        self.write_inode(&mut inode)?;
+        self.set_meta_reservation(&inode, false)
+    }
+
+    /// Convert `[lblk, lblk+n)` to written.
+    fn convert_written(&mut self, ino: u32, lblk: u64, n: u64) -> Result<()> {
+        let mut inode = self.read_inode(ino)?;
+        if !Self::uses_extents(&inode) {
+            return Ok(());
+        }
+        let mut list = (*self.extents(&inode)?).clone();
+        if mark_written(&mut list, lblk, lblk + n).is_empty() {
+            return Ok(());
+        }
+        self.write_extent_tree(&mut inode, list)?;
+        self.write_inode(&mut inode)
+    }
+
+    /// A failed writeback to freshly allocated indirect blocks: unmap them
+    /// and make them a reservation again (extent files keep the unwritten
+    /// extent instead, which reads as zeros).
+    fn writeback_failed(&mut self, ino: u32, lblk: u64, n: u64) -> Result<()> {
+        let mut inode = self.read_inode(ino)?;
+        if Self::uses_extents(&inode) {
+            return Ok(());
+        }
+        self.ind_free_range(&mut inode, lblk, lblk + n)?;
+        self.write_inode(&mut inode)?;
+        let da = self.delalloc.entry(ino).or_default();
+        da.insert(lblk, n);
+        self.resv_total += n;
+        self.set_meta_reservation(&inode, false)
+    }
+
+    /// Describe the file at `lblk` for `n` blocks.
+    fn describe(&mut self, inode: &Inode, lblk: u64, n: u64) -> Result<Iomap> {
+        let bs = u64::from(self.geo.block_size);
+        let (m, k) = self.map_block(inode, lblk, n)?;
+        let (kind, addr, len) = match m {
+            Mapping::Mapped { pblk, unwritten } => (
+                if unwritten {
+                    IomapKind::Unwritten
+                } else {
+                    IomapKind::Mapped
+                },
+                pblk * bs,
+                k,
+            ),
+            Mapping::Hole => {
+                let da = self.delalloc.get(&inode.ino);
+                match da.and_then(|d| d.run_at(lblk)) {
+                    Some((s, l)) => (IomapKind::Delalloc, 0, (s + l - lblk).min(k)),
+                    None => {
+                        let next = da.and_then(|d| d.next_start(lblk)).unwrap_or(u64::MAX);
+                        (IomapKind::Hole, 0, (next - lblk).min(k))
+                    }
+                }
+            }
+        };
+        Ok(Iomap {
+            kind,
+            offset: lblk * bs,
+            length: len.max(1) * bs,
+            addr,
+            new: false,
+            inline: Vec::new(),
+        })
+    }
+
+    fn begin_impl(&mut self, ino: u32, pos: u64, len: u64, fl: u32) -> Result<Iomap> {
+        let bs = u64::from(self.geo.block_size);
+        let lblk = pos / bs;
+        let n = (pos + len.max(1)).div_ceil(bs) - lblk;
+        let inode = self.read_inode(ino)?;
+        if fl & flags::WRITE != 0 && fl & flags::DIRECT == 0 {
+            // Reserve the whole span now; running out part way is fine
+            // (the write comes out short where the reservation stops).
+            match self.reserve_holes(&inode, lblk, n) {
+                Ok(got) => self.inflight.extend(got),
+                Err(Error::NoSpace) => {}
+                Err(e) => return Err(e),
+            }
+            let map = self.describe(&inode, lblk, n)?;
+            if map.kind == IomapKind::Hole {
+                // Could not reserve this far: out of space.
+                return Err(Error::NoSpace);
+            }
+            return Ok(map);
+        }
+        if fl & flags::WRITEBACK != 0 {
+            let map = self.describe(&inode, lblk, n)?;
+            if map.kind == IomapKind::Delalloc {
+                self.writeback_allocate(ino, lblk, map.length / bs)?;
+                let inode = self.read_inode(ino)?;
+                let mut map = self.describe(&inode, lblk, n)?;
+                map.new = true;
+                return Ok(map);
+            }
+            return Ok(map);
+        }
+        if fl & flags::DIRECT != 0 {
+            let map = self.describe(&inode, lblk, n)?;
+            match map.kind {
+                IomapKind::Hole => {
+                    let mut inode = inode;
+                    self.alloc_run(&mut inode, lblk, map.length / bs, true)?;
+                    self.write_inode(&mut inode)?;
+                    let inode = self.read_inode(ino)?;
+                    let mut map = self.describe(&inode, lblk, n)?;
+                    map.new = true;
+                    return Ok(map);
+                }
+                IomapKind::Delalloc => {
+                    return Err(Error::corrupted(
+                        "direct I/O met a delayed allocation that writeback left",
+                        0,
+                    ))
+                }
+                _ => return Ok(map),
+            }
+        }
+        self.describe(&inode, lblk, n)
+    }
+
+    fn end_impl(
+        &mut self,
+        ino: u32,
+        pos: u64,
+        len: u64,
+        done: u64,
+        fl: u32,
+        map: &Iomap,
+    ) -> Result<()> {
+        let bs = u64::from(self.geo.block_size);
+        if fl & flags::WRITE != 0 && fl & flags::DIRECT == 0 {
+            // Give back what this write reserved and did not use.
+            let keep = (pos + done).div_ceil(bs);
+            let stop = (pos + len).div_ceil(bs);
+            let inflight = std::mem::take(&mut self.inflight);
+            for (s, l) in inflight {
+                let a = s.max(keep);
+                let b = (s + l).min(stop);
+                if a < b {
+                    self.unreserve(ino, a, b - a)?;
+                }
+                // Parts before `keep` are used; parts after `stop` belong
+                // to the next step of the same write.
+                if s + l > stop {
+                    let from = s.max(stop);
+                    self.inflight.push((from, s + l - from));
+                }
+            }
+            return Ok(());
+        }
+        if fl & (flags::WRITEBACK | flags::DIRECT) != 0 {
+            let lblk = pos / bs;
+            let n = len / bs;
+            if done == len {
+                if map.kind == IomapKind::Unwritten {
+                    self.convert_written(ino, lblk, n)?;
+                }
+            } else if map.new && fl & flags::WRITEBACK != 0 {
+                self.writeback_failed(ino, lblk, n)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Write back every dirty folio of `ino` in bytes `[start, end)`.
+    pub(crate) fn writeback_range(&mut self, ino: u32, start: u64, end: u64) -> Result<u64> {
+        let Some(m) = self.pc.existing(u64::from(ino)) else {
+            return Ok(0);
+        };
+        let pc = Arc::clone(&self.pc);
+        folio_iomap::writeback(self, &pc, &m, u64::from(ino), start, end)
+    }
+
+    /// Write back all dirty data.
+    pub(crate) fn writeback_all(&mut self) -> Result<()> {
+        for ino in self.pc.dirty_inodes() {
+            self.writeback_range(ino as u32, 0, u64::MAX)?;
+        }
+        Ok(())
+    }
+
+    /// Write back and drop the cached folios of `[start, end)` of `ino`,
+    /// so that code working on the device directly sees current data and
+    /// leaves no stale cache behind.
+    pub(crate) fn flush_range(&mut self, ino: u32, start: u64, end: u64) -> Result<()> {
+        let Some(m) = self.pc.existing(u64::from(ino)) else {
+            return Ok(());
+        };
+        let pc = Arc::clone(&self.pc);
+        folio_iomap::flush_and_invalidate(self, &pc, &m, u64::from(ino), start, end)
+    }
+
+    /// Forget the cache and reservations of an inode that is going away
+    /// or being cut back to `size` bytes.
+    pub(crate) fn cache_truncate(&mut self, ino: u32, size: u64) -> Result<()> {
+        let bs = u64::from(self.geo.block_size);
+        if let Some(m) = self.pc.existing(u64::from(ino)) {
+            m.truncate(size);
+            if size == 0 {
+                self.pc.remove_mapping(u64::from(ino));
+            }
+        }
+        let from = size.div_ceil(bs);
+        self.unreserve(ino, from, u64::MAX / 2 - from)
+    }
+
+    /// Dirty-memory throttling and budget: called after buffered writes.
+    pub(crate) fn balance_dirty(&mut self) -> Result<()> {
+        if self.pc.over_dirty_limit() {
+            let target = self.pc.background_target();
+            for ino in self.pc.dirty_inodes() {
+                if self.pc.dirty_bytes() <= target {
+                    break;
+                }
+                self.writeback_range(ino as u32, 0, u64::MAX)?;
+            }
+        }
+        if self.pc.over_budget() {
+            self.pc.balance();
+        }
+        Ok(())
+    }
+
+    /// Background writeback: write back until below the background level.
+    /// The FUSE server calls it from its flusher thread.
+    pub fn writeback_background(&mut self) -> Result<u64> {
+        let mut n = 0;
+        if !self.pc.over_background() {
+            return Ok(0);
+        }
+        let target = self.pc.background_target();
+        for ino in self.pc.dirty_inodes() {
+            if self.pc.dirty_bytes() <= target {
+                break;
+            }
+            n += self.writeback_range(ino as u32, 0, u64::MAX)?;
+        }
+        Ok(n)
+    }
+
+    /// Drop every clean cached folio (like `echo 1 > drop_caches`); dirty
+    /// data stays.
+    pub fn drop_caches(&mut self) -> u64 {
+        self.pc.drop_clean()
+    }
+
+    /// The page cache (for statistics and lock-free cached reads).
+    pub fn page_cache(&self) -> &Arc<folio_pagecache::PageCache> {
+        &self.pc
+    }
+}
+
+impl IomapOps for Filesystem {
+    type Error = Error;
+    fn device(&self) -> Arc<dyn BlockDevice> {
+        Arc::clone(self.dev())
+    }
+    fn begin(&mut self, ino: u64, pos: u64, len: u64, fl: u32) -> Result<Iomap> {
+        let ino = u32::try_from(ino).map_err(|_| Error::Invalid("inode number".into()))?;
+        self.begin_impl(ino, pos, len, fl)
+    }
+    fn end(&mut self, ino: u64, pos: u64, len: u64, done: u64, fl: u32, map: &Iomap) -> Result<()> {
+        let ino = u32::try_from(ino).map_err(|_| Error::Invalid("inode number".into()))?;
+        self.end_impl(ino, pos, len, done, fl, map)
+    }
+}
