@@ -638,7 +638,7 @@ pub fn direct_write<O: IomapOps>(
         ops.end(
             ino,
             cur,
-            end - cur,
+            n,
             if ok { n } else { 0 },
             flags::WRITE | flags::DIRECT,
             &map,

@@ -31,6 +31,9 @@ enum Op {
     Falloc(u32, u64, u64),
     Sync,
     Reopen,
+    DropCaches,
+    DirectWrite(u64, usize),
+    DirectRead(u64, usize),
 }
 
 fn run(seed: u64, bs: u32, ops: u64) -> Result<(), String> {
@@ -46,7 +49,16 @@ fn run(seed: u64, bs: u32, ops: u64) -> Result<(), String> {
         },
     )
     .unwrap();
-    let mut fs = Filesystem::open(d.clone(), OpenOptions::default()).unwrap();
+    // Odd seeds run with a tiny page cache (a few folios), so reclaim,
+    // dirty throttling and writeback happen all the time.
+    let opts = || {
+        let mut o = OpenOptions::default();
+        if seed % 2 == 1 {
+            o.page_cache.budget_bytes = 4 * u64::from(bs.max(16384));
+        }
+        o
+    };
+    let mut fs = Filesystem::open(d.clone(), opts()).unwrap();
     let ino = fs
         .create(ROOT_INO, b"fsx", 0o644, Owner::default())
         .unwrap();
@@ -84,9 +96,15 @@ fn run(seed: u64, bs: u32, ops: u64) -> Result<(), String> {
                 rng.below(40) * b,
                 (1 + rng.below(4)) * b,
             ),
-            85..=92 => Op::Sync,
+            85..=88 => Op::Sync,
+            89..=91 => Op::DropCaches,
+            92..=94 => Op::DirectWrite(rng.below(40) * b, ((1 + rng.below(3)) * b) as usize),
+            95..=96 => Op::DirectRead(rng.below(48) * b, ((1 + rng.below(3)) * b) as usize),
             _ => Op::Reopen,
         };
+        if std::env::var_os("FOLIO_FSX_TRACE").is_some() {
+            eprintln!("op {k}: {op:?} (size {})", model.len());
+        }
         let ctx = |e: String| format!("seed {seed} bs {bs} op {k} {op:?}: {e}");
         match op {
             Op::Write(off, len) => {
@@ -156,9 +174,36 @@ fn run(seed: u64, bs: u32, ops: u64) -> Result<(), String> {
                 }
             }
             Op::Sync => fs.sync().map_err(|e| ctx(e.to_string()))?,
+            Op::DropCaches => {
+                fs.drop_caches();
+            }
+            Op::DirectWrite(off, len) => {
+                let data = rng.bytes(len);
+                fs.write_direct(ino, off, &data)
+                    .map_err(|e| ctx(e.to_string()))?;
+                let end = off as usize + len;
+                if model.len() < end {
+                    model.resize(end, 0);
+                }
+                model[off as usize..end].copy_from_slice(&data);
+            }
+            Op::DirectRead(off, len) => {
+                let mut got = vec![0u8; len];
+                let n = fs
+                    .read_direct(ino, off, &mut got)
+                    .map_err(|e| ctx(e.to_string()))?;
+                let want: &[u8] = if (off as usize) < model.len() {
+                    &model[off as usize..model.len().min(off as usize + len)]
+                } else {
+                    &[]
+                };
+                if &got[..n] != want {
+                    return Err(ctx(format!("direct read differs ({n} bytes)")));
+                }
+            }
             Op::Reopen => {
                 fs.close().map_err(|e| ctx(e.to_string()))?;
-                fs = Filesystem::open(d.clone(), OpenOptions::default())
+                fs = Filesystem::open(d.clone(), opts())
                     .map_err(|e| ctx(e.to_string()))?;
             }
         }
