@@ -582,7 +582,8 @@ pub fn zero_tail<O: IomapOps>(
 }
 
 fn einval<E: From<io::Error>>(what: &str) -> E {
-    io::Error::new(io::ErrorKind::InvalidInput, what.to_string()).into()
+    let _ = what; // EINVAL, as Linux gives for misaligned O_DIRECT
+    io::Error::from_raw_os_error(22).into()
 }
 
 /// Make the cache coherent for direct I/O on `[pos, end)`: write back

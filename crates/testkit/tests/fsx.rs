@@ -203,8 +203,7 @@ fn run(seed: u64, bs: u32, ops: u64) -> Result<(), String> {
             }
             Op::Reopen => {
                 fs.close().map_err(|e| ctx(e.to_string()))?;
-                fs = Filesystem::open(d.clone(), opts())
-                    .map_err(|e| ctx(e.to_string()))?;
+                fs = Filesystem::open(d.clone(), opts()).map_err(|e| ctx(e.to_string()))?;
             }
         }
         let st = fs.stat(ino).map_err(|e| ctx(e.to_string()))?;

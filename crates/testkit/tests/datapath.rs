@@ -1,0 +1,328 @@
+//! The page cache and iomap data path under faults: a copy that fails
+//! midway (seed 000), a device that fails writes, direct I/O against a
+//! dirty cache and a pinned block map written behind the filesystem's back
+//! (seed 002). Every image left behind is e2fsck'd, and devices are filled
+//! with a marker first so a stale block would show.
+
+use std::io;
+use std::sync::Arc;
+
+use folio_blockdev::{BlockDevice, FaultDevice, MemDevice};
+use folio_ext4::falloc::{FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE};
+use folio_ext4::mkfs::{mkfs, MkfsOptions};
+use folio_ext4::{Error, Filesystem, OpenOptions, Owner, SetAttr, ROOT_INO};
+use folio_testkit::*;
+
+const MARK: u8 = 0xe7;
+const ME: Owner = Owner { uid: 0, gid: 0 };
+
+/// A marker-filled memory device with a fresh filesystem.
+fn marked_dev(size: usize, bs: u32) -> MemDevice {
+    let dev = MemDevice::from_bytes(vec![MARK; size]);
+    let d: Arc<dyn BlockDevice> = Arc::new(dev.clone());
+    mkfs(
+        d,
+        size as u64,
+        &MkfsOptions {
+            block_size: Some(bs),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    dev
+}
+
+fn read_all(fs: &mut Filesystem, ino: u32) -> Vec<u8> {
+    let size = fs.stat(ino).unwrap().size as usize;
+    let mut b = vec![0u8; size];
+    assert_eq!(fs.read(ino, 0, &mut b).unwrap(), size);
+    b
+}
+
+fn fsck_bytes(bytes: Vec<u8>, tag: &str) {
+    if !require(have_tool("e2fsck"), "e2fsck is not installed") {
+        return;
+    }
+    let t = TempDir::new(tag);
+    let img = t.join("img");
+    std::fs::write(&img, bytes).unwrap();
+    e2fsck(&img).unwrap_or_else(|e| panic!("{tag}: {e}"));
+}
+
+/// Blocks in use, counted from the bitmaps' summary.
+fn used_blocks(fs: &mut Filesystem) -> u64 {
+    let s = fs.statfs();
+    s.blocks - s.blocks_free
+}
+
+#[test]
+fn a_copy_failing_midway_keeps_exactly_what_was_copied() {
+    for bs in [1024u32, 4096, 65536] {
+        let size = if bs == 65536 { 64 << 20 } else { 16 << 20 };
+        let dev = marked_dev(size, bs);
+        let d: Arc<dyn BlockDevice> = Arc::new(dev.clone());
+        let mut fs = Filesystem::open(d.clone(), OpenOptions::default()).unwrap();
+        let f = fs.create(ROOT_INO, b"f", 0o644, ME).unwrap();
+        fs.sync().unwrap();
+        let used0 = used_blocks(&mut fs);
+        let b = bs as usize;
+        // Ask for 10 blocks; the source faults after 3.5 of them.
+        let mut given = 0usize;
+        let stop = 3 * b + b / 2;
+        let n = fs
+            .write_with(f, 0, 10 * b, &mut |buf: &mut [u8]| {
+                let room = (stop - given).min(buf.len());
+                for (i, x) in buf[..room].iter_mut().enumerate() {
+                    *x = ((given + i) % 253) as u8;
+                }
+                given += room;
+                // Like copy_from_user: a fault makes the copy short.
+                Ok(room)
+            })
+            .unwrap();
+        // The half-copied block was never uptodate: it does not count.
+        assert_eq!(n, 3 * b, "bs {bs}");
+        assert_eq!(fs.stat(f).unwrap().size, 3 * b as u64);
+        let want: Vec<u8> = (0..3 * b).map(|i| (i % 253) as u8).collect();
+        assert_eq!(read_all(&mut fs, f), want);
+        // The reservation for the other 7 blocks was given back: after
+        // writeback exactly 3 data blocks are used (the map fits in the
+        // inode).
+        fs.sync().unwrap();
+        assert_eq!(used_blocks(&mut fs) - used0, 3, "bs {bs}");
+        let runs = fs.block_runs(f).unwrap();
+        assert_eq!(runs.iter().map(|r| r.len).sum::<u64>(), 3);
+        // A source failing at once: EFAULT, nothing changes.
+        let e = fs
+            .write_with(f, 5 * b as u64, b, &mut |_buf: &mut [u8]| {
+                Err(io::Error::from_raw_os_error(libc::EFAULT))
+            })
+            .unwrap_err();
+        assert_eq!(e.errno(), libc::EFAULT);
+        assert_eq!(fs.stat(f).unwrap().size, 3 * b as u64);
+        // Midway into existing data: the rest of the old data stays.
+        let mut given = 0usize;
+        let n = fs
+            .write_with(f, 0, 3 * b, &mut |buf: &mut [u8]| {
+                let room = (b + 10 - given).min(buf.len());
+                buf[..room].fill(0xaa);
+                given += room;
+                Ok(room)
+            })
+            .unwrap();
+        // Block 1 was uptodate (cached), so the 10 bytes into it count.
+        assert_eq!(n, b + 10);
+        let got = read_all(&mut fs, f);
+        assert!(got[..b + 10].iter().all(|&x| x == 0xaa));
+        assert_eq!(&got[b + 10..], &want[b + 10..]);
+        assert_eq!(fs.check_counts().unwrap(), Vec::<String>::new());
+        fs.close().unwrap();
+        let snap = dev.snapshot();
+        let mut fs = Filesystem::open(
+            Arc::new(MemDevice::from_bytes(snap.clone())),
+            OpenOptions::default(),
+        )
+        .unwrap();
+        assert_eq!(read_all(&mut fs, f), got);
+        drop(fs);
+        fsck_bytes(snap, &format!("shortcopy-{bs}"));
+    }
+}
+
+#[test]
+fn a_device_failing_writes_loses_nothing_and_exposes_nothing() {
+    for bs in [1024u32, 4096] {
+        let size = 32 << 20;
+        let dev = marked_dev(size, bs);
+        let fault = Arc::new(FaultDevice::new(Arc::new(dev.clone())));
+        let d: Arc<dyn BlockDevice> = fault.clone();
+        let mut fs = Filesystem::open(d, OpenOptions::default()).unwrap();
+        let x = fs.create(ROOT_INO, b"x", 0o644, ME).unwrap();
+        let d1 = vec![0x11u8; 64 << 10];
+        fs.write(x, 0, &d1).unwrap();
+        fs.sync().unwrap();
+        // New data: an overwrite, an append (delayed blocks) and a new file.
+        let d2: Vec<u8> = (0..96 << 10).map(|i| (i % 241) as u8 + 1).collect();
+        fs.write(x, 0, &d2).unwrap();
+        let y = fs.create(ROOT_INO, b"y", 0o644, ME).unwrap();
+        let dy = vec![0x22u8; 40 << 10];
+        fs.write(y, 0, &dy).unwrap();
+        // Every write fails from now on (for the second block size only
+        // those to the first half of the device, where the data goes; the
+        // journal in the middle still works).
+        if bs == 4096 {
+            fault.set_range(0, size as u64 / 2);
+        }
+        fault.set_fail_writes(true);
+        fs.write(y, dy.len() as u64, &[0x33u8; 9000]).unwrap();
+        let e = fs.sync().unwrap_err();
+        assert_eq!(e.errno(), libc::EIO, "bs {bs}: {e}");
+        assert!(fault.failures() > 0);
+        let e = fs.fsync(x, false).unwrap_err();
+        assert_eq!(e.errno(), libc::EIO);
+        // Nothing is lost in memory: the data is still there, dirty.
+        assert_eq!(read_all(&mut fs, x), d2);
+        let mut want_y = dy.clone();
+        want_y.extend_from_slice(&[0x33u8; 9000]);
+        assert_eq!(read_all(&mut fs, y), want_y);
+
+        // A power cut now: the device as it is recovers clean to the last
+        // good sync, with no stale (marker) bytes and no half state.
+        let crashed = dev.snapshot();
+        {
+            let mut c = Filesystem::open(
+                Arc::new(MemDevice::from_bytes(crashed.clone())),
+                OpenOptions::default(),
+            )
+            .unwrap();
+            let cx = c.lookup(ROOT_INO, b"x").unwrap();
+            assert_eq!(read_all(&mut c, cx), d1, "bs {bs}: x after the crash");
+            if let Ok(cy) = c.lookup(ROOT_INO, b"y") {
+                let got = read_all(&mut c, cy);
+                assert!(!got.contains(&MARK), "bs {bs}: stale bytes in y");
+            }
+            c.close().unwrap();
+        }
+        let recovered = {
+            let mut v = crashed;
+            // Recovery wrote to its own copy; replay on this one too.
+            let m = MemDevice::from_bytes(std::mem::take(&mut v));
+            Filesystem::open(Arc::new(m.clone()), OpenOptions::default())
+                .unwrap()
+                .close()
+                .unwrap();
+            m.snapshot()
+        };
+        fsck_bytes(recovered, &format!("eio-crash-{bs}"));
+
+        // The device heals: the next sync writes everything.
+        fault.set_fail_writes(false);
+        fs.sync().unwrap();
+        fs.close().unwrap();
+        let mut fs = Filesystem::open(Arc::new(dev.clone()), OpenOptions::default()).unwrap();
+        assert_eq!(read_all(&mut fs, x), d2);
+        assert_eq!(read_all(&mut fs, y), want_y);
+        fs.close().unwrap();
+        fsck_bytes(dev.snapshot(), &format!("eio-healed-{bs}"));
+    }
+}
+
+#[test]
+fn direct_io_and_pinned_maps_stay_coherent_with_the_cache() {
+    let bs = 4096u32;
+    let size = 32 << 20;
+    let dev = marked_dev(size, bs);
+    let mut fs = Filesystem::open(Arc::new(dev.clone()), OpenOptions::default()).unwrap();
+    let f = fs.create(ROOT_INO, b"bitmap", 0o644, ME).unwrap();
+    let k = 64 << 10;
+    // Dirty cached data, then a direct write into the middle of it.
+    fs.write(f, 0, &vec![b'A'; k]).unwrap();
+    fs.write_direct(f, 16 << 10, &vec![b'B'; 16 << 10]).unwrap();
+    let mut want = vec![b'A'; k];
+    want[16 << 10..32 << 10].fill(b'B');
+    assert_eq!(read_all(&mut fs, f), want);
+    // A later writeback must not bring the cached A's back over the B's.
+    fs.sync().unwrap();
+    fs.drop_caches();
+    assert_eq!(read_all(&mut fs, f), want);
+    let mut direct = vec![0u8; k];
+    assert_eq!(fs.read_direct(f, 0, &mut direct).unwrap(), k);
+    assert_eq!(direct, want);
+    // Unaligned direct I/O is EINVAL.
+    assert_eq!(
+        fs.write_direct(f, 100, &[0u8; 4096]).unwrap_err().errno(),
+        libc::EINVAL
+    );
+
+    // The md-bitmap window: a client takes the block map, writes the
+    // blocks itself, while the cache holds (dirty) data of the file.
+    fs.write(f, 0, &vec![b'C'; 8 << 10]).unwrap();
+    want[..8 << 10].fill(b'C');
+    let runs = fs.pin_mapping(f).unwrap();
+    assert_eq!(runs.iter().map(|r| r.2).sum::<u64>(), (k / 4096) as u64);
+    for &(l, p, n) in &runs {
+        for i in 0..n {
+            let at = ((l + i) * 4096) as usize;
+            let blk = vec![b'D' ^ (at / 4096) as u8; 4096];
+            dev.write_at((p + i) * 4096, &blk).unwrap();
+            want[at..at + 4096].copy_from_slice(&blk);
+        }
+    }
+    // Nothing may move or free the pinned blocks.
+    let trunc = SetAttr {
+        size: Some(0),
+        ..Default::default()
+    };
+    assert_eq!(fs.setattr(f, &trunc).unwrap_err().errno(), libc::ETXTBSY);
+    let punch = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE;
+    assert_eq!(
+        fs.fallocate(f, punch, 0, 4096).unwrap_err().errno(),
+        libc::EBUSY
+    );
+    assert!(matches!(
+        fs.write_direct(f, 0, &[0u8; 4096]),
+        Err(Error::Busy)
+    ));
+    // Syncing while pinned writes nothing stale over the client's blocks.
+    fs.sync().unwrap();
+    fs.unpin_mapping(f).unwrap();
+    assert_eq!(read_all(&mut fs, f), want);
+    fs.setattr(f, &trunc).unwrap();
+    fs.close().unwrap();
+    let mut fs = Filesystem::open(Arc::new(dev.clone()), OpenOptions::default()).unwrap();
+    assert_eq!(fs.stat(f).unwrap().size, 0);
+    fs.close().unwrap();
+    fsck_bytes(dev.snapshot(), "dio-pinned");
+}
+
+#[test]
+fn writes_that_fill_the_disk_all_read_back_after_reopen() {
+    // Delayed allocation must not accept what writeback cannot place:
+    // fill a small image with many files until ENOSPC, then check every
+    // byte reported written survives close and reopen.
+    for bs in [1024u32, 4096] {
+        let size = 4 << 20;
+        let dev = marked_dev(size, bs);
+        let mut fs = Filesystem::open(Arc::new(dev.clone()), OpenOptions::default()).unwrap();
+        let mut files = Vec::new();
+        let mut rng = Rng::new(u64::from(bs));
+        'fill: for i in 0.. {
+            let name = format!("f{i}");
+            let Ok(ino) = fs.create(ROOT_INO, name.as_bytes(), 0o644, ME) else {
+                break;
+            };
+            let mut content = Vec::new();
+            loop {
+                let len = 1 + rng.below(20000) as usize;
+                let chunk = rng.bytes(len);
+                match fs.write(ino, content.len() as u64, &chunk) {
+                    Ok(n) => {
+                        content.extend_from_slice(&chunk[..n]);
+                        if n < chunk.len() {
+                            files.push((name, content));
+                            break 'fill;
+                        }
+                    }
+                    Err(e) => {
+                        assert_eq!(e.errno(), libc::ENOSPC, "{e}");
+                        files.push((name, content));
+                        break 'fill;
+                    }
+                }
+                if content.len() > 200_000 {
+                    break;
+                }
+            }
+            files.push((name, content));
+        }
+        assert!(fs.statfs().blocks_free < 8, "bs {bs}: the disk is full");
+        fs.close().unwrap();
+        let mut fs = Filesystem::open(Arc::new(dev.clone()), OpenOptions::default()).unwrap();
+        for (name, content) in &files {
+            let ino = fs.lookup(ROOT_INO, name.as_bytes()).unwrap();
+            assert_eq!(&read_all(&mut fs, ino), content, "bs {bs}: {name}");
+        }
+        fs.close().unwrap();
+        fsck_bytes(dev.snapshot(), &format!("full-{bs}"));
+    }
+}
