@@ -1,6 +1,7 @@
 //! The `folio` command's building blocks, usable from tests: host tree
 //! copies (put/get), listings and size parsing.
 
+pub mod bench;
 pub mod copy;
 pub mod hostxattr;
 pub mod io;

@@ -157,6 +157,16 @@ enum Cmd {
     },
     /// Verify the image's allocation counters against its bitmaps.
     Check { image: PathBuf },
+    /// Benchmark the library data path against the kernel's ext4 (loop
+    /// mount of an identical image; needs root for the kernel column).
+    Bench {
+        /// File size in MiB.
+        #[arg(long, default_value_t = 256)]
+        size: u64,
+        /// Directory for the scratch images.
+        #[arg(long, default_value = "/tmp")]
+        dir: PathBuf,
+    },
 }
 
 type CliResult = Result<(), String>;
@@ -359,6 +369,7 @@ fn run(cli: Cli) -> CliResult {
             folio_cli::torture::run(&mut fs, seed, ops)?;
             ctx(fs.close(), "sync")
         }
+        Cmd::Bench { size, dir } => folio_cli::bench::run(&dir, size),
         Cmd::Check { image } => {
             let mut fs = open(&image, true)?;
             let problems = ctx(fs.check_counts(), "check")?;

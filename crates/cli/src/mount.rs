@@ -24,6 +24,20 @@ struct Opts {
     read_only: bool,
     acl: SessionACL,
     mount: Vec<MountOption>,
+    /// Page-cache budget in bytes (`cache_size=`).
+    cache_bytes: Option<u64>,
+}
+
+/// A size with an optional K/M/G suffix (powers of 1024).
+fn parse_size(v: &str) -> Option<u64> {
+    let v = v.trim();
+    let (num, mul) = match v.char_indices().last()? {
+        (i, 'k' | 'K') => (&v[..i], 1u64 << 10),
+        (i, 'm' | 'M') => (&v[..i], 1 << 20),
+        (i, 'g' | 'G') => (&v[..i], 1 << 30),
+        _ => (v, 1),
+    };
+    num.parse::<u64>().ok()?.checked_mul(mul)
 }
 
 fn parse_opts(list: &[String], image: &Path) -> Result<Opts, String> {
@@ -31,6 +45,7 @@ fn parse_opts(list: &[String], image: &Path) -> Result<Opts, String> {
         read_only: false,
         acl: SessionACL::Owner,
         mount: Vec::new(),
+        cache_bytes: None,
     };
     let mut fsname = None;
     let mut subtype = None;
@@ -64,6 +79,10 @@ fn parse_opts(list: &[String], image: &Path) -> Result<Opts, String> {
             ("async", None) => o.mount.push(MountOption::Async),
             ("dirsync", None) => o.mount.push(MountOption::DirSync),
             ("fsname", Some(v)) => fsname = Some(v.to_string()),
+            ("cache_size", Some(v)) => match parse_size(v) {
+                Some(n) if n >= 1 << 20 => o.cache_bytes = Some(n),
+                _ => return Err(format!("cache_size={v}: give a size of at least 1M")),
+            },
             ("subtype", Some(v)) => subtype = Some(v.to_string()),
             // fstab-only words mount(8) may pass through.
             (
@@ -151,14 +170,18 @@ pub fn mount_foreground(
 ) -> Result<(), String> {
     let opts = parse_opts(options, image)?;
     let lock = lock_image(image, opts.read_only)?;
-    let fs = Filesystem::open_path(
-        image,
-        OpenOptions {
+    let fs = Filesystem::open_path(image, {
+        let mut o = OpenOptions {
             read_only: opts.read_only,
             ..Default::default()
-        },
-    )
+        };
+        if let Some(n) = opts.cache_bytes {
+            o.page_cache.budget_bytes = n;
+        }
+        o
+    })
     .map_err(|e| format!("{}: {e}", image.display()))?;
+    let page_cache = fs.page_cache().clone();
     if let Some(r) = fs.recovery_report() {
         eprintln!(
             "folio: {}: journal recovered ({} transactions)",
@@ -197,18 +220,31 @@ pub fn mount_foreground(
         // SAFETY: sending a signal to our own process has no memory effects.
         unsafe { libc::kill(libc::getpid(), libc::SIGUSR1) };
     });
-    // Periodic commits, like ext4's commit=5.
-    let committer = shared.clone();
-    std::thread::spawn(move || loop {
-        std::thread::sleep(Duration::from_secs(5));
-        let mut g = committer.lock().unwrap_or_else(|e| e.into_inner());
-        match g.as_mut() {
-            Some(fs) => {
-                if let Err(e) = fs.sync() {
-                    eprintln!("folio: periodic commit failed: {e}");
-                }
+    // The flusher: background writeback when dirty data passes the
+    // background level (checked without the filesystem lock), and periodic
+    // commits like ext4's commit=5.
+    let flusher = shared.clone();
+    std::thread::spawn(move || {
+        let tick = Duration::from_millis(100);
+        let mut since_commit = Duration::ZERO;
+        loop {
+            std::thread::sleep(tick);
+            since_commit += tick;
+            let commit = since_commit >= Duration::from_secs(5);
+            if !commit && !page_cache.over_background() {
+                continue;
             }
-            None => return,
+            let mut g = flusher.lock().unwrap_or_else(|e| e.into_inner());
+            let Some(fs) = g.as_mut() else { return };
+            let r = if commit {
+                since_commit = Duration::ZERO;
+                fs.sync()
+            } else {
+                fs.writeback_background().map(drop)
+            };
+            if let Err(e) = r {
+                eprintln!("folio: background writeback failed: {e}");
+            }
         }
     });
     loop {
@@ -405,6 +441,9 @@ mod tests {
         assert!(o.mount.contains(&MountOption::Subtype("folio".into())));
         assert!(o.mount.contains(&MountOption::NoAtime));
         assert!(parse_opts(&["defaults,nofail,x-systemd.automount".into()], img).is_ok());
+        let o = parse_opts(&["cache_size=64M".into()], img).unwrap();
+        assert_eq!(o.cache_bytes, Some(64 << 20));
+        assert!(parse_opts(&["cache_size=12".into()], img).is_err());
         assert!(parse_opts(&["bogus".into()], img)
             .unwrap_err()
             .contains("bogus"));

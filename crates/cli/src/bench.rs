@@ -1,0 +1,267 @@
+//! `folio bench`: the library data path (page cache, delayed allocation,
+//! writeback) against the same operations on a kernel ext4 loop mount of
+//! an identical image, in one run, with ratios.
+//!
+//! Workloads, on one file of `--size` MiB:
+//! - seq-write: 1 MiB writes, then fsync;
+//! - seq-read: 1 MiB reads, caches dropped first;
+//! - rand-write: 4 KiB writes at random block-aligned offsets, then fsync;
+//! - rand-read: 4 KiB reads at random offsets, caches dropped first;
+//! - rewrite-hot: 4 KiB writes within the first MiB (cache hits), fsync.
+//!
+//! The kernel side needs root (loop mount, drop_caches); without it only
+//! folio's figures are printed, and the reason.
+
+use std::fs::OpenOptions as StdOpen;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use folio_ext4::mkfs::{mkfs_path, MkfsOptions};
+use folio_ext4::{Filesystem, OpenOptions, Owner, ROOT_INO};
+
+/// A tiny deterministic generator (xorshift).
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+/// The operations a workload needs, on folio or on the kernel.
+trait Target {
+    fn write_at(&mut self, off: u64, buf: &[u8]) -> Result<(), String>;
+    fn read_at(&mut self, off: u64, buf: &mut [u8]) -> Result<(), String>;
+    fn fsync(&mut self) -> Result<(), String>;
+    fn drop_caches(&mut self) -> Result<(), String>;
+}
+
+struct Folio {
+    fs: Filesystem,
+    ino: u32,
+}
+
+impl Target for Folio {
+    fn write_at(&mut self, off: u64, buf: &[u8]) -> Result<(), String> {
+        let n = self
+            .fs
+            .write(self.ino, off, buf)
+            .map_err(|e| e.to_string())?;
+        if n != buf.len() {
+            return Err(format!("short write ({n} of {})", buf.len()));
+        }
+        Ok(())
+    }
+    fn read_at(&mut self, off: u64, buf: &mut [u8]) -> Result<(), String> {
+        self.fs
+            .read(self.ino, off, buf)
+            .map(drop)
+            .map_err(|e| e.to_string())
+    }
+    fn fsync(&mut self) -> Result<(), String> {
+        self.fs.fsync(self.ino, false).map_err(|e| e.to_string())
+    }
+    fn drop_caches(&mut self) -> Result<(), String> {
+        self.fs.sync().map_err(|e| e.to_string())?;
+        self.fs.drop_caches();
+        // The image file sits in the host's page cache too: drop that as
+        // well, or reads would be memory copies the kernel side never gets.
+        host_drop_caches()
+    }
+}
+
+struct Kernel {
+    file: std::fs::File,
+}
+
+impl Target for Kernel {
+    fn write_at(&mut self, off: u64, buf: &[u8]) -> Result<(), String> {
+        self.file.write_all_at(buf, off).map_err(|e| e.to_string())
+    }
+    fn read_at(&mut self, off: u64, buf: &mut [u8]) -> Result<(), String> {
+        self.file.read_exact_at(buf, off).map_err(|e| e.to_string())
+    }
+    fn fsync(&mut self) -> Result<(), String> {
+        self.file.sync_all().map_err(|e| e.to_string())
+    }
+    fn drop_caches(&mut self) -> Result<(), String> {
+        self.file.sync_all().map_err(|e| e.to_string())?;
+        host_drop_caches()
+    }
+}
+
+/// `echo 3 > /proc/sys/vm/drop_caches` when root (the kernel column only
+/// runs as root; folio's figures without it say so in the header).
+fn host_drop_caches() -> Result<(), String> {
+    if !is_root() {
+        return Ok(());
+    }
+    std::fs::write("/proc/sys/vm/drop_caches", "3").map_err(|e| format!("drop_caches: {e}"))
+}
+
+const WORKLOADS: [&str; 5] = [
+    "seq-write",
+    "seq-read",
+    "rand-write",
+    "rand-read",
+    "rewrite-hot",
+];
+
+/// Run every workload on `t`; MiB/s for each.
+fn run_all(t: &mut dyn Target, size_mib: u64) -> Result<Vec<f64>, String> {
+    let size = size_mib << 20;
+    let mut out = Vec::new();
+    let mib = |bytes: u64, secs: f64| bytes as f64 / (1 << 20) as f64 / secs.max(1e-9);
+    // seq-write
+    let chunk: Vec<u8> = (0..1 << 20).map(|i| (i % 251) as u8).collect();
+    let t0 = Instant::now();
+    for off in (0..size).step_by(1 << 20) {
+        t.write_at(off, &chunk)?;
+    }
+    t.fsync()?;
+    out.push(mib(size, t0.elapsed().as_secs_f64()));
+    // seq-read
+    t.drop_caches()?;
+    let mut buf = vec![0u8; 1 << 20];
+    let t0 = Instant::now();
+    for off in (0..size).step_by(1 << 20) {
+        t.read_at(off, &mut buf)?;
+    }
+    out.push(mib(size, t0.elapsed().as_secs_f64()));
+    // rand-write
+    let blocks = size / 4096;
+    let n = blocks.min(32768);
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let small = vec![0x5au8; 4096];
+    let t0 = Instant::now();
+    for _ in 0..n {
+        t.write_at(rng.next() % blocks * 4096, &small)?;
+    }
+    t.fsync()?;
+    out.push(mib(n * 4096, t0.elapsed().as_secs_f64()));
+    // rand-read
+    t.drop_caches()?;
+    let mut sbuf = vec![0u8; 4096];
+    let t0 = Instant::now();
+    for _ in 0..n {
+        t.read_at(rng.next() % blocks * 4096, &mut sbuf)?;
+    }
+    out.push(mib(n * 4096, t0.elapsed().as_secs_f64()));
+    // rewrite-hot
+    let hot = 256u64.min(blocks);
+    let t0 = Instant::now();
+    for _ in 0..n {
+        t.write_at(rng.next() % hot * 4096, &small)?;
+    }
+    t.fsync()?;
+    out.push(mib(n * 4096, t0.elapsed().as_secs_f64()));
+    Ok(out)
+}
+
+struct Mounted(PathBuf);
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and touches no memory.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::geteuid() == 0
+    }
+}
+
+/// `folio bench`: run the workloads on folio and the kernel, print ratios.
+pub fn run(dir: &Path, size_mib: u64) -> Result<(), String> {
+    let work = dir.join(format!("folio-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&work).map_err(|e| format!("{}: {e}", work.display()))?;
+    let result = run_in(&work, size_mib);
+    let _ = std::fs::remove_dir_all(&work);
+    result
+}
+
+fn run_in(work: &Path, size_mib: u64) -> Result<(), String> {
+    let img_size = (size_mib * 2 + 256) << 20;
+    let base = work.join("base.img");
+    mkfs_path(&base, Some(img_size), &MkfsOptions::default()).map_err(|e| e.to_string())?;
+    let folio_img = work.join("folio.img");
+    let kernel_img = work.join("kernel.img");
+    for img in [&folio_img, &kernel_img] {
+        std::fs::copy(&base, img).map_err(|e| e.to_string())?;
+    }
+    println!(
+        "folio bench: {size_mib} MiB file, images of {} MiB, in {}",
+        img_size >> 20,
+        work.display()
+    );
+    // folio, in-process.
+    let mut fs =
+        Filesystem::open_path(&folio_img, OpenOptions::default()).map_err(|e| e.to_string())?;
+    let ino = fs
+        .create(ROOT_INO, b"bench", 0o644, Owner::default())
+        .map_err(|e| e.to_string())?;
+    let mut f = Folio { fs, ino };
+    let folio = run_all(&mut f, size_mib)?;
+    let stats = f.fs.page_cache().stats();
+    f.fs.close().map_err(|e| e.to_string())?;
+    // The kernel, on a loop mount of an identical image.
+    let kernel = if is_root() {
+        let mnt = work.join("mnt");
+        std::fs::create_dir_all(&mnt).map_err(|e| e.to_string())?;
+        let st = Command::new("mount")
+            .args(["-o", "loop"])
+            .arg(&kernel_img)
+            .arg(&mnt)
+            .status()
+            .map_err(|e| format!("mount: {e}"))?;
+        if !st.success() {
+            return Err("cannot loop-mount the kernel image".into());
+        }
+        let _m = Mounted(mnt.clone());
+        let file = StdOpen::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(mnt.join("bench"))
+            .map_err(|e| e.to_string())?;
+        let mut k = Kernel { file };
+        let figures = run_all(&mut k, size_mib)?;
+        drop(k);
+        Some(figures)
+    } else {
+        println!("(not root: no loop mount or drop_caches, so the kernel column is skipped)");
+        None
+    };
+    println!();
+    println!(
+        "{:<14}{:>12}{:>12}{:>14}",
+        "workload", "folio", "kernel", "folio/kernel"
+    );
+    for (i, w) in WORKLOADS.iter().enumerate() {
+        match &kernel {
+            Some(k) => println!(
+                "{w:<14}{:>12.1}{:>12.1}{:>14.2}   (MiB/s)",
+                folio[i],
+                k[i],
+                folio[i] / k[i].max(1e-9)
+            ),
+            None => println!("{w:<14}{:>12.1}{:>12}{:>14}   (MiB/s)", folio[i], "-", "-"),
+        }
+    }
+    println!(
+        "\nfolio page cache: budget {} MiB, hits {}, misses {}, reclaimed {} MiB, written back {} MiB",
+        stats.budget_bytes >> 20,
+        stats.hits,
+        stats.misses,
+        stats.reclaimed_bytes >> 20,
+        stats.written_back_bytes >> 20
+    );
+    Ok(())
+}
