@@ -259,12 +259,16 @@ impl Filesystem {
     /// `[lblk, lblk+n)` of `ino`, with no page cache involved.
     pub fn allocate_interval(&mut self, ino: u32, op: AllocOp, lblk: u64, n: u64) -> Result<()> {
         self.check_writable()?;
-        let mut inode = self.read_inode(ino)?;
+        let inode = self.read_inode(ino)?;
         if !inode.is_reg() {
             return Err(Error::Invalid("not a regular file".into()));
         }
-        if lblk + n > self.max_file_blocks(&inode) {
-            return Err(Error::FileTooBig);
+        match lblk.checked_add(n) {
+            Some(e) if e <= self.max_file_blocks(&inode) => {}
+            _ => return Err(Error::FileTooBig),
+        }
+        if op != AllocOp::Reserve && self.pinned_maps.contains(&ino) {
+            return Err(Error::Busy);
         }
         match op {
             AllocOp::Reserve => {
@@ -280,6 +284,11 @@ impl Filesystem {
                 Ok(())
             }
             AllocOp::Allocate => {
+                // Cached data of the interval goes to its blocks first, so
+                // no reservation is left under the new extents.
+                let bs = u64::from(self.geo.block_size);
+                self.flush_range(ino, lblk * bs, (lblk + n).saturating_mul(bs))?;
+                let mut inode = self.read_inode(ino)?;
                 let mut cur = lblk;
                 while cur < lblk + n {
                     let (m, k) = self.map_block(&inode, cur, lblk + n - cur)?;
@@ -291,6 +300,10 @@ impl Filesystem {
                 self.write_inode(&mut inode)
             }
             AllocOp::Deallocate => {
+                // Like a punched hole: the cache of the interval is
+                // written back and dropped, then the blocks go.
+                let bs = u64::from(self.geo.block_size);
+                self.flush_range(ino, lblk * bs, (lblk + n).saturating_mul(bs))?;
                 self.unreserve(ino, lblk, n)?;
                 let mut inode = self.read_inode(ino)?;
                 if Self::uses_extents(&inode) {

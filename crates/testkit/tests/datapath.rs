@@ -326,3 +326,46 @@ fn writes_that_fill_the_disk_all_read_back_after_reopen() {
         fsck_bytes(dev.snapshot(), &format!("full-{bs}"));
     }
 }
+
+#[test]
+fn the_allocation_api_reserves_allocates_and_deallocates_without_the_cache() {
+    use folio_ext4::AllocOp;
+    let dev = marked_dev(16 << 20, 4096);
+    let mut fs = Filesystem::open(Arc::new(dev.clone()), OpenOptions::default()).unwrap();
+    let f = fs.create(ROOT_INO, b"f", 0o644, ME).unwrap();
+    fs.setattr(
+        f,
+        &SetAttr {
+            size: Some(64 << 10),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let free0 = fs.statfs().blocks_free;
+    // Reserve: counted against free space, nothing placed, reads zeros.
+    fs.allocate_interval(f, AllocOp::Reserve, 0, 4).unwrap();
+    assert_eq!(fs.statfs().blocks_free, free0 - 4);
+    assert!(fs.block_runs(f).unwrap().is_empty());
+    let runs = fs.fiemap(f, false).unwrap();
+    assert_eq!(runs.len(), 1);
+    assert!(runs[0].delalloc && runs[0].len == 4);
+    // Deallocate gives the reservation back.
+    fs.allocate_interval(f, AllocOp::Deallocate, 0, 4).unwrap();
+    assert_eq!(fs.statfs().blocks_free, free0);
+    // Allocate: real blocks, unwritten, reading as zeros; no marker leaks.
+    fs.allocate_interval(f, AllocOp::Allocate, 2, 6).unwrap();
+    let runs = fs.block_runs(f).unwrap();
+    assert_eq!(runs.iter().map(|r| r.len).sum::<u64>(), 6);
+    assert!(runs.iter().all(|r| r.unwritten && r.lblk >= 2));
+    assert!(read_all(&mut fs, f).iter().all(|&b| b == 0));
+    // A buffered write into them, then deallocate part: the rest stays.
+    fs.write(f, 2 * 4096, &[7u8; 4096 * 6]).unwrap();
+    fs.allocate_interval(f, AllocOp::Deallocate, 4, 2).unwrap();
+    let got = read_all(&mut fs, f);
+    assert!(got[2 * 4096..4 * 4096].iter().all(|&b| b == 7));
+    assert!(got[4 * 4096..6 * 4096].iter().all(|&b| b == 0));
+    assert!(got[6 * 4096..8 * 4096].iter().all(|&b| b == 7));
+    assert_eq!(fs.check_counts().unwrap(), Vec::<String>::new());
+    fs.close().unwrap();
+    fsck_bytes(dev.snapshot(), "alloc-api");
+}
