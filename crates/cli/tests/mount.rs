@@ -404,6 +404,28 @@ fn posix_suite(root: &Path) -> Vec<String> {
         };
         check(as_user(&acl_file), "the ACL grants uid 1234 read access");
         check(!as_user(&plain), "without an ACL uid 1234 is refused");
+        // A write by a non-owner clears setuid and setgid (the group has
+        // exec, so setgid means privilege, not mandatory locking).
+        let suid = d.join("suid");
+        fs::write(&suid, b"x").unwrap();
+        fs::set_permissions(&suid, fs::Permissions::from_mode(0o6777)).unwrap();
+        let appended = {
+            use std::os::unix::process::CommandExt;
+            Command::new("sh")
+                .arg("-c")
+                .arg(format!("echo more >> '{}'", suid.display()))
+                .uid(1234)
+                .gid(1234)
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false)
+        };
+        check(appended, "uid 1234 may write a 0777 file");
+        let mode = fs::metadata(&suid).unwrap().permissions().mode() & 0o7777;
+        check(
+            mode == 0o777,
+            &format!("a non-owner's write clears setuid/setgid (mode {mode:o})"),
+        );
     }
     // Bulk data.
     let big: Vec<u8> = (0..8u32 << 20).map(|i| (i % 251) as u8).collect();
