@@ -143,17 +143,7 @@ impl Filesystem {
         );
         self.inflight.clear();
         if out.written > 0 {
-            let mut inode = self.read_inode(ino)?;
-            let new_end = offset + out.written;
-            if new_end > inode.size() {
-                inode.set_size(new_end);
-                self.note_large_file(new_end);
-            }
-            let now = Timespec::now();
-            inode.set_mtime(now);
-            inode.set_ctime(now);
-            self.write_inode(&mut inode)?;
-            self.bytes_written += out.written;
+            self.note_written(ino, offset, out.written)?;
         }
         self.balance_dirty()?;
         match out.error {
@@ -196,7 +186,15 @@ impl Filesystem {
         let m = self.mapping_of(ino);
         let pc = Arc::clone(&self.pc);
         let n = folio_iomap::direct_write(self, &pc, &m, u64::from(ino), offset, data)?;
+        self.note_written(ino, offset, n)?;
+        Ok(n as usize)
+    }
+
+    /// After `n` bytes were written at `offset`: grow the size if they
+    /// reach past it, and set mtime and ctime.
+    fn note_written(&mut self, ino: u32, offset: u64, n: u64) -> Result<()> {
         let mut inode = self.read_inode(ino)?;
+        let end = offset + n;
         if end > inode.size() {
             inode.set_size(end);
             self.note_large_file(end);
@@ -206,7 +204,7 @@ impl Filesystem {
         inode.set_ctime(now);
         self.write_inode(&mut inode)?;
         self.bytes_written += n;
-        Ok(n as usize)
+        Ok(())
     }
 
     /// O_DIRECT read: block-aligned offset and length (EINVAL otherwise).

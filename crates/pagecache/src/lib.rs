@@ -375,6 +375,15 @@ impl AddressSpace {
 
     /// Clear dirty bits `m` of a locked folio (its data reached the device).
     pub fn clear_dirty(&self, g: &FolioGuard, m: u64) {
+        self.clean(g, m);
+        self.shared.written_back.fetch_add(
+            u64::from(m.count_ones()) * self.block_size as u64,
+            Ordering::Relaxed,
+        );
+    }
+
+    /// Clear dirty bits `m`, keeping the dirty accounting right.
+    fn clean(&self, g: &FolioGuard, m: u64) {
         let now_clean = {
             let mut st = g.state();
             let was = st.dirty != 0;
@@ -387,10 +396,6 @@ impl AddressSpace {
                 .fetch_sub(self.folio_size as u64, Ordering::Relaxed);
             lock(&self.dirty).remove(&g.index());
         }
-        self.shared.written_back.fetch_add(
-            u64::from(m.count_ones()) * self.block_size as u64,
-            Ordering::Relaxed,
-        );
     }
 
     /// Set or clear the writeback flag of a locked folio.
@@ -451,26 +456,11 @@ impl AddressSpace {
                     let first_whole = off.div_ceil(bs) as u32;
                     let whole = mask(first_whole, g.blocks() - first_whole);
                     g.state().data[off..].fill(0);
-                    self.clear_dirty_quiet(&g, whole);
+                    self.clean(&g, whole);
                 }
             }
         }
         n
-    }
-
-    fn clear_dirty_quiet(&self, g: &FolioGuard, m: u64) {
-        let now_clean = {
-            let mut st = g.state();
-            let was = st.dirty != 0;
-            st.dirty &= !m;
-            was && st.dirty == 0
-        };
-        if now_clean {
-            self.shared
-                .dirty
-                .fetch_sub(self.folio_size as u64, Ordering::Relaxed);
-            lock(&self.dirty).remove(&g.index());
-        }
     }
 
     /// Drop the cached folios of bytes `[start, end)` (whole folios
