@@ -16,8 +16,25 @@ use crate::BlockDevice;
 
 struct Entry {
     data: Box<[u8]>,
+    /// Changed by the running transaction (or, without a journal, simply
+    /// not written back yet).
     dirty: bool,
+    /// A committed version is not yet in its home location (journal
+    /// checkpoint pending). If `dirty` too, that version is not these
+    /// bytes any more: the journal's log holds it.
+    committed: bool,
     referenced: bool,
+}
+
+/// Where a checkpoint finds the committed version of a block.
+#[derive(Debug)]
+pub enum CheckpointSource<'a> {
+    /// These bytes, which the caller must write home.
+    Cache(&'a [u8]),
+    /// Only in the journal's log: the cached bytes changed since.
+    Log,
+    /// Home already (written back early, or never changed since it was).
+    Home,
 }
 
 /// Write-back cache of `block_size`-byte blocks of one device.
@@ -33,6 +50,8 @@ pub struct BufferCache {
     /// Never write a dirty block back on its own (a journal decides when
     /// metadata may reach its home location): the cache grows instead.
     no_steal: bool,
+    /// Number of dirty entries.
+    ndirty: usize,
 }
 
 impl BufferCache {
@@ -48,6 +67,7 @@ impl BufferCache {
             hits: 0,
             misses: 0,
             no_steal: false,
+            ndirty: 0,
         }
     }
 
@@ -81,11 +101,13 @@ impl BufferCache {
 
     fn insert(&mut self, block: u64, data: Box<[u8]>, dirty: bool) -> io::Result<()> {
         self.evict_if_needed()?;
+        self.ndirty += usize::from(dirty);
         self.map.insert(
             block,
             Entry {
                 data,
                 dirty,
+                committed: false,
                 referenced: false,
             },
         );
@@ -97,7 +119,7 @@ impl BufferCache {
         if self.map.len() < self.capacity {
             return Ok(());
         }
-        let dirty = self.map.values().filter(|e| e.dirty).count();
+        let dirty = self.ndirty;
         if dirty * 2 >= self.capacity && !self.no_steal {
             self.flush_dirty()?;
         }
@@ -114,7 +136,16 @@ impl BufferCache {
                     e.referenced = false;
                     self.clock.push_back(b);
                 }
-                Some(_) => {
+                Some(e) => {
+                    if e.committed {
+                        // Committed: it may go home now (a checkpoint
+                        // write ahead of the checkpoint).
+                        let off = b * self.block_size as u64;
+                        if let Err(err) = self.dev.write_at(off, &e.data) {
+                            self.clock.push_back(b);
+                            return Err(err);
+                        }
+                    }
                     self.map.remove(&b);
                 }
             }
@@ -138,6 +169,7 @@ impl BufferCache {
         }
         self.load(block)?;
         let e = self.map.get_mut(&block).expect("block was just loaded");
+        self.ndirty += usize::from(!e.dirty);
         e.dirty = true;
         Ok(&mut e.data)
     }
@@ -153,6 +185,7 @@ impl BufferCache {
         }
         if let Some(e) = self.map.get_mut(&block) {
             e.data.copy_from_slice(data);
+            self.ndirty += usize::from(!e.dirty);
             e.dirty = true;
             return Ok(());
         }
@@ -163,7 +196,9 @@ impl BufferCache {
     /// a metadata block is freed, so that a stale copy can never be written
     /// over data that later lands in the same block.
     pub fn forget(&mut self, block: u64) {
-        self.map.remove(&block);
+        if self.map.remove(&block).is_some_and(|e| e.dirty) {
+            self.ndirty -= 1;
+        }
     }
 
     /// Write every dirty block back to the device (ascending order) without
@@ -181,6 +216,7 @@ impl BufferCache {
             let e = self.map.get_mut(&b).expect("listed above");
             self.dev.write_at(off, &e.data)?;
             e.dirty = false;
+            self.ndirty -= 1;
         }
         Ok(())
     }
@@ -212,6 +248,33 @@ impl BufferCache {
     pub fn mark_clean(&mut self) {
         for e in self.map.values_mut() {
             e.dirty = false;
+            e.committed = false;
+        }
+        self.ndirty = 0;
+    }
+
+    /// The running transaction committed: every dirty block becomes
+    /// committed (free to go home; see [`BufferCache::checkpoint_copy`]).
+    pub fn mark_committed(&mut self) {
+        for e in self.map.values_mut() {
+            if e.dirty {
+                e.dirty = false;
+                e.committed = true;
+            }
+        }
+        self.ndirty = 0;
+    }
+
+    /// Where a checkpoint of `block` finds its committed version. `Cache`
+    /// marks the entry home (the caller writes it).
+    pub fn checkpoint_copy(&mut self, block: u64) -> CheckpointSource<'_> {
+        match self.map.get_mut(&block) {
+            Some(e) if e.dirty => CheckpointSource::Log,
+            Some(e) if e.committed => {
+                e.committed = false;
+                CheckpointSource::Cache(&e.data)
+            }
+            _ => CheckpointSource::Home,
         }
     }
 
@@ -222,7 +285,7 @@ impl BufferCache {
 
     /// Number of dirty blocks.
     pub fn dirty_count(&self) -> usize {
-        self.map.values().filter(|e| e.dirty).count()
+        self.ndirty
     }
 
     /// (hits, misses) since creation.
@@ -267,6 +330,27 @@ mod tests {
         assert_eq!(c.dirty_blocks().len(), 100);
         c.sync().unwrap();
         assert_eq!(dev.snapshot()[99 * 1024], 1);
+    }
+
+    #[test]
+    fn the_dirty_count_follows_every_transition() {
+        let dev = MemDevice::new(1024 * 64);
+        let mut c = BufferCache::new(Arc::new(dev), 1024, 16);
+        c.set_no_steal(true);
+        let count = |c: &BufferCache| c.map.values().filter(|e| e.dirty).count();
+        for b in 0..40u64 {
+            c.modify(b % 30).unwrap()[0] = 1;
+            c.write(b % 7 + 30, &[2u8; 1024]).unwrap();
+            let _ = c.read(b + 20).unwrap();
+            assert_eq!(c.dirty_count(), count(&c));
+        }
+        c.forget(3);
+        assert_eq!(c.dirty_count(), count(&c));
+        c.mark_committed();
+        assert_eq!((c.dirty_count(), count(&c)), (0, 0));
+        c.modify(5).unwrap();
+        c.flush_dirty().unwrap();
+        assert_eq!((c.dirty_count(), count(&c)), (0, 0));
     }
 
     #[test]

@@ -14,12 +14,13 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
 mod cache;
 pub mod crash;
 mod fault;
-pub use cache::BufferCache;
+pub use cache::{BufferCache, CheckpointSource};
 pub use crash::CrashDevice;
 pub use fault::FaultDevice;
 
@@ -242,6 +243,62 @@ impl BlockDevice for MemDevice {
 
     fn is_read_only(&self) -> bool {
         false
+    }
+}
+
+/// A device wrapper that knows whether anything was written since the last
+/// completed flush, so that callers can skip flushes nothing needs.
+pub struct FlushTracker {
+    inner: Arc<dyn BlockDevice>,
+    unflushed: AtomicBool,
+}
+
+impl FlushTracker {
+    pub fn new(inner: Arc<dyn BlockDevice>) -> Self {
+        FlushTracker {
+            inner,
+            unflushed: AtomicBool::new(false),
+        }
+    }
+
+    /// Were writes (or discards) issued since the last successful flush?
+    pub fn unflushed(&self) -> bool {
+        self.unflushed.load(Ordering::Acquire)
+    }
+}
+
+impl BlockDevice for FlushTracker {
+    fn size_bytes(&self) -> u64 {
+        self.inner.size_bytes()
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.inner.read_at(offset, buf)
+    }
+
+    fn write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
+        // Marked before the write starts: a flush racing with it keeps the
+        // mark (conservative: at worst one flush too many).
+        self.unflushed.store(true, Ordering::Release);
+        self.inner.write_at(offset, buf)
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        let was = self.unflushed.swap(false, Ordering::AcqRel);
+        let r = self.inner.flush();
+        if r.is_err() && was {
+            self.unflushed.store(true, Ordering::Release);
+        }
+        r
+    }
+
+    fn discard(&self, offset: u64, len_bytes: u64) -> io::Result<()> {
+        self.unflushed.store(true, Ordering::Release);
+        self.inner.discard(offset, len_bytes)
+    }
+
+    fn is_read_only(&self) -> bool {
+        self.inner.is_read_only()
     }
 }
 

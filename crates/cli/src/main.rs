@@ -49,6 +49,9 @@ enum Cmd {
         /// Inode size in bytes.
         #[arg(long, short = 'I')]
         inode_size: Option<u16>,
+        /// Journal options, as mke2fs: `size=MiB` sets the journal size.
+        #[arg(short = 'J', value_name = "size=MiB")]
+        journal: Option<String>,
         /// Print nothing but errors.
         #[arg(long, short = 'q')]
         quiet: bool,
@@ -229,6 +232,7 @@ fn run(cli: Cli) -> CliResult {
             r#type,
             inode_ratio,
             inode_size,
+            journal,
             quiet,
         } => {
             let fs_type = match r#type.as_str() {
@@ -247,6 +251,7 @@ fn run(cli: Cli) -> CliResult {
                 label: label.unwrap_or_default(),
                 inode_ratio,
                 inode_size,
+                journal_bytes: journal.map(|j| journal_size_bytes(&j)).transpose()?,
                 ..Default::default()
             };
             mkfs(&image, size.as_deref(), opts, quiet)
@@ -424,6 +429,14 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `-J size=MiB` as mke2fs takes it.
+fn journal_size_bytes(opt: &str) -> Result<u64, String> {
+    opt.strip_prefix("size=")
+        .and_then(|v| v.parse::<u64>().ok())
+        .and_then(|mib| mib.checked_mul(1 << 20))
+        .ok_or_else(|| format!("bad journal option {opt:?} (folio takes -J size=MiB)"))
 }
 
 #[cfg(test)]

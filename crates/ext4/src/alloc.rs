@@ -221,12 +221,17 @@ impl Filesystem {
                     ));
                 }
             }
-            let journalled = self.journal.is_some();
             for x in b..chunk_end {
                 clear_bit(&mut bm, (x - gstart) as usize);
                 self.cache.forget(x);
-                if journalled {
+                if let Some(j) = self.journal.as_ref() {
+                    // Until this transaction commits, the committed state
+                    // still uses the block: no reuse, and a checkpoint
+                    // still writes its committed copy home (from the log).
                     self.pinned.insert(x);
+                    if j.is_logged(x) {
+                        self.revokes.push(x);
+                    }
                 }
             }
             self.store_block_bitmap(g, &bm)?;

@@ -278,6 +278,7 @@ impl Filesystem {
     /// blocks. Updates i_blocks for tree blocks gained or lost; the caller
     /// writes the inode.
     pub(crate) fn write_extent_tree(&mut self, inode: &mut Inode, list: Vec<Extent>) -> Result<()> {
+        self.note_inode_change(inode.ino, true);
         let (_, old_blocks) = self.read_extent_tree(inode)?;
         let bs = self.geo.block_size as usize;
         let cap = usize::from(block_capacity(bs));
@@ -519,6 +520,7 @@ impl Filesystem {
     /// Map `lblk` in an indirect-mapped inode to `pblk`, allocating
     /// indirect blocks on the way.
     fn ind_set(&mut self, inode: &mut Inode, lblk: u64, pblk: u64) -> Result<()> {
+        self.note_inode_change(inode.ino, true);
         let (slot, path) = self.ind_path(lblk).ok_or(Error::FileTooBig)?;
         let spb = i64::from(self.geo.block_size / 512);
         if path.is_empty() {
@@ -552,6 +554,7 @@ impl Filesystem {
     /// Unmap logical block `lblk` of an indirect-mapped inode (the caller
     /// frees the data block; indirect blocks stay).
     pub(crate) fn ind_clear(&mut self, inode: &mut Inode, lblk: u64) -> Result<()> {
+        self.note_inode_change(inode.ino, true);
         let Some((slot, path)) = self.ind_path(lblk) else {
             return Ok(());
         };

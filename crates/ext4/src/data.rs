@@ -622,7 +622,15 @@ impl Filesystem {
             return Ok(0);
         };
         let pc = Arc::clone(&self.pc);
-        folio_iomap::writeback(self, &pc, &m, u64::from(ino), start, end)
+        // A handle for the allocations: every dirty folio may need blocks.
+        let dirty = m.dirty_indices(0, u64::MAX).len() as u64;
+        let per =
+            (pc.folio_size_for(self.geo.block_size as usize) / self.geo.block_size as usize) as u64;
+        let credits = self.alloc_credits(ino, dirty * per);
+        let h = self.journal_start(credits)?;
+        let r = folio_iomap::writeback(self, &pc, &m, u64::from(ino), start, end);
+        self.journal_stop(h)?;
+        r
     }
 
     /// Write back all dirty data.

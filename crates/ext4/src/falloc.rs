@@ -24,7 +24,13 @@ pub const FALLOC_FL_INSERT_RANGE: u32 = 0x20;
 impl Filesystem {
     /// fallocate(2) on inode `ino`. `mode` is Linux's FALLOC_FL_* bits.
     pub fn fallocate(&mut self, ino: u32, mode: u32, offset: u64, len: u64) -> Result<()> {
-        self.retry_nospc(|fs| fs.fallocate_impl(ino, mode, offset, len))
+        // Allocation of the range, writeback of its cached data (which may
+        // allocate too), and freeing (punch, zero, collapse).
+        let blocks = len
+            .div_ceil(u64::from(self.geo.block_size))
+            .saturating_add(1);
+        let c = 2 * self.alloc_credits(ino, blocks) + self.free_credits(ino);
+        self.retry_nospc(c, |fs| fs.fallocate_impl(ino, mode, offset, len))
     }
 
     fn fallocate_impl(&mut self, ino: u32, mode: u32, offset: u64, len: u64) -> Result<()> {

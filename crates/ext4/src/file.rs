@@ -94,20 +94,15 @@ impl Filesystem {
         len: usize,
         src: &mut dyn FnMut(&mut [u8]) -> std::io::Result<usize>,
     ) -> Result<usize> {
-        let r = self.write_impl(ino, offset, len, &mut *src);
-        let r = match r {
-            Err(Error::NoSpace) if !self.pinned.is_empty() || self.resv_total > 0 => {
-                // Freed blocks wait for a commit and reservations hold a
-                // worst-case allowance: settle both, then try once more.
-                self.sync()?;
-                self.write_impl(ino, offset, len, src)
-            }
-            r => r,
-        };
-        if r.is_ok() {
-            self.op_done()?;
-        }
-        r
+        // Delayed allocation: the write itself changes the inode and may
+        // zero the old last block; allocation happens at writeback.
+        let c = self.namespace_credits() + self.alloc_credits(ino, 1);
+        let r = self.retry_nospc(c, |fs| fs.write_impl(ino, offset, len, &mut *src));
+        // Throttling may write back (in handles of its own).
+        let b = self.balance_dirty();
+        let n = r?;
+        b?;
+        Ok(n)
     }
 
     fn write_impl(
@@ -145,7 +140,6 @@ impl Filesystem {
         if out.written > 0 {
             self.note_written(ino, offset, out.written)?;
         }
-        self.balance_dirty()?;
         match out.error {
             Some(e) if out.written == 0 => Err(e),
             _ => Ok(out.written as usize),
@@ -157,7 +151,9 @@ impl Filesystem {
     /// back and dropped first, so no later writeback can overwrite what
     /// this puts on the device.
     pub fn write_direct(&mut self, ino: u32, offset: u64, data: &[u8]) -> Result<usize> {
-        self.retry_nospc(|fs| fs.write_direct_impl(ino, offset, data))
+        let blocks = (data.len() as u64).div_ceil(u64::from(self.geo.block_size)) + 1;
+        let c = self.namespace_credits() + 2 * self.alloc_credits(ino, blocks);
+        self.retry_nospc(c, |fs| fs.write_direct_impl(ino, offset, data))
     }
 
     fn write_direct_impl(&mut self, ino: u32, offset: u64, data: &[u8]) -> Result<usize> {

@@ -77,6 +77,18 @@ pub struct Filesystem {
     /// Blocks freed by the running transaction: not allocated again until
     /// it commits.
     pub(crate) pinned: BTreeSet<u64>,
+    /// Freed blocks with a copy in the live log: the revoke records the
+    /// next commit carries.
+    pub(crate) revokes: Vec<u64>,
+    /// Inodes changed by the running transaction → whether fdatasync
+    /// needs the change (see `note_inode_change`).
+    pub(crate) txn_changes: HashMap<u32, bool>,
+    /// Nesting depth of journal handles (see `journal_start`).
+    pub(crate) handle_depth: u32,
+    /// (handles run, handles that used more blocks than their credits).
+    pub(crate) handle_stats: (u64, u64),
+    /// The device as the filesystem uses it: knows when a flush is due.
+    pub(crate) tracker: Arc<folio_blockdev::FlushTracker>,
     /// needs_recovery is set on disk (we have started writing).
     pub(crate) recover_on_disk: bool,
     pub(crate) last_recovery: Option<folio_journal::RecoveryReport>,
@@ -95,6 +107,22 @@ pub struct Filesystem {
     pub(crate) alloc_from_reserve: bool,
     /// Inodes whose block map is pinned (`pin_mapping`).
     pub(crate) pinned_maps: std::collections::HashSet<u32>,
+}
+
+/// Do two raw inodes differ only in timestamps (and the checksum)? Those
+/// are the changes fdatasync may leave uncommitted.
+fn same_but_times(a: &[u8], b: &[u8]) -> bool {
+    // atime, ctime, mtime; checksum_lo; checksum_hi .. crtime_extra.
+    const SKIP: [(usize, usize); 3] = [(0x08, 0x14), (0x7C, 0x7E), (0x82, 0x98)];
+    let mut pos = 0;
+    for (from, to) in SKIP {
+        let from = from.min(a.len());
+        if a.get(pos..from) != b.get(pos..from) {
+            return false;
+        }
+        pos = to.min(a.len());
+    }
+    a.get(pos..) == b.get(pos..)
 }
 
 fn names(mask: u32, table: &[(u32, &str)], prefix: &str) -> String {
@@ -187,7 +215,8 @@ impl Filesystem {
         }
 
         let bs = geo.block_size as usize;
-        let mut cache = BufferCache::new(dev, bs, opts.cache_blocks);
+        let tracker = Arc::new(folio_blockdev::FlushTracker::new(dev));
+        let mut cache = BufferCache::new(tracker.clone(), bs, opts.cache_blocks);
         let csum_seed = sb.csum_seed();
         let mut groups = Vec::with_capacity(geo.group_count as usize);
         for g in 0..geo.group_count {
@@ -216,6 +245,11 @@ impl Filesystem {
             dir_spread: true,
             journal: None,
             pinned: BTreeSet::new(),
+            revokes: Vec::new(),
+            txn_changes: HashMap::new(),
+            handle_depth: 0,
+            handle_stats: (0, 0),
+            tracker,
             recover_on_disk: false,
             last_recovery: None,
             open_refs: HashMap::new(),
@@ -408,6 +442,11 @@ impl Filesystem {
         self.cache.device()
     }
 
+    /// Has anything been written since the device was last flushed?
+    pub(crate) fn flush_needed(&self) -> bool {
+        self.tracker.unflushed()
+    }
+
     /// First block of group `g`.
     pub(crate) fn group_first_block(&self, g: u32) -> u64 {
         self.geo.first_data_block + u64::from(g) * u64::from(self.geo.blocks_per_group)
@@ -508,8 +547,18 @@ impl Filesystem {
             "inode buffer has the filesystem's inode size"
         );
         let b = self.cache.modify(blk)?;
+        let datasync = !same_but_times(&b[off..off + isz], &inode.raw);
         b[off..off + isz].copy_from_slice(&inode.raw);
+        self.note_inode_change(inode.ino, datasync);
         Ok(())
+    }
+
+    /// `ino`'s metadata changed in the running transaction; `datasync`:
+    /// in a way fdatasync must make durable (size, block map, anything
+    /// but timestamps).
+    pub(crate) fn note_inode_change(&mut self, ino: u32, datasync: bool) {
+        let e = self.txn_changes.entry(ino).or_insert(false);
+        *e |= datasync;
     }
 
     // ---- metadata write-back ----
@@ -595,10 +644,9 @@ impl Filesystem {
         if self.read_only.is_some() {
             return Ok(());
         }
-        // Commit what is pending (setting needs_recovery on the first
-        // commit), then commit the superblock with the flag cleared.
-        self.sync()?;
-        self.prepare_clean_close();
+        if self.journal.is_some() {
+            return self.close_journalled();
+        }
         self.sync()
     }
 

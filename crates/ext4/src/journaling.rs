@@ -27,6 +27,16 @@ use crate::format::superblock::{
     compat, incompat, ro_compat, Superblock, SUPERBLOCK_OFFSET, SUPERBLOCK_SIZE,
 };
 use crate::fs::{Filesystem, OpenOptions};
+use folio_pagecache::lockdep::{Held, Level};
+
+/// A share of the running transaction (see [`Filesystem::journal_start`]).
+#[must_use = "a handle must be given back with journal_stop"]
+pub(crate) struct Handle {
+    credits: usize,
+    start: usize,
+    /// The lock-order entry (outermost handle only).
+    order: Option<Held>,
+}
 
 impl From<folio_journal::Error> for Error {
     fn from(e: folio_journal::Error) -> Self {
@@ -391,32 +401,40 @@ impl Filesystem {
         self.last_recovery.as_ref()
     }
 
+    /// What the journal did since open (commits, checkpoints, ...).
+    pub fn journal_stats(&self) -> Option<folio_journal::JournalStats> {
+        self.journal.as_ref().map(Journal::stats)
+    }
+
     /// Is the filesystem journalled (writes are atomic per transaction)?
     pub fn is_journalled(&self) -> bool {
         self.journal.is_some()
     }
 
-    /// Set needs_recovery in the on-disk superblock alone (nothing else of
-    /// the running transaction) and make it durable.
-    fn set_recover_on_disk(&mut self) -> Result<()> {
+    /// Set or clear needs_recovery in the on-disk superblock alone
+    /// (nothing else of the running transaction) and make it durable.
+    fn set_recover_on_disk(&mut self, on: bool) -> Result<()> {
         let dev = self.dev().clone();
         let mut raw = [0u8; SUPERBLOCK_SIZE];
         dev.read_at(SUPERBLOCK_OFFSET, &mut raw)?;
         let mut sb = Superblock { raw };
-        sb.set_feature_incompat(sb.feature_incompat() | incompat::RECOVER);
+        let f = sb.feature_incompat() & !incompat::RECOVER;
+        sb.set_feature_incompat(if on { f | incompat::RECOVER } else { f });
         sb.update_checksum();
         dev.write_at(SUPERBLOCK_OFFSET, &sb.raw)?;
         dev.flush()?;
         Ok(())
     }
 
-    /// Commit every dirty metadata block through the journal, write them
-    /// in place and empty the log.
+    /// Commit every dirty metadata block (and the revoke records of the
+    /// blocks freed since the last commit) through the journal. The
+    /// blocks stay in the buffer cache, committed, until a checkpoint (or
+    /// the cache's eviction) writes them home.
     pub(crate) fn sync_journalled(&mut self) -> Result<()> {
         if !self.recover_on_disk
             && (self.sb_dirty || self.gdt_dirty || self.cache.dirty_count() > 0)
         {
-            self.set_recover_on_disk()?;
+            self.set_recover_on_disk(true)?;
             self.recover_on_disk = true;
             let f = self.sb.feature_incompat() | incompat::RECOVER;
             self.sb.set_feature_incompat(f);
@@ -424,9 +442,11 @@ impl Filesystem {
         }
         self.write_metadata_to_cache()?;
         let dirty = self.cache.dirty_blocks();
-        if dirty.is_empty() {
-            // Nothing to commit; fsync still needs the data durable.
-            self.dev().flush()?;
+        if dirty.is_empty() && self.revokes.is_empty() {
+            // Nothing to commit; fsync still needs written data durable.
+            if self.flush_needed() {
+                self.dev().flush()?;
+            }
             return Ok(());
         }
         let cap = self
@@ -434,62 +454,266 @@ impl Filesystem {
             .as_ref()
             .map_or(1, Journal::capacity_blocks)
             .max(1);
-        for chunk in dirty.chunks(cap) {
+        // Handles keep a transaction well below the log's size; a bigger
+        // one (which only an operation without a handle could build) is
+        // split, atomic per part. The revoke records go with the first
+        // part that has room for them.
+        let chunks: Vec<&[(u64, Vec<u8>)]> = if dirty.is_empty() {
+            vec![&[]]
+        } else {
+            dirty.chunks(cap).collect()
+        };
+        let mut revoked = self.revokes.is_empty();
+        for chunk in chunks {
             let refs: Vec<(u64, &[u8])> = chunk.iter().map(|(b, d)| (*b, d.as_slice())).collect();
-            let j = self.journal.as_mut().expect("journalled");
-            j.commit(&refs)?;
-            for (b, d) in chunk {
-                self.dev()
-                    .write_at(*b * u64::from(self.geo.block_size), d)?;
+            let nrev = if revoked { 0 } else { self.revokes.len() };
+            if !self
+                .journal
+                .as_ref()
+                .expect("journalled")
+                .fits(refs.len(), nrev)
+            {
+                self.checkpoint()?;
             }
-            self.dev().flush()?;
-            self.journal.as_mut().expect("journalled").mark_empty()?;
+            let j = self.journal.as_mut().expect("journalled");
+            let with = !revoked && j.fits(refs.len(), self.revokes.len());
+            j.commit(&refs, if with { &self.revokes } else { &[] })?;
+            revoked |= with;
         }
-        self.cache.mark_clean();
+        if !revoked {
+            // Too many revokes to share a part: a transaction of their own.
+            self.checkpoint()?;
+            self.journal
+                .as_mut()
+                .expect("journalled")
+                .commit(&[], &self.revokes)?;
+        }
+        self.revokes.clear();
+        self.cache.mark_committed();
         self.pinned.clear();
+        self.txn_changes.clear();
         Ok(())
     }
 
-    /// Clear needs_recovery for a clean close (journalled images).
-    pub(crate) fn prepare_clean_close(&mut self) {
-        if self.journal.is_some() && self.recover_on_disk {
+    /// Write every committed block home, flush, and free the log.
+    pub(crate) fn checkpoint(&mut self) -> Result<()> {
+        let Some(j) = self.journal.as_ref() else {
+            return Ok(());
+        };
+        let bs = u64::from(self.geo.block_size);
+        let dev = self.dev().clone();
+        let targets = j.checkpoint_targets();
+        let freed: std::collections::HashSet<u64> = self.revokes.iter().copied().collect();
+        for (b, copy) in targets {
+            match self.cache.checkpoint_copy(b) {
+                folio_blockdev::CheckpointSource::Cache(data) => dev.write_at(b * bs, data)?,
+                folio_blockdev::CheckpointSource::Log => {
+                    let data = self.journal.as_ref().expect("journalled").read_copy(copy)?;
+                    dev.write_at(b * bs, &data)?;
+                }
+                folio_blockdev::CheckpointSource::Home if freed.contains(&b) => {
+                    // Freed by the running transaction (and dropped from
+                    // the cache), still in use in the committed state.
+                    let data = self.journal.as_ref().expect("journalled").read_copy(copy)?;
+                    dev.write_at(b * bs, &data)?;
+                }
+                folio_blockdev::CheckpointSource::Home => {}
+            }
+        }
+        dev.flush()?;
+        self.journal
+            .as_mut()
+            .expect("journalled")
+            .checkpoint_done()?;
+        Ok(())
+    }
+
+    /// Checkpoint and leave the log marked empty (clean unmount).
+    fn empty_journal(&mut self) -> Result<()> {
+        if self.journal.is_none() {
+            return Ok(());
+        }
+        self.checkpoint()?;
+        self.journal.as_mut().expect("journalled").mark_empty()?;
+        Ok(())
+    }
+
+    /// A clean close of a journalled image: commit what is pending, write
+    /// everything home, empty the log, then clear needs_recovery in place.
+    pub(crate) fn close_journalled(&mut self) -> Result<()> {
+        self.sync()?;
+        self.empty_journal()?;
+        if self.recover_on_disk {
+            // Only the flag changes (see `repair_torn_flag_write`).
+            self.set_recover_on_disk(false)?;
+            self.recover_on_disk = false;
             let f = self.sb.feature_incompat() & !incompat::RECOVER;
             self.sb.set_feature_incompat(f);
-            self.sb_dirty = true;
-        }
-    }
-
-    /// Called after each mutating operation: commit when the running
-    /// transaction has grown large.
-    pub(crate) fn op_done(&mut self) -> Result<()> {
-        if let Some(j) = &self.journal {
-            let limit = (j.capacity_blocks() / 2)
-                .min(self.cache.capacity() / 2)
-                .max(8);
-            if self.cache.dirty_count() >= limit {
-                self.sync()?;
-            }
         }
         Ok(())
     }
 
-    /// Run `f`; if it fails for lack of space while freed blocks wait for
-    /// a commit, commit and run it once more.
+    /// Most blocks the running transaction may hold before it commits:
+    /// half the log (the rest is room for the descriptors and the next
+    /// transaction) and half the buffer cache (its dirty blocks are pinned).
+    pub(crate) fn txn_limit(&self) -> usize {
+        self.journal.as_ref().map_or(usize::MAX, |j| {
+            (j.capacity_blocks() / 2)
+                .min(self.cache.capacity() / 2)
+                .max(8)
+        })
+    }
+
+    /// Start a handle on the running transaction (jbd2's
+    /// `jbd2_journal_start`): `credits` is the most metadata blocks the
+    /// operation may add to the transaction. If they would not fit beside
+    /// what the transaction holds, it commits first, so that an operation
+    /// never has to be split over two transactions. Handles nest (the
+    /// inner one shares the outer's transaction and credits). Takes the
+    /// "transaction" level of the lock order.
+    pub(crate) fn journal_start(&mut self, credits: usize) -> Result<Handle> {
+        self.handle_depth += 1;
+        if self.handle_depth > 1 {
+            return Ok(Handle {
+                credits,
+                start: self.cache.dirty_count(),
+                order: None,
+            });
+        }
+        let order = Held::take(Level::Transaction, 0);
+        if self.journal.is_some() && self.read_only.is_none() {
+            let dirty = self.cache.dirty_count();
+            if dirty > 0 && dirty + credits > self.txn_limit() {
+                if let Err(e) = self.sync_journalled() {
+                    self.handle_depth -= 1;
+                    return Err(e);
+                }
+            }
+        }
+        Ok(Handle {
+            credits,
+            start: self.cache.dirty_count(),
+            order: Some(order),
+        })
+    }
+
+    /// End a handle: account the blocks it used against its credits (an
+    /// overrun is counted in [`Filesystem::handle_stats`]; tests require
+    /// none) and, for the outermost handle, commit if the transaction has
+    /// grown to its limit.
+    pub(crate) fn journal_stop(&mut self, h: Handle) -> Result<()> {
+        let used = self.cache.dirty_count().saturating_sub(h.start);
+        self.handle_stats.0 += 1;
+        if used > h.credits {
+            self.handle_stats.1 += 1;
+        }
+        self.handle_depth -= 1;
+        let outer = h.order.is_some();
+        drop(h);
+        if outer
+            && self.journal.is_some()
+            && self.read_only.is_none()
+            && self.cache.dirty_count() >= self.txn_limit()
+        {
+            // Metadata only: whatever it maps was written already or
+            // is unwritten (ordered mode needs no data writeback here).
+            self.sync_journalled()?;
+        }
+        Ok(())
+    }
+
+    /// Handles run and how many used more blocks than their credits.
+    pub fn handle_stats(&self) -> (u64, u64) {
+        self.handle_stats
+    }
+
+    /// Run `f` in a handle of `credits`; if it fails for lack of space
+    /// while freed blocks wait for a commit (or reservations hold their
+    /// worst-case allowance), end the handle, commit, and run it once more
+    /// in a new one.
     pub(crate) fn retry_nospc<T>(
         &mut self,
+        credits: usize,
         mut f: impl FnMut(&mut Self) -> Result<T>,
     ) -> Result<T> {
-        let r = match f(self) {
+        let h = self.journal_start(credits)?;
+        let r = f(self);
+        self.journal_stop(h)?;
+        match r {
             Err(Error::NoSpace) if !self.pinned.is_empty() || self.resv_total > 0 => {
                 self.sync()?;
-                f(self)
+                let h = self.journal_start(credits)?;
+                let r = f(self);
+                self.journal_stop(h)?;
+                r
             }
             r => r,
-        };
-        if r.is_ok() {
-            self.op_done()?;
         }
-        r
+    }
+
+    // ---- credits: upper bounds of the blocks an operation dirties ----
+
+    /// Credits to free what `name` in `parent` holds, if it exists.
+    pub(crate) fn name_free_credits(&mut self, parent: u32, name: &[u8]) -> usize {
+        match self.lookup(parent, name) {
+            Ok(ino) => self.free_credits(ino),
+            Err(_) => 0,
+        }
+    }
+
+    /// Blocks of the summary metadata any allocation or free may touch:
+    /// every group descriptor block, the superblock.
+    fn summary_credits(&self) -> usize {
+        self.geo.gdt_blocks as usize + 1
+    }
+
+    /// Credits of a namespace operation (create, link, unlink, rename ...):
+    /// inodes, bitmaps, directory blocks and their index, an ACL block.
+    pub(crate) fn namespace_credits(&self) -> usize {
+        32 + self.summary_credits()
+    }
+
+    /// Credits to allocate `blocks` data blocks to `ino` (bitmaps of the
+    /// groups they may land in, the extent tree or indirect blocks).
+    pub(crate) fn alloc_credits(&mut self, ino: u32, blocks: u64) -> usize {
+        let groups = u64::from(self.geo.group_count);
+        let bitmaps = blocks.saturating_add(1).min(groups) as usize;
+        let map = self.map_credits(ino, blocks);
+        8 + self.summary_credits() + bitmaps + map
+    }
+
+    /// Credits to free every block of `ino` (truncate, unlink, punch).
+    pub(crate) fn free_credits(&mut self, ino: u32) -> usize {
+        let Ok(inode) = self.read_inode(ino) else {
+            return self.namespace_credits();
+        };
+        let bs = u64::from(self.geo.block_size);
+        let blocks = inode.size().div_ceil(bs);
+        let groups = u64::from(self.geo.group_count);
+        let spans = match self.extents(&inode) {
+            Ok(list) if Self::uses_extents(&inode) => list
+                .iter()
+                .map(|e| u64::from(e.len) / u64::from(self.geo.blocks_per_group) + 2)
+                .sum::<u64>(),
+            _ => blocks + 1,
+        };
+        8 + self.summary_credits() + spans.min(groups) as usize + self.map_credits(ino, blocks)
+    }
+
+    /// Mapping blocks `ino` may dirty when `more` extents or blocks are
+    /// added: the whole extent tree as it will be, or the indirect blocks.
+    fn map_credits(&mut self, ino: u32, more: u64) -> usize {
+        let per = u64::from(self.geo.block_size) / 12;
+        let Ok(inode) = self.read_inode(ino) else {
+            return 8;
+        };
+        let n = if Self::uses_extents(&inode) {
+            self.extents(&inode).map_or(0, |l| l.len() as u64) + more
+        } else {
+            // Indirect maps: one pointer block per `bs / 4` blocks.
+            more.saturating_mul(3)
+        };
+        (n.div_ceil(per).saturating_mul(2) + 6).min(u64::from(u32::MAX)) as usize
     }
 
     /// Process the orphan list left by an interrupted unlink or truncate:

@@ -49,6 +49,9 @@ pub struct MkfsOptions {
     /// The device is known to read as zeros (a freshly created file), so
     /// inode tables and the journal need not be written.
     pub device_zeroed: bool,
+    /// Journal size in bytes (mke2fs `-J size=`); `None` takes mke2fs's
+    /// table. At least 1,024 blocks, as jbd2 requires.
+    pub journal_bytes: Option<u64>,
 }
 
 impl Default for MkfsOptions {
@@ -63,6 +66,7 @@ impl Default for MkfsOptions {
             uuid: None,
             root_owner: Owner::default(),
             device_zeroed: false,
+            journal_bytes: None,
         }
     }
 }
@@ -258,10 +262,20 @@ pub fn mkfs(dev: Arc<dyn BlockDevice>, size_bytes: u64, opts: &MkfsOptions) -> R
     let mut f_compat = compat::EXT_ATTR | compat::DIR_INDEX;
     let mut f_incompat = incompat::FILETYPE;
     let mut f_ro = ro_compat::SPARSE_SUPER | ro_compat::LARGE_FILE;
-    let jblocks = if journal {
-        default_journal_blocks(blocks)
-    } else {
-        None
+    let jblocks = match (journal, opts.journal_bytes) {
+        (false, _) => None,
+        (true, None) => default_journal_blocks(blocks),
+        (true, Some(bytes)) => {
+            let j = u32::try_from(bytes / u64::from(bs)).unwrap_or(u32::MAX);
+            if j < 1024 || u64::from(j) > blocks / 2 {
+                return Err(Error::Invalid(format!(
+                    "journal size {j} blocks: it must be between 1024 blocks and half the \
+                     filesystem ({} blocks)",
+                    blocks / 2
+                )));
+            }
+            Some(j)
+        }
     };
     // has_journal is set by make_journal once the journal exists (phase 2
     // runs unjournalled).

@@ -288,7 +288,8 @@ impl Filesystem {
         rdev: (u32, u32),
         owner: Owner,
     ) -> Result<u32> {
-        self.retry_nospc(|fs| fs.mknod_impl(parent, name, mode, rdev, owner))
+        let c = self.namespace_credits();
+        self.retry_nospc(c, |fs| fs.mknod_impl(parent, name, mode, rdev, owner))
     }
 
     fn mknod_impl(
@@ -337,7 +338,9 @@ impl Filesystem {
         perm: u16,
         owner: Owner,
     ) -> Result<u32> {
-        self.retry_nospc(|fs| fs.openat_impl(parent, name, flags, perm, owner))
+        // O_TRUNC may free the existing file's blocks.
+        let c = self.namespace_credits() + self.name_free_credits(parent, name);
+        self.retry_nospc(c, |fs| fs.openat_impl(parent, name, flags, perm, owner))
     }
 
     fn openat_impl(
@@ -402,7 +405,8 @@ impl Filesystem {
 
     /// Create a directory.
     pub fn mkdir(&mut self, parent: u32, name: &[u8], perm: u16, owner: Owner) -> Result<u32> {
-        self.retry_nospc(|fs| fs.mkdir_impl(parent, name, perm, owner))
+        let c = self.namespace_credits();
+        self.retry_nospc(c, |fs| fs.mkdir_impl(parent, name, perm, owner))
     }
 
     fn mkdir_impl(&mut self, parent: u32, name: &[u8], perm: u16, owner: Owner) -> Result<u32> {
@@ -436,7 +440,8 @@ impl Filesystem {
         target: &[u8],
         owner: Owner,
     ) -> Result<u32> {
-        self.retry_nospc(|fs| fs.symlink_impl(parent, name, target, owner))
+        let c = self.namespace_credits();
+        self.retry_nospc(c, |fs| fs.symlink_impl(parent, name, target, owner))
     }
 
     fn symlink_impl(
@@ -528,11 +533,13 @@ impl Filesystem {
 
     /// Add a hard link to `ino` as `new_parent/new_name`.
     pub fn link(&mut self, ino: u32, new_parent: u32, new_name: &[u8]) -> Result<()> {
-        self.retry_nospc(|fs| fs.link_impl(ino, new_parent, new_name))
+        let c = self.namespace_credits();
+        self.retry_nospc(c, |fs| fs.link_impl(ino, new_parent, new_name))
     }
 
     fn link_impl(&mut self, ino: u32, new_parent: u32, new_name: &[u8]) -> Result<()> {
         self.check_writable()?;
+        self.note_inode_change(ino, true);
         let mut inode = self.read_inode(ino)?;
         if inode.is_dir() {
             return Err(Error::Invalid(
@@ -618,9 +625,13 @@ impl Filesystem {
         self.open_refs.remove(&ino);
         let mut inode = self.read_inode(ino)?;
         if inode.links() == 0 && inode.mode() != 0 && self.read_only.is_none() {
-            self.orphan_remove(ino)?;
-            self.release_inode(&mut inode)?;
-            self.op_done()?;
+            let c = self.namespace_credits() + self.free_credits(ino);
+            let h = self.journal_start(c)?;
+            let r = self
+                .orphan_remove(ino)
+                .and_then(|()| self.release_inode(&mut inode));
+            self.journal_stop(h)?;
+            r?;
         }
         Ok(())
     }
@@ -668,7 +679,8 @@ impl Filesystem {
 
     /// Remove a non-directory name.
     pub fn unlink(&mut self, parent: u32, name: &[u8]) -> Result<()> {
-        self.retry_nospc(|fs| fs.unlink_impl(parent, name))
+        let c = self.namespace_credits() + self.name_free_credits(parent, name);
+        self.retry_nospc(c, |fs| fs.unlink_impl(parent, name))
     }
 
     fn unlink_impl(&mut self, parent: u32, name: &[u8]) -> Result<()> {
@@ -693,7 +705,8 @@ impl Filesystem {
 
     /// Remove an empty directory.
     pub fn rmdir(&mut self, parent: u32, name: &[u8]) -> Result<()> {
-        self.retry_nospc(|fs| fs.rmdir_impl(parent, name))
+        let c = self.namespace_credits() + self.name_free_credits(parent, name);
+        self.retry_nospc(c, |fs| fs.rmdir_impl(parent, name))
     }
 
     fn rmdir_impl(&mut self, parent: u32, name: &[u8]) -> Result<()> {
@@ -750,7 +763,11 @@ impl Filesystem {
         new_name: &[u8],
         flags: RenameFlags,
     ) -> Result<()> {
-        self.retry_nospc(|fs| fs.rename_impl(parent, name, new_parent, new_name, flags))
+        // A replaced target may lose its last name and its blocks.
+        let c = 2 * self.namespace_credits() + self.name_free_credits(new_parent, new_name);
+        self.retry_nospc(c, |fs| {
+            fs.rename_impl(parent, name, new_parent, new_name, flags)
+        })
     }
 
     fn rename_impl(
@@ -775,6 +792,13 @@ impl Filesystem {
         let ddir = self.dir_inode(new_parent)?;
         let (sino, sft) = self.dir_lookup(&sdir, name)?.ok_or(Error::NotFound)?;
         let target = self.dir_lookup(&ddir, new_name)?;
+        // A file's name is part of reaching its data: fdatasync after a
+        // rename commits it (stricter than ext4, which leaves that to an
+        // fsync of the directory).
+        self.note_inode_change(sino, true);
+        if let Some((t, _)) = target {
+            self.note_inode_change(t, true);
+        }
         let s_is_dir = self.read_inode(sino)?.is_dir();
         if flags.noreplace && target.is_some() {
             return Err(Error::Exists);
@@ -901,7 +925,13 @@ impl Filesystem {
 
     /// Change attributes of `ino`.
     pub fn setattr(&mut self, ino: u32, attr: &SetAttr) -> Result<Stat> {
-        self.retry_nospc(|fs| fs.setattr_impl(ino, attr))
+        let c = self.namespace_credits()
+            + if attr.size.is_some() {
+                self.free_credits(ino)
+            } else {
+                0
+            };
+        self.retry_nospc(c, |fs| fs.setattr_impl(ino, attr))
     }
 
     fn setattr_impl(&mut self, ino: u32, attr: &SetAttr) -> Result<Stat> {
@@ -936,12 +966,38 @@ impl Filesystem {
     }
 
     /// fsync(2)/fdatasync(2) of `ino`: its data and the metadata that
-    /// reaches it are durable on return. The running transaction is shared
-    /// by all files, so this commits all of it (more than asked, never
-    /// less); with nothing to commit it only flushes the device.
+    /// reaches it are durable on return.
+    ///
+    /// Writes back this file's dirty data (not other files': ordered mode
+    /// needs only the data the commit's metadata maps, and delayed or
+    /// unwritten blocks map nothing stale). Then, if the running
+    /// transaction changed the inode — for fdatasync, in a way that
+    /// matters for reading the data back (size, block map; not timestamps)
+    /// — commits it (the whole transaction: it is shared by all files, as
+    /// in jbd2); otherwise only flushes the device, and only if something
+    /// was written since the last flush.
     pub fn fsync(&mut self, ino: u32, datasync: bool) -> Result<()> {
-        let _ = (self.read_inode(ino)?, datasync);
-        self.sync()
+        // A directory's entries live in its blocks, which a timestamp
+        // change may accompany alone: fdatasync of a directory is fsync.
+        let datasync = datasync && !self.read_inode(ino)?.is_dir();
+        if self.read_only.is_some() {
+            return Ok(());
+        }
+        if self.journal.is_none() {
+            return self.sync();
+        }
+        self.writeback_range(ino, 0, u64::MAX)?;
+        let needs_commit = match self.txn_changes.get(&ino) {
+            Some(&ds) => ds || !datasync,
+            None => false,
+        };
+        if needs_commit {
+            self.sync_journalled()
+        } else if self.flush_needed() {
+            Ok(self.dev().flush()?)
+        } else {
+            Ok(())
+        }
     }
 
     /// Blocks taken by fixed metadata (what statfs leaves out of f_blocks).

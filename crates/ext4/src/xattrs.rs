@@ -110,7 +110,8 @@ impl Filesystem {
         value: &[u8],
         mode: XattrMode,
     ) -> Result<()> {
-        self.retry_nospc(|fs| fs.set_xattr_impl(ino, name, value, mode))
+        let c = self.namespace_credits();
+        self.retry_nospc(c, |fs| fs.set_xattr_impl(ino, name, value, mode))
     }
 
     fn set_xattr_impl(
@@ -173,7 +174,8 @@ impl Filesystem {
 
     /// Remove attribute `name` of inode `ino`.
     pub fn remove_xattr(&mut self, ino: u32, name: &[u8]) -> Result<()> {
-        self.retry_nospc(|fs| fs.remove_xattr_impl(ino, name))
+        let c = self.namespace_credits();
+        self.retry_nospc(c, |fs| fs.remove_xattr_impl(ino, name))
     }
 
     fn remove_xattr_impl(&mut self, ino: u32, name: &[u8]) -> Result<()> {

@@ -139,6 +139,8 @@ impl FolioFuse {
         &self,
         f: impl FnOnce(&mut Filesystem) -> folio_ext4::Result<T>,
     ) -> Result<T, Errno> {
+        // The filesystem lock stands for the inode level of the lock order.
+        let _order = folio_ext4::lockdep::Held::take(folio_ext4::lockdep::Level::Inode, 0);
         let mut guard: MutexGuard<'_, Option<Filesystem>> =
             self.fs.lock().unwrap_or_else(|e| e.into_inner());
         let fs = guard.as_mut().ok_or(Errno::EIO)?;

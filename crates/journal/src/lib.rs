@@ -3,19 +3,24 @@
 //!
 //! The journal lives in blocks of the filesystem device given by `map`
 //! (journal logical block → device block), as an internal ext4 journal
-//! does. Protocol of [`Journal::commit`] (each step after the previous one
-//! is durable):
+//! does. It is a circular log, as jbd2's is:
 //!
-//! 1. descriptor and data blocks into the log from `s_first`, the
-//!    superblock pointing at them (`s_start`, `s_sequence`); flush — this
-//!    flush also makes file data written before it durable (ordered mode);
-//! 2. the commit block; flush. The transaction is now durable;
-//! 3. (caller) the blocks in place; flush;
-//! 4. [`Journal::mark_empty`]: `s_start = 0`, next sequence; flush.
+//! - [`Journal::commit`] appends a transaction at the head: descriptor
+//!   blocks with the copies, revoke blocks, then (after a flush) the commit
+//!   block, then a flush. Two flushes per commit; the journal superblock is
+//!   written only when the log was empty (to point `s_start` at it).
+//! - Committed blocks may then be written in place at any time. The
+//!   checkpoint is lazy: the caller writes every block of
+//!   [`Journal::checkpoint_targets`] in place when the log has no room for
+//!   the next transaction, flushes, and calls [`Journal::checkpoint_done`],
+//!   which moves the tail to the head; the log wraps around its end. At
+//!   unmount, [`Journal::mark_empty`] leaves `s_start = 0`.
+//! - A block freed while a copy of it is in the live log gets a revoke
+//!   record in the transaction that frees it ([`Journal::is_logged`]), so
+//!   that replay never writes the old copy over the block's next user.
 //!
-//! The log is empty between transactions, so no revoke records are needed
-//! for blocks that are freed and reused later: nothing old is ever
-//! replayed. Recovery honours revoke records written by others.
+//! Recovery replays every committed transaction from the tail, honouring
+//! revoke records, whoever wrote them (Linux, e2fsprogs or folio).
 
 // jbd2 stores every integer big-endian.
 #![allow(clippy::big_endian_bytes)]
@@ -88,6 +93,16 @@ pub struct Journal {
     bs: usize,
     fs_blocks: u64,
     sb: JSuperblock,
+    /// Next log block to write while transactions are live.
+    head: u64,
+    /// Log blocks used by committed transactions not yet checkpointed.
+    used: u64,
+    /// Committed transactions not yet checkpointed (the first one has the
+    /// superblock's `s_sequence`).
+    live_txns: u32,
+    /// Latest live copy of each journalled block.
+    logged: HashMap<u64, LoggedCopy>,
+    stats: JournalStats,
 }
 
 impl Journal {
@@ -146,12 +161,18 @@ impl Journal {
         if sb.start() != 0 && (sb.start() < sb.first() || sb.start() as usize >= maxlen) {
             return Err(Error::Corrupted("journal start out of range".into()));
         }
+        let head = u64::from(sb.first());
         Ok(Journal {
             dev,
             map,
             bs: block_size,
             fs_blocks,
             sb,
+            head,
+            used: 0,
+            live_txns: 0,
+            logged: HashMap::new(),
+            stats: JournalStats::default(),
         })
     }
 
@@ -354,10 +375,10 @@ impl Journal {
     }
 
     /// Turn on the features folio writes with: checksums v3 and 64-bit
-    /// block numbers when the filesystem has metadata_csum / 64bit, as
-    /// Linux does when it mounts.
+    /// block numbers when the filesystem has metadata_csum / 64bit, and
+    /// revoke records, as Linux does when it mounts.
     pub fn set_write_features(&mut self, csum_v3: bool, bit64: bool) {
-        let mut inc = self.sb.feature_incompat();
+        let mut inc = self.sb.feature_incompat() | INCOMPAT_REVOKE;
         if csum_v3 {
             inc = (inc & !INCOMPAT_CSUM_V2) | INCOMPAT_CSUM_V3;
             self.sb.set_checksum_type(CSUM_TYPE_CRC32C);
@@ -379,33 +400,115 @@ impl Journal {
         room / self.sb.tag_bytes()
     }
 
-    /// Most blocks one transaction can carry.
+    fn revokes_per_block(&self) -> usize {
+        let rec = if self.sb.has_incompat(INCOMPAT_64BIT) {
+            8
+        } else {
+            4
+        };
+        let room = self.bs - 16 - if self.sb.csum_v2or3() { TAIL_LEN } else { 0 };
+        room / rec
+    }
+
+    /// Log blocks between the superblock and the end of the journal.
+    fn log_len(&self) -> u64 {
+        u64::from(self.sb.maxlen() - self.sb.first())
+    }
+
+    /// Log blocks a transaction of `blocks` copies and `revokes` revoke
+    /// records takes (descriptors, copies, revoke blocks, commit block).
+    pub fn blocks_needed(&self, blocks: usize, revokes: usize) -> u64 {
+        let per = self.tags_per_descriptor();
+        (blocks.div_ceil(per) + blocks + revokes.div_ceil(self.revokes_per_block()) + 1) as u64
+    }
+
+    /// Most blocks one transaction can carry (in an empty log).
     pub fn capacity_blocks(&self) -> usize {
-        let log = (self.sb.maxlen() - self.sb.first()) as usize;
+        let log = self.log_len() as usize;
         let per = self.tags_per_descriptor();
         // descriptors + copies + commit block must fit in the log.
         (log.saturating_sub(2)) * per / (per + 1)
     }
 
+    /// Does a transaction of this size fit in the free part of the log?
+    /// If not, [`Journal::checkpoint_targets`] and
+    /// [`Journal::checkpoint_done`] make room.
+    pub fn fits(&self, blocks: usize, revokes: usize) -> bool {
+        self.used + self.blocks_needed(blocks, revokes) < self.log_len()
+    }
+
+    /// Log blocks in use by committed transactions not yet checkpointed.
+    pub fn used_blocks(&self) -> u64 {
+        self.used
+    }
+
+    /// Counters since open.
+    pub fn stats(&self) -> JournalStats {
+        self.stats
+    }
+
+    /// Is a copy of `block` in the live log? When the filesystem frees
+    /// such a block, the transaction that frees it must carry a revoke
+    /// record for it (otherwise a replay could write that old copy over
+    /// whatever the block holds next). Until that transaction commits the
+    /// copy stays on the checkpoint list: the committed state still uses
+    /// the block.
+    pub fn is_logged(&self, block: u64) -> bool {
+        self.logged.contains_key(&block)
+    }
+
+    /// Blocks whose latest committed copy is in the live log, with where:
+    /// what a checkpoint must write in place (ascending block order).
+    pub fn checkpoint_targets(&self) -> Vec<(u64, LoggedCopy)> {
+        let mut v: Vec<(u64, LoggedCopy)> = self.logged.iter().map(|(&b, &c)| (b, c)).collect();
+        v.sort_unstable_by_key(|x| x.0);
+        v
+    }
+
+    /// The committed contents of a block from its copy in the log.
+    pub fn read_copy(&self, copy: LoggedCopy) -> Result<Vec<u8>> {
+        let mut data = self.read_log(copy.pos)?;
+        if copy.escaped {
+            put_be32(&mut data, 0, MAGIC);
+        }
+        Ok(data)
+    }
+
     /// Write one transaction holding `blocks` (target block, new contents)
-    /// and make it durable (steps 1 and 2 above). The log must be empty.
-    pub fn commit(&mut self, blocks: &[(u64, &[u8])]) -> Result<()> {
-        assert!(
-            !self.needs_recovery(),
-            "commit needs an empty log (recover or mark_empty first)"
-        );
-        assert!(
-            blocks.len() <= self.capacity_blocks(),
-            "transaction larger than the journal"
-        );
-        let seq = self.sb.sequence();
+    /// and `revokes`, and make it durable. It goes at the head of the log,
+    /// after the transactions still waiting for their checkpoint; the
+    /// caller makes room first when [`Journal::fits`] says no.
+    ///
+    /// Device writes: descriptor, copies and revoke blocks (and the journal
+    /// superblock, if the log was empty), flush, commit block, flush. The
+    /// first flush also makes file data written before it durable, which is
+    /// what ordered mode needs.
+    pub fn commit(&mut self, blocks: &[(u64, &[u8])], revokes: &[u64]) -> Result<()> {
+        if !self.fits(blocks.len(), revokes.len()) {
+            return Err(Error::Corrupted(format!(
+                "transaction of {} blocks and {} revokes does not fit in the {} free log blocks \
+                 (checkpoint first)",
+                blocks.len(),
+                revokes.len(),
+                self.log_len() - self.used
+            )));
+        }
+        let seq = self.sb.sequence().wrapping_add(self.live_txns);
         let seed = self.sb.csum_seed();
         let csum = self.sb.csum_v2or3();
         let v3 = self.sb.has_incompat(INCOMPAT_CSUM_V3);
         let tb = self.sb.tag_bytes();
         let per = self.tags_per_descriptor();
-        let first = u64::from(self.sb.first());
-        let mut pos = first;
+        // A journal marked empty (s_start = 0, after an unmount or a
+        // recovery) starts again at the first log block; otherwise the log
+        // continues at the head, wrapping around its end.
+        let was_empty = self.sb.start() == 0;
+        if was_empty {
+            self.head = u64::from(self.sb.first());
+        }
+        let start = self.head;
+        let mut pos = start;
+        let mut placed = Vec::with_capacity(blocks.len());
         for chunk in blocks.chunks(per) {
             let mut desc = vec![0u8; self.bs];
             write_header(&mut desc, DESCRIPTOR, seq);
@@ -413,7 +516,12 @@ impl Journal {
             pos = self.next(pos);
             let mut off = HEADER_LEN;
             for (i, (target, data)) in chunk.iter().enumerate() {
-                assert_eq!(data.len(), self.bs);
+                if data.len() != self.bs || *target >= self.fs_blocks {
+                    return Err(Error::Corrupted(format!(
+                        "bad journal write: block {target} of {} bytes",
+                        data.len()
+                    )));
+                }
                 let mut flags = 0;
                 if i > 0 {
                     flags |= FLAG_SAME_UUID;
@@ -422,7 +530,8 @@ impl Journal {
                     flags |= FLAG_LAST_TAG;
                 }
                 let mut copy = data.to_vec();
-                if be32(&copy, 0) == Some(MAGIC) {
+                let escaped = be32(&copy, 0) == Some(MAGIC);
+                if escaped {
                     flags |= FLAG_ESCAPE;
                     put_be32(&mut copy, 0, 0);
                 }
@@ -446,6 +555,7 @@ impl Journal {
                     off += UUID_LEN;
                 }
                 self.write_log(pos, &copy)?;
+                placed.push((*target, LoggedCopy { pos, escaped }));
                 pos = self.next(pos);
             }
             if csum {
@@ -454,9 +564,36 @@ impl Journal {
             }
             self.write_log(desc_pos, &desc)?;
         }
-        self.sb.set_start(first as u32);
-        self.sb.set_sequence(seq);
-        self.write_sb()?;
+        let bit64 = self.sb.has_incompat(INCOMPAT_64BIT);
+        let rec = if bit64 { 8 } else { 4 };
+        for chunk in revokes.chunks(self.revokes_per_block()) {
+            let mut rb = vec![0u8; self.bs];
+            write_header(&mut rb, REVOKE, seq);
+            let mut off = 16;
+            for &b in chunk {
+                if bit64 {
+                    put_be32(&mut rb, off, (b >> 32) as u32);
+                    put_be32(&mut rb, off + 4, b as u32);
+                } else {
+                    put_be32(&mut rb, off, b as u32);
+                }
+                off += rec;
+            }
+            put_be32(&mut rb, 12, off as u32);
+            if csum {
+                let c = block_tail_csum(seed, &rb);
+                put_be32(&mut rb, self.bs - TAIL_LEN, c);
+            }
+            self.write_log(pos, &rb)?;
+            pos = self.next(pos);
+        }
+        if was_empty {
+            // The superblock must point at the first live transaction
+            // before its commit block can count.
+            self.sb.set_start(start as u32);
+            self.sb.set_sequence(seq);
+            self.write_sb()?;
+        }
         self.dev.flush()?;
         let mut commit = vec![0u8; self.bs];
         write_header(&mut commit, COMMIT, seq);
@@ -471,19 +608,74 @@ impl Journal {
         }
         self.write_log(pos, &commit)?;
         self.dev.flush()?;
+        pos = self.next(pos);
+        let len = self.blocks_needed(blocks.len(), revokes.len());
+        self.used += len;
+        self.head = pos;
+        self.live_txns += 1;
+        for b in revokes {
+            self.logged.remove(b);
+        }
+        for (b, c) in placed {
+            self.logged.insert(b, c);
+        }
+        self.stats.commits += 1;
+        self.stats.blocks_logged += blocks.len() as u64;
+        self.stats.revokes += revokes.len() as u64;
         Ok(())
     }
 
-    /// After the caller has written the committed blocks in place and
-    /// flushed: empty the log (step 4).
+    /// After the caller has written every checkpoint target in place and
+    /// flushed: move the tail to the head, freeing the whole log, and make
+    /// that durable (`s_start` = head, `s_sequence` = next transaction, as
+    /// jbd2 writes it when nothing is left to checkpoint). The next commit
+    /// continues at the head.
+    pub fn checkpoint_done(&mut self) -> Result<()> {
+        self.set_tail(self.head as u32)
+    }
+
+    /// After the caller has written every checkpoint target in place and
+    /// flushed: mark the log empty (`s_start = 0`), as a clean unmount
+    /// leaves it.
     pub fn mark_empty(&mut self) -> Result<()> {
-        let next = self.sb.sequence().wrapping_add(1);
-        self.sb.set_start(0);
+        self.set_tail(0)?;
+        self.head = u64::from(self.sb.first());
+        Ok(())
+    }
+
+    fn set_tail(&mut self, start: u32) -> Result<()> {
+        let next = self.sb.sequence().wrapping_add(self.live_txns);
+        if self.live_txns == 0 && self.sb.start() == start {
+            return Ok(());
+        }
+        self.sb.set_start(start);
         self.sb.set_sequence(next);
         self.write_sb()?;
         self.dev.flush()?;
+        self.used = 0;
+        self.live_txns = 0;
+        self.logged.clear();
+        self.stats.checkpoints += 1;
         Ok(())
     }
+}
+
+/// Where the latest committed copy of a block sits in the log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LoggedCopy {
+    /// Journal-relative log block.
+    pub pos: u64,
+    /// The copy's first word was escaped (it looked like a journal header).
+    pub escaped: bool,
+}
+
+/// What the journal has done since it was opened.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct JournalStats {
+    pub commits: u64,
+    pub checkpoints: u64,
+    pub blocks_logged: u64,
+    pub revokes: u64,
 }
 
 #[cfg(test)]
@@ -516,7 +708,7 @@ mod tests {
             let a = vec![0xAA; bs];
             let mut escaped = vec![0xBB; bs];
             escaped[..4].copy_from_slice(&MAGIC.to_be_bytes());
-            j.commit(&[(3, &a), (5, &escaped)]).unwrap();
+            j.commit(&[(3, &a), (5, &escaped)], &[]).unwrap();
             // Crash before checkpoint: recovery writes both blocks.
             let mut j2 = Journal::load(Arc::new(dev.clone()), (64..128).collect(), bs, 64).unwrap();
             assert!(j2.needs_recovery());
@@ -532,7 +724,7 @@ mod tests {
             assert!(!j2.needs_recovery());
             // A transaction without its commit block is not replayed.
             let (dev, mut j) = new_journal(bs, 64, features);
-            j.commit(&[(3, &a)]).unwrap();
+            j.commit(&[(3, &a)], &[]).unwrap();
             let commit_pos = 64 + 1 + 2; // sb, descriptor, copy, commit
             dev.write_at(commit_pos as u64 * bs as u64, &vec![0u8; bs])
                 .unwrap();
@@ -546,7 +738,7 @@ mod tests {
     fn torn_copies_are_detected_with_checksums() {
         let bs = 1024;
         let (dev, mut j) = new_journal(bs, 64, (true, true));
-        j.commit(&[(3, &vec![1u8; bs]), (4, &vec![2u8; bs])])
+        j.commit(&[(3, &vec![1u8; bs]), (4, &vec![2u8; bs])], &[])
             .unwrap();
         // Tear the second copy.
         dev.write_at((64 + 3) as u64 * bs as u64, &vec![7u8; 512])
@@ -573,6 +765,137 @@ mod tests {
             Journal::load(Arc::new(dev), map, bs, 64),
             Err(Error::Unsupported(_))
         ));
+    }
+
+    fn xorshift(s: &mut u64) -> u64 {
+        *s ^= *s << 13;
+        *s ^= *s >> 7;
+        *s ^= *s << 17;
+        *s
+    }
+
+    /// Write every checkpoint target in place from its log copy.
+    fn checkpoint(dev: &MemDevice, j: &mut Journal, bs: usize) {
+        for (b, c) in j.checkpoint_targets() {
+            let data = j.read_copy(c).unwrap();
+            dev.write_at(b * bs as u64, &data).unwrap();
+        }
+        dev.flush().unwrap();
+        j.checkpoint_done().unwrap();
+    }
+
+    /// Recover a copy of `dev` and return the first byte of blocks 0..32.
+    fn recovered_firsts(dev: &MemDevice, bs: usize, len: u64) -> Vec<u8> {
+        let copy = MemDevice::from_bytes(dev.snapshot());
+        let map = (64..64 + len).collect();
+        let mut j = Journal::load(Arc::new(copy.clone()), map, bs, 64).unwrap();
+        j.recover().unwrap();
+        let snap = copy.snapshot();
+        (0..32).map(|b| snap[b * bs]).collect()
+    }
+
+    #[test]
+    fn the_log_wraps_and_replay_gives_the_newest_copies() {
+        for features in [(false, false), (true, true), (true, false)] {
+            let bs = 1024;
+            let len = 40u32;
+            let (dev, mut j) = new_journal(bs, len, features);
+            let mut model = vec![0u8; 32];
+            let mut rng = 0x9E37_79B9_7F4A_7C15u64;
+            let mut wraps = 0;
+            for round in 0..300u32 {
+                let n = 1 + (xorshift(&mut rng) % 6) as usize;
+                let mut blocks: Vec<(u64, Vec<u8>)> = (0..n)
+                    .map(|i| {
+                        let b = xorshift(&mut rng) % 32;
+                        let mut d = vec![(round % 251) as u8 + 1; bs];
+                        d[1] = i as u8;
+                        if b.is_multiple_of(5) {
+                            // Looks like a journal block: must be escaped.
+                            d[..4].copy_from_slice(&MAGIC.to_be_bytes());
+                        }
+                        (b, d)
+                    })
+                    .collect();
+                blocks.sort_by_key(|x| x.0);
+                blocks.dedup_by_key(|x| x.0);
+                if !j.fits(blocks.len(), 0) {
+                    checkpoint(&dev, &mut j, bs);
+                }
+                let before = j.head;
+                let refs: Vec<(u64, &[u8])> = blocks.iter().map(|(b, d)| (*b, &d[..])).collect();
+                j.commit(&refs, &[]).unwrap();
+                if j.head < before {
+                    wraps += 1;
+                }
+                for (b, d) in &blocks {
+                    model[*b as usize] = d[0];
+                }
+                if round % 7 == 3 {
+                    assert_eq!(
+                        recovered_firsts(&dev, bs, u64::from(len)),
+                        model,
+                        "{features:?} round {round}"
+                    );
+                }
+            }
+            assert!(wraps >= 3, "{features:?}: the log wrapped {wraps} times");
+            assert!(j.stats().checkpoints >= 3);
+        }
+    }
+
+    #[test]
+    fn revoke_records_stop_replay_of_freed_blocks() {
+        for features in [(false, false), (true, true), (false, true)] {
+            for revoke in [false, true] {
+                let bs = 1024;
+                let (dev, mut j) = new_journal(bs, 64, features);
+                j.commit(&[(5, &vec![0xAA; bs])], &[]).unwrap();
+                // Block 5 is freed and reused for file data, written in place.
+                assert!(j.is_logged(5));
+                let revokes: Vec<u64> = if revoke {
+                    // Enough records to need several revoke blocks.
+                    std::iter::once(5)
+                        .chain((0..300).map(|i| 20 + i % 40))
+                        .collect()
+                } else {
+                    Vec::new()
+                };
+                j.commit(&[(6, &vec![0xBB; bs])], &revokes).unwrap();
+                assert_eq!(
+                    j.is_logged(5),
+                    !revoke,
+                    "a committed revoke ends the copy's life"
+                );
+                dev.write_at(5 * bs as u64, &vec![0xDD; bs]).unwrap();
+                dev.flush().unwrap();
+                let firsts = recovered_firsts(&dev, bs, 64);
+                assert_eq!(firsts[6], 0xBB, "{features:?}");
+                let want = if revoke { 0xDD } else { 0xAA };
+                assert_eq!(firsts[5], want, "{features:?} revoke={revoke}");
+            }
+        }
+    }
+
+    #[test]
+    fn commits_take_two_flushes() {
+        let bs = 1024;
+        let (dev, _) = new_journal(bs, 64, (true, true));
+        let crash = folio_blockdev::CrashDevice::new(dev.snapshot());
+        let map: Vec<u64> = (64..128).collect();
+        let mut j2 = Journal::load(Arc::new(crash.clone()), map, bs, 64).unwrap();
+        j2.set_write_features(true, true);
+        let flushes = |c: &folio_blockdev::CrashDevice| {
+            c.events()
+                .iter()
+                .filter(|e| matches!(e, folio_blockdev::crash::Event::Flush))
+                .count()
+        };
+        for i in 0..5u8 {
+            let before = flushes(&crash);
+            j2.commit(&[(u64::from(i), &vec![i; bs])], &[]).unwrap();
+            assert_eq!(flushes(&crash) - before, 2, "commit {i}");
+        }
     }
 
     fn put_be32_dev(dev: &MemDevice, off: usize, v: u32) {

@@ -153,6 +153,7 @@ impl Folio {
         self.blocks
     }
     fn lock(self: &Arc<Self>) -> FolioGuard {
+        lockdep::acquire(lockdep::Level::Folio, self.index);
         let mut l = lock(&self.locked);
         while *l {
             l = self.unlocked.wait(l).unwrap_or_else(|e| e.into_inner());
@@ -168,6 +169,7 @@ impl Folio {
             return None;
         }
         *l = true;
+        lockdep::acquire_nonblocking(lockdep::Level::Folio, self.index);
         Some(FolioGuard {
             folio: Arc::clone(self),
         })
@@ -229,6 +231,7 @@ impl Drop for FolioGuard {
         let mut l = lock(&self.folio.locked);
         *l = false;
         self.folio.unlocked.notify_all();
+        lockdep::release(lockdep::Level::Folio, self.folio.index);
     }
 }
 
@@ -756,6 +759,8 @@ impl IoPool {
         })
     }
 }
+
+pub mod lockdep;
 
 #[cfg(test)]
 mod tests;

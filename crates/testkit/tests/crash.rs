@@ -35,10 +35,13 @@ const PIECE: usize = 512;
 const MARK: u8 = 0xEE;
 const ME: Owner = Owner { uid: 0, gid: 0 };
 
-fn base_image(bs: u32) -> Vec<u8> {
+/// `small_journal`: the smallest journal jbd2 allows (1,024 blocks), so
+/// that the workload wraps the log and checkpoints many times.
+fn base_image(bs: u32, small_journal: bool) -> Vec<u8> {
     let dev = MemDevice::from_bytes(vec![MARK; img_size(bs)]);
     let opts = MkfsOptions {
         block_size: Some(bs),
+        journal_bytes: small_journal.then_some(1024 * u64::from(bs)),
         ..Default::default()
     };
     mkfs(Arc::new(dev.clone()), img_size(bs) as u64, &opts).unwrap();
@@ -69,11 +72,22 @@ struct OpRec {
     renamed: Option<(u8, String)>,
 }
 
+/// A file fsync'd or fdatasync'd: durable from `event` on.
+struct Fsynced {
+    event: usize,
+    step: usize,
+    tag: u8,
+    path: String,
+    content: Vec<u8>,
+}
+
 struct Workload {
     base: Vec<u8>,
     events: Vec<Event>,
     checkpoints: Vec<Checkpoint>,
     ops: Vec<OpRec>,
+    fsynced: Vec<Fsynced>,
+    journal: folio_ext4::JournalStats,
 }
 
 fn lookup_path(fs: &mut Filesystem, path: &str) -> (u32, Vec<u8>) {
@@ -81,8 +95,8 @@ fn lookup_path(fs: &mut Filesystem, path: &str) -> (u32, Vec<u8>) {
     (p, n.as_bytes().to_vec())
 }
 
-fn run_workload(seed: u64, bs: u32, steps: usize) -> Workload {
-    let base = base_image(bs);
+fn run_workload(seed: u64, bs: u32, steps: usize, small_journal: bool) -> Workload {
+    let base = base_image(bs, small_journal);
     let dev = CrashDevice::new(base.clone());
     let mut fs = Filesystem::open(Arc::new(dev.clone()), OpenOptions::default()).unwrap();
     assert!(
@@ -100,6 +114,9 @@ fn run_workload(seed: u64, bs: u32, steps: usize) -> Workload {
         model: m.clone(),
     }];
     let mut ops = Vec::new();
+    let mut fsynced = Vec::new();
+    let mut big_batch: Vec<Vec<u8>> = Vec::new();
+    let trace = std::env::var_os("FOLIO_CRASH_TRACE").is_some();
     let mut next_tag = 1u8;
     for step in 1..=steps {
         let mut rec = OpRec {
@@ -195,14 +212,28 @@ fn run_workload(seed: u64, bs: u32, steps: usize) -> Workload {
                     Ok(d) => d,
                     Err(_) => fs.mkdir(ROOT_INO, b"big", 0o755, ME).unwrap(),
                 };
-                for i in 0..40 {
-                    fs.create(
-                        d,
-                        format!("entry-{step}-{i}-padding-the-name").as_bytes(),
-                        0o644,
-                        ME,
-                    )
-                    .unwrap();
+                // Big transactions on the small journal, so that it wraps:
+                // the last batch goes (freeing inodes and dirents), a
+                // bigger one comes.
+                if small_journal {
+                    for name in big_batch.drain(..) {
+                        fs.unlink(d, &name).unwrap();
+                    }
+                }
+                for i in 0..if small_journal { 150 } else { 40 } {
+                    let name = format!("entry-{step}-{i}-padding-the-name").into_bytes();
+                    fs.create(d, &name, 0o644, ME).unwrap();
+                    if small_journal {
+                        big_batch.push(name);
+                    }
+                }
+                if small_journal {
+                    fs.sync().unwrap();
+                    checkpoints.push(Checkpoint {
+                        event: dev.event_count(),
+                        step,
+                        model: m.clone(),
+                    });
                 }
             }
             83..=88 if !tags.is_empty() => {
@@ -229,6 +260,19 @@ fn run_workload(seed: u64, bs: u32, steps: usize) -> Workload {
                 }
                 rec.changed.push(tag);
             }
+            89..=94 if !tags.is_empty() => {
+                let tag = pick(&mut rng);
+                let (path, content) = m.files[&tag].clone();
+                let ino = fs.resolve(&path).unwrap();
+                fs.fsync(ino, rng.below(2) == 0).unwrap();
+                fsynced.push(Fsynced {
+                    event: dev.event_count(),
+                    step,
+                    tag,
+                    path,
+                    content,
+                });
+            }
             _ => {
                 fs.sync().unwrap();
                 checkpoints.push(Checkpoint {
@@ -238,15 +282,32 @@ fn run_workload(seed: u64, bs: u32, steps: usize) -> Workload {
                 });
             }
         }
+        if trace {
+            eprintln!(
+                "step {step} events {}..{} changed {:?} renamed {:?}",
+                rec.event_start,
+                dev.event_count(),
+                rec.changed,
+                rec.renamed
+            );
+        }
         ops.push(rec);
     }
     // The process dies here: no close.
+    let journal = fs.journal_stats().expect("journalled");
+    let (handles, over) = fs.handle_stats();
+    assert_eq!(
+        over, 0,
+        "seed {seed}: {over} of {handles} handles overran their credits"
+    );
     drop(fs);
     Workload {
         base,
         events: dev.events(),
         checkpoints,
         ops,
+        fsynced,
+        journal,
     }
 }
 
@@ -294,10 +355,18 @@ fn check_state(
         .iter()
         .filter(|o| o.step > cp.step && o.event_start < crash_at)
         .collect();
+    let dump = std::env::var_os("FOLIO_CRASH_DUMP").map(|d| (d, img.clone()));
     let mem = MemDevice::from_bytes(img);
     let mut fs = Filesystem::open(Arc::new(mem.clone()), OpenOptions::default())
         .map_err(|e| format!("open/recovery failed: {e}"))?;
-    let files = files_of(&mut fs).map_err(|e| format!("walk failed: {e}"))?;
+    let files = files_of(&mut fs).map_err(|e| {
+        if let Some((dir, img)) = &dump {
+            // The state before recovery, for a look with debugfs logdump.
+            let p = std::path::Path::new(dir).join(format!("crash-{crash_at}.img"));
+            std::fs::write(p, img).unwrap();
+        }
+        format!("walk failed: {e}")
+    })?;
     // 3. No stale or foreign bytes.
     for (path, data) in &files {
         let tag = data.iter().copied().find(|&b| b != 0);
@@ -345,6 +414,35 @@ fn check_state(
             }
         }
     }
+    // 2b. Files fsync'd (or fdatasync'd) and untouched since are exact.
+    for f in w.fsynced.iter().filter(|f| f.event <= durable_upto) {
+        let touched = w.ops.iter().any(|o| {
+            o.step > f.step
+                && o.event_start < crash_at
+                && (o.changed.contains(&f.tag) || o.renamed.as_ref().is_some_and(|r| r.0 == f.tag))
+        });
+        if touched {
+            continue;
+        }
+        match files.get(&f.path) {
+            Some(d) if *d == f.content => {}
+            Some(d) => {
+                return Err(format!(
+                    "{} (fsync'd at step {}) has {} bytes, expected {}",
+                    f.path,
+                    f.step,
+                    d.len(),
+                    f.content.len()
+                ))
+            }
+            None => {
+                return Err(format!(
+                    "{} (fsync'd at step {}) is missing",
+                    f.path, f.step
+                ))
+            }
+        }
+    }
     for d in &cp.model.dirs {
         if fs.resolve(d).is_err() {
             return Err(format!("synced directory {d} is missing"));
@@ -359,14 +457,19 @@ fn check_state(
 struct Tally {
     checked: usize,
     failed: Vec<String>,
+    journal: folio_ext4::JournalStats,
 }
 
 fn crash_states(seed: u64, bs: u32, scratch: &std::path::Path) -> Tally {
-    let w = run_workload(seed, bs, 160);
+    // Every other pair of workloads runs on the smallest journal.
+    let small_journal = seed % 4 >= 2;
+    let steps = if small_journal { 420 } else { 160 };
+    let w = run_workload(seed, bs, steps, small_journal);
     let mut rng = Rng::new(seed ^ 0x5EED);
     let mut tally = Tally {
         checked: 0,
         failed: Vec::new(),
+        journal: w.journal,
     };
     let mut durable = w.base.clone();
     let mut prev = 0usize;
@@ -431,7 +534,13 @@ fn every_crash_state_recovers_clean_with_synced_data_intact() {
                 let scratch = t.join(&format!("state-{worker}.img"));
                 s.spawn(move || {
                     let mut out = Vec::new();
+                    let only: Option<u64> = std::env::var("FOLIO_CRASH_SEED")
+                        .ok()
+                        .and_then(|v| v.parse().ok());
                     for seed in (worker..workloads).step_by(2) {
+                        if only.is_some_and(|o| o != seed) {
+                            continue;
+                        }
                         let bs = if seed % 2 == 0 { 1024 } else { 4096 };
                         out.push(crash_states(seed, bs, &scratch));
                     }
@@ -446,11 +555,24 @@ fn every_crash_state_recovers_clean_with_synced_data_intact() {
     });
     let checked: usize = results.iter().map(|r| r.checked).sum();
     let failed: Vec<&String> = results.iter().flat_map(|r| &r.failed).collect();
-    println!("crash states checked: {checked}, failed: {}", failed.len());
+    let commits: u64 = results.iter().map(|r| r.journal.commits).sum();
+    let checkpoints: u64 = results.iter().map(|r| r.journal.checkpoints).sum();
+    let revokes: u64 = results.iter().map(|r| r.journal.revokes).sum();
+    println!(
+        "crash states checked: {checked}, failed: {} (workloads made {commits} commits, \
+         {checkpoints} checkpoints, {revokes} revoke records)",
+        failed.len()
+    );
     for f in &failed {
         println!("FAILED {f}");
     }
     assert!(checked > 500, "only {checked} crash states");
+    if workloads >= 8 && std::env::var_os("FOLIO_CRASH_SEED").is_none() {
+        assert!(
+            checkpoints > 0 && revokes > 0,
+            "the workloads must wrap the log and revoke blocks"
+        );
+    }
     assert!(
         failed.is_empty(),
         "{} of {checked} crash states failed:\n{}",

@@ -202,6 +202,10 @@ fn run(seed: u64, bs: u32, ops: u64) -> Result<(), String> {
                 }
             }
             Op::Reopen => {
+                let (_, over) = fs.handle_stats();
+                if over > 0 {
+                    return Err(ctx(format!("{over} journal handles overran their credits")));
+                }
                 fs.close().map_err(|e| ctx(e.to_string()))?;
                 fs = Filesystem::open(d.clone(), opts()).map_err(|e| ctx(e.to_string()))?;
             }
@@ -225,6 +229,12 @@ fn run(seed: u64, bs: u32, ops: u64) -> Result<(), String> {
     let problems = fs.check_counts().map_err(|e| e.to_string())?;
     if !problems.is_empty() {
         return Err(format!("seed {seed} bs {bs}: {problems:?}"));
+    }
+    let (handles, over) = fs.handle_stats();
+    if over > 0 {
+        return Err(format!(
+            "seed {seed} bs {bs}: {over} of {handles} journal handles overran their credits"
+        ));
     }
     fs.close().map_err(|e| e.to_string())?;
     if have_tool("e2fsck") {
