@@ -391,7 +391,7 @@ fn fsync_and_fdatasync_flush_only_what_durability_needs() {
     let mut model = vec![1u8; 8192];
     fs.write(ino, 0, &model).unwrap();
     fs.fsync(ino, false).unwrap();
-    let mut step = |fs: &mut Filesystem, what: &str, want: usize, f: &dyn Fn(&mut Filesystem)| {
+    let step = |fs: &mut Filesystem, what: &str, want: usize, f: &dyn Fn(&mut Filesystem)| {
         let before = flushes(&dev);
         f(fs);
         assert_eq!(flushes(&dev) - before, want, "{what}");
