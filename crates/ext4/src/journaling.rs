@@ -3,10 +3,12 @@
 //!
 //! A transaction is every metadata block dirtied since the last commit.
 //! The buffer cache runs in no-steal mode, so no metadata reaches its home
-//! location before the transaction holding it has committed. File data is
-//! written to the device before the commit's first flush (ordered mode).
-//! Commits happen at [`Filesystem::sync`] and, between operations, when
-//! the running transaction grows past half of what the journal holds —
+//! location before the transaction holding it has committed; committed
+//! blocks go home lazily (eviction, or the checkpoint when the log is
+//! full). File data is written to the device before the commit's first
+//! flush (ordered mode). Every operation runs in a handle with credits;
+//! commits happen at [`Filesystem::sync`]/fsync, before a handle whose
+//! credits would not fit, and after one that fills the transaction —
 //! never in the middle of an operation, so each operation is atomic.
 //!
 //! Free-block rule: a block freed by the running transaction is not
