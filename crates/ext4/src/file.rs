@@ -94,9 +94,10 @@ impl Filesystem {
         len: usize,
         src: &mut dyn FnMut(&mut [u8]) -> std::io::Result<usize>,
     ) -> Result<usize> {
-        // Delayed allocation: the write itself changes the inode and may
-        // zero the old last block; allocation happens at writeback.
-        let c = self.namespace_credits() + self.alloc_credits(ino, 1);
+        // Delayed allocation: the write itself changes only the inode (the
+        // old last block's tail is zeroed through the page cache);
+        // allocation happens at writeback, in handles of its own.
+        let c = self.namespace_credits();
         let r = self.retry_nospc(c, |fs| fs.write_impl(ino, offset, len, &mut *src));
         // Throttling may write back (in handles of its own).
         let b = self.balance_dirty();

@@ -507,19 +507,20 @@ impl Filesystem {
         let targets = j.checkpoint_targets();
         let freed: std::collections::HashSet<u64> = self.revokes.iter().copied().collect();
         for (b, copy) in targets {
-            match self.cache.checkpoint_copy(b) {
-                folio_blockdev::CheckpointSource::Cache(data) => dev.write_at(b * bs, data)?,
-                folio_blockdev::CheckpointSource::Log => {
-                    let data = self.journal.as_ref().expect("journalled").read_copy(copy)?;
-                    dev.write_at(b * bs, &data)?;
+            use folio_blockdev::CheckpointSource as Src;
+            let from_log = match self.cache.checkpoint_copy(b) {
+                Src::Cache(data) => {
+                    dev.write_at(b * bs, data)?;
+                    false
                 }
-                folio_blockdev::CheckpointSource::Home if freed.contains(&b) => {
-                    // Freed by the running transaction (and dropped from
-                    // the cache), still in use in the committed state.
-                    let data = self.journal.as_ref().expect("journalled").read_copy(copy)?;
-                    dev.write_at(b * bs, &data)?;
-                }
-                folio_blockdev::CheckpointSource::Home => {}
+                Src::Log => true,
+                // Freed by the running transaction (and dropped from the
+                // cache), still in use in the committed state.
+                Src::Home => freed.contains(&b),
+            };
+            if from_log {
+                let data = self.journal.as_ref().expect("journalled").read_copy(copy)?;
+                dev.write_at(b * bs, &data)?;
             }
         }
         dev.flush()?;
