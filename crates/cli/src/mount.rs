@@ -202,8 +202,11 @@ pub fn mount_foreground(
     config.mount_options = opts.mount;
     config.acl = opts.acl;
     config.n_threads = Some(threads.max(1));
-    let mut session = fuser::Session::new(FolioFuse::new(shared.clone()), mountpoint, &config)
+    let fuse = FolioFuse::new(shared.clone());
+    let notifier = fuse.notifier_slot();
+    let mut session = fuser::Session::new(fuse, mountpoint, &config)
         .map_err(|e| format!("{}: mount failed: {e}", mountpoint.display()))?;
+    let _ = notifier.set(session.notifier());
     let mut unmounter = session.unmount_callable();
     let bg = session
         .spawn()

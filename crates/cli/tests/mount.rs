@@ -404,27 +404,77 @@ fn posix_suite(root: &Path) -> Vec<String> {
         };
         check(as_user(&acl_file), "the ACL grants uid 1234 read access");
         check(!as_user(&plain), "without an ACL uid 1234 is refused");
-        // A write by a non-owner clears setuid and setgid (the group has
-        // exec, so setgid means privilege, not mandatory locking).
-        let suid = d.join("suid");
-        fs::write(&suid, b"x").unwrap();
-        fs::set_permissions(&suid, fs::Permissions::from_mode(0o6777)).unwrap();
-        let appended = {
+        // Setuid/setgid and file capabilities: which changes drop them
+        // (Linux 6.x rules; folio applies them itself under
+        // FUSE_HANDLE_KILLPRIV_V2). Each case: initial mode, a shell
+        // command run on the file by uid 1234 or root, expected mode.
+        let run = |user: bool, cmd: &str| {
             use std::os::unix::process::CommandExt;
-            Command::new("sh")
-                .arg("-c")
-                .arg(format!("echo more >> '{}'", suid.display()))
-                .uid(1234)
-                .gid(1234)
-                .status()
-                .map(|s| s.success())
-                .unwrap_or(false)
+            let mut c = Command::new("sh");
+            c.arg("-c").arg(cmd);
+            if user {
+                c.uid(1234).gid(1234);
+            }
+            c.status().map(|s| s.success()).unwrap_or(false)
         };
-        check(appended, "uid 1234 may write a 0777 file");
-        let mode = fs::metadata(&suid).unwrap().permissions().mode() & 0o7777;
+        let cases: &[(&str, u32, bool, &str, u32)] = &[
+            ("user write", 0o6777, true, "echo more >> F", 0o777),
+            ("root write", 0o6777, false, "echo more >> F", 0o6777),
+            ("user truncate", 0o6777, true, "truncate -s 0 F", 0o777),
+            ("root truncate", 0o6777, false, "truncate -s 0 F", 0o6777),
+            ("root chown", 0o6755, false, "chown 1234 F", 0o755),
+            (
+                "root chown, setgid without group exec",
+                0o2744,
+                false,
+                "chown 1234 F",
+                0o2744,
+            ),
+            (
+                "root chown, setgid with group exec",
+                0o2754,
+                false,
+                "chown 1234 F",
+                0o754,
+            ),
+            (
+                "user write, setgid with group exec",
+                0o2777,
+                true,
+                "echo more >> F",
+                0o777,
+            ),
+        ];
+        for (i, &(what, before, user, cmd, after)) in cases.iter().enumerate() {
+            let p = d.join(format!("priv{i}"));
+            fs::write(&p, b"x").unwrap();
+            fs::set_permissions(&p, fs::Permissions::from_mode(before)).unwrap();
+            let cmd = cmd.replace('F', &format!("'{}'", p.display()));
+            check(run(user, &cmd), &format!("{what}: command runs"));
+            let mode = fs::metadata(&p).unwrap().permissions().mode() & 0o7777;
+            check(
+                mode == after,
+                &format!("{what}: mode {before:o} becomes {after:o} (got {mode:o})"),
+            );
+        }
+        // A write, even root's, drops the file's capabilities (a valid
+        // version-2 security.capability value).
+        let capf = d.join("caps");
+        fs::write(&capf, b"x").unwrap();
+        let mut cap = vec![0u8; 20];
+        cap[3] = 2; // VFS_CAP_REVISION_2, little-endian
+        cap[5] = 0x20; // one permitted capability
         check(
-            mode == 0o777,
-            &format!("a non-owner's write clears setuid/setgid (mode {mode:o})"),
+            hostxattr::set(&capf, b"security.capability", &cap).is_ok(),
+            "set security.capability",
+        );
+        check(
+            run(false, &format!("echo more >> '{}'", capf.display())),
+            "root appends",
+        );
+        check(
+            hostxattr::get(&capf, b"security.capability").is_err(),
+            "a write drops security.capability",
         );
     }
     // Bulk data.
@@ -735,7 +785,13 @@ fn model_test_through_the_mount_with_mmap() {
             }
             68..=75 => {
                 f.sync_all().unwrap();
-                "fsync".to_string()
+                // Drop the kernel's (now clean) cached pages, so that the
+                // next reads come from folio, not from the kernel's
+                // writeback cache.
+                // SAFETY: valid descriptor; advice has no memory effects.
+                let r = unsafe { libc::posix_fadvise(fd, 0, 0, libc::POSIX_FADV_DONTNEED) };
+                assert_eq!(r, 0, "op {k}: posix_fadvise");
+                "fsync + drop cached pages".to_string()
             }
             _ if !model.is_empty() => {
                 // mmap the file; read a window and write a few bytes.

@@ -31,5 +31,5 @@ pub use folio_pagecache::Config as CacheConfig;
 pub use format::inode::{FileType, ROOT_INO};
 pub use format::Timespec;
 pub use fs::{Filesystem, OpenOptions};
-pub use ops::{OpenFlags, Owner, RenameFlags, SetAttr, Stat, StatFs};
+pub use ops::{Caller, OpenFlags, Owner, RenameFlags, SetAttr, Stat, StatFs};
 pub use xattrs::XattrMode;

@@ -49,6 +49,56 @@ pub struct SetAttr {
     pub mtime: Option<Timespec>,
     pub ctime: Option<Timespec>,
     pub crtime: Option<Timespec>,
+    /// Drop setuid/setgid bits and file capabilities as Linux does for this
+    /// change by this caller: a size change counts as a write, an owner or
+    /// group change as a chown. `None`: the caller has already done it
+    /// (as the kernel's VFS does above a FUSE server without
+    /// FUSE_HANDLE_KILLPRIV_V2).
+    pub drop_privs: Option<Caller>,
+}
+
+/// Who makes a change, for the rules that drop setuid/setgid bits and file
+/// capabilities ([`Filesystem::drop_privs_for_write`], [`SetAttr`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Caller {
+    pub uid: u32,
+    /// The caller's (filesystem) group. Supplementary groups are not
+    /// consulted.
+    pub gid: u32,
+    /// Holds CAP_FSETID.
+    pub privileged: bool,
+}
+
+const S_ISUID: u16 = 0o4000;
+const S_ISGID: u16 = 0o2000;
+const S_IXGRP: u16 = 0o0010;
+
+/// The permission bits left after a change by `caller` (Linux 6.x
+/// `setattr_should_drop_suidgid` and `chown_common`): setuid and an
+/// executable setgid go on a write by an unprivileged caller and on any
+/// chown; a non-executable setgid (mandatory locking's marker) goes only
+/// when the caller is neither privileged nor in the file's group.
+/// Only regular files lose anything.
+fn dropped_mode(mode: u16, gid: u32, caller: Caller, chown: bool) -> u16 {
+    if mode & S_IFMT != S_IFREG {
+        return mode;
+    }
+    let mut m = mode;
+    let hard = chown || !caller.privileged;
+    if hard {
+        m &= !S_ISUID;
+    }
+    if m & S_ISGID != 0 {
+        let keep = if m & S_IXGRP != 0 {
+            !hard
+        } else {
+            caller.privileged || caller.gid == gid
+        };
+        if !keep {
+            m &= !S_ISGID;
+        }
+    }
+    m
 }
 
 /// renameat2 flags.
@@ -937,6 +987,15 @@ impl Filesystem {
     fn setattr_impl(&mut self, ino: u32, attr: &SetAttr) -> Result<Stat> {
         self.check_writable()?;
         let mut inode = self.read_inode(ino)?;
+        if let Some(caller) = attr.drop_privs {
+            let chown = attr.uid.is_some() || attr.gid.is_some();
+            if chown || attr.size.is_some() {
+                // Judged against the group before the change, as chown(2) does.
+                let m = dropped_mode(inode.mode(), inode.gid(), caller, chown);
+                inode.set_mode(m);
+                self.remove_capability(&mut inode)?;
+            }
+        }
         if let Some(size) = attr.size {
             if size != inode.size() || inode.is_reg() {
                 self.set_size(&mut inode, size)?;
@@ -963,6 +1022,30 @@ impl Filesystem {
         inode.set_ctime(attr.ctime.unwrap_or_else(Timespec::now));
         self.write_inode(&mut inode)?;
         self.stat(ino)
+    }
+
+    /// Drop privileges as a write by `caller` does: setuid, and setgid
+    /// where it means privilege, unless the caller is privileged; the
+    /// file's capabilities (`security.capability`) always. Does nothing,
+    /// and takes no transaction, when there is nothing to drop. Returns
+    /// whether the mode changed.
+    pub fn drop_privs_for_write(&mut self, ino: u32, caller: Caller) -> Result<bool> {
+        let inode = self.read_inode(ino)?;
+        let mode = dropped_mode(inode.mode(), inode.gid(), caller, false);
+        if mode == inode.mode() && !self.has_capability(&inode)? {
+            return Ok(false);
+        }
+        let c = self.namespace_credits();
+        self.retry_nospc(c, |fs| {
+            fs.check_writable()?;
+            let mut inode = fs.read_inode(ino)?;
+            let m = dropped_mode(inode.mode(), inode.gid(), caller, false);
+            inode.set_mode(m);
+            fs.remove_capability(&mut inode)?;
+            inode.set_ctime(Timespec::now());
+            fs.write_inode(&mut inode)
+        })?;
+        Ok(mode != inode.mode())
     }
 
     /// fsync(2)/fdatasync(2) of `ino`: its data and the metadata that

@@ -13,6 +13,9 @@ use crate::format::xattr::{
 use crate::format::{get32, put32, Timespec};
 use crate::fs::Filesystem;
 
+/// The name index of `security.` attributes.
+const SECURITY_INDEX: u8 = 6;
+
 /// `system.posix_acl_access` and `system.posix_acl_default`.
 fn is_acl(index: u8) -> bool {
     index == 2 || index == 3
@@ -191,6 +194,29 @@ impl Filesystem {
         self.store_xattrs(&mut inode, attrs)?;
         inode.set_ctime(Timespec::now());
         self.write_inode(&mut inode)
+    }
+
+    /// Whether `inode` carries file capabilities (`security.capability`).
+    pub(crate) fn has_capability(&mut self, inode: &Inode) -> Result<bool> {
+        if inode.file_acl() == 0 && inode.inline_xattr_offset().is_none() {
+            return Ok(false);
+        }
+        Ok(self
+            .all_xattrs(inode)?
+            .iter()
+            .any(|x| x.index == SECURITY_INDEX && x.name == b"capability"))
+    }
+
+    /// Remove `security.capability` from `inode`, if it has it (what the
+    /// kernel does on a write, truncate or chown). The caller writes the
+    /// inode.
+    pub(crate) fn remove_capability(&mut self, inode: &mut Inode) -> Result<()> {
+        if !self.has_capability(inode)? {
+            return Ok(());
+        }
+        let mut attrs = self.all_xattrs(inode)?;
+        attrs.retain(|x| !(x.index == SECURITY_INDEX && x.name == b"capability"));
+        self.store_xattrs(inode, attrs)
     }
 
     /// Lay `attrs` out: as many as fit in the inode, in order, the rest in

@@ -11,13 +11,13 @@ use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use folio_ext4::format::inode::S_IFMT;
 use folio_ext4::{
-    DirEntry, Error, FileType as FT, Filesystem, OpenFlags as FOpen, Owner, RenameFlags as FRename,
-    SetAttr, Stat, Timespec, XattrMode, ROOT_INO,
+    Caller, DirEntry, Error, FileType as FT, Filesystem, OpenFlags as FOpen, Owner,
+    RenameFlags as FRename, SetAttr, Stat, Timespec, XattrMode, ROOT_INO,
 };
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, KernelConfig,
@@ -42,6 +42,9 @@ pub struct FolioFuse {
     /// valid while the directory changes.
     dirs: Mutex<HashMap<u64, Vec<DirEntry>>>,
     next_fh: AtomicU64,
+    /// Set by the mounter once the session exists: lets a request tell the
+    /// kernel that attributes it caches have changed behind its back.
+    notifier: Arc<OnceLock<fuser::Notifier>>,
 }
 
 fn to_fuse(ino: u32) -> INodeNo {
@@ -131,6 +134,21 @@ impl FolioFuse {
             block_size,
             dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
+            notifier: Arc::new(OnceLock::new()),
+        }
+    }
+
+    /// Where the mounter puts the session's notifier (see
+    /// `fuser::Session::notifier`).
+    pub fn notifier_slot(&self) -> Arc<OnceLock<fuser::Notifier>> {
+        self.notifier.clone()
+    }
+
+    /// Drop the kernel's cached attributes of `ino` (not its pages).
+    fn invalidate_attrs(&self, ino: u32) {
+        if let Some(n) = self.notifier.get() {
+            // Failure only means the kernel has no such inode cached.
+            let _ = n.inval_inode(to_fuse(ino), -1, 0);
         }
     }
 
@@ -174,6 +192,17 @@ impl FolioFuse {
         }
     }
 
+    /// The caller, for the privilege-dropping rules. The kernel tells a
+    /// FUSE server only uid and gid: root stands for CAP_FSETID and the
+    /// supplementary groups are not seen.
+    fn caller(req: &Request) -> Caller {
+        Caller {
+            uid: req.uid(),
+            gid: req.gid(),
+            privileged: req.uid() == 0,
+        }
+    }
+
     fn owner(req: &Request) -> Owner {
         Owner {
             uid: req.uid(),
@@ -198,6 +227,15 @@ impl fuser::Filesystem for FolioFuse {
             // VFS encoding the library serves) and keeps mode and ACL mask
             // in step.
             fuser::InitFlags::FUSE_POSIX_ACL,
+            // The kernel's page cache absorbs writes and sends them in
+            // page-sized batches; it keeps i_size, mtime and ctime itself
+            // and sends them back through setattr. Safe because every change
+            // to the image goes through this mount.
+            fuser::InitFlags::FUSE_WRITEBACK_CACHE,
+            // Dropping setuid/setgid and capabilities on write, truncate and
+            // chown is ours (see `write` and `setattr`): the kernel then
+            // stops asking for security.capability before every write.
+            fuser::InitFlags::FUSE_HANDLE_KILLPRIV_V2,
         ] {
             let _ = config.add_capabilities(cap);
         }
@@ -229,7 +267,7 @@ impl fuser::Filesystem for FolioFuse {
 
     fn setattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -258,6 +296,9 @@ impl fuser::Filesystem for FolioFuse {
             mtime: mtime.map(t),
             ctime: ctime.map(timespec),
             crtime: crtime.map(timespec),
+            // FUSE_HANDLE_KILLPRIV_V2: a truncate or chown drops setuid,
+            // setgid and capabilities here, not in the kernel.
+            drop_privs: Some(Self::caller(req)),
         };
         match self.with(|fs| fs.setattr(from_fuse(ino), &attr)) {
             Ok(st) => reply.attr(&TTL, &self.attr(&st)),
@@ -397,7 +438,9 @@ impl fuser::Filesystem for FolioFuse {
             fs.open_ref(ino);
             Ok(())
         }) {
-            Ok(()) => reply.opened(FileHandle(0), FopenFlags::empty()),
+            // Keep the kernel's cached pages across opens: nothing changes
+            // the file except through this mount.
+            Ok(()) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
             Err(e) => reply.error(e),
         }
     }
@@ -436,18 +479,34 @@ impl fuser::Filesystem for FolioFuse {
 
     fn write(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         _fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _write_flags: WriteFlags,
+        write_flags: WriteFlags,
         _flags: OpenFlags,
         _lock_owner: Option<fuser::LockOwner>,
         reply: ReplyWrite,
     ) {
-        match self.with(|fs| fs.write(from_fuse(ino), offset, data)) {
-            Ok(n) => reply.written(n as u32),
+        // The kernel asks for setuid/setgid to go (it knows the caller's
+        // capabilities); capabilities go on every write.
+        let caller = Caller {
+            privileged: !write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID),
+            ..Self::caller(req)
+        };
+        let ino = from_fuse(ino);
+        match self.with(|fs| {
+            let dropped = fs.drop_privs_for_write(ino, caller)?;
+            Ok((dropped, fs.write(ino, offset, data)?))
+        }) {
+            Ok((dropped, n)) => {
+                reply.written(n as u32);
+                if dropped {
+                    // The kernel keeps the mode it had: make it ask again.
+                    self.invalidate_attrs(ino);
+                }
+            }
             Err(e) => reply.error(e),
         }
     }
@@ -460,7 +519,11 @@ impl fuser::Filesystem for FolioFuse {
         _lock_owner: fuser::LockOwner,
         reply: ReplyEmpty,
     ) {
-        reply.ok();
+        // Nothing to do at close: the kernel writes back the file's dirty
+        // pages (and reports their errors) before it would send FLUSH.
+        // ENOSYS tells it so once and for all, saving a round trip per
+        // close.
+        reply.error(Errno::ENOSYS);
     }
 
     fn fsync(
@@ -653,7 +716,7 @@ impl fuser::Filesystem for FolioFuse {
                 &self.attr(&st),
                 Generation(u64::from(st.generation)),
                 FileHandle(0),
-                FopenFlags::empty(),
+                FopenFlags::FOPEN_KEEP_CACHE,
             ),
             Err(e) => reply.error(e),
         }
