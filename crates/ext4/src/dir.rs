@@ -9,15 +9,15 @@
 use crate::bmap::Mapping;
 use crate::error::{Error, Result};
 use crate::format::dirent::{
-    dx_csum, dx_csum_stored, dx_limit, entry_len, has_tail, leaf_csum, parse_dx_entries,
-    parse_entries, parse_root_info, rec_len_from_disk, tail_csum_stored, write_dx_entries,
-    write_dx_tail, write_entry, write_tail, DxEntries, RawEntry, DX_NODE_COUNT, DX_ROOT_INFO,
-    NAME_MAX, TAIL_LEN,
+    dx_csum, dx_csum_stored, dx_limit, entries, entry_len, has_tail, leaf_csum, parse_dx_entries,
+    parse_entries, parse_root_info, rec_len_from_disk, rec_len_to_disk, tail_csum_stored,
+    write_dx_entries, write_dx_tail, write_entry, write_tail, DxEntries, EntryRef, RawEntry,
+    DX_NODE_COUNT, DX_ROOT_INFO, NAME_MAX, TAIL_LEN,
 };
 use crate::format::hash::dx_hash;
 use crate::format::inode::{FileType, Inode, FL_INDEX};
 use crate::format::superblock::{compat, incompat, FLAG_UNSIGNED_HASH};
-use crate::format::{get16, get32, put32, Timespec};
+use crate::format::{get16, get32, put16, put32, Timespec};
 use crate::fs::Filesystem;
 
 /// A directory entry as returned by [`Filesystem::read_dir`].
@@ -61,23 +61,35 @@ struct Found {
     prev: Option<RawEntry>,
 }
 
-/// Insert an entry into a leaf block if it fits.
+/// Insert an entry into a leaf block if it fits: into the first unused
+/// record that is big enough, or the slack at the end of a used one.
 fn leaf_insert(block: &mut [u8], usable: usize, name: &[u8], ino: u32, ft: u8) -> Result<bool> {
     let need = entry_len(name.len());
-    let entries = parse_entries(block, usable).map_err(|e| Error::corrupted(e, 0))?;
-    for e in &entries {
+    // Find the slot without allocating: (offset, record length, bytes the
+    // entry there keeps; 0 if unused).
+    let mut slot = None;
+    for e in entries(block, usable) {
+        let e = e.map_err(|e| Error::corrupted(e, 0))?;
         if e.inode == 0 && e.rec_len >= need {
-            write_entry(block, e.offset, ino, e.rec_len, ft, name);
-            return Ok(true);
+            slot = Some((e.offset, e.rec_len, 0));
+            break;
         }
         let used = entry_len(e.name.len());
         if e.inode != 0 && e.rec_len >= used + need {
-            write_entry(block, e.offset, e.inode, used, e.file_type, &e.name);
-            write_entry(block, e.offset + used, ino, e.rec_len - used, ft, name);
-            return Ok(true);
+            slot = Some((e.offset, e.rec_len, used));
+            break;
         }
     }
-    Ok(false)
+    let Some((off, rec_len, keep)) = slot else {
+        return Ok(false);
+    };
+    if keep > 0 {
+        // Shorten the used record to its entry; ours takes the rest.
+        let bs = block.len();
+        put16(block, off + 4, rec_len_to_disk(keep, bs));
+    }
+    write_entry(block, off + keep, ino, rec_len - keep, ft, name);
+    Ok(true)
 }
 
 /// Lay `entries` out compactly in an empty leaf block.
@@ -140,9 +152,18 @@ impl Filesystem {
     }
 
     fn read_dir_block(&mut self, dir: &Inode, lblk: u64) -> Result<(u64, Vec<u8>)> {
+        let pblk = self.check_dir_block(dir, lblk)?;
+        Ok((pblk, self.cache.read(pblk)?.to_vec()))
+    }
+
+    /// Make sure block `lblk` of `dir` is cached and its checksum checked
+    /// (once per read from the device); its physical block number.
+    fn check_dir_block(&mut self, dir: &Inode, lblk: u64) -> Result<u64> {
         let pblk = self.dir_pblk(dir, lblk)?;
-        let data = self.cache.read(pblk)?.to_vec();
-        if self.has_csum() {
+        let csum = self.has_csum();
+        let (data, verified) = self.cache.read_verified(pblk)?;
+        if csum && !verified {
+            let data = data.to_vec();
             // Index blocks are recognised by position and shape first, as
             // Linux does: a root converted from a full leaf keeps the old
             // leaf tail's bytes and would pass for a leaf.
@@ -171,8 +192,9 @@ impl Filesystem {
                     pblk,
                 ));
             }
+            self.cache.set_verified(pblk);
         }
-        Ok((pblk, data))
+        Ok(pblk)
     }
 
     fn write_leaf_block(&mut self, dir: &Inode, pblk: u64, data: &mut [u8]) -> Result<()> {
@@ -340,17 +362,29 @@ impl Filesystem {
     }
 
     fn search_block(&mut self, dir: &Inode, lblk: u64, name: &[u8]) -> Result<Option<Found>> {
-        let (pblk, data) = self.read_dir_block(dir, lblk)?;
-        let entries = self.block_entries(dir, lblk, &data, pblk)?;
+        let pblk = self.check_dir_block(dir, lblk)?;
+        // Scan the cached bytes in place; copy only on a match.
+        // check_dir_block left it cached; a shared borrow lets the scan
+        // call &self helpers.
+        let data = self
+            .cache
+            .peek(pblk)
+            .ok_or_else(|| Error::corrupted("directory block left the cache", pblk))?;
+        let usable = if self.dx_count_offset(dir, lblk, data).is_some() || !has_tail(data) {
+            data.len()
+        } else {
+            data.len() - TAIL_LEN
+        };
         let mut prev = None;
-        for e in entries {
+        for e in entries(data, usable) {
+            let e = e.map_err(|e| Error::corrupted(format!("directory: {e}"), pblk))?;
             if e.inode != 0 && e.name == name {
                 return Ok(Some(Found {
                     lblk,
                     pblk,
-                    data,
-                    entry: e,
-                    prev,
+                    data: data.to_vec(),
+                    entry: e.to_owned(),
+                    prev: prev.map(|p: EntryRef<'_>| p.to_owned()),
                 }));
             }
             prev = Some(e);

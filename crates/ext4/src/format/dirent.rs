@@ -75,22 +75,61 @@ pub fn leaf_csum(inode_seed: u32, block: &[u8]) -> u32 {
     crc32c_raw(inode_seed, &block[..block.len() - TAIL_LEN])
 }
 
-/// Parse the entries of a leaf block. `usable` is the length covered by
-/// entries (block size, minus the tail when there is one). Errors name the
-/// inconsistency.
-pub fn parse_entries(block: &[u8], usable: usize) -> Result<Vec<RawEntry>, &'static str> {
-    let bs = block.len();
-    let mut out = Vec::new();
-    let mut off = 0usize;
-    while off < usable {
+/// One entry as found in a block, borrowing its name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EntryRef<'a> {
+    /// Byte offset of the entry in its block.
+    pub offset: usize,
+    pub inode: u32,
+    pub rec_len: usize,
+    pub file_type: u8,
+    /// Empty for an unused record (inode 0).
+    pub name: &'a [u8],
+}
+
+impl EntryRef<'_> {
+    pub fn to_owned(&self) -> RawEntry {
+        RawEntry {
+            offset: self.offset,
+            inode: self.inode,
+            rec_len: self.rec_len,
+            file_type: self.file_type,
+            name: self.name.to_vec(),
+        }
+    }
+}
+
+/// The entries of a leaf block in order, checked one by one as they are
+/// reached; an inconsistency is yielded as an error (once, then the
+/// iterator ends). `usable` is the length covered by entries (block size,
+/// minus the tail when there is one).
+pub fn entries(block: &[u8], usable: usize) -> Entries<'_> {
+    Entries {
+        block,
+        usable,
+        off: 0,
+    }
+}
+
+/// Iterator returned by [`entries`].
+pub struct Entries<'a> {
+    block: &'a [u8],
+    usable: usize,
+    off: usize,
+}
+
+impl<'a> Entries<'a> {
+    fn entry_at(&self, off: usize) -> Result<EntryRef<'a>, &'static str> {
+        let block = self.block;
         let inode = get32(block, off).ok_or("directory entry runs past the block")?;
-        let rec_len = rec_len_from_disk(get16(block, off + 4).ok_or("truncated entry")?, bs);
+        let rec_len =
+            rec_len_from_disk(get16(block, off + 4).ok_or("truncated entry")?, block.len());
         let name_len = usize::from(*block.get(off + 6).ok_or("truncated entry")?);
         let file_type = *block.get(off + 7).ok_or("truncated entry")?;
         if rec_len < ENTRY_HEADER || !rec_len.is_multiple_of(4) {
             return Err("directory entry has a bad rec_len");
         }
-        if off + rec_len > usable {
+        if off + rec_len > self.usable {
             return Err("directory entry rec_len runs past the block");
         }
         if inode != 0 && entry_len(name_len) > rec_len {
@@ -100,20 +139,45 @@ pub fn parse_entries(block: &[u8], usable: usize) -> Result<Vec<RawEntry>, &'sta
             block
                 .get(off + ENTRY_HEADER..off + ENTRY_HEADER + name_len)
                 .ok_or("name runs past the block")?
-                .to_vec()
         } else {
-            Vec::new()
+            &[]
         };
-        out.push(RawEntry {
+        Ok(EntryRef {
             offset: off,
             inode,
             rec_len,
             file_type,
             name,
-        });
-        off += rec_len;
+        })
     }
-    Ok(out)
+}
+
+impl<'a> Iterator for Entries<'a> {
+    type Item = Result<EntryRef<'a>, &'static str>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.off >= self.usable {
+            return None;
+        }
+        match self.entry_at(self.off) {
+            Ok(e) => {
+                self.off += e.rec_len;
+                Some(Ok(e))
+            }
+            Err(msg) => {
+                self.off = self.usable;
+                Some(Err(msg))
+            }
+        }
+    }
+}
+
+/// Parse the entries of a leaf block (see [`entries`]). Errors name the
+/// inconsistency.
+pub fn parse_entries(block: &[u8], usable: usize) -> Result<Vec<RawEntry>, &'static str> {
+    entries(block, usable)
+        .map(|e| e.map(|e| e.to_owned()))
+        .collect()
 }
 
 /// Write one entry header and name at `off` with record length `rec_len`.
