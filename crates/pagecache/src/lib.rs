@@ -28,7 +28,7 @@
 //! allocated once at start, so writeback never needs new memory to make
 //! progress.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
@@ -257,6 +257,8 @@ pub struct AddressSpace {
     dirty: Mutex<BTreeSet<u64>>,
     /// Readahead state: end of the last read and the current window.
     ra: Mutex<(u64, u64)>,
+    /// Reclaim's clock hand: the folio index the next sweep starts at.
+    hand: Mutex<u64>,
 }
 
 impl AddressSpace {
@@ -495,28 +497,50 @@ impl AddressSpace {
     /// freed; returns the bytes freed. Folios referenced since the last
     /// pass get a second chance (a clock).
     fn reclaim(&self, want: u64) -> u64 {
-        let candidates: Vec<Arc<Folio>> = lock(&self.folios).values().cloned().collect();
-        let mut freed = 0;
-        for f in candidates {
-            if freed >= want {
-                break;
-            }
-            let Some(g) = f.try_lock() else { continue };
-            if g.folio.is_truncated() {
+        // A clock: resume where the last sweep stopped, look at folios in
+        // small batches, and stop after one full turn. Each call costs what
+        // it frees (plus the referenced bits it clears), not the size of
+        // the mapping.
+        const BATCH: usize = 32;
+        let total = lock(&self.folios).len();
+        let (mut scanned, mut freed) = (0, 0);
+        while freed < want && scanned < total {
+            let hand = *lock(&self.hand);
+            let batch: Vec<(u64, Arc<Folio>)> = lock(&self.folios)
+                .range(hand..)
+                .take(BATCH)
+                .map(|(&i, f)| (i, Arc::clone(f)))
+                .collect();
+            let Some(&(last, _)) = batch.last() else {
+                if hand == 0 {
+                    break;
+                }
+                *lock(&self.hand) = 0;
                 continue;
-            }
-            {
-                let mut st = g.state();
-                if st.dirty != 0 || st.writeback {
+            };
+            *lock(&self.hand) = last + 1;
+            for (_, f) in batch {
+                if freed >= want {
+                    break;
+                }
+                scanned += 1;
+                let Some(g) = f.try_lock() else { continue };
+                if g.folio.is_truncated() {
                     continue;
                 }
-                if st.referenced {
-                    st.referenced = false;
-                    continue;
+                {
+                    let mut st = g.state();
+                    if st.dirty != 0 || st.writeback {
+                        continue;
+                    }
+                    if st.referenced {
+                        st.referenced = false;
+                        continue;
+                    }
                 }
+                self.remove_locked(&g);
+                freed += self.folio_size as u64;
             }
-            self.remove_locked(&g);
-            freed += self.folio_size as u64;
         }
         freed
     }
@@ -551,7 +575,10 @@ pub struct Stats {
 /// The page cache: every mapping, the budget and the writeback pool.
 pub struct PageCache {
     shared: Arc<Shared>,
-    mappings: Mutex<HashMap<u64, Arc<AddressSpace>>>,
+    /// By inode number, in order: reclaim goes round them like a clock.
+    mappings: Mutex<BTreeMap<u64, Arc<AddressSpace>>>,
+    /// The inode number reclaim looks at next.
+    reclaim_hand: Mutex<u64>,
     pool: IoPool,
 }
 
@@ -569,7 +596,8 @@ impl PageCache {
                 reclaimed: AtomicU64::new(0),
                 written_back: AtomicU64::new(0),
             }),
-            mappings: Mutex::new(HashMap::new()),
+            mappings: Mutex::new(BTreeMap::new()),
+            reclaim_hand: Mutex::new(0),
             pool,
         }
     }
@@ -597,6 +625,7 @@ impl PageCache {
                 folios: Mutex::new(BTreeMap::new()),
                 dirty: Mutex::new(BTreeSet::new()),
                 ra: Mutex::new((0, 0)),
+                hand: Mutex::new(0),
             })
         }))
     }
@@ -653,22 +682,28 @@ impl PageCache {
     pub fn balance(&self) -> u64 {
         let budget = self.shared.cfg.budget_bytes;
         let mut freed = 0;
-        // Two passes: the first clears referenced bits, the second frees.
-        for _ in 0..2 {
+        // A clock over the mappings: stay on one while it yields enough,
+        // move on when it does not. At most two turns (the first may only
+        // clear referenced bits).
+        let turns = 2 * lock(&self.mappings).len();
+        for _ in 0..turns {
             let used = self.used_bytes();
             if used <= budget {
                 break;
             }
-            let maps: Vec<Arc<AddressSpace>> = lock(&self.mappings).values().cloned().collect();
-            let mut want = used - budget;
-            for m in maps {
-                if want == 0 {
-                    break;
-                }
-                let got = m.reclaim(want);
-                want = want.saturating_sub(got);
-                freed += got;
-            }
+            let hand = *lock(&self.reclaim_hand);
+            let next = {
+                let maps = lock(&self.mappings);
+                maps.range(hand..)
+                    .next()
+                    .or_else(|| maps.iter().next())
+                    .map(|(&ino, m)| (ino, Arc::clone(m)))
+            };
+            let Some((ino, m)) = next else { break };
+            let want = used - budget;
+            let got = m.reclaim(want);
+            freed += got;
+            *lock(&self.reclaim_hand) = if got >= want { ino } else { ino + 1 };
         }
         self.shared.reclaimed.fetch_add(freed, Ordering::Relaxed);
         freed
