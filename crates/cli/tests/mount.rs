@@ -667,6 +667,89 @@ fn mount_helper_and_signals() {
     let _ = fs::remove_dir_all(&dir);
 }
 
+/// An fstab entry of type fuse.folio mounts through mount(8) and the
+/// `mount.fuse.folio` helper (installed in /sbin for the test if absent,
+/// and removed again), using an alternative fstab (`mount -T`), so the
+/// system's /etc/fstab is not touched.
+#[test]
+fn fstab_entry_mounts_through_mount8() {
+    if !prerequisites() {
+        return;
+    }
+    let dir = tmp("fstab");
+    let folio = env!("CARGO_BIN_EXE_folio");
+    let img = dir.join("f.img");
+    assert!(Command::new(folio)
+        .args(["mkfs", "-q"])
+        .arg(&img)
+        .args(["--size", "64M"])
+        .status()
+        .unwrap()
+        .success());
+    let mnt = dir.join("m");
+    fs::create_dir(&mnt).unwrap();
+    /// Removes the helper it installed, however the test ends.
+    struct Installed(Option<PathBuf>);
+    impl Drop for Installed {
+        fn drop(&mut self) {
+            if let Some(p) = &self.0 {
+                let _ = fs::remove_file(p);
+            }
+        }
+    }
+    let helper = Path::new("/sbin/mount.fuse.folio");
+    let _installed = if helper.symlink_metadata().is_ok() {
+        Installed(None)
+    } else {
+        std::os::unix::fs::symlink(folio, helper).unwrap();
+        Installed(Some(helper.to_path_buf()))
+    };
+    let fstab = dir.join("fstab");
+    fs::write(
+        &fstab,
+        format!(
+            "# test fstab\n{} {} fuse.folio defaults,noatime,nofail,x-test.opt 0 0\n",
+            img.display(),
+            mnt.display()
+        ),
+    )
+    .unwrap();
+    let out = Command::new("mount")
+        .arg("-T")
+        .arg(&fstab)
+        .arg(&mnt)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "mount -T: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mounts = fs::read_to_string("/proc/self/mounts").unwrap();
+    let line = mounts
+        .lines()
+        .find(|l| l.split(' ').nth(1) == mnt.to_str())
+        .expect("the fstab entry is mounted");
+    assert_eq!(line.split(' ').nth(2), Some("fuse.folio"), "{line}");
+    assert!(line.contains("noatime"), "{line}");
+    fs::write(mnt.join("via-fstab"), b"fstab").unwrap();
+    assert!(Command::new(folio)
+        .arg("umount")
+        .arg(&mnt)
+        .status()
+        .unwrap()
+        .success());
+    assert!(e2fsck_clean(&img));
+    let out = Command::new(folio)
+        .arg("cat")
+        .arg(&img)
+        .arg("/via-fstab")
+        .output()
+        .unwrap();
+    assert_eq!(out.stdout, b"fstab");
+    let _ = fs::remove_dir_all(&dir);
+}
+
 /// xorshift for the mount model test.
 struct Rng(u64);
 impl Rng {
