@@ -203,12 +203,11 @@ impl Filesystem {
                     .into(),
             );
         }
-        if sb.has_compat(compat::ORPHAN_FILE) && read_only.is_none() {
-            // The orphan file is kept consistent only by code that knows it;
-            // we do not maintain it yet, so we must not write.
-            if sb.has_ro_compat(ro_compat::ORPHAN_PRESENT) {
-                read_only = Some("the orphan file holds orphans that need processing".into());
-            }
+        if sb.has_ro_compat(ro_compat::ORPHAN_PRESENT)
+            && !sb.has_compat(compat::ORPHAN_FILE)
+            && read_only.is_none()
+        {
+            read_only = Some("orphan_present is set but there is no orphan_file".into());
         }
         if sb.has_incompat(incompat::META_BG) && read_only.is_none() {
             read_only = Some("meta_bg images are read-only in folio for now".into());

@@ -23,11 +23,14 @@ use std::sync::Arc;
 
 use folio_journal::{Journal, RecoveryReport};
 
+use crate::bmap::Mapping;
+use crate::csum::crc32c_raw;
 use crate::error::{Error, Result};
-use crate::format::inode::JOURNAL_INO;
+use crate::format::inode::{Inode, JOURNAL_INO};
 use crate::format::superblock::{
     compat, incompat, ro_compat, Superblock, SUPERBLOCK_OFFSET, SUPERBLOCK_SIZE,
 };
+use crate::format::{get32, put32};
 use crate::fs::{Filesystem, OpenOptions};
 use folio_pagecache::lockdep::{Held, Level};
 
@@ -135,8 +138,13 @@ impl Filesystem {
         self.last_recovery = report;
         self.attach_journal()?;
         self.refresh_summary_counts();
-        if self.read_only.is_none() && self.sb.last_orphan() != 0 {
-            self.process_orphans()?;
+        if self.read_only.is_none() {
+            if self.sb.has_ro_compat(ro_compat::ORPHAN_PRESENT) {
+                self.process_orphan_file()?;
+            }
+            if self.sb.last_orphan() != 0 {
+                self.process_orphans()?;
+            }
         }
         Ok(self)
     }
@@ -719,31 +727,33 @@ impl Filesystem {
         (n.div_ceil(per).saturating_mul(2) + 6).min(u64::from(u32::MAX)) as usize
     }
 
+    /// Finish one orphan: free it if it has no links left (unlinked while
+    /// open), otherwise cut its blocks back to its size (an interrupted
+    /// truncate or extension).
+    fn finish_orphan(&mut self, inode: &mut Inode) -> Result<()> {
+        if inode.links() == 0 {
+            return self.release_inode(inode);
+        }
+        if inode.is_reg() || inode.is_dir() {
+            let keep = inode.size().div_ceil(u64::from(self.geo.block_size));
+            self.truncate_blocks(inode, keep)?;
+        }
+        inode.set_dtime(0);
+        self.write_inode(inode)
+    }
+
     /// Process the orphan list left by an interrupted unlink or truncate:
     /// free unlinked inodes, cut the others back to their size.
     pub(crate) fn process_orphans(&mut self) -> Result<u32> {
-        if self.sb.has_ro_compat(ro_compat::ORPHAN_PRESENT) {
-            return Ok(0);
-        }
         let mut ino = self.sb.last_orphan();
         let mut n = 0u32;
-        let bs = u64::from(self.geo.block_size);
         while ino != 0 {
             if n > self.geo.inodes_count || ino > self.geo.inodes_count {
                 return Err(Error::corrupted("the orphan list is corrupt", 0));
             }
             let mut inode = self.read_inode(ino)?;
             let next = inode.dtime();
-            if inode.links() == 0 {
-                self.release_inode(&mut inode)?;
-            } else {
-                if inode.is_reg() || inode.is_dir() {
-                    let keep = inode.size().div_ceil(bs);
-                    self.truncate_blocks(&mut inode, keep)?;
-                }
-                inode.set_dtime(0);
-                self.write_inode(&mut inode)?;
-            }
+            self.finish_orphan(&mut inode)?;
             n += 1;
             ino = next;
         }
@@ -754,4 +764,99 @@ impl Filesystem {
         }
         Ok(n)
     }
+
+    /// Process the orphan file (`orphan_file` with `orphan_present` set:
+    /// the filesystem was not unmounted cleanly). Each of its blocks holds
+    /// little-endian inode numbers (0 = free slot) followed by a tail of
+    /// magic and checksum; each orphan is finished as on the list, its
+    /// slot cleared and the block's checksum renewed; then
+    /// `orphan_present` is cleared. Returns the number of orphans.
+    pub(crate) fn process_orphan_file(&mut self) -> Result<u32> {
+        let of_ino = self.sb.orphan_file_inum();
+        if of_ino == 0 || of_ino > self.geo.inodes_count {
+            return Err(Error::corrupted(
+                format!("the orphan file inode number {of_ino} is invalid"),
+                0,
+            ));
+        }
+        let of = self.read_inode(of_ino)?;
+        let bs = self.geo.block_size as usize;
+        let slots = (bs - ORPHAN_TAIL_LEN) / 4;
+        let mut n = 0u32;
+        for lblk in 0..of.size() / bs as u64 {
+            let pblk = match self.map_block(&of, lblk, 1)?.0 {
+                Mapping::Mapped {
+                    pblk,
+                    unwritten: false,
+                } => pblk,
+                _ => {
+                    return Err(Error::corrupted(
+                        format!("the orphan file has a hole at block {lblk}"),
+                        0,
+                    ))
+                }
+            };
+            let mut data = self.cache.read(pblk)?.to_vec();
+            if get32(&data, bs - ORPHAN_TAIL_LEN) != Some(ORPHAN_BLOCK_MAGIC) {
+                return Err(Error::corrupted(
+                    format!("orphan file block {lblk} has a bad magic number"),
+                    pblk,
+                ));
+            }
+            if self.has_csum()
+                && get32(&data, bs - 4) != Some(self.orphan_block_csum(&of, pblk, &data))
+            {
+                return Err(Error::BadChecksum {
+                    what: format!("orphan file block {lblk}"),
+                    block: pblk,
+                });
+            }
+            let mut changed = false;
+            for slot in 0..slots {
+                let ino = get32(&data, slot * 4).unwrap_or(0);
+                if ino == 0 {
+                    continue;
+                }
+                if ino < self.geo.first_ino || ino > self.geo.inodes_count {
+                    return Err(Error::corrupted(
+                        format!("orphan file block {lblk} names invalid inode {ino}"),
+                        pblk,
+                    ));
+                }
+                let mut inode = self.read_inode(ino)?;
+                self.finish_orphan(&mut inode)?;
+                put32(&mut data, slot * 4, 0);
+                changed = true;
+                n += 1;
+            }
+            if changed {
+                if self.has_csum() {
+                    let c = self.orphan_block_csum(&of, pblk, &data);
+                    put32(&mut data, bs - 4, c);
+                }
+                self.cache.write(pblk, &data)?;
+            }
+        }
+        let f = self.sb.feature_ro_compat() & !ro_compat::ORPHAN_PRESENT;
+        self.sb.set_feature_ro_compat(f);
+        self.sb_dirty = true;
+        self.sync()?;
+        Ok(n)
+    }
+
+    /// Checksum of an orphan file block: crc32c over the orphan file's
+    /// inode number and generation, the block's physical number (64 bits)
+    /// and its slots, seeded with the filesystem's checksum seed.
+    fn orphan_block_csum(&self, of: &Inode, pblk: u64, data: &[u8]) -> u32 {
+        let slots = (data.len() - ORPHAN_TAIL_LEN) / 4;
+        let mut c = crc32c_raw(self.csum_seed, &of.ino.to_le_bytes());
+        c = crc32c_raw(c, &of.generation().to_le_bytes());
+        c = crc32c_raw(c, &pblk.to_le_bytes());
+        crc32c_raw(c, &data[..slots * 4])
+    }
 }
+
+/// Magic number in the tail of every orphan file block.
+const ORPHAN_BLOCK_MAGIC: u32 = 0x0b10_ca04;
+/// Tail of an orphan file block: magic, then checksum.
+const ORPHAN_TAIL_LEN: usize = 8;

@@ -297,3 +297,83 @@ fn orphans_are_freed_at_open() {
     fs.close().unwrap();
     e2fsck(&img).unwrap();
 }
+
+/// The kernel's orphan file: a file unlinked while still open when the
+/// system went down is listed in the orphan file (`orphan_file`, with
+/// `orphan_present` set while mounted). folio replays the journal, frees
+/// the orphan at the read-write open, blanks its slot and clears
+/// `orphan_present`: the same free counts and features as e2fsck's
+/// repair of the same image, and a clean image.
+#[test]
+fn kernel_orphan_file_is_processed_at_open() {
+    if !require(
+        have_tool("e2fsck") && have_tool("mkfs.ext4"),
+        "e2fsprogs is not installed",
+    ) || !require(
+        can_loop_mount(),
+        "not root or no loop devices: kernel orphan file test skipped",
+    ) {
+        return;
+    }
+    let t = TempDir::new("jr-orphanfile");
+    let img = t.join("o.img");
+    run(Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-O", "orphan_file"])
+        .arg(&img)
+        .arg("64M"));
+    let mnt = TempDir::new("omnt");
+    run(Command::new("mount")
+        .args(["-o", "loop"])
+        .arg(&img)
+        .arg(&mnt.path));
+    std::fs::write(mnt.path.join("keep"), b"still here").unwrap();
+    std::fs::write(mnt.path.join("victim"), vec![7u8; 4 << 20]).unwrap();
+    let sync = Command::new("sync")
+        .arg("-f")
+        .arg(&mnt.path)
+        .status()
+        .unwrap();
+    let open = std::fs::File::open(mnt.path.join("victim")).unwrap();
+    std::fs::remove_file(mnt.path.join("victim")).unwrap();
+    // The unlink (and the orphan slot) reach the journal; nothing more.
+    let shut = shutdown_ext4(&mnt.path);
+    drop(open);
+    let _ = Command::new("umount").arg(&mnt.path).status();
+    assert!(sync.success());
+    shut.unwrap();
+    let ro = superblock_fields(&img).2;
+    assert!(
+        ro & folio_ext4::format::superblock::ro_compat::ORPHAN_PRESENT != 0,
+        "the kernel left orphan_present set"
+    );
+    let a = t.join("by-e2fsck.img");
+    let b = t.join("by-folio.img");
+    std::fs::copy(&img, &a).unwrap();
+    std::fs::copy(&img, &b).unwrap();
+    let out = Command::new("e2fsck").arg("-fy").arg(&a).output().unwrap();
+    assert!(
+        out.status.code().unwrap_or(8) <= 1,
+        "e2fsck: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let mut fs = Filesystem::open_path(&b, OpenOptions::default()).unwrap();
+    assert!(fs.read_only_reason().is_none(), "opens read-write");
+    assert!(fs.lookup(ROOT_INO, b"victim").is_err());
+    let keep = fs.lookup(ROOT_INO, b"keep").unwrap();
+    let mut buf = [0u8; 32];
+    let n = fs.read(keep, 0, &mut buf).unwrap();
+    assert_eq!(&buf[..n], b"still here");
+    assert_eq!(fs.check_counts().unwrap(), Vec::<String>::new());
+    fs.close().unwrap();
+    e2fsck(&b).unwrap();
+    let (ours, theirs) = (superblock_fields(&b), superblock_fields(&a));
+    assert_eq!(
+        ours.2 & folio_ext4::format::superblock::ro_compat::ORPHAN_PRESENT,
+        0,
+        "orphan_present cleared"
+    );
+    assert_eq!(
+        ours, theirs,
+        "features and free counts as e2fsck leaves them"
+    );
+}

@@ -135,8 +135,9 @@ pub mod ro_compat {
     pub const ORPHAN_PRESENT: u32 = 0x10000;
 
     /// Read-only-compatible features folio keeps consistent when writing.
-    pub const SUPPORTED: u32 =
-        SPARSE_SUPER | LARGE_FILE | HUGE_FILE | GDT_CSUM | DIR_NLINK | EXTRA_ISIZE | METADATA_CSUM;
+    pub const SUPPORTED: u32 = SPARSE_SUPER | LARGE_FILE | HUGE_FILE | GDT_CSUM | DIR_NLINK | EXTRA_ISIZE | METADATA_CSUM
+        // Processed at a read-write open (`process_orphan_file`).
+        | ORPHAN_PRESENT;
 
     pub const NAMES: &[(u32, &str)] = &[
         (SPARSE_SUPER, "sparse_super"),
