@@ -9,6 +9,7 @@
 use crate::error::{Error, Result};
 use crate::format::group::{bitmap_csum, BG_BLOCK_UNINIT, BG_INODE_UNINIT};
 use crate::fs::{has_super, Filesystem};
+use folio_pagecache::lockdep::{Held, Level};
 
 fn bit(b: &[u8], i: usize) -> bool {
     b[i / 8] & (1 << (i % 8)) != 0
@@ -132,6 +133,7 @@ impl Filesystem {
     /// Allocate up to `want` contiguous blocks, at or after `goal` if
     /// possible. Returns (first block, count ≥ 1).
     pub(crate) fn alloc_blocks(&mut self, goal: u64, want: u32) -> Result<(u64, u32)> {
+        let _order = Held::take(Level::Allocator, 0);
         self.check_writable()?;
         assert!(want > 0);
         // Blocks reserved for delayed allocations are spoken for: only
@@ -199,6 +201,7 @@ impl Filesystem {
     /// Free `count` blocks from `start`. Freeing a free block is reported as
     /// corruption and changes nothing in that group.
     pub(crate) fn free_blocks(&mut self, start: u64, count: u64) -> Result<()> {
+        let _order = Held::take(Level::Allocator, 0);
         self.check_writable()?;
         if count == 0 {
             return Ok(());
@@ -284,6 +287,7 @@ impl Filesystem {
     /// Allocate an inode: files near their parent, directories spread to
     /// the group with the most free inodes among those with free blocks.
     pub(crate) fn alloc_inode(&mut self, parent: u32, is_dir: bool) -> Result<u32> {
+        let _order = Held::take(Level::Allocator, 0);
         self.check_writable()?;
         let ng = self.geo.group_count;
         let ipg = self.geo.inodes_per_group;
@@ -337,6 +341,7 @@ impl Filesystem {
     }
 
     pub(crate) fn free_inode(&mut self, ino: u32, is_dir: bool) -> Result<()> {
+        let _order = Held::take(Level::Allocator, 0);
         self.check_writable()?;
         let ipg = self.geo.inodes_per_group;
         let g = (ino - 1) / ipg;

@@ -19,6 +19,7 @@
 //! ([`Filesystem::alloc_blocks`] keeps them), so data accepted into the
 //! cache always finds space at writeback.
 
+use folio_pagecache::lockdep::{Held, Level};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -258,6 +259,8 @@ impl Filesystem {
     /// The allocation API: reserve, allocate or deallocate blocks
     /// `[lblk, lblk+n)` of `ino`, with no page cache involved.
     pub fn allocate_interval(&mut self, ino: u32, op: AllocOp, lblk: u64, n: u64) -> Result<()> {
+        // Allocate and Deallocate drop cached pages of the interval.
+        let _order = Held::take(Level::Invalidate, u64::from(ino));
         self.check_writable()?;
         let inode = self.read_inode(ino)?;
         if !inode.is_reg() {

@@ -14,6 +14,7 @@ use crate::format::extent::{Extent, MAX_UNWRITTEN_LEN};
 use crate::format::inode::Inode;
 use crate::format::Timespec;
 use crate::fs::Filesystem;
+use folio_pagecache::lockdep::{Held, Level};
 
 pub const FALLOC_FL_KEEP_SIZE: u32 = 0x01;
 pub const FALLOC_FL_PUNCH_HOLE: u32 = 0x02;
@@ -24,6 +25,8 @@ pub const FALLOC_FL_INSERT_RANGE: u32 = 0x20;
 impl Filesystem {
     /// fallocate(2) on inode `ino`. `mode` is Linux's FALLOC_FL_* bits.
     pub fn fallocate(&mut self, ino: u32, mode: u32, offset: u64, len: u64) -> Result<()> {
+        // Invalidates cached pages of the range: before the transaction.
+        let _order = Held::take(Level::Invalidate, u64::from(ino));
         // Allocation of the range, writeback of its cached data (which may
         // allocate too), and freeing (punch, zero, collapse).
         let blocks = len

@@ -8,6 +8,7 @@
 //!   last block beyond the old size are zeroed first, in the cache.
 //! - Direct I/O writes back and drops the cached range first.
 
+use folio_pagecache::lockdep::{Held, Level};
 use std::sync::Arc;
 
 use crate::bmap::Mapping;
@@ -152,6 +153,8 @@ impl Filesystem {
     /// back and dropped first, so no later writeback can overwrite what
     /// this puts on the device.
     pub fn write_direct(&mut self, ino: u32, offset: u64, data: &[u8]) -> Result<usize> {
+        // Drops cached pages of the range: before the transaction.
+        let _order = Held::take(Level::Invalidate, u64::from(ino));
         let blocks = (data.len() as u64).div_ceil(u64::from(self.geo.block_size)) + 1;
         let c = self.namespace_credits() + 2 * self.alloc_credits(ino, blocks);
         self.retry_nospc(c, |fs| fs.write_direct_impl(ino, offset, data))

@@ -11,6 +11,7 @@ use crate::format::inode::{
 use crate::format::superblock::{incompat, ro_compat};
 use crate::format::Timespec;
 use crate::fs::{has_super, Filesystem};
+use folio_pagecache::lockdep::{Held, Level};
 
 /// Link count limit for ext4 (directories past it count as 1 with dir_nlink).
 pub const LINK_MAX: u16 = 65000;
@@ -975,6 +976,11 @@ impl Filesystem {
 
     /// Change attributes of `ino`.
     pub fn setattr(&mut self, ino: u32, attr: &SetAttr) -> Result<Stat> {
+        // A size change invalidates cached pages: that level comes before
+        // the transaction (lock order).
+        let _order = attr
+            .size
+            .map(|_| Held::take(Level::Invalidate, u64::from(ino)));
         let c = self.namespace_credits()
             + if attr.size.is_some() {
                 self.free_credits(ino)

@@ -729,3 +729,29 @@ fn unlinked_open_files_live_until_closed() {
     assert_eq!(fs.stat(g).unwrap().nlink, 0);
     fsck_mem(&dev, fs, "orphans");
 }
+
+/// The lock-order checker sees the library's own levels: an operation that
+/// invalidates cached pages (fallocate, truncate, direct I/O) must not
+/// start inside a transaction, and the allocator is the innermost level.
+#[cfg(debug_assertions)]
+#[test]
+#[should_panic(expected = "lock order violation: taking Invalidate")]
+fn fallocate_inside_a_transaction_breaks_the_lock_order() {
+    use folio_ext4::lockdep::{Held, Level};
+    let (_dev, mut fs) = mem_fs(32 << 20, MkfsOptions::default());
+    let f = fs
+        .create(ROOT_INO, b"f", 0o644, folio_ext4::Owner::default())
+        .unwrap();
+    let _t = Held::take(Level::Transaction, 0);
+    let _ = fs.fallocate(f, 0, 0, 4096);
+}
+
+#[cfg(debug_assertions)]
+#[test]
+#[should_panic(expected = "lock order violation: taking Transaction 0 while holding Allocator")]
+fn a_transaction_inside_the_allocator_breaks_the_lock_order() {
+    use folio_ext4::lockdep::{Held, Level};
+    let (_dev, mut fs) = mem_fs(32 << 20, MkfsOptions::default());
+    let _a = Held::take(Level::Allocator, 0);
+    let _ = fs.create(ROOT_INO, b"f", 0o644, folio_ext4::Owner::default());
+}
