@@ -57,10 +57,25 @@ pub struct TempDir {
 
 impl TempDir {
     pub fn new(tag: &str) -> Self {
+        Self::under(&std::env::temp_dir(), tag)
+    }
+
+    /// A temporary directory in memory (/dev/shm) where there is one, for
+    /// scratch files written and read thousands of times.
+    pub fn in_memory(tag: &str) -> Self {
+        let shm = Path::new("/dev/shm");
+        if shm.is_dir() {
+            Self::under(shm, tag)
+        } else {
+            Self::new(tag)
+        }
+    }
+
+    fn under(base: &Path, tag: &str) -> Self {
         use std::sync::atomic::{AtomicU32, Ordering};
         static N: AtomicU32 = AtomicU32::new(0);
         let n = N.fetch_add(1, Ordering::Relaxed);
-        let path = std::env::temp_dir().join(format!("folio-{tag}-{}-{n}", std::process::id()));
+        let path = base.join(format!("folio-{tag}-{}-{n}", std::process::id()));
         let _ = fs::remove_dir_all(&path);
         fs::create_dir_all(&path).expect("create temp dir");
         TempDir { path }
