@@ -505,6 +505,37 @@ fn posix_suite(root: &Path) -> Vec<String> {
 
 use std::os::unix::fs::FileTypeExt;
 
+/// `folio mkfs -q IMG --size SIZE`, which must succeed.
+fn folio_mkfs(img: &Path, size: &str) {
+    assert!(Command::new(env!("CARGO_BIN_EXE_folio"))
+        .args(["mkfs", "-q"])
+        .arg(img)
+        .args(["--size", size])
+        .status()
+        .unwrap()
+        .success());
+}
+
+/// `folio umount MNT`, which must succeed.
+fn folio_umount(mnt: &Path) {
+    assert!(Command::new(env!("CARGO_BIN_EXE_folio"))
+        .arg("umount")
+        .arg(mnt)
+        .status()
+        .unwrap()
+        .success());
+}
+
+/// `folio cat IMG PATH`.
+fn folio_cat(img: &Path, path: &str) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_folio"))
+        .arg("cat")
+        .arg(img)
+        .arg(path)
+        .output()
+        .unwrap()
+}
+
 fn e2fsck_clean(img: &Path) -> bool {
     Command::new("e2fsck")
         .arg("-fn")
@@ -523,13 +554,7 @@ fn posix_suite_passes_on_folio_and_on_the_kernel() {
     let folio = env!("CARGO_BIN_EXE_folio");
     let a = dir.join("folio.img");
     let b = dir.join("kernel.img");
-    assert!(Command::new(folio)
-        .args(["mkfs", "-q"])
-        .arg(&a)
-        .args(["--size", "256M"])
-        .status()
-        .unwrap()
-        .success());
+    folio_mkfs(&a, "256M");
     fs::copy(&a, &b).unwrap();
     // folio FUSE mount.
     let ma = dir.join("ma");
@@ -553,12 +578,7 @@ fn posix_suite_passes_on_folio_and_on_the_kernel() {
         "listed as fuse.folio"
     );
     let folio_bad = posix_suite(&ma);
-    assert!(Command::new(folio)
-        .arg("umount")
-        .arg(&ma)
-        .status()
-        .unwrap()
-        .success());
+    folio_umount(&ma);
     // Kernel ext4 on an identical image.
     let mb = dir.join("mb");
     fs::create_dir(&mb).unwrap();
@@ -590,13 +610,7 @@ fn mount_helper_and_signals() {
     let dir = tmp("helper");
     let folio = env!("CARGO_BIN_EXE_folio");
     let img = dir.join("h.img");
-    assert!(Command::new(folio)
-        .args(["mkfs", "-q"])
-        .arg(&img)
-        .args(["--size", "64M"])
-        .status()
-        .unwrap()
-        .success());
+    folio_mkfs(&img, "64M");
     let helper = dir.join("mount.fuse.folio");
     std::os::unix::fs::symlink(folio, &helper).unwrap();
     let mnt = dir.join("m");
@@ -613,12 +627,7 @@ fn mount_helper_and_signals() {
         String::from_utf8_lossy(&out.stderr)
     );
     fs::write(mnt.join("via-helper"), b"ok").unwrap();
-    assert!(Command::new(folio)
-        .arg("umount")
-        .arg(&mnt)
-        .status()
-        .unwrap()
-        .success());
+    folio_umount(&mnt);
     // Foreground mount; SIGTERM unmounts cleanly and syncs.
     let mut child = Command::new(folio)
         .arg("mount")
@@ -650,19 +659,9 @@ fn mount_helper_and_signals() {
         "unmounted"
     );
     assert!(e2fsck_clean(&img));
-    let out = Command::new(folio)
-        .arg("cat")
-        .arg(&img)
-        .arg("/before-sigterm")
-        .output()
-        .unwrap();
+    let out = folio_cat(&img, "/before-sigterm");
     assert_eq!(out.stdout, b"kept");
-    let out = Command::new(folio)
-        .arg("cat")
-        .arg(&img)
-        .arg("/via-helper")
-        .output()
-        .unwrap();
+    let out = folio_cat(&img, "/via-helper");
     assert_eq!(out.stdout, b"ok");
     let _ = fs::remove_dir_all(&dir);
 }
@@ -679,13 +678,7 @@ fn fstab_entry_mounts_through_mount8() {
     let dir = tmp("fstab");
     let folio = env!("CARGO_BIN_EXE_folio");
     let img = dir.join("f.img");
-    assert!(Command::new(folio)
-        .args(["mkfs", "-q"])
-        .arg(&img)
-        .args(["--size", "64M"])
-        .status()
-        .unwrap()
-        .success());
+    folio_mkfs(&img, "64M");
     let mnt = dir.join("m");
     fs::create_dir(&mnt).unwrap();
     /// Removes the helper it installed, however the test ends.
@@ -733,19 +726,9 @@ fn fstab_entry_mounts_through_mount8() {
     assert_eq!(line.split(' ').nth(2), Some("fuse.folio"), "{line}");
     assert!(line.contains("noatime"), "{line}");
     fs::write(mnt.join("via-fstab"), b"fstab").unwrap();
-    assert!(Command::new(folio)
-        .arg("umount")
-        .arg(&mnt)
-        .status()
-        .unwrap()
-        .success());
+    folio_umount(&mnt);
     assert!(e2fsck_clean(&img));
-    let out = Command::new(folio)
-        .arg("cat")
-        .arg(&img)
-        .arg("/via-fstab")
-        .output()
-        .unwrap();
+    let out = folio_cat(&img, "/via-fstab");
     assert_eq!(out.stdout, b"fstab");
     let _ = fs::remove_dir_all(&dir);
 }
@@ -776,13 +759,7 @@ fn model_test_through_the_mount_with_mmap() {
     let dir = tmp("fsxm");
     let folio = env!("CARGO_BIN_EXE_folio");
     let img = dir.join("m.img");
-    assert!(Command::new(folio)
-        .args(["mkfs", "-q"])
-        .arg(&img)
-        .args(["--size", "64M"])
-        .status()
-        .unwrap()
-        .success());
+    folio_mkfs(&img, "64M");
     let mnt = dir.join("m");
     fs::create_dir(&mnt).unwrap();
     assert!(Command::new(folio)
@@ -927,24 +904,14 @@ fn model_test_through_the_mount_with_mmap() {
     }
     let all = fs::read(&path).unwrap();
     drop(f);
-    assert!(Command::new(folio)
-        .arg("umount")
-        .arg(&mnt)
-        .status()
-        .unwrap()
-        .success());
+    folio_umount(&mnt);
     assert!(failure.is_none(), "{}", failure.unwrap());
     assert!(
         all == model,
         "final contents through the mount differ from the model"
     );
     assert!(e2fsck_clean(&img), "image not clean after the model test");
-    let out = Command::new(folio)
-        .arg("cat")
-        .arg(&img)
-        .arg("/model")
-        .output()
-        .unwrap();
+    let out = folio_cat(&img, "/model");
     assert!(
         out.stdout == model,
         "the image holds different bytes than the model"
@@ -963,13 +930,7 @@ fn loop_device_on_a_file_inside_the_mount() {
     let dir = tmp("loop");
     let folio = env!("CARGO_BIN_EXE_folio");
     let outer = dir.join("outer.img");
-    assert!(Command::new(folio)
-        .args(["mkfs", "-q"])
-        .arg(&outer)
-        .args(["--size", "256M"])
-        .status()
-        .unwrap()
-        .success());
+    folio_mkfs(&outer, "256M");
     let mnt = dir.join("m");
     let inner_mnt = dir.join("inner");
     fs::create_dir(&mnt).unwrap();
@@ -1038,12 +999,7 @@ fn loop_device_on_a_file_inside_the_mount() {
         .map(|o| o.status.success())
         .unwrap_or(false);
     let _ = Command::new("losetup").arg("-d").arg(&loopdev).status();
-    assert!(Command::new(folio)
-        .arg("umount")
-        .arg(&mnt)
-        .status()
-        .unwrap()
-        .success());
+    folio_umount(&mnt);
     assert!(ok, "the ext4 inside the loop device did not work");
     assert!(inner_clean, "the inner filesystem is not clean");
     assert!(e2fsck_clean(&outer), "the folio image is not clean");
