@@ -25,7 +25,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use folio_blockdev::crash::{apply, crash_image, Event};
+use folio_blockdev::crash::{apply, crash_overlay, Event, Overlay, CHUNK};
 use folio_blockdev::{CrashDevice, MemDevice};
 use folio_ext4::mkfs::{mkfs, MkfsOptions};
 use folio_ext4::{FileType, Filesystem, OpenOptions, Owner, RenameFlags, SetAttr, ROOT_INO};
@@ -344,30 +344,99 @@ fn files_of(fs: &mut Filesystem) -> folio_ext4::Result<BTreeMap<String, Vec<u8>>
     Ok(out)
 }
 
-/// Check one crash state. `durable_upto`: events certainly durable;
-/// `crash_at`: events issued before the crash.
-/// Key of a crash image for the e2fsck verdict cache.
-fn image_key(img: &[u8]) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::hash::DefaultHasher::new();
-    for b in img.chunks(4096) {
-        folio_ext4::csum::crc32c_raw(0, b).hash(&mut h);
+/// The last flushed image, shared by the crash states built on it, with
+/// the CRC32C of each chunk, and an e2fsck scratch file that holds it.
+struct Durable {
+    image: Arc<Vec<u8>>,
+    crcs: Vec<u32>,
+    scratch: std::fs::File,
+    /// The scratch file lags behind `image` (written lazily, only when a
+    /// state needs e2fsck).
+    scratch_stale: bool,
+}
+
+impl Durable {
+    fn new(image: Vec<u8>, scratch: &std::path::Path) -> Self {
+        let crcs = image
+            .chunks(CHUNK)
+            .map(|c| folio_ext4::csum::crc32c_raw(0, c))
+            .collect();
+        Durable {
+            image: Arc::new(image),
+            crcs,
+            scratch: std::fs::File::create(scratch).unwrap(),
+            scratch_stale: true,
+        }
     }
-    h.finish()
+
+    /// Apply flushed writes. No crash state may still hold the image.
+    fn apply(&mut self, events: &[Event]) {
+        let img = Arc::get_mut(&mut self.image).expect("no state holds the durable image");
+        for e in events {
+            apply(img, e);
+            if let Event::Write { offset, data } = e {
+                let (first, end) = (*offset as usize / CHUNK, *offset as usize + data.len());
+                for idx in first..end.div_ceil(CHUNK) {
+                    let c = &img[idx * CHUNK..((idx + 1) * CHUNK).min(img.len())];
+                    self.crcs[idx] = folio_ext4::csum::crc32c_raw(0, c);
+                }
+            }
+        }
+        self.scratch_stale = true;
+    }
+
+    /// Key of a crash state's image, for the e2fsck verdict cache: a
+    /// 64-bit hash of its per-chunk CRC32Cs.
+    fn key(&self, state: &Overlay) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut crcs = self.crcs.clone();
+        state.for_each_chunk(|idx, data| crcs[idx] = folio_ext4::csum::crc32c_raw(0, data));
+        let mut h = std::hash::DefaultHasher::new();
+        crcs.hash(&mut h);
+        h.finish()
+    }
+
+    /// Run `e2fsck -fn` on the durable image patched with `state`'s
+    /// chunks; the scratch file is put back afterwards.
+    fn e2fsck(&mut self, state: &Overlay, path: &std::path::Path) -> Result<(), String> {
+        use std::os::unix::fs::FileExt;
+        if self.scratch_stale {
+            self.scratch.write_all_at(&self.image, 0).unwrap();
+            self.scratch_stale = false;
+        }
+        let mut patched = Vec::new();
+        state.for_each_chunk(|idx, data| {
+            self.scratch
+                .write_all_at(data, (idx * CHUNK) as u64)
+                .unwrap();
+            patched.push(idx);
+        });
+        let verdict = e2fsck(path);
+        for idx in patched {
+            let orig = &self.image[idx * CHUNK..((idx + 1) * CHUNK).min(self.image.len())];
+            self.scratch
+                .write_all_at(orig, (idx * CHUNK) as u64)
+                .unwrap();
+        }
+        verdict
+    }
 }
 
 /// Keys of crash images whose recovery e2fsck called clean.
 type Verdicts = std::collections::HashSet<u64>;
 
+/// Check one crash state. `durable_upto`: events certainly durable;
+/// `crash_at`: events issued before the crash.
 fn check_state(
     w: &Workload,
-    img: Vec<u8>,
+    durable: &mut Durable,
+    state: Overlay,
     durable_upto: usize,
     crash_at: usize,
     scratch: &std::path::Path,
     clean: &mut Verdicts,
 ) -> Result<(), String> {
-    let key = image_key(&img);
+    let key = durable.key(&state);
     let cp = w
         .checkpoints
         .iter()
@@ -379,9 +448,9 @@ fn check_state(
         .iter()
         .filter(|o| o.step > cp.step && o.event_start < crash_at)
         .collect();
-    let dump = std::env::var_os("FOLIO_CRASH_DUMP").map(|d| (d, img.clone()));
-    let mem = MemDevice::from_bytes(img);
-    let mut fs = Filesystem::open(Arc::new(mem.clone()), OpenOptions::default())
+    let dump = std::env::var_os("FOLIO_CRASH_DUMP").map(|d| (d, state.to_vec()));
+    let state = Arc::new(state);
+    let mut fs = Filesystem::open(state.clone(), OpenOptions::default())
         .map_err(|e| format!("open/recovery failed: {e}"))?;
     let files = files_of(&mut fs).map_err(|e| {
         if let Some((dir, img)) = &dump {
@@ -477,8 +546,8 @@ fn check_state(
     if clean.contains(&key) {
         return Ok(());
     }
-    std::fs::write(scratch, mem.snapshot()).unwrap();
-    e2fsck(scratch)?;
+    let state = Arc::into_inner(state).expect("the filesystem let go of its device");
+    durable.e2fsck(&state, scratch)?;
     clean.insert(key);
     Ok(())
 }
@@ -508,7 +577,7 @@ fn crash_states(seed: u64, bs: u32, scratch: &std::path::Path) -> Tally {
         failed: Vec::new(),
         journal: w.journal,
     };
-    let mut durable = w.base.clone();
+    let mut durable = Durable::new(w.base.clone(), scratch);
     let mut prev = 0usize;
     let flushes: Vec<usize> = w
         .events
@@ -529,11 +598,12 @@ fn crash_states(seed: u64, bs: u32, scratch: &std::path::Path) -> Tally {
                 let cut = prev + 1 + rng.below((f - prev) as u64) as usize;
                 let p = [10, 50, 90][rng.below(3) as usize];
                 let mut kr = Rng::new(rng.next_u64());
-                let img = crash_image(&durable, &w.events[prev..cut], PIECE, |_, _| {
+                let state = crash_overlay(&durable.image, &w.events[prev..cut], PIECE, |_, _| {
                     kr.below(100) < p
                 });
                 tally.checked += 1;
-                if let Err(e) = check_state(&w, img, prev, cut, scratch, &mut clean) {
+                if let Err(e) = check_state(&w, &mut durable, state, prev, cut, scratch, &mut clean)
+                {
                     tally.failed.push(format!("seed {seed} bs {bs}: crash after event {cut} (durable {prev}, keep {p}%): {e}"));
                 }
             }
@@ -541,12 +611,11 @@ fn crash_states(seed: u64, bs: u32, scratch: &std::path::Path) -> Tally {
         if f == w.events.len() {
             break;
         }
-        for e in &w.events[prev..f] {
-            apply(&mut durable, e);
-        }
+        durable.apply(&w.events[prev..f]);
         prev = f + 1;
         tally.checked += 1;
-        if let Err(e) = check_state(&w, durable.clone(), prev, prev, scratch, &mut clean) {
+        let state = Overlay::new(durable.image.clone());
+        if let Err(e) = check_state(&w, &mut durable, state, prev, prev, scratch, &mut clean) {
             tally.failed.push(format!(
                 "seed {seed} bs {bs}: crash at flush event {f}: {e}"
             ));
