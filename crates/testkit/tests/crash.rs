@@ -10,10 +10,10 @@
 //!    filled with a marker first; each file is written with its own tag);
 //! 4. a rename is all-or-nothing.
 //!
-//! `FOLIO_CRASH_WORKLOADS=N` runs more workloads (each ~250 states) and
+//! `FOLIO_CRASH_WORKLOADS=N` runs N workloads instead of 16 and
 //! `FOLIO_CRASH_CUTS=N` takes N random crash points per flush interval
-//! instead of 3; a failure prints the workload seed and crash point to
-//! replay.
+//! instead of 20 (a workload has about 100 flush intervals); a failure
+//! prints the workload seed and crash point to replay.
 //!
 //! Checks 2–4 run on every state. e2fsck (check 1) runs once per distinct
 //! crash image: a state whose image before recovery equals one already
@@ -21,6 +21,11 @@
 //! deterministic (only clock readings differ) and e2fsck's verdict does
 //! not depend on them. Images are keyed by a 64-bit hash of their
 //! per-4-KiB-block CRC32Cs.
+//!
+//! A crash state is an [`Overlay`] on the last flushed image: building,
+//! recovering and checking it copies only the 4 KiB chunks that the crash
+//! and the recovery touch, and e2fsck reads a scratch copy of the flushed
+//! image patched with those chunks (and restored after).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -569,7 +574,7 @@ fn crash_states(seed: u64, bs: u32, scratch: &std::path::Path) -> Tally {
     let cuts: usize = std::env::var("FOLIO_CRASH_CUTS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(3);
+        .unwrap_or(20);
     let mut clean = Verdicts::new();
     let mut tally = Tally {
         checked: 0,
@@ -633,7 +638,7 @@ fn every_crash_state_recovers_clean_with_synced_data_intact() {
     let workloads: u64 = std::env::var("FOLIO_CRASH_WORKLOADS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(8);
+        .unwrap_or(16);
     let t = TempDir::in_memory("crash");
     let results: Vec<Tally> = std::thread::scope(|s| {
         // One worker per core (two on the development VM).
