@@ -65,6 +65,11 @@ fn sigkill_mid_workload_loses_no_fsynced_data() {
         assert_eq!(synced.len(), kill_after, "the workload stopped early");
         let mut fs =
             Filesystem::open_path(&img, OpenOptions::default()).expect("reopen after SIGKILL");
+        let replayed = fs.recovery_report().map_or(0, |r| r.transactions);
+        assert!(
+            replayed > 0,
+            "round {round}: the killed process left no committed transaction to replay"
+        );
         let dirino = fs.resolve("/torture").unwrap();
         for (name, len, seed) in &synced {
             let ino = fs
@@ -79,11 +84,13 @@ fn sigkill_mid_workload_loses_no_fsynced_data() {
             );
         }
         fs.close().unwrap();
-        if let Some(clean) = e2fsck_clean(&img) {
-            assert!(
+        match e2fsck_clean(&img) {
+            Some(clean) => assert!(
                 clean,
                 "round {round}: e2fsck -fn is not clean after recovery"
-            );
+            ),
+            None if std::env::var_os("CI").is_some() => panic!("e2fsck is required under CI"),
+            None => eprintln!("skipping the e2fsck check: e2fsck is not installed"),
         }
     }
     let _ = std::fs::remove_dir_all(&dir);
