@@ -22,14 +22,38 @@ struct Pristine {
     meta_blocks: Vec<u64>,
 }
 
+/// The images the fuzz test damages.
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    /// folio's mkfs: ext4 with metadata_csum, or ext2.
+    Ours(FsType),
+    /// mke2fs's ext4 without metadata_csum: extents, htree, flex_bg and
+    /// 64bit with nothing but structure checks to catch damage.
+    Ext4NoCsum,
+}
+
 fn build(t: &TempDir, ty: FsType) -> Pristine {
+    build_kind(t, Kind::Ours(ty))
+}
+
+fn build_kind(t: &TempDir, kind: Kind) -> Pristine {
     let img = t.join("pristine.img");
-    let opts = MkfsOptions {
-        fs_type: ty,
-        block_size: Some(1024),
-        ..Default::default()
-    };
-    mkfs_path(&img, Some(16 << 20), &opts).unwrap();
+    match kind {
+        Kind::Ours(ty) => {
+            let opts = MkfsOptions {
+                fs_type: ty,
+                block_size: Some(1024),
+                ..Default::default()
+            };
+            mkfs_path(&img, Some(16 << 20), &opts).unwrap();
+        }
+        Kind::Ext4NoCsum => {
+            run(std::process::Command::new("mkfs.ext4")
+                .args(["-q", "-F", "-b", "1024", "-O", "^metadata_csum"])
+                .arg(&img)
+                .arg("16M"));
+        }
+    }
     let mut fs = Filesystem::open_path(&img, OpenOptions::default()).unwrap();
     let dir = fs.mkdir(ROOT_INO, b"dir", 0o755, ME).unwrap();
     for i in 0..300 {
@@ -86,6 +110,10 @@ fn build(t: &TempDir, ty: FsType) -> Pristine {
     meta_blocks.extend(dir_runs.iter().flat_map(|r| r.pblk..r.pblk + r.len));
     meta_blocks.extend(frag_meta);
     meta_blocks.push(xattr_blk);
+    // The journal superblock (inode 8's first block), where there is one.
+    if let Some(r) = fs.block_runs(8).ok().and_then(|r| r.first().cloned()) {
+        meta_blocks.push(r.pblk);
+    }
     fs.close().unwrap();
     Pristine {
         bytes: std::fs::read(&img).unwrap(),
@@ -254,49 +282,235 @@ fn structural_damage_without_checksums_is_caught() {
     assert_eq!(e.errno(), libc::EUCLEAN);
 }
 
-/// Random byte flips in metadata blocks: errors are fine, panics are not.
-#[test]
-fn random_metadata_damage_never_panics() {
-    let iterations: u64 = std::env::var("FOLIO_FUZZ_ITERS")
+/// Damage to one metadata block: a flipped bit, or an aligned 16- or
+/// 32-bit field set to a value that breaks bounds (zero, all ones, the
+/// sign bit, a small count, a random number).
+fn damage(bytes: &mut [u8], p: &Pristine, rng: &mut Rng) -> u64 {
+    let blk = p.meta_blocks[rng.below(p.meta_blocks.len() as u64) as usize];
+    let off = (blk * p.bs + rng.below(p.bs)) as usize;
+    match rng.below(3) {
+        0 => bytes[off] ^= 1 << rng.below(8),
+        k => {
+            let v = match rng.below(5) {
+                0 => 0,
+                1 => u32::MAX,
+                2 => 0x8000_0000,
+                3 => rng.below(64) as u32,
+                _ => rng.next_u64() as u32,
+            };
+            let (off, le) = if k == 1 {
+                (off & !1, (v as u16).to_le_bytes().to_vec())
+            } else {
+                (off & !3, v.to_le_bytes().to_vec())
+            };
+            bytes[off..off + le.len()].copy_from_slice(&le);
+        }
+    }
+    blk
+}
+
+/// `FOLIO_FUZZ_ITERS`, or 150.
+fn fuzz_iters() -> u64 {
+    std::env::var("FOLIO_FUZZ_ITERS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(150);
-    for ty in [FsType::Ext4, FsType::Ext2] {
+        .unwrap_or(150)
+}
+
+/// Random damage to metadata blocks: errors are fine, panics are not.
+/// `FOLIO_FUZZ_ITERS=N` damages N images of each kind instead of 150.
+#[test]
+fn random_metadata_damage_never_panics() {
+    let iterations = fuzz_iters();
+    let mut kinds = vec![Kind::Ours(FsType::Ext4), Kind::Ours(FsType::Ext2)];
+    if require(have_tool("mkfs.ext4"), "mkfs.ext4 is not installed") {
+        kinds.push(Kind::Ext4NoCsum);
+    }
+    for ty in kinds {
         let t = TempDir::new("fuzz");
-        let p = build(&t, ty);
-        let img = t.join("f.img");
+        let p = build_kind(&t, ty);
+        // Images that opened, and operations that failed on them: the
+        // damage must reach past open for the test to mean anything.
+        let (mut opened, mut errors, mut ops) = (0u64, 0u64, 0u64);
         for seed in 0..iterations {
             let mut rng = Rng::new(seed ^ 0xC0FFEE);
             let mut bytes = p.bytes.clone();
             for _ in 0..1 + rng.below(4) {
-                let blk = p.meta_blocks[rng.below(p.meta_blocks.len() as u64) as usize];
-                let off = blk * p.bs + rng.below(p.bs);
-                bytes[off as usize] ^= 1 << rng.below(8);
+                damage(&mut bytes, &p, &mut rng);
             }
-            std::fs::write(&img, &bytes).unwrap();
+            let dev = std::sync::Arc::new(folio_blockdev::MemDevice::from_bytes(bytes));
             let outcome = catch_unwind(AssertUnwindSafe(|| {
-                let Ok(mut fs) = open(&img) else { return };
-                let _ = walk(&mut fs, ROOT_INO, 0);
-                let _ = fs
-                    .create(ROOT_INO, b"new-file", 0o644, ME)
-                    .and_then(|i| fs.write(i, 0, &[1u8; 5000]));
-                let _ = fs.mkdir(p.dir, b"new-dir", 0o755, ME);
-                let _ = fs.unlink(p.dir, b"name-0100");
-                let _ = fs.write(p.frag, 3000, b"overwrite");
-                let _ = fs.setattr(
-                    p.frag,
-                    &folio_ext4::SetAttr {
-                        size: Some(10_000),
-                        ..Default::default()
-                    },
-                );
-                let _ = fs.set_xattr(p.x, b"user.z", &[3u8; 300], XattrMode::Any);
-                let _ = fs.close();
+                let Ok(mut fs) = Filesystem::open(dev, OpenOptions::default()) else {
+                    return Vec::new();
+                };
+                vec![
+                    walk(&mut fs, ROOT_INO, 0).is_ok(),
+                    fs.create(ROOT_INO, b"new-file", 0o644, ME)
+                        .and_then(|i| fs.write(i, 0, &[1u8; 5000]))
+                        .is_ok(),
+                    fs.mkdir(p.dir, b"new-dir", 0o755, ME).is_ok(),
+                    fs.unlink(p.dir, b"name-0100").is_ok(),
+                    fs.write(p.frag, 3000, b"overwrite").is_ok(),
+                    fs.setattr(
+                        p.frag,
+                        &folio_ext4::SetAttr {
+                            size: Some(10_000),
+                            ..Default::default()
+                        },
+                    )
+                    .is_ok(),
+                    fs.set_xattr(p.x, b"user.z", &[3u8; 300], XattrMode::Any)
+                        .is_ok(),
+                    fs.close().is_ok(),
+                ]
             }));
-            assert!(
-                outcome.is_ok(),
-                "{ty:?}: panic on damaged image; replay with seed {seed}"
-            );
+            let Ok(results) = outcome else {
+                panic!("{ty:?}: panic on damaged image; replay with seed {seed}");
+            };
+            if !results.is_empty() {
+                opened += 1;
+                ops += results.len() as u64;
+                errors += results.iter().filter(|ok| !**ok).count() as u64;
+            }
+        }
+        println!(
+            "{ty:?}: {iterations} damaged images, {opened} opened, {errors} of {ops} operations \
+             on them failed, no panic"
+        );
+        assert!(opened > 0, "{ty:?}: no damaged image opened");
+    }
+}
+
+/// An image whose journal holds committed transactions (the writer died
+/// before checkpointing), and the journal blocks in use.
+fn unrecovered_image() -> (Vec<u8>, Vec<u64>, u64) {
+    let dev = folio_blockdev::MemDevice::from_bytes(vec![0; 8 << 20]);
+    let opts = MkfsOptions {
+        block_size: Some(1024),
+        ..Default::default()
+    };
+    folio_ext4::mkfs::mkfs(std::sync::Arc::new(dev.clone()), 8 << 20, &opts).unwrap();
+    let mut fs =
+        Filesystem::open(std::sync::Arc::new(dev.clone()), OpenOptions::default()).unwrap();
+    let d = fs.mkdir(ROOT_INO, b"d", 0o755, ME).unwrap();
+    let mut victims = Vec::new();
+    for i in 0..40u32 {
+        let f = fs
+            .create(d, format!("file-{i}").as_bytes(), 0o644, ME)
+            .unwrap();
+        fs.write(f, u64::from(i) * 700, &[i as u8 + 1; 3000])
+            .unwrap();
+        if i % 3 == 0 {
+            victims.push(format!("file-{i}"));
+        }
+        if i % 5 == 4 {
+            // Unlinks free blocks: the log gets revoke records.
+            for v in victims.drain(..) {
+                fs.unlink(d, v.as_bytes()).unwrap();
+            }
+            fs.fsync(f, false).unwrap();
         }
     }
+    fs.set_xattr(d, b"user.a", &[5u8; 400], XattrMode::Any)
+        .unwrap();
+    fs.sync().unwrap();
+    let journal: Vec<u64> = fs
+        .block_runs(8)
+        .unwrap()
+        .iter()
+        .flat_map(|r| r.pblk..r.pblk + r.len)
+        .collect();
+    let bytes = dev.snapshot();
+    // The process dies here: the log is never checkpointed.
+    drop(fs);
+    let bs = 1024u64;
+    let used: Vec<u64> = journal
+        .into_iter()
+        .filter(|b| {
+            let o = (b * bs) as usize;
+            bytes[o..o + bs as usize].iter().any(|&x| x != 0)
+        })
+        .collect();
+    (bytes, used, bs)
+}
+
+/// Damage to a journal that needs replaying (descriptor, revoke, commit
+/// and data blocks, and the journal superblock): recovery may refuse or
+/// stop early, but never panics, and what it opens can be used. With
+/// checksums v3 every log block is covered, so damage to the log alone
+/// only cuts the replay short at the damaged transaction: the result
+/// (after folio's own writes on top) must be e2fsck clean.
+/// `FOLIO_FUZZ_ITERS=N` damages N images instead of 150.
+#[test]
+fn damaged_journals_never_panic() {
+    let iterations = fuzz_iters();
+    let (pristine, used, bs) = unrecovered_image();
+    {
+        let dev = std::sync::Arc::new(folio_blockdev::MemDevice::from_bytes(pristine.clone()));
+        let fs = Filesystem::open(dev, OpenOptions::default()).unwrap();
+        let r = fs.recovery_report().expect("the image needs recovery");
+        assert!(r.transactions > 1 && r.blocks_revoked + r.blocks_replayed > 0);
+    }
+    let p = Pristine {
+        bytes: pristine,
+        bs,
+        dir: 0,
+        frag: 0,
+        x: 0,
+        empty: 0,
+        spots: Vec::new(),
+        meta_blocks: used,
+    };
+    let jsb = p.meta_blocks[0];
+    let fsck = have_tool("e2fsck");
+    let t = TempDir::in_memory("journal-fuzz");
+    let scratch = t.join("recovered.img");
+    let (mut opened, mut replayed, mut checked) = (0u64, 0u64, 0u64);
+    for seed in 0..iterations {
+        let mut rng = Rng::new(seed ^ 0x10C);
+        let mut bytes = p.bytes.clone();
+        let mut log_only = true;
+        for _ in 0..1 + rng.below(3) {
+            log_only &= damage(&mut bytes, &p, &mut rng) != jsb;
+        }
+        let mem = folio_blockdev::MemDevice::from_bytes(bytes);
+        let dev = std::sync::Arc::new(mem.clone());
+        let outcome = catch_unwind(AssertUnwindSafe(|| {
+            let Ok(mut fs) = Filesystem::open(dev, OpenOptions::default()) else {
+                return None;
+            };
+            let n = fs.recovery_report().map_or(0, |r| r.transactions);
+            let _ = walk(&mut fs, ROOT_INO, 0);
+            let _ = fs
+                .create(ROOT_INO, b"after", 0o644, ME)
+                .and_then(|i| fs.write(i, 0, &[9u8; 3000]));
+            let _ = fs.close();
+            Some(n)
+        }));
+        match outcome {
+            Ok(Some(n)) => {
+                opened += 1;
+                replayed += u64::from(n);
+                if log_only && fsck {
+                    std::fs::write(&scratch, mem.snapshot()).unwrap();
+                    if let Err(e) = e2fsck(&scratch) {
+                        panic!("seed {seed}: damage to the log left an unclean image: {e}");
+                    }
+                    checked += 1;
+                }
+            }
+            Ok(None) => {}
+            Err(_) => panic!("panic on a damaged journal; replay with seed {seed}"),
+        }
+    }
+    println!(
+        "{iterations} damaged journals ({} blocks in use), {opened} opened, {replayed} \
+         transactions replayed, no panic; {checked} with only the log damaged e2fsck clean",
+        p.meta_blocks.len()
+    );
+    assert!(opened > 0, "no image with a damaged journal opened");
+    assert!(
+        !fsck || checked > 0,
+        "no image with only its log damaged was checked"
+    );
 }
