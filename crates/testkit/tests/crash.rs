@@ -10,6 +10,8 @@
 //!    filled with a marker first; each file is written with its own tag);
 //! 4. a rename is all-or-nothing.
 //!
+//! Workloads alternate between 1 KiB and 4 KiB blocks; every eighth runs
+//! on 64 KiB blocks (`FOLIO_CRASH_BS=N` puts every workload on N).
 //! `FOLIO_CRASH_WORKLOADS=N` runs N workloads instead of 16 and
 //! `FOLIO_CRASH_CUTS=N` takes N random crash points per flush interval
 //! instead of 20 (a workload has about 100 flush intervals); a failure
@@ -39,10 +41,11 @@ use folio_testkit::*;
 /// Image size by block size: big enough that mke2fs's table gives it a
 /// journal (2,048 blocks or more).
 fn img_size(bs: u32) -> usize {
-    if bs == 1024 {
-        4 << 20
-    } else {
-        16 << 20
+    match bs {
+        1024 => 4 << 20,
+        // 2,048 blocks: mke2fs's table gives a 1,024-block journal.
+        65536 => 128 << 20,
+        _ => 16 << 20,
     }
 }
 const PIECE: usize = 512;
@@ -355,9 +358,9 @@ struct Durable {
     image: Arc<Vec<u8>>,
     crcs: Vec<u32>,
     scratch: std::fs::File,
-    /// The scratch file lags behind `image` (written lazily, only when a
-    /// state needs e2fsck).
-    scratch_stale: bool,
+    /// Chunks where the scratch file lags behind `image` (it is brought
+    /// up to date lazily, only when a state needs e2fsck); `None`: all.
+    scratch_stale: Option<std::collections::BTreeSet<usize>>,
 }
 
 impl Durable {
@@ -370,7 +373,7 @@ impl Durable {
             image: Arc::new(image),
             crcs,
             scratch: std::fs::File::create(scratch).unwrap(),
-            scratch_stale: true,
+            scratch_stale: None,
         }
     }
 
@@ -384,10 +387,16 @@ impl Durable {
                 for idx in first..end.div_ceil(CHUNK) {
                     let c = &img[idx * CHUNK..((idx + 1) * CHUNK).min(img.len())];
                     self.crcs[idx] = folio_ext4::csum::crc32c_raw(0, c);
+                    if let Some(stale) = &mut self.scratch_stale {
+                        stale.insert(idx);
+                    }
                 }
             }
         }
-        self.scratch_stale = true;
+    }
+
+    fn chunk(&self, idx: usize) -> &[u8] {
+        &self.image[idx * CHUNK..((idx + 1) * CHUNK).min(self.image.len())]
     }
 
     /// Key of a crash state's image, for the e2fsck verdict cache: a
@@ -405,9 +414,14 @@ impl Durable {
     /// chunks; the scratch file is put back afterwards.
     fn e2fsck(&mut self, state: &Overlay, path: &std::path::Path) -> Result<(), String> {
         use std::os::unix::fs::FileExt;
-        if self.scratch_stale {
-            self.scratch.write_all_at(&self.image, 0).unwrap();
-            self.scratch_stale = false;
+        match self.scratch_stale.replace(Default::default()) {
+            None => self.scratch.write_all_at(&self.image, 0).unwrap(),
+            Some(stale) => {
+                for idx in stale {
+                    let at = (idx * CHUNK) as u64;
+                    self.scratch.write_all_at(self.chunk(idx), at).unwrap();
+                }
+            }
         }
         let mut patched = Vec::new();
         state.for_each_chunk(|idx, data| {
@@ -418,10 +432,8 @@ impl Durable {
         });
         let verdict = e2fsck(path);
         for idx in patched {
-            let orig = &self.image[idx * CHUNK..((idx + 1) * CHUNK).min(self.image.len())];
-            self.scratch
-                .write_all_at(orig, (idx * CHUNK) as u64)
-                .unwrap();
+            let at = (idx * CHUNK) as u64;
+            self.scratch.write_all_at(self.chunk(idx), at).unwrap();
         }
         verdict
     }
@@ -639,6 +651,9 @@ fn every_crash_state_recovers_clean_with_synced_data_intact() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(16);
+    let forced_bs: Option<u32> = std::env::var("FOLIO_CRASH_BS")
+        .ok()
+        .and_then(|v| v.parse().ok());
     let t = TempDir::in_memory("crash");
     let results: Vec<Tally> = std::thread::scope(|s| {
         // One worker per core (two on the development VM).
@@ -657,7 +672,13 @@ fn every_crash_state_recovers_clean_with_synced_data_intact() {
                         if only.is_some_and(|o| o != seed) {
                             continue;
                         }
-                        let bs = if seed % 2 == 0 { 1024 } else { 4096 };
+                        // 1 KiB and 4 KiB blocks in turn; every eighth
+                        // workload on 64 KiB blocks (larger than a page).
+                        let bs = forced_bs.unwrap_or(match seed % 8 {
+                            7 => 65536,
+                            s if s % 2 == 0 => 1024,
+                            _ => 4096,
+                        });
                         out.push(crash_states(seed, bs, &scratch));
                     }
                     out
