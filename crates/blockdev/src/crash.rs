@@ -75,10 +75,15 @@ pub fn crash_image(
     keep: impl FnMut(usize, usize) -> bool,
 ) -> Vec<u8> {
     let mut img = durable.to_vec();
-    for (chunk, data) in crash_chunks(durable, pending, piece, keep) {
-        img[chunk * CHUNK..chunk * CHUNK + data.len()].copy_from_slice(&data);
-    }
+    patch(&mut img, &crash_chunks(durable, pending, piece, keep));
     img
+}
+
+/// Copy chunks over the image they were taken from.
+fn patch(img: &mut [u8], chunks: &Chunks) {
+    for (&idx, data) in chunks {
+        img[idx * CHUNK..idx * CHUNK + data.len()].copy_from_slice(data);
+    }
 }
 
 /// The same state as [`crash_image`], as an [`Overlay`] on `durable`: only
@@ -171,9 +176,7 @@ impl Overlay {
     /// The whole image.
     pub fn to_vec(&self) -> Vec<u8> {
         let mut img = self.base.to_vec();
-        self.for_each_chunk(|idx, data| {
-            img[idx * CHUNK..idx * CHUNK + data.len()].copy_from_slice(data)
-        });
+        patch(&mut img, &self.lock());
         img
     }
 }

@@ -516,6 +516,28 @@ fn folio_mkfs(img: &Path, size: &str) {
         .success());
 }
 
+/// A scratch directory for test `tag` holding a fresh folio image of
+/// `size` and an empty mount point: (directory, image, mount point).
+fn fresh_image(tag: &str, size: &str) -> (PathBuf, PathBuf, PathBuf) {
+    let dir = tmp(tag);
+    let img = dir.join("folio.img");
+    folio_mkfs(&img, size);
+    let mnt = dir.join("m");
+    fs::create_dir(&mnt).unwrap();
+    (dir, img, mnt)
+}
+
+/// `folio mount IMG MNT` (in the background), which must succeed.
+fn folio_mount(img: &Path, mnt: &Path) {
+    assert!(Command::new(env!("CARGO_BIN_EXE_folio"))
+        .arg("mount")
+        .arg(img)
+        .arg(mnt)
+        .status()
+        .unwrap()
+        .success());
+}
+
 /// `folio umount MNT`, which must succeed.
 fn folio_umount(mnt: &Path) {
     assert!(Command::new(env!("CARGO_BIN_EXE_folio"))
@@ -607,14 +629,10 @@ fn mount_helper_and_signals() {
     if !prerequisites() {
         return;
     }
-    let dir = tmp("helper");
+    let (dir, img, mnt) = fresh_image("helper", "64M");
     let folio = env!("CARGO_BIN_EXE_folio");
-    let img = dir.join("h.img");
-    folio_mkfs(&img, "64M");
     let helper = dir.join("mount.fuse.folio");
     std::os::unix::fs::symlink(folio, &helper).unwrap();
-    let mnt = dir.join("m");
-    fs::create_dir(&mnt).unwrap();
     let out = Command::new(&helper)
         .arg(&img)
         .arg(&mnt)
@@ -675,12 +693,8 @@ fn fstab_entry_mounts_through_mount8() {
     if !prerequisites() {
         return;
     }
-    let dir = tmp("fstab");
+    let (dir, img, mnt) = fresh_image("fstab", "64M");
     let folio = env!("CARGO_BIN_EXE_folio");
-    let img = dir.join("f.img");
-    folio_mkfs(&img, "64M");
-    let mnt = dir.join("m");
-    fs::create_dir(&mnt).unwrap();
     /// Removes the helper it installed, however the test ends.
     struct Installed(Option<PathBuf>);
     impl Drop for Installed {
@@ -756,19 +770,8 @@ fn model_test_through_the_mount_with_mmap() {
     }
     use std::os::fd::AsRawFd;
     use std::os::unix::fs::FileExt;
-    let dir = tmp("fsxm");
-    let folio = env!("CARGO_BIN_EXE_folio");
-    let img = dir.join("m.img");
-    folio_mkfs(&img, "64M");
-    let mnt = dir.join("m");
-    fs::create_dir(&mnt).unwrap();
-    assert!(Command::new(folio)
-        .arg("mount")
-        .arg(&img)
-        .arg(&mnt)
-        .status()
-        .unwrap()
-        .success());
+    let (dir, img, mnt) = fresh_image("fsxm", "64M");
+    folio_mount(&img, &mnt);
     let path = mnt.join("model");
     let f = fs::File::options()
         .read(true)
@@ -927,21 +930,10 @@ fn loop_device_on_a_file_inside_the_mount() {
     if !prerequisites() {
         return;
     }
-    let dir = tmp("loop");
-    let folio = env!("CARGO_BIN_EXE_folio");
-    let outer = dir.join("outer.img");
-    folio_mkfs(&outer, "256M");
-    let mnt = dir.join("m");
+    let (dir, outer, mnt) = fresh_image("loop", "256M");
     let inner_mnt = dir.join("inner");
-    fs::create_dir(&mnt).unwrap();
     fs::create_dir(&inner_mnt).unwrap();
-    assert!(Command::new(folio)
-        .arg("mount")
-        .arg(&outer)
-        .arg(&mnt)
-        .status()
-        .unwrap()
-        .success());
+    folio_mount(&outer, &mnt);
     let disk = mnt.join("disk.img");
     fs::File::create(&disk).unwrap().set_len(64 << 20).unwrap();
     let out = Command::new("losetup")

@@ -282,12 +282,12 @@ fn structural_damage_without_checksums_is_caught() {
     assert_eq!(e.errno(), libc::EUCLEAN);
 }
 
-/// Damage to one metadata block: a flipped bit, or an aligned 16- or
+/// Damage to one of `blocks` (of `bs` bytes): a flipped bit, or an aligned 16- or
 /// 32-bit field set to a value that breaks bounds (zero, all ones, the
 /// sign bit, a small count, a random number).
-fn damage(bytes: &mut [u8], p: &Pristine, rng: &mut Rng) -> u64 {
-    let blk = p.meta_blocks[rng.below(p.meta_blocks.len() as u64) as usize];
-    let off = (blk * p.bs + rng.below(p.bs)) as usize;
+fn damage(bytes: &mut [u8], blocks: &[u64], bs: u64, rng: &mut Rng) -> u64 {
+    let blk = blocks[rng.below(blocks.len() as u64) as usize];
+    let off = (blk * bs + rng.below(bs)) as usize;
     match rng.below(3) {
         0 => bytes[off] ^= 1 << rng.below(8),
         k => {
@@ -336,7 +336,7 @@ fn random_metadata_damage_never_panics() {
             let mut rng = Rng::new(seed ^ 0xC0FFEE);
             let mut bytes = p.bytes.clone();
             for _ in 0..1 + rng.below(4) {
-                damage(&mut bytes, &p, &mut rng);
+                damage(&mut bytes, &p.meta_blocks, p.bs, &mut rng);
             }
             let dev = std::sync::Arc::new(folio_blockdev::MemDevice::from_bytes(bytes));
             let outcome = catch_unwind(AssertUnwindSafe(|| {
@@ -451,27 +451,17 @@ fn damaged_journals_never_panic() {
         let r = fs.recovery_report().expect("the image needs recovery");
         assert!(r.transactions > 1 && r.blocks_revoked + r.blocks_replayed > 0);
     }
-    let p = Pristine {
-        bytes: pristine,
-        bs,
-        dir: 0,
-        frag: 0,
-        x: 0,
-        empty: 0,
-        spots: Vec::new(),
-        meta_blocks: used,
-    };
-    let jsb = p.meta_blocks[0];
+    let jsb = used[0];
     let fsck = have_tool("e2fsck");
     let t = TempDir::in_memory("journal-fuzz");
     let scratch = t.join("recovered.img");
     let (mut opened, mut replayed, mut checked) = (0u64, 0u64, 0u64);
     for seed in 0..iterations {
         let mut rng = Rng::new(seed ^ 0x10C);
-        let mut bytes = p.bytes.clone();
+        let mut bytes = pristine.clone();
         let mut log_only = true;
         for _ in 0..1 + rng.below(3) {
-            log_only &= damage(&mut bytes, &p, &mut rng) != jsb;
+            log_only &= damage(&mut bytes, &used, bs, &mut rng) != jsb;
         }
         let mem = folio_blockdev::MemDevice::from_bytes(bytes);
         let dev = std::sync::Arc::new(mem.clone());
@@ -506,7 +496,7 @@ fn damaged_journals_never_panic() {
     println!(
         "{iterations} damaged journals ({} blocks in use), {opened} opened, {replayed} \
          transactions replayed, no panic; {checked} with only the log damaged e2fsck clean",
-        p.meta_blocks.len()
+        used.len()
     );
     assert!(opened > 0, "no image with a damaged journal opened");
     assert!(

@@ -358,6 +358,7 @@ struct Durable {
     image: Arc<Vec<u8>>,
     crcs: Vec<u32>,
     scratch: std::fs::File,
+    scratch_path: std::path::PathBuf,
     /// Chunks where the scratch file lags behind `image` (it is brought
     /// up to date lazily, only when a state needs e2fsck); `None`: all.
     scratch_stale: Option<std::collections::BTreeSet<usize>>,
@@ -373,6 +374,7 @@ impl Durable {
             image: Arc::new(image),
             crcs,
             scratch: std::fs::File::create(scratch).unwrap(),
+            scratch_path: scratch.to_path_buf(),
             scratch_stale: None,
         }
     }
@@ -402,17 +404,26 @@ impl Durable {
     /// Key of a crash state's image, for the e2fsck verdict cache: a
     /// 64-bit hash of its per-chunk CRC32Cs.
     fn key(&self, state: &Overlay) -> u64 {
-        use std::hash::{Hash, Hasher};
-        let mut crcs = self.crcs.clone();
-        state.for_each_chunk(|idx, data| crcs[idx] = folio_ext4::csum::crc32c_raw(0, data));
+        use std::hash::Hasher;
+        let mut changed = Vec::new();
+        state.for_each_chunk(|idx, data| {
+            changed.push((idx, folio_ext4::csum::crc32c_raw(0, data)));
+        });
+        // The chunks come in ascending order: walk both lists together.
+        let mut changed = changed.into_iter().peekable();
         let mut h = std::hash::DefaultHasher::new();
-        crcs.hash(&mut h);
+        for (idx, &crc) in self.crcs.iter().enumerate() {
+            match changed.next_if(|&(i, _)| i == idx) {
+                Some((_, c)) => h.write_u32(c),
+                None => h.write_u32(crc),
+            }
+        }
         h.finish()
     }
 
     /// Run `e2fsck -fn` on the durable image patched with `state`'s
     /// chunks; the scratch file is put back afterwards.
-    fn e2fsck(&mut self, state: &Overlay, path: &std::path::Path) -> Result<(), String> {
+    fn e2fsck(&mut self, state: &Overlay) -> Result<(), String> {
         use std::os::unix::fs::FileExt;
         match self.scratch_stale.replace(Default::default()) {
             None => self.scratch.write_all_at(&self.image, 0).unwrap(),
@@ -430,7 +441,7 @@ impl Durable {
                 .unwrap();
             patched.push(idx);
         });
-        let verdict = e2fsck(path);
+        let verdict = e2fsck(&self.scratch_path);
         for idx in patched {
             let at = (idx * CHUNK) as u64;
             self.scratch.write_all_at(self.chunk(idx), at).unwrap();
@@ -450,7 +461,6 @@ fn check_state(
     state: Overlay,
     durable_upto: usize,
     crash_at: usize,
-    scratch: &std::path::Path,
     clean: &mut Verdicts,
 ) -> Result<(), String> {
     let key = durable.key(&state);
@@ -564,7 +574,7 @@ fn check_state(
         return Ok(());
     }
     let state = Arc::into_inner(state).expect("the filesystem let go of its device");
-    durable.e2fsck(&state, scratch)?;
+    durable.e2fsck(&state)?;
     clean.insert(key);
     Ok(())
 }
@@ -583,10 +593,7 @@ fn crash_states(seed: u64, bs: u32, scratch: &std::path::Path) -> Tally {
     let steps = if small_journal { 420 } else { 160 };
     let w = run_workload(seed, bs, steps, small_journal);
     let mut rng = Rng::new(seed ^ 0x5EED);
-    let cuts: usize = std::env::var("FOLIO_CRASH_CUTS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(20);
+    let cuts: usize = env_num("FOLIO_CRASH_CUTS").unwrap_or(20);
     let mut clean = Verdicts::new();
     let mut tally = Tally {
         checked: 0,
@@ -619,8 +626,7 @@ fn crash_states(seed: u64, bs: u32, scratch: &std::path::Path) -> Tally {
                     kr.below(100) < p
                 });
                 tally.checked += 1;
-                if let Err(e) = check_state(&w, &mut durable, state, prev, cut, scratch, &mut clean)
-                {
+                if let Err(e) = check_state(&w, &mut durable, state, prev, cut, &mut clean) {
                     tally.failed.push(format!("seed {seed} bs {bs}: crash after event {cut} (durable {prev}, keep {p}%): {e}"));
                 }
             }
@@ -632,7 +638,7 @@ fn crash_states(seed: u64, bs: u32, scratch: &std::path::Path) -> Tally {
         prev = f + 1;
         tally.checked += 1;
         let state = Overlay::new(durable.image.clone());
-        if let Err(e) = check_state(&w, &mut durable, state, prev, prev, scratch, &mut clean) {
+        if let Err(e) = check_state(&w, &mut durable, state, prev, prev, &mut clean) {
             tally.failed.push(format!(
                 "seed {seed} bs {bs}: crash at flush event {f}: {e}"
             ));
@@ -642,18 +648,18 @@ fn crash_states(seed: u64, bs: u32, scratch: &std::path::Path) -> Tally {
     tally
 }
 
+/// A numeric setting from the environment.
+fn env_num<T: std::str::FromStr>(name: &str) -> Option<T> {
+    std::env::var(name).ok().and_then(|v| v.parse().ok())
+}
+
 #[test]
 fn every_crash_state_recovers_clean_with_synced_data_intact() {
     if !require(have_tool("e2fsck"), "e2fsck is not installed") {
         return;
     }
-    let workloads: u64 = std::env::var("FOLIO_CRASH_WORKLOADS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(16);
-    let forced_bs: Option<u32> = std::env::var("FOLIO_CRASH_BS")
-        .ok()
-        .and_then(|v| v.parse().ok());
+    let workloads: u64 = env_num("FOLIO_CRASH_WORKLOADS").unwrap_or(16);
+    let forced_bs: Option<u32> = env_num("FOLIO_CRASH_BS");
     let t = TempDir::in_memory("crash");
     let results: Vec<Tally> = std::thread::scope(|s| {
         // One worker per core (two on the development VM).
@@ -665,9 +671,7 @@ fn every_crash_state_recovers_clean_with_synced_data_intact() {
                 let scratch = t.join(&format!("state-{worker}.img"));
                 s.spawn(move || {
                     let mut out = Vec::new();
-                    let only: Option<u64> = std::env::var("FOLIO_CRASH_SEED")
-                        .ok()
-                        .and_then(|v| v.parse().ok());
+                    let only: Option<u64> = env_num("FOLIO_CRASH_SEED");
                     for seed in (worker..workloads).step_by(workers as usize) {
                         if only.is_some_and(|o| o != seed) {
                             continue;

@@ -165,15 +165,21 @@ impl StdinStr for Command {
     }
 }
 
-#[test]
-fn kernel_journals_replay_like_e2fsck_and_kernel_trees_read_back() {
-    if !require(
+/// e2fsprogs and kernel loop mounts are at hand; if not, says that the
+/// test `what` is skipped.
+fn kernel_available(what: &str) -> bool {
+    require(
         have_tool("e2fsck") && have_tool("mkfs.ext4"),
         "e2fsprogs is not installed",
-    ) || !require(
+    ) && require(
         can_loop_mount(),
-        "not root or no loop devices: kernel journal test skipped",
-    ) {
+        &format!("not root or no loop devices: {what} test skipped"),
+    )
+}
+
+#[test]
+fn kernel_journals_replay_like_e2fsck_and_kernel_trees_read_back() {
+    if !kernel_available("kernel journal") {
         return;
     }
     let t = TempDir::new("jr-kernel");
@@ -306,13 +312,7 @@ fn orphans_are_freed_at_open() {
 /// repair of the same image, and a clean image.
 #[test]
 fn kernel_orphan_file_is_processed_at_open() {
-    if !require(
-        have_tool("e2fsck") && have_tool("mkfs.ext4"),
-        "e2fsprogs is not installed",
-    ) || !require(
-        can_loop_mount(),
-        "not root or no loop devices: kernel orphan file test skipped",
-    ) {
+    if !kernel_available("kernel orphan file") {
         return;
     }
     let t = TempDir::new("jr-orphanfile");
