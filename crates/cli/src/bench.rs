@@ -169,6 +169,22 @@ impl Drop for Mounted {
     }
 }
 
+/// Loop-mount `img` on `mnt` (created if missing) for the kernel column;
+/// unmounted when the guard drops.
+fn loop_mount(img: &Path, mnt: &Path) -> Result<Mounted, String> {
+    std::fs::create_dir_all(mnt).map_err(|e| e.to_string())?;
+    let st = Command::new("mount")
+        .args(["-o", "loop"])
+        .arg(img)
+        .arg(mnt)
+        .status()
+        .map_err(|e| format!("mount: {e}"))?;
+    if !st.success() {
+        return Err("cannot loop-mount the kernel image".into());
+    }
+    Ok(Mounted(mnt.to_path_buf()))
+}
+
 fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions and touches no memory.
     #[allow(unsafe_code)]
@@ -213,17 +229,7 @@ fn run_in(work: &Path, size_mib: u64) -> Result<(), String> {
     // The kernel, on a loop mount of an identical image.
     let kernel = if is_root() {
         let mnt = work.join("mnt");
-        std::fs::create_dir_all(&mnt).map_err(|e| e.to_string())?;
-        let st = Command::new("mount")
-            .args(["-o", "loop"])
-            .arg(&kernel_img)
-            .arg(&mnt)
-            .status()
-            .map_err(|e| format!("mount: {e}"))?;
-        if !st.success() {
-            return Err("cannot loop-mount the kernel image".into());
-        }
-        let _m = Mounted(mnt.clone());
+        let _m = loop_mount(&kernel_img, &mnt)?;
         let file = StdOpen::new()
             .read(true)
             .write(true)
@@ -264,4 +270,187 @@ fn run_in(work: &Path, size_mib: u64) -> Result<(), String> {
         stats.written_back_bytes >> 20
     );
     Ok(())
+}
+
+/// A file's extent count as the kernel reports it (`filefrag`).
+fn filefrag_extents(path: &Path) -> Option<u64> {
+    let out = Command::new("filefrag").arg(path).output().ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    // "<path>: N extents found" (or "1 extent found").
+    let tail = text.rsplit(": ").next()?;
+    tail.split_whitespace().next()?.parse().ok()
+}
+
+/// Random 4 KiB writes at block-aligned offsets of a `size` byte file for
+/// `secs` seconds, then fsync: (MiB/s including the fsync, writes done).
+fn random_writes(
+    t: &mut dyn Target,
+    size: u64,
+    secs: f64,
+    seed: u64,
+) -> Result<(f64, u64), String> {
+    let blocks = size / 4096;
+    let mut rng = Rng(seed | 1);
+    let buf: Vec<u8> = (0..4096u32).map(|i| (i as u64 ^ seed) as u8).collect();
+    let t0 = Instant::now();
+    let mut n = 0u64;
+    while t0.elapsed().as_secs_f64() < secs {
+        for _ in 0..256 {
+            t.write_at(rng.next() % blocks * 4096, &buf)?;
+            n += 1;
+        }
+    }
+    t.fsync()?;
+    let s = t0.elapsed().as_secs_f64();
+    Ok((n as f64 * 4096.0 / (1 << 20) as f64 / s.max(1e-9), n))
+}
+
+/// One row of the scaling benchmark.
+struct ScaleRow {
+    size_mib: u64,
+    /// (fresh MiB/s, overwrite MiB/s, extents)
+    folio: (f64, f64, u64),
+    kernel: Option<(f64, f64, Option<u64>)>,
+}
+
+/// `folio bench --scaling`: random 4 KiB writes into fresh sparse files
+/// of each size, then random overwrites of the same file, on folio's
+/// library and on the kernel's ext4 (identical fresh images), with the
+/// extent count of each result.
+pub fn run_scaling(dir: &Path, sizes_mib: &[u64], secs: f64) -> Result<(), String> {
+    let work = dir.join(format!("folio-bench-scaling-{}", std::process::id()));
+    std::fs::create_dir_all(&work).map_err(|e| format!("{}: {e}", work.display()))?;
+    let result = scaling_in(&work, sizes_mib, secs);
+    let _ = std::fs::remove_dir_all(&work);
+    result
+}
+
+fn scaling_in(work: &Path, sizes_mib: &[u64], secs: f64) -> Result<(), String> {
+    println!(
+        "folio bench --scaling: random 4 KiB writes for {secs} s into a fresh sparse file, \
+         then random overwrites for {secs} s; fsync included; in {}",
+        work.display()
+    );
+    if !is_root() {
+        println!("(not root: no loop mount, so the kernel column is skipped)");
+    }
+    let mut rows = Vec::new();
+    for &size_mib in sizes_mib {
+        let size = size_mib << 20;
+        let img_size = size + size / 4 + (256 << 20);
+        let base = work.join("base.img");
+        mkfs_path(&base, Some(img_size), &MkfsOptions::default()).map_err(|e| e.to_string())?;
+        let folio_img = work.join("folio.img");
+        let kernel_img = work.join("kernel.img");
+        for img in [&folio_img, &kernel_img] {
+            copy_sparse(&base, img)?;
+        }
+        let _ = std::fs::remove_file(&base);
+        let mut fs =
+            Filesystem::open_path(&folio_img, OpenOptions::default()).map_err(|e| e.to_string())?;
+        let ino = fs
+            .create(ROOT_INO, b"bench", 0o644, Owner::default())
+            .map_err(|e| e.to_string())?;
+        let set = folio_ext4::SetAttr {
+            size: Some(size),
+            ..Default::default()
+        };
+        fs.setattr(ino, &set).map_err(|e| e.to_string())?;
+        let mut f = Folio { fs, ino };
+        let (fresh, n1) = random_writes(&mut f, size, secs, 0x1234_5678)?;
+        let (over, n2) = random_writes(&mut f, size, secs, 0x8765_4321)?;
+        let extents = f.fs.block_runs(ino).map_err(|e| e.to_string())?.len() as u64;
+        f.fs.close().map_err(|e| e.to_string())?;
+        println!(
+            "  {size_mib:>5} MiB  folio:  fresh {fresh:8.1} MiB/s ({n1} writes), \
+             overwrite {over:8.1} MiB/s ({n2} writes), {extents} extents"
+        );
+        let kernel = if is_root() {
+            let mnt = work.join("mnt");
+            let _m = loop_mount(&kernel_img, &mnt)?;
+            let path = mnt.join("bench");
+            let file = StdOpen::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&path)
+                .map_err(|e| e.to_string())?;
+            file.set_len(size).map_err(|e| e.to_string())?;
+            let mut k = Kernel { file };
+            let (kf, k1) = random_writes(&mut k, size, secs, 0x1234_5678)?;
+            let (ko, k2) = random_writes(&mut k, size, secs, 0x8765_4321)?;
+            drop(k);
+            let kx = filefrag_extents(&path);
+            println!(
+                "  {size_mib:>5} MiB  kernel: fresh {kf:8.1} MiB/s ({k1} writes), \
+                 overwrite {ko:8.1} MiB/s ({k2} writes), {} extents",
+                kx.map_or("?".to_string(), |x| x.to_string())
+            );
+            Some((kf, ko, kx))
+        } else {
+            None
+        };
+        let _ = std::fs::remove_file(&folio_img);
+        let _ = std::fs::remove_file(&kernel_img);
+        rows.push(ScaleRow {
+            size_mib,
+            folio: (fresh, over, extents),
+            kernel,
+        });
+    }
+    println!();
+    println!(
+        "{:>9} {:>12} {:>12} {:>8} {:>12} {:>12} {:>8} {:>9} {:>9}",
+        "size MiB",
+        "folio fresh",
+        "kernel",
+        "ratio",
+        "folio over",
+        "kernel",
+        "ratio",
+        "ext folio",
+        "ext kern"
+    );
+    for r in &rows {
+        let (kf, ko, kx) = r.kernel.unwrap_or((f64::NAN, f64::NAN, None));
+        println!(
+            "{:>9} {:>12.1} {:>12.1} {:>8.2} {:>12.1} {:>12.1} {:>8.2} {:>9} {:>9}",
+            r.size_mib,
+            r.folio.0,
+            kf,
+            r.folio.0 / kf,
+            r.folio.1,
+            ko,
+            r.folio.1 / ko,
+            r.folio.2,
+            kx.map_or("-".to_string(), |x| x.to_string())
+        );
+    }
+    let fresh: Vec<f64> = rows.iter().map(|r| r.folio.0).collect();
+    if let (Some(max), Some(min)) = (
+        fresh.iter().cloned().reduce(f64::max),
+        fresh.iter().cloned().reduce(f64::min),
+    ) {
+        println!(
+            "\nfolio fresh-write curve: fastest/slowest = {:.2}",
+            max / min.max(1e-9)
+        );
+    }
+    Ok(())
+}
+
+/// Copy an image keeping its holes (cp --sparse=always).
+fn copy_sparse(from: &Path, to: &Path) -> Result<(), String> {
+    let st = Command::new("cp")
+        .arg("--sparse=always")
+        .arg(from)
+        .arg(to)
+        .status()
+        .map_err(|e| format!("cp: {e}"))?;
+    if st.success() {
+        Ok(())
+    } else {
+        Err(format!("cp {} {} failed", from.display(), to.display()))
+    }
 }

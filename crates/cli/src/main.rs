@@ -169,6 +169,16 @@ enum Cmd {
         /// Directory for the scratch images.
         #[arg(long, default_value = "/tmp")]
         dir: PathBuf,
+        /// Instead: random 4 KiB writes into fresh sparse files of each
+        /// size in `--sizes`, then overwrites, with extent counts.
+        #[arg(long)]
+        scaling: bool,
+        /// File sizes for `--scaling`, in MiB.
+        #[arg(long, value_delimiter = ',', default_values_t = [32u64, 256, 1024, 4096])]
+        sizes: Vec<u64>,
+        /// Seconds per workload for `--scaling`.
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
     },
 }
 
@@ -374,7 +384,19 @@ fn run(cli: Cli) -> CliResult {
             folio_cli::torture::run(&mut fs, seed, ops)?;
             ctx(fs.close(), "sync")
         }
-        Cmd::Bench { size, dir } => folio_cli::bench::run(&dir, size),
+        Cmd::Bench {
+            size,
+            dir,
+            scaling,
+            sizes,
+            seconds,
+        } => {
+            if scaling {
+                folio_cli::bench::run_scaling(&dir, &sizes, seconds)
+            } else {
+                folio_cli::bench::run(&dir, size)
+            }
+        }
         Cmd::Check { image } => {
             let mut fs = open(&image, true)?;
             let problems = ctx(fs.check_counts(), "check")?;

@@ -1,15 +1,14 @@
 //! Logical-to-physical block mapping: extent trees (ext4) and indirect
 //! block maps (ext2/3).
 //!
-//! Extent trees are edited as a sorted list of extents and written back by
-//! [`Filesystem::write_extent_tree`], which rebuilds the tree shape (growing
-//! or shrinking its depth as the extent count requires) while reusing the
-//! file's existing tree blocks, so a change touches only the nodes whose
-//! contents changed.
-
-use std::sync::Arc;
+//! Extent trees are edited in place, one leaf at a time
+//! (`extent_tree`); the list functions here edit the sorted extents of one
+//! leaf. [`Filesystem::write_extent_tree`] rebuilds a whole tree from a
+//! list, for the operations that shift every extent anyway (collapse and
+//! insert range) and for mkfs.
 
 use crate::error::{Error, Result};
+use crate::extent_tree::ROOT_MAX;
 use crate::format::extent::{
     block_capacity, block_csum, parse_node, tail_offset, write_node, Extent, Index, Node,
     MAX_DEPTH, MAX_INIT_LEN, MAX_UNWRITTEN_LEN,
@@ -24,9 +23,6 @@ pub enum Mapping {
     Hole,
     Mapped { pblk: u64, unwritten: bool },
 }
-
-const ROOT_MAX: u16 = 4;
-const EXTENT_CACHE_MAX: usize = 4096;
 
 fn max_len(unwritten: bool) -> u32 {
     if unwritten {
@@ -162,118 +158,6 @@ impl Filesystem {
         }
     }
 
-    /// The extent list of `inode` and the tree blocks holding it.
-    fn read_extent_tree(&mut self, inode: &Inode) -> Result<(Vec<Extent>, Vec<u64>)> {
-        let ino = inode.ino;
-        let (h, root) = parse_node(inode.i_block())
-            .map_err(|e| Error::corrupted(format!("inode {ino}: {}", e.describe()), 0))?;
-        if h.max != ROOT_MAX && h.max > ROOT_MAX {
-            return Err(Error::corrupted(
-                format!("inode {ino}: bad extent root eh_max"),
-                0,
-            ));
-        }
-        let mut extents = Vec::new();
-        let mut blocks = Vec::new();
-        self.walk_extent_node(inode, root, h.depth, 0, &mut extents, &mut blocks)?;
-        for w in extents.windows(2) {
-            if w[0].end() > u64::from(w[1].lblk) {
-                return Err(Error::corrupted(
-                    format!("inode {ino}: extents overlap or are unsorted"),
-                    0,
-                ));
-            }
-        }
-        Ok((extents, blocks))
-    }
-
-    fn walk_extent_node(
-        &mut self,
-        inode: &Inode,
-        node: Node,
-        depth: u16,
-        from_block: u64,
-        extents: &mut Vec<Extent>,
-        blocks: &mut Vec<u64>,
-    ) -> Result<()> {
-        let ino = inode.ino;
-        match node {
-            Node::Leaf(list) => {
-                if depth != 0 {
-                    return Err(Error::corrupted(
-                        format!("inode {ino}: extent leaf at wrong depth"),
-                        from_block,
-                    ));
-                }
-                for e in &list {
-                    self.check_block(e.pblk, &format!("inode {ino} extent"), from_block)?;
-                    if e.pblk + u64::from(e.len) > self.geo.blocks_count {
-                        return Err(Error::corrupted(
-                            format!("inode {ino}: extent runs past the end of the filesystem"),
-                            from_block,
-                        ));
-                    }
-                }
-                extents.extend(list);
-            }
-            Node::Index { depth: d, entries } => {
-                if d != depth || d == 0 || d > MAX_DEPTH {
-                    return Err(Error::corrupted(
-                        format!("inode {ino}: extent index at wrong depth"),
-                        from_block,
-                    ));
-                }
-                for ix in entries {
-                    self.check_block(ix.child, &format!("inode {ino} extent index"), from_block)?;
-                    if blocks.len() > 1 << 20 {
-                        return Err(Error::corrupted(
-                            format!("inode {ino}: extent tree too large"),
-                            from_block,
-                        ));
-                    }
-                    blocks.push(ix.child);
-                    let bs = self.geo.block_size as usize;
-                    let data = self.cache.read(ix.child)?.to_vec();
-                    let (h, child) = parse_node(&data).map_err(|e| {
-                        Error::corrupted(format!("inode {ino}: {}", e.describe()), ix.child)
-                    })?;
-                    if self.has_csum() {
-                        let seed = inode.csum_seed(self.csum_seed);
-                        let want = get32(&data, tail_offset(h.max));
-                        if tail_offset(h.max) + 4 > bs || block_csum(seed, &data, h.max) != want {
-                            return Err(Error::BadChecksum {
-                                what: format!("extent block of inode {ino}"),
-                                block: ix.child,
-                            });
-                        }
-                    }
-                    if h.depth != depth - 1 {
-                        return Err(Error::corrupted(
-                            format!("inode {ino}: extent child has wrong depth"),
-                            ix.child,
-                        ));
-                    }
-                    self.walk_extent_node(inode, child, depth - 1, ix.child, extents, blocks)?;
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// The (cached) extent list of an extent-mapped inode.
-    pub(crate) fn extents(&mut self, inode: &Inode) -> Result<Arc<Vec<Extent>>> {
-        if let Some(e) = self.extent_cache.get(&inode.ino) {
-            return Ok(e.clone());
-        }
-        let (list, _) = self.read_extent_tree(inode)?;
-        let list = Arc::new(list);
-        if self.extent_cache.len() >= EXTENT_CACHE_MAX {
-            self.extent_cache.clear();
-        }
-        self.extent_cache.insert(inode.ino, list.clone());
-        Ok(list)
-    }
-
     /// Write `list` as the extent tree of `inode`, reusing its old tree
     /// blocks. Updates i_blocks for tree blocks gained or lost; the caller
     /// writes the inode.
@@ -381,7 +265,8 @@ impl Filesystem {
         let spb = u64::from(self.geo.block_size / 512);
         let delta = needed as i64 - old_blocks.len() as i64;
         self.add_i_blocks(inode, delta * spb as i64)?;
-        self.extent_cache.insert(inode.ino, Arc::new(list));
+        self.extent_cache
+            .insert(inode.ino, crate::extent_tree::ExtentMap::from_sorted(list));
         Ok(())
     }
 
@@ -407,53 +292,55 @@ impl Filesystem {
         let b = self.cache.read(blk)?;
         let p = u64::from(get32(b, idx * 4).unwrap_or(0));
         if p != 0 {
-            self.check_block(p, &format!("inode {ino} indirect pointer"), blk)?;
+            self.check_block(p, format_args!("inode {ino} indirect pointer"), blk)?;
         }
         Ok(p)
     }
 
     /// Path through the indirect tree for `lblk`: (slot in i_block, indices
-    /// within each level).
-    fn ind_path(&self, lblk: u64) -> Option<(usize, Vec<usize>)> {
+    /// within each level, how many levels).
+    fn ind_path(&self, lblk: u64) -> Option<(usize, [usize; 3], usize)> {
         let apb = u64::from(self.geo.block_size / 4);
         if lblk < 12 {
-            return Some((lblk as usize, vec![]));
+            return Some((lblk as usize, [0; 3], 0));
         }
         let mut l = lblk - 12;
         if l < apb {
-            return Some((12, vec![l as usize]));
+            return Some((12, [l as usize, 0, 0], 1));
         }
         l -= apb;
         if l < apb * apb {
-            return Some((13, vec![(l / apb) as usize, (l % apb) as usize]));
+            return Some((13, [(l / apb) as usize, (l % apb) as usize, 0], 2));
         }
         l -= apb * apb;
         if l < apb * apb * apb {
             return Some((
                 14,
-                vec![
+                [
                     (l / (apb * apb)) as usize,
                     ((l / apb) % apb) as usize,
                     (l % apb) as usize,
                 ],
+                3,
             ));
         }
         None
     }
 
     fn ind_lookup(&mut self, inode: &Inode, lblk: u64) -> Result<u64> {
-        let Some((slot, path)) = self.ind_path(lblk) else {
+        let Some((slot, idx, levels)) = self.ind_path(lblk) else {
             return Ok(0);
         };
+        let path = &idx[..levels];
         let mut p = u64::from(get32(inode.i_block(), slot * 4).unwrap_or(0));
         if p != 0 {
-            self.check_block(p, &format!("inode {} block pointer", inode.ino), 0)?;
+            self.check_block(p, format_args!("inode {} block pointer", inode.ino), 0)?;
         }
-        for idx in path {
+        for &i in path {
             if p == 0 {
                 return Ok(0);
             }
-            p = self.ind_ptr(p, idx, inode.ino)?;
+            p = self.ind_ptr(p, i, inode.ino)?;
         }
         Ok(p)
     }
@@ -468,22 +355,21 @@ impl Filesystem {
     ) -> Result<(Mapping, u64)> {
         let max = max.max(1);
         if Self::uses_extents(inode) {
-            let list = self.extents(inode)?;
-            let pos = list.partition_point(|e| e.end() <= lblk);
-            if let Some(e) = list.get(pos) {
-                if u64::from(e.lblk) <= lblk {
-                    let off = lblk - u64::from(e.lblk);
-                    return Ok((
-                        Mapping::Mapped {
-                            pblk: e.pblk + off,
-                            unwritten: e.unwritten,
-                        },
-                        (u64::from(e.len) - off).min(max),
-                    ));
-                }
-                return Ok((Mapping::Hole, (u64::from(e.lblk) - lblk).min(max)));
+            let map = self.ext_map(inode)?;
+            if let Some(e) = map.containing(lblk) {
+                let off = lblk - u64::from(e.lblk);
+                return Ok((
+                    Mapping::Mapped {
+                        pblk: e.pblk + off,
+                        unwritten: e.unwritten,
+                    },
+                    (u64::from(e.len) - off).min(max),
+                ));
             }
-            return Ok((Mapping::Hole, max));
+            let gap = map
+                .after(lblk)
+                .map_or(max, |e| (u64::from(e.lblk) - lblk).min(max));
+            return Ok((Mapping::Hole, gap));
         }
         let first = self.ind_lookup(inode, lblk)?;
         let mut n = 1;
@@ -521,7 +407,8 @@ impl Filesystem {
     /// indirect blocks on the way.
     fn ind_set(&mut self, inode: &mut Inode, lblk: u64, pblk: u64) -> Result<()> {
         self.note_inode_change(inode.ino, true);
-        let (slot, path) = self.ind_path(lblk).ok_or(Error::FileTooBig)?;
+        let (slot, idx, levels) = self.ind_path(lblk).ok_or(Error::FileTooBig)?;
+        let path = &idx[..levels];
         let spb = i64::from(self.geo.block_size / 512);
         if path.is_empty() {
             put32(inode.i_block_mut(), slot * 4, pblk as u32);
@@ -555,9 +442,10 @@ impl Filesystem {
     /// frees the data block; indirect blocks stay).
     pub(crate) fn ind_clear(&mut self, inode: &mut Inode, lblk: u64) -> Result<()> {
         self.note_inode_change(inode.ino, true);
-        let Some((slot, path)) = self.ind_path(lblk) else {
+        let Some((slot, idx, levels)) = self.ind_path(lblk) else {
             return Ok(());
         };
+        let path = &idx[..levels];
         if path.is_empty() {
             put32(inode.i_block_mut(), slot * 4, 0);
             return Ok(());
@@ -595,68 +483,9 @@ impl Filesystem {
         let spb = i64::from(self.geo.block_size / 512);
         let mut fresh = Vec::new();
         if Self::uses_extents(inode) {
-            let mut list = (*self.extents(inode)?).clone();
-            let mut allocated: Vec<(u64, u64)> = Vec::new();
-            let mut cur = lblk;
-            while cur < end {
-                let (m, n) = {
-                    let pos = list.partition_point(|e| e.end() <= cur);
-                    match list.get(pos) {
-                        Some(e) if u64::from(e.lblk) <= cur => (true, e.end() - cur),
-                        Some(e) => (false, u64::from(e.lblk) - cur),
-                        None => (false, end - cur),
-                    }
-                };
-                let n = n.min(end - cur);
-                if m {
-                    cur += n;
-                    continue;
-                }
-                // A hole of n blocks: fill it.
-                let mut left = n;
-                while left > 0 {
-                    let goal = self.goal_for(inode, &list, cur);
-                    let want = left.min(u64::from(MAX_INIT_LEN)) as u32;
-                    let (pb, got) = match self.alloc_blocks(goal, want) {
-                        Ok(r) => r,
-                        Err(e) => {
-                            for (p, l) in allocated {
-                                self.free_blocks(p, l)?;
-                            }
-                            self.extent_cache.remove(&inode.ino);
-                            return Err(e);
-                        }
-                    };
-                    allocated.push((pb, u64::from(got)));
-                    insert_extent(
-                        &mut list,
-                        Extent {
-                            lblk: cur as u32,
-                            len: got,
-                            pblk: pb,
-                            unwritten: false,
-                        },
-                    );
-                    fresh.push((cur, u64::from(got)));
-                    cur += u64::from(got);
-                    left -= u64::from(got);
-                }
-            }
-            let converted = mark_written(&mut list, lblk, end);
-            if allocated.is_empty() && converted.is_empty() {
-                // Pure overwrite: the block map is unchanged.
-                return Ok(fresh);
-            }
+            fresh = self.ext_fill_holes(inode, lblk, end, false)?;
+            let converted = self.ext_mark_written(inode, lblk, end)?;
             fresh.extend(converted);
-            let data_blocks: u64 = allocated.iter().map(|a| a.1).sum();
-            if let Err(e) = self.write_extent_tree(inode, list) {
-                for (p, l) in allocated {
-                    self.free_blocks(p, l)?;
-                }
-                self.extent_cache.remove(&inode.ino);
-                return Err(e);
-            }
-            self.add_i_blocks(inode, data_blocks as i64 * spb)?;
         } else {
             for l in lblk..end {
                 if self.ind_lookup(inode, l)? != 0 {
@@ -687,15 +516,84 @@ impl Filesystem {
         Ok(fresh)
     }
 
-    /// A good physical goal for logical block `lblk`: continue the extent
-    /// before it, or start in the inode's group.
-    fn goal_for(&self, inode: &Inode, list: &[Extent], lblk: u64) -> u64 {
-        let pos = list.partition_point(|e| e.end() <= lblk);
-        if pos > 0 {
-            let e = &list[pos - 1];
-            return e.pblk + (lblk - u64::from(e.lblk));
+    /// A good physical goal for logical block `lblk`: where the file's
+    /// nearest extent would put it if the file were laid out in one
+    /// straight line (before or after that extent, as
+    /// `ext4_ext_find_goal`), or, in an empty file, `lblk` blocks past the
+    /// start of the inode's group. Blocks written in any order then land
+    /// where their neighbours expect them, and runs written at different
+    /// times merge into one extent.
+    pub(crate) fn goal_for(&mut self, inode: &Inode, lblk: u64) -> Result<u64> {
+        let base = self.inode_goal(inode);
+        let map = self.ext_map(inode)?;
+        let goal = if let Some(e) = map.at_or_before(lblk) {
+            e.pblk + (lblk - u64::from(e.lblk))
+        } else if let Some(e) = map.after(lblk) {
+            e.pblk.saturating_sub(u64::from(e.lblk) - lblk)
+        } else {
+            base + lblk
+        };
+        Ok(if goal >= self.geo.blocks_count {
+            base
+        } else {
+            goal
+        })
+    }
+
+    /// Map every hole of `[from, to)` to new blocks, as written or
+    /// unwritten extents, all or nothing (on failure nothing new stays
+    /// mapped: the blocks were never written, so they must not be
+    /// readable). Returns the logical runs filled; i_blocks is updated,
+    /// the caller writes the inode.
+    pub(crate) fn ext_fill_holes(
+        &mut self,
+        inode: &mut Inode,
+        from: u64,
+        to: u64,
+        unwritten: bool,
+    ) -> Result<Vec<(u64, u64)>> {
+        let spb = i64::from(self.geo.block_size / 512);
+        let mut holes = Vec::new();
+        let mut cur = from;
+        while cur < to {
+            let (m, n) = self.map_block(inode, cur, to - cur)?;
+            if m == Mapping::Hole {
+                holes.push((cur, n));
+            }
+            cur += n;
         }
-        self.inode_goal(inode)
+        let mut filled: Vec<(u64, u64)> = Vec::new();
+        let result = (|| -> Result<()> {
+            for (start, n) in holes {
+                let mut cur = start;
+                while cur < start + n {
+                    let goal = self.goal_for(inode, cur)?;
+                    let want = (start + n - cur).min(u64::from(max_len(unwritten))) as u32;
+                    let (pb, got) = self.alloc_blocks(goal, want)?;
+                    let e = Extent {
+                        lblk: cur as u32,
+                        len: got,
+                        pblk: pb,
+                        unwritten,
+                    };
+                    if let Err(err) = self.ext_insert(inode, e) {
+                        self.free_blocks(pb, u64::from(got))?;
+                        return Err(err);
+                    }
+                    self.add_i_blocks(inode, i64::from(got) * spb)?;
+                    filled.push((cur, u64::from(got)));
+                    cur += u64::from(got);
+                }
+            }
+            Ok(())
+        })();
+        if let Err(err) = result {
+            for (l, n) in filled {
+                self.free_extent_range(inode, l, l + n)?;
+            }
+            return Err(err);
+        }
+        Ok(filled)
     }
 
     pub(crate) fn inode_goal(&self, inode: &Inode) -> u64 {
@@ -713,12 +611,7 @@ impl Filesystem {
         to: u64,
     ) -> Result<()> {
         let spb = u64::from(self.geo.block_size / 512);
-        let mut list = (*self.extents(inode)?).clone();
-        let freed = remove_range(&mut list, from, to);
-        if freed.is_empty() {
-            return Ok(());
-        }
-        self.write_extent_tree(inode, list)?;
+        let freed = self.ext_remove(inode, from, to)?;
         let mut total = 0;
         for (p, l) in freed {
             self.free_blocks(p, l)?;
@@ -911,7 +804,7 @@ impl Filesystem {
         let end = inode.size().div_ceil(bs);
         if Self::uses_extents(&inode) {
             return Ok(self
-                .extents(&inode)?
+                .ext_map(&inode)?
                 .iter()
                 .map(|e| BlockRun {
                     lblk: u64::from(e.lblk),

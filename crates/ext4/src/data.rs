@@ -27,7 +27,7 @@ use folio_blockdev::BlockDevice;
 use folio_iomap::{flags, Iomap, IomapKind, IomapOps};
 use folio_pagecache::AddressSpace;
 
-use crate::bmap::{mark_written, Mapping};
+use crate::bmap::Mapping;
 use crate::error::{Error, Result};
 use crate::format::extent::{Extent, MAX_UNWRITTEN_LEN};
 use crate::format::inode::Inode;
@@ -369,30 +369,17 @@ impl Filesystem {
     ) -> Result<(u64, u64)> {
         let spb = i64::from(self.geo.block_size / 512);
         if Self::uses_extents(inode) {
-            let mut list = (*self.extents(inode)?).clone();
-            let goal = {
-                let pos = list.partition_point(|e| e.end() <= lblk);
-                if pos > 0 {
-                    let e = &list[pos - 1];
-                    e.pblk + (lblk - u64::from(e.lblk))
-                } else {
-                    self.inode_goal(inode)
-                }
-            };
+            let goal = self.goal_for(inode, lblk)?;
             let want = n.min(u64::from(MAX_UNWRITTEN_LEN)) as u32;
             let (pb, got) = self.alloc_for(goal, want, fresh)?;
-            crate::bmap::insert_extent(
-                &mut list,
-                Extent {
-                    lblk: lblk as u32,
-                    len: got,
-                    pblk: pb,
-                    unwritten: true,
-                },
-            );
-            if let Err(e) = self.write_extent_tree(inode, list) {
+            let e = Extent {
+                lblk: lblk as u32,
+                len: got,
+                pblk: pb,
+                unwritten: true,
+            };
+            if let Err(e) = self.ext_insert(inode, e) {
                 self.free_blocks(pb, u64::from(got))?;
-                self.extent_cache.remove(&inode.ino);
                 return Err(e);
             }
             self.add_i_blocks(inode, i64::from(got) * spb)?;
@@ -461,11 +448,12 @@ impl Filesystem {
         if !Self::uses_extents(&inode) {
             return Ok(());
         }
-        let mut list = (*self.extents(&inode)?).clone();
-        if mark_written(&mut list, lblk, lblk + n).is_empty() {
+        if self
+            .ext_mark_written(&mut inode, lblk, lblk + n)?
+            .is_empty()
+        {
             return Ok(());
         }
-        self.write_extent_tree(&mut inode, list)?;
         self.write_inode(&mut inode)
     }
 
@@ -619,21 +607,38 @@ impl Filesystem {
         Ok(())
     }
 
-    /// Write back every dirty folio of `ino` in bytes `[start, end)`.
+    /// Write back every dirty folio of `ino` in bytes `[start, end)`, in
+    /// logical order, a batch of folios per handle (as ext4_writepages
+    /// starts a handle per chunk): each handle's credits are bounded by
+    /// the batch, and the running transaction may commit between batches.
     pub(crate) fn writeback_range(&mut self, ino: u32, start: u64, end: u64) -> Result<u64> {
+        const BATCH_FOLIOS: usize = 128;
         let Some(m) = self.pc.existing(u64::from(ino)) else {
             return Ok(0);
         };
+        if end <= start {
+            return Ok(0);
+        }
         let pc = Arc::clone(&self.pc);
-        // A handle for the allocations: every dirty folio may need blocks.
-        let dirty = m.dirty_indices(0, u64::MAX).len() as u64;
-        let per =
-            (pc.folio_size_for(self.geo.block_size as usize) / self.geo.block_size as usize) as u64;
-        let credits = self.alloc_credits(ino, dirty * per);
-        let h = self.journal_start(credits)?;
-        let r = folio_iomap::writeback(self, &pc, &m, u64::from(ino), start, end);
-        self.journal_stop(h)?;
-        r
+        let fsz = m.folio_size() as u64;
+        let dirty = m.dirty_indices(m.index_of(start), m.index_of(end - 1));
+        let per = (fsz / u64::from(self.geo.block_size)).max(1);
+        let mut total = 0;
+        for batch in dirty.chunks(BATCH_FOLIOS) {
+            let (Some(&first), Some(&last)) = (batch.first(), batch.last()) else {
+                continue;
+            };
+            let from = (first * fsz).max(start);
+            let to = (last + 1).saturating_mul(fsz).min(end);
+            // Every dirty block may start a run: an allocation and a
+            // conversion each.
+            let credits = self.alloc_credits(ino, 2 * batch.len() as u64 * per);
+            let h = self.journal_start(credits)?;
+            let r = folio_iomap::writeback(self, &pc, &m, u64::from(ino), from, to);
+            self.journal_stop(h)?;
+            total += r?;
+        }
+        Ok(total)
     }
 
     /// Write back all dirty data.

@@ -10,7 +10,7 @@
 
 use crate::bmap::{insert_extent, Mapping};
 use crate::error::{Error, Result};
-use crate::format::extent::{Extent, MAX_UNWRITTEN_LEN};
+use crate::format::extent::Extent;
 use crate::format::inode::Inode;
 use crate::format::Timespec;
 use crate::fs::Filesystem;
@@ -194,53 +194,10 @@ impl Filesystem {
     fn prealloc(&mut self, inode: &mut Inode, from: u64, to: u64) -> Result<()> {
         let bs = self.bs();
         let (first, last) = (from / bs, to.div_ceil(bs));
-        let mut list = (*self.extents(inode)?).clone();
-        let mut allocated = Vec::new();
-        let mut cur = first;
-        let spb = i64::from(self.geo.block_size / 512);
-        let result: Result<()> = (|| {
-            while cur < last {
-                let pos = list.partition_point(|e| e.end() <= cur);
-                let gap = match list.get(pos) {
-                    Some(e) if u64::from(e.lblk) <= cur => {
-                        cur = e.end();
-                        continue;
-                    }
-                    Some(e) => u64::from(e.lblk).min(last) - cur,
-                    None => last - cur,
-                };
-                let goal = if pos > 0 {
-                    list[pos - 1].pblk + u64::from(list[pos - 1].len)
-                } else {
-                    self.inode_goal(inode)
-                };
-                let want = gap.min(u64::from(MAX_UNWRITTEN_LEN)) as u32;
-                let (p, n) = self.alloc_blocks(goal, want)?;
-                // Fresh blocks read as zeros because they are unwritten;
-                // no need to write them.
-                allocated.push((p, u64::from(n)));
-                insert_extent(
-                    &mut list,
-                    Extent {
-                        lblk: cur as u32,
-                        len: n,
-                        pblk: p,
-                        unwritten: true,
-                    },
-                );
-                cur += u64::from(n);
-            }
-            Ok(())
-        })();
-        if let Err(e) = result.and_then(|()| self.write_extent_tree(inode, list)) {
-            for (p, l) in allocated {
-                self.free_blocks(p, l)?;
-            }
-            self.extent_cache.remove(&inode.ino);
-            return Err(e);
-        }
-        let n: u64 = allocated.iter().map(|a| a.1).sum();
-        self.add_i_blocks(inode, n as i64 * spb)
+        // Fresh blocks read as zeros because they are unwritten; no need
+        // to write them. All or nothing, as ext4 leaves no partial
+        // preallocation behind on ENOSPC.
+        self.ext_fill_holes(inode, first, last, true).map(drop)
     }
 
     /// Make `[from, to)` read as zeros: partial blocks zeroed in place,
@@ -282,7 +239,7 @@ impl Filesystem {
         let bs = self.bs();
         let (start, n) = (offset / bs, len / bs);
         self.free_range(inode, start, start + n)?;
-        let mut list = (*self.extents(inode)?).clone();
+        let mut list = self.extent_list(inode)?;
         for e in &mut list {
             if u64::from(e.lblk) >= start + n {
                 e.lblk -= n as u32;
@@ -308,7 +265,7 @@ impl Filesystem {
         }
         let bs = self.bs();
         let (start, n) = (offset / bs, len / bs);
-        let mut list = (*self.extents(inode)?).clone();
+        let mut list = self.extent_list(inode)?;
         // Split an extent spanning the insertion point.
         let mut split = Vec::with_capacity(list.len() + 1);
         for e in list.drain(..) {

@@ -8,7 +8,6 @@ use std::sync::Arc;
 use folio_blockdev::{BlockDevice, BufferCache, FileDevice};
 
 use crate::error::{Error, Result};
-use crate::format::extent::Extent;
 use crate::format::group::{GroupDesc, BG_BLOCK_UNINIT, BG_INODE_UNINIT};
 use crate::format::inode::Inode;
 use crate::format::superblock::{
@@ -61,12 +60,14 @@ pub struct Filesystem {
     pub(crate) sb: Superblock,
     pub(crate) geo: Geometry,
     pub(crate) groups: Vec<GroupDesc>,
-    pub(crate) gdt_dirty: bool,
+    /// Descriptor-table blocks (by index in the table) holding a
+    /// descriptor changed since they were last put in the cache.
+    pub(crate) gdt_dirty: BTreeSet<u32>,
     pub(crate) sb_dirty: bool,
     pub(crate) csum_seed: u32,
     pub(crate) read_only: Option<String>,
     /// Parsed extent lists of recently used inodes.
-    pub(crate) extent_cache: HashMap<u32, Arc<Vec<Extent>>>,
+    pub(crate) extent_cache: HashMap<u32, crate::extent_tree::ExtentMap>,
     pub(crate) generation_seed: u32,
     pub(crate) bytes_written: u64,
     /// Spread new directories over groups (off only while mkfs makes
@@ -235,7 +236,7 @@ impl Filesystem {
             sb,
             geo,
             groups,
-            gdt_dirty: false,
+            gdt_dirty: BTreeSet::new(),
             sb_dirty: false,
             csum_seed,
             read_only,
@@ -461,9 +462,20 @@ impl Filesystem {
         ((blk - self.geo.first_data_block) / u64::from(self.geo.blocks_per_group)) as u32
     }
 
-    /// A block number read from disk must lie in the data area.
-    pub(crate) fn check_block(&self, blk: u64, what: &str, from: u64) -> Result<()> {
-        if blk < self.geo.first_data_block || blk >= self.geo.blocks_count {
+    /// Does block `blk` lie in the data area?
+    pub(crate) fn block_in_fs(&self, blk: u64) -> bool {
+        blk >= self.geo.first_data_block && blk < self.geo.blocks_count
+    }
+
+    /// A block number read from disk must lie in the data area. `what`
+    /// is formatted only for the error.
+    pub(crate) fn check_block(
+        &self,
+        blk: u64,
+        what: impl std::fmt::Display,
+        from: u64,
+    ) -> Result<()> {
+        if !self.block_in_fs(blk) {
             return Err(Error::corrupted(
                 format!("{what} points to block {blk}, outside the filesystem"),
                 from,
@@ -569,14 +581,17 @@ impl Filesystem {
                 gd.compute_checksum(g, self.sb.metadata_csum(), self.csum_seed, &self.sb.uuid());
             gd.set_checksum(c);
         }
-        self.gdt_dirty = true;
+        self.gdt_dirty.insert(g / self.geo.descs_per_block);
         self.sb_dirty = true;
     }
 
+    /// Put the descriptor-table blocks that changed into the cache (a
+    /// commit logs only those).
     fn write_gdt(&mut self) -> Result<()> {
         let dpb = self.geo.descs_per_block;
         let ds = self.geo.desc_size as usize;
-        for i in 0..self.geo.gdt_blocks {
+        let dirty: Vec<u32> = self.gdt_dirty.iter().copied().collect();
+        for i in dirty {
             let blk = Self::gdt_block_location(&self.sb, &self.geo, i);
             let first = i * dpb;
             let last = (first + dpb).min(self.geo.group_count);
@@ -587,6 +602,7 @@ impl Filesystem {
             for (k, d) in descs.iter().enumerate() {
                 b[k * ds..(k + 1) * ds].copy_from_slice(d);
             }
+            self.gdt_dirty.remove(&i);
         }
         Ok(())
     }
@@ -609,9 +625,8 @@ impl Filesystem {
 
     /// Put the group descriptors and superblock into the cache.
     pub(crate) fn write_metadata_to_cache(&mut self) -> Result<()> {
-        if self.gdt_dirty {
+        if !self.gdt_dirty.is_empty() {
             self.write_gdt()?;
-            self.gdt_dirty = false;
         }
         if self.sb_dirty || self.cache.dirty_count() > 0 || self.bytes_written > 0 {
             self.write_superblock()?;

@@ -442,7 +442,7 @@ impl Filesystem {
     /// the cache's eviction) writes them home.
     pub(crate) fn sync_journalled(&mut self) -> Result<()> {
         if !self.recover_on_disk
-            && (self.sb_dirty || self.gdt_dirty || self.cache.dirty_count() > 0)
+            && (self.sb_dirty || !self.gdt_dirty.is_empty() || self.cache.dirty_count() > 0)
         {
             self.set_recover_on_disk(true)?;
             self.recover_on_disk = true;
@@ -633,6 +633,13 @@ impl Filesystem {
         Ok(())
     }
 
+    /// Metadata blocks the running transaction has dirtied so far (what
+    /// the next commit logs, before descriptors and the superblock): how
+    /// tests see what one operation touched.
+    pub fn txn_dirty_blocks(&self) -> usize {
+        self.cache.dirty_count()
+    }
+
     /// Handles run and how many used more blocks than their credits.
     pub fn handle_stats(&self) -> (u64, u64) {
         self.handle_stats
@@ -685,12 +692,14 @@ impl Filesystem {
     }
 
     /// Credits to allocate `blocks` data blocks to `ino` (bitmaps of the
-    /// groups they may land in, the extent tree or indirect blocks).
+    /// groups they may land in and the descriptor blocks of those groups,
+    /// the extent tree or indirect blocks).
     pub(crate) fn alloc_credits(&mut self, ino: u32, blocks: u64) -> usize {
         let groups = u64::from(self.geo.group_count);
         let bitmaps = blocks.saturating_add(1).min(groups) as usize;
+        let descs = bitmaps.min(self.geo.gdt_blocks as usize);
         let map = self.map_credits(ino, blocks);
-        8 + self.summary_credits() + bitmaps + map
+        8 + 1 + descs + bitmaps + map
     }
 
     /// Credits to free every block of `ino` (truncate, unlink, punch).
@@ -701,30 +710,44 @@ impl Filesystem {
         let bs = u64::from(self.geo.block_size);
         let blocks = inode.size().div_ceil(bs);
         let groups = u64::from(self.geo.group_count);
-        let spans = match self.extents(&inode) {
-            Ok(list) if Self::uses_extents(&inode) => list
-                .iter()
-                .map(|e| u64::from(e.len) / u64::from(self.geo.blocks_per_group) + 2)
-                .sum::<u64>(),
+        let bpg = u64::from(self.geo.blocks_per_group);
+        let spans = match self.ext_map(&inode) {
+            Ok(map) if Self::uses_extents(&inode) => {
+                map.iter().map(|e| u64::from(e.len) / bpg + 2).sum::<u64>()
+            }
             _ => blocks + 1,
         };
-        8 + self.summary_credits() + spans.min(groups) as usize + self.map_credits(ino, blocks)
+        let map = if Self::uses_extents(&inode) {
+            // Every tree block, and one split (a punch inside an extent).
+            let tree = self.ext_tree_blocks(&inode).unwrap_or(0);
+            (tree + 2 * Self::ext_change_credits(&inode) as u64).min(u64::from(u32::MAX)) as usize
+        } else {
+            self.map_credits(ino, blocks)
+        };
+        8 + self.summary_credits() + spans.min(groups) as usize + map
     }
 
-    /// Mapping blocks `ino` may dirty when `more` extents or blocks are
-    /// added: the whole extent tree as it will be, or the indirect blocks.
+    /// Mapping blocks `ino` may dirty when `more` blocks are mapped or
+    /// converted. An extent tree changes at most once per block: each
+    /// change dirties one root-to-leaf path (never more than the tree
+    /// has), and splits add at most one block per half leaf of new
+    /// entries plus one per level. Indirect maps: the pointer blocks.
     fn map_credits(&mut self, ino: u32, more: u64) -> usize {
         let per = u64::from(self.geo.block_size) / 12;
         let Ok(inode) = self.read_inode(ino) else {
             return 8;
         };
         let n = if Self::uses_extents(&inode) {
-            self.extents(&inode).map_or(0, |l| l.len() as u64) + more
+            let depth = u64::from(crate::format::get16(inode.i_block(), 6).unwrap_or(0)).min(5);
+            let tree = self.ext_tree_blocks(&inode).unwrap_or(u64::MAX);
+            let paths = tree.min(more.saturating_mul(depth + 1));
+            let splits = more.saturating_mul(2).div_ceil(per / 2);
+            paths.saturating_add(splits).saturating_add(depth + 2)
         } else {
             // Indirect maps: one pointer block per `bs / 4` blocks.
-            more.saturating_mul(3)
+            more.saturating_mul(3).div_ceil(per).saturating_mul(2) + 6
         };
-        (n.div_ceil(per).saturating_mul(2) + 6).min(u64::from(u32::MAX)) as usize
+        n.min(u64::from(u32::MAX)) as usize
     }
 
     /// Finish one orphan: free it if it has no links left (unlinked while

@@ -3,7 +3,8 @@
 //!
 //! Module map (bottom up): `format` parses raw structures with no I/O;
 //! `fs` opens and validates an image and does inode I/O; `alloc` owns the
-//! bitmaps; `bmap` maps logical to physical blocks (extents, indirect);
+//! bitmaps; `bmap` maps logical to physical blocks (extents, indirect), with
+//! `extent_tree` editing extent trees in place;
 //! `dir` and `xattrs` implement directories and attributes; `file` moves
 //! data; `ops` is the POSIX-shaped API; `mkfs` makes new images.
 
@@ -13,6 +14,7 @@ pub mod csum;
 pub mod data;
 pub mod dir;
 pub mod error;
+pub(crate) mod extent_tree;
 pub mod falloc;
 pub mod file;
 pub mod format;

@@ -49,7 +49,7 @@ impl Filesystem {
         if blk == 0 {
             return Ok(Vec::new());
         }
-        self.check_block(blk, &format!("inode {} xattr block", inode.ino), 0)?;
+        self.check_block(blk, format_args!("inode {} xattr block", inode.ino), 0)?;
         let data = self.cache.read(blk)?.to_vec();
         if get32(&data, 0) != Some(MAGIC) || get32(&data, 8) != Some(1) {
             return Err(Error::corrupted(
