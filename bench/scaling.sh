@@ -11,10 +11,12 @@
 #
 #   bash bench/scaling.sh                  # 32M 256M 1G 4G, 8 s each
 #   SIZES="32M 1G" SECONDS_EACH=4 bash bench/scaling.sh
+#   END_FSYNC=0 bash bench/scaling.sh      # write(2) rates only, no fsync
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SIZES=${SIZES:-32M 256M 1G 4G}
 SECONDS_EACH=${SECONDS_EACH:-8}
+END_FSYNC=${END_FSYNC:-1}
 need=()
 command -v fio >/dev/null || need+=(fio)
 command -v fuse2fs >/dev/null || need+=(fuse2fs)
@@ -51,7 +53,7 @@ for size in $SIZES; do
         truncate -s "$size" "$f"
         for pass in fresh over; do
             out=$(fio --name="$pass" --filename="$f" --rw=randwrite --bs=4k --size="$size" \
-                --ioengine=psync --time_based --runtime="$SECONDS_EACH" --end_fsync=1 \
+                --ioengine=psync --time_based --runtime="$SECONDS_EACH" --end_fsync="$END_FSYNC" \
                 --randseed=$([ $pass = fresh ] && echo 1 || echo 2) --output-format=json 2>/dev/null)
             R[$size,$m,$pass]=$(bw <<<"$out")
         done
@@ -69,7 +71,7 @@ for size in $SIZES; do
 done
 umount "$W/ro"
 
-printf "\nrandom 4 KiB writes, MiB/s (fio psync, %s s each, end_fsync)\n" "$SECONDS_EACH"
+printf "\nrandom 4 KiB writes, MiB/s (fio psync, %s s each, end_fsync=%s)\n" "$SECONDS_EACH" "$END_FSYNC"
 printf "%-6s %9s %9s %9s %8s %8s | %9s %9s %9s %8s | %10s %10s %6s\n" size folio fuse2fs kernel f/k f/fuse2fs \
     "folio-ow" "fuse2fs" "kernel" f/k "ext-folio" "ext-kernel" ratio
 ratio() { python3 -c "print('%.2f' % ($1/$2 if float($2) else 0))"; }

@@ -359,11 +359,18 @@ fn scaling_in(work: &Path, sizes_mib: &[u64], secs: f64) -> Result<(), String> {
         let mut f = Folio { fs, ino };
         let (fresh, n1) = random_writes(&mut f, size, secs, 0x1234_5678)?;
         let (over, n2) = random_writes(&mut f, size, secs, 0x8765_4321)?;
-        let extents = f.fs.block_runs(ino).map_err(|e| e.to_string())?.len() as u64;
+        // Counted as filefrag counts: a new extent where the physical
+        // layout breaks from a straight line, as for the kernel's column.
+        let runs = f.fs.block_runs(ino).map_err(|e| e.to_string())?;
+        let extents = 1 + runs
+            .windows(2)
+            .filter(|w| w[1].pblk != w[0].pblk + (w[1].lblk - w[0].lblk))
+            .count() as u64;
         f.fs.close().map_err(|e| e.to_string())?;
         println!(
             "  {size_mib:>5} MiB  folio:  fresh {fresh:8.1} MiB/s ({n1} writes), \
-             overwrite {over:8.1} MiB/s ({n2} writes), {extents} extents"
+             overwrite {over:8.1} MiB/s ({n2} writes), {extents} extents ({} in the tree)",
+            runs.len()
         );
         let kernel = if is_root() {
             let mnt = work.join("mnt");

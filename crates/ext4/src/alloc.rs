@@ -130,6 +130,43 @@ impl Filesystem {
         Ok(())
     }
 
+    /// Is block `b` free for allocation now (clear in its bitmap and not
+    /// pinned by the running transaction)?
+    fn block_is_free(&mut self, b: u64) -> Result<bool> {
+        if !self.block_in_fs(b) {
+            return Ok(false);
+        }
+        let g = self.block_group(b);
+        if self.groups[g as usize].free_blocks() == 0 || self.pinned.contains(&b) {
+            return Ok(false);
+        }
+        let bm = self.load_block_bitmap(g)?;
+        Ok(!bit(&bm, (b - self.group_first_block(g)) as usize))
+    }
+
+    /// The first free block of group `g`, if it has one.
+    pub(crate) fn first_free_in_group(&mut self, g: u32) -> Option<u64> {
+        let bm = self.load_block_bitmap(g).ok()?;
+        let count = self.group_block_count(g) as usize;
+        let first = find_zero(&bm, 0, count)?;
+        Some(self.group_first_block(g) + first as u64)
+    }
+
+    /// Like [`Self::alloc_blocks`], but if the goal block itself is taken
+    /// and there is a `fallback`, search from there instead of from the
+    /// goal.
+    pub(crate) fn alloc_blocks_at(
+        &mut self,
+        goal: u64,
+        fallback: Option<u64>,
+        want: u32,
+    ) -> Result<(u64, u32)> {
+        match fallback {
+            Some(f) if !self.block_is_free(goal)? => self.alloc_blocks(f, want),
+            _ => self.alloc_blocks(goal, want),
+        }
+    }
+
     /// Allocate up to `want` contiguous blocks, at or after `goal` if
     /// possible. Returns (first block, count ≥ 1).
     pub(crate) fn alloc_blocks(&mut self, goal: u64, want: u32) -> Result<(u64, u32)> {

@@ -24,6 +24,17 @@ pub enum Mapping {
     Mapped { pblk: u64, unwritten: bool },
 }
 
+/// Files of at least this i_size get a region of their own
+/// ([`Filesystem::empty_file_base`]) and displaced blocks out of the way.
+const LARGE_FILE_BYTES: u64 = 16 << 20;
+
+/// Blocks left free before a large file's line for its extent tree: a
+/// file of `n` blocks written at random has at most about `n / 2`
+/// extents, 170 or more to a tree block.
+fn tree_room(n: u64) -> u64 {
+    (n / 256).clamp(16, 8192)
+}
+
 fn max_len(unwritten: bool) -> u32 {
     if unwritten {
         MAX_UNWRITTEN_LEN
@@ -519,12 +530,44 @@ impl Filesystem {
     /// A good physical goal for logical block `lblk`: where the file's
     /// nearest extent would put it if the file were laid out in one
     /// straight line (before or after that extent, as
-    /// `ext4_ext_find_goal`), or, in an empty file, `lblk` blocks past the
-    /// start of the inode's group. Blocks written in any order then land
+    /// `ext4_ext_find_goal`), or, in an empty file, `lblk` blocks past
+    /// [`Self::empty_file_base`]. Blocks written in any order then land
     /// where their neighbours expect them, and runs written at different
     /// times merge into one extent.
-    pub(crate) fn goal_for(&mut self, inode: &Inode, lblk: u64) -> Result<u64> {
+    ///
+    /// Returns the goal and, for a large file, where to look instead if
+    /// the goal block is taken: just past the file's straight-line
+    /// region, so that a block displaced by metadata or another file
+    /// does not take the spot of one of its own later neighbours (which
+    /// would displace that one in turn, and so on down the file).
+    pub(crate) fn goal_for(&mut self, inode: &Inode, lblk: u64) -> Result<(u64, Option<u64>)> {
         let base = self.inode_goal(inode);
+        let bs = u64::from(self.geo.block_size);
+        let size_blocks = inode.size().div_ceil(bs);
+        let clamp = |g: u64, fs: &Self| if g >= fs.geo.blocks_count { base } else { g };
+        if size_blocks >= LARGE_FILE_BYTES / bs {
+            // A large file keeps to its line, whatever its neighbours do
+            // (one displaced block must not drag the next ones after it).
+            let line = match self.ext_map(inode)?.line {
+                Some(l) => l,
+                None => {
+                    // The line starts past room for the tree's own blocks.
+                    let l = self.empty_file_base(inode) + tree_room(size_blocks);
+                    self.ext_load(inode)?;
+                    if let Some(m) = self.extent_cache.get_mut(&inode.ino) {
+                        m.line = Some(l);
+                    }
+                    l
+                }
+            };
+            // Displaced blocks go on a second line past the first, so
+            // that a run displaced together (by a superblock backup or an
+            // inode table on the way) stays together.
+            let f0 = line.saturating_add(size_blocks);
+            let fallback =
+                (f0 < self.geo.blocks_count).then(|| f0 + lblk % (self.geo.blocks_count - f0));
+            return Ok((clamp(line.saturating_add(lblk), self), fallback));
+        }
         let map = self.ext_map(inode)?;
         let goal = if let Some(e) = map.at_or_before(lblk) {
             e.pblk + (lblk - u64::from(e.lblk))
@@ -533,11 +576,79 @@ impl Filesystem {
         } else {
             base + lblk
         };
-        Ok(if goal >= self.geo.blocks_count {
-            base
-        } else {
-            goal
-        })
+        Ok((clamp(goal, self), None))
+    }
+
+    /// Where new extent-tree blocks of `inode` go: in the room left for
+    /// them just before a large file's straight line (so they take none of
+    /// its data's places), else at the start of the inode's group.
+    pub(crate) fn tree_goal(&mut self, inode: &Inode) -> u64 {
+        let base = self.inode_goal(inode);
+        let bs = u64::from(self.geo.block_size);
+        let size_blocks = inode.size().div_ceil(bs);
+        match self.extent_cache.get(&inode.ino).and_then(|m| m.line) {
+            Some(l) if size_blocks >= LARGE_FILE_BYTES / bs => {
+                l.saturating_sub(tree_room(size_blocks)).max(base.min(l))
+            }
+            _ => base,
+        }
+    }
+
+    /// Where logical block 0 of a file with no extents yet should go. A
+    /// small file starts at its inode's group, next to its neighbours; a
+    /// large one (16 MiB or more of i_size, typically a file about to be
+    /// written at random, as a database or VM image is) gets the first
+    /// run of groups, from its inode's group on, that are at least three
+    /// quarters free and together hold its size, so that its blocks, laid
+    /// out in one straight line from there, do not run into another
+    /// file's.
+    fn empty_file_base(&mut self, inode: &Inode) -> u64 {
+        let base = self.inode_goal(inode);
+        let bs = u64::from(self.geo.block_size);
+        let blocks = inode.size().div_ceil(bs);
+        if blocks < LARGE_FILE_BYTES / bs {
+            return base;
+        }
+        let ng = self.geo.group_count;
+        let bpg = u64::from(self.geo.blocks_per_group);
+        let k = u32::try_from(blocks.div_ceil(bpg))
+            .unwrap_or(u32::MAX)
+            .clamp(1, ng);
+        let roomy = |g: u32| {
+            let gd = &self.groups[g as usize];
+            u64::from(gd.free_blocks()) * 4 >= u64::from(self.group_block_count(g)) * 3
+        };
+        // The region starts in group `start` (after its metadata) and runs
+        // on into the next `k` groups, which should hold no superblock
+        // backup: the file's straight line would run into it.
+        // First a region whose later groups hold no superblock backup
+        // (the file's straight line would run into it), then any.
+        let fits = |start: u32, strict: bool| -> Option<u32> {
+            let end = (start + k).min(ng - 1);
+            if !roomy(start) {
+                return Some(start);
+            }
+            (start + 1..=end).find(|&g| !roomy(g) || (strict && crate::fs::has_super(&self.sb, g)))
+        };
+        let g0 = (inode.ino - 1) / self.geo.inodes_per_group;
+        let mut found = None;
+        'search: for strict in [true, false] {
+            for (from, to) in [(g0, ng), (0, g0.min(ng))] {
+                let mut start = from;
+                while start + k <= to {
+                    match fits(start, strict) {
+                        Some(bad) => start = bad + 1,
+                        None => {
+                            found = Some(start);
+                            break 'search;
+                        }
+                    }
+                }
+            }
+        }
+        found
+            .and_then(|g| self.first_free_in_group(g))
+            .unwrap_or(base)
     }
 
     /// Map every hole of `[from, to)` to new blocks, as written or
@@ -567,9 +678,9 @@ impl Filesystem {
             for (start, n) in holes {
                 let mut cur = start;
                 while cur < start + n {
-                    let goal = self.goal_for(inode, cur)?;
+                    let (goal, fallback) = self.goal_for(inode, cur)?;
                     let want = (start + n - cur).min(u64::from(max_len(unwritten))) as u32;
-                    let (pb, got) = self.alloc_blocks(goal, want)?;
+                    let (pb, got) = self.alloc_blocks_at(goal, fallback, want)?;
                     let e = Extent {
                         lblk: cur as u32,
                         len: got,

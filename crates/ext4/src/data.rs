@@ -369,9 +369,9 @@ impl Filesystem {
     ) -> Result<(u64, u64)> {
         let spb = i64::from(self.geo.block_size / 512);
         if Self::uses_extents(inode) {
-            let goal = self.goal_for(inode, lblk)?;
+            let (goal, fallback) = self.goal_for(inode, lblk)?;
             let want = n.min(u64::from(MAX_UNWRITTEN_LEN)) as u32;
-            let (pb, got) = self.alloc_for(goal, want, fresh)?;
+            let (pb, got) = self.alloc_for(goal, fallback, want, fresh)?;
             let e = Extent {
                 lblk: lblk as u32,
                 len: got,
@@ -409,10 +409,16 @@ impl Filesystem {
     }
 
     /// alloc_blocks, drawing on the reservation unless `fresh`.
-    fn alloc_for(&mut self, goal: u64, want: u32, fresh: bool) -> Result<(u64, u32)> {
+    fn alloc_for(
+        &mut self,
+        goal: u64,
+        fallback: Option<u64>,
+        want: u32,
+        fresh: bool,
+    ) -> Result<(u64, u32)> {
         let was = self.alloc_from_reserve;
         self.alloc_from_reserve = !fresh;
-        let r = self.alloc_blocks(goal, want);
+        let r = self.alloc_blocks_at(goal, fallback, want);
         self.alloc_from_reserve = was;
         r
     }

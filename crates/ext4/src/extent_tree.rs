@@ -54,14 +54,23 @@ pub(crate) struct ExtentMap {
     map: BTreeMap<u32, Extent>,
     /// Blocks mapped by all extents.
     blocks: u64,
+    /// Where logical block 0 of a large file lies on its straight line
+    /// ([`Filesystem::goal_for`]): chosen at its first allocation, or, for
+    /// a map read from disk, taken from its longest extent.
+    pub(crate) line: Option<u64>,
 }
 
 impl ExtentMap {
     pub(crate) fn from_sorted(list: Vec<Extent>) -> Self {
         let blocks = list.iter().map(|e| u64::from(e.len)).sum();
+        let line = list
+            .iter()
+            .max_by_key(|e| e.len)
+            .map(|e| e.pblk.saturating_sub(u64::from(e.lblk)));
         ExtentMap {
             map: list.into_iter().map(|e| (e.lblk, e)).collect(),
             blocks,
+            line,
         }
     }
 
@@ -652,7 +661,11 @@ impl Filesystem {
                 return Err(Error::FileTooBig);
             }
         }
-        let goal = if p.leaf_blk != 0 { p.leaf_blk } else { 0 };
+        let goal = if p.leaf_blk != 0 {
+            p.leaf_blk
+        } else {
+            self.tree_goal(inode)
+        };
         let fresh = self.alloc_tree_blocks(inode, goal, need)?;
         let mut fresh = fresh.into_iter();
         let mut take = || fresh.next().expect("blocks for the split were counted");

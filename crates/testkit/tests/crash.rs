@@ -105,6 +105,8 @@ struct Workload {
     ops: Vec<OpRec>,
     fsynced: Vec<Fsynced>,
     journal: folio_ext4::JournalStats,
+    /// Deepest extent tree a fragmented-file step built.
+    deepest: u16,
 }
 
 fn lookup_path(fs: &mut Filesystem, path: &str) -> (u32, Vec<u8>) {
@@ -135,6 +137,7 @@ fn run_workload(seed: u64, bs: u32, steps: usize, small_journal: bool) -> Worklo
     let mut big_batch: Vec<Vec<u8>> = Vec::new();
     let trace = std::env::var_os("FOLIO_CRASH_TRACE").is_some();
     let mut next_tag = 1u8;
+    let mut deepest = 0u16;
     for step in 1..=steps {
         let mut rec = OpRec {
             event_start: dev.event_count(),
@@ -277,6 +280,43 @@ fn run_workload(seed: u64, bs: u32, steps: usize, small_journal: bool) -> Worklo
                 }
                 rec.changed.push(tag);
             }
+            95..=96 if !tags.is_empty() => {
+                // A fragmented file: every other block over a range, so the
+                // extent tree grows a level or two (1 KiB blocks: more than
+                // 4 extents is depth 1, more than 336 is depth 2), with the
+                // crash cutting through its splits.
+                let tag = pick(&mut rng);
+                let (path, content) = m.files.get_mut(&tag).unwrap();
+                let b = bs as usize;
+                let n = if bs > 4096 {
+                    [6, 24][rng.below(2) as usize]
+                } else {
+                    [6, 60, 360][rng.below(3) as usize]
+                };
+                let ino = fs.resolve(path).unwrap();
+                let chunk = vec![tag; b];
+                for i in 0..n {
+                    let off = 2 * i * b;
+                    // The 4 MiB images of 1 KiB blocks may fill up: the
+                    // file then keeps what was accepted.
+                    let done = match fs.write(ino, off as u64, &chunk) {
+                        Ok(done) => done,
+                        Err(folio_ext4::Error::NoSpace) => 0,
+                        Err(e) => panic!("fragmented write: {e}"),
+                    };
+                    if done > 0 && content.len() < off + done {
+                        content.resize(off + done, 0);
+                    }
+                    content[off..off + done].fill(tag);
+                    if done < b {
+                        break;
+                    }
+                }
+                // (Writes the file back, as FIEMAP would.)
+                let depth = fs.extent_depth(ino).unwrap().unwrap_or(0);
+                deepest = deepest.max(depth);
+                rec.changed.push(tag);
+            }
             89..=94 if !tags.is_empty() => {
                 let tag = pick(&mut rng);
                 let (path, content) = m.files[&tag].clone();
@@ -324,6 +364,7 @@ fn run_workload(seed: u64, bs: u32, steps: usize, small_journal: bool) -> Worklo
         checkpoints,
         ops,
         fsynced,
+        deepest,
         journal,
     }
 }
@@ -585,6 +626,7 @@ struct Tally {
     distinct: usize,
     failed: Vec<String>,
     journal: folio_ext4::JournalStats,
+    deepest: u16,
 }
 
 fn crash_states(seed: u64, bs: u32, scratch: &std::path::Path) -> Tally {
@@ -600,6 +642,7 @@ fn crash_states(seed: u64, bs: u32, scratch: &std::path::Path) -> Tally {
         distinct: 0,
         failed: Vec::new(),
         journal: w.journal,
+        deepest: w.deepest,
     };
     let mut durable = Durable::new(w.base.clone(), scratch);
     let mut prev = 0usize;
@@ -700,9 +743,11 @@ fn every_crash_state_recovers_clean_with_synced_data_intact() {
     let commits: u64 = results.iter().map(|r| r.journal.commits).sum();
     let checkpoints: u64 = results.iter().map(|r| r.journal.checkpoints).sum();
     let revokes: u64 = results.iter().map(|r| r.journal.revokes).sum();
+    let deepest = results.iter().map(|r| r.deepest).max().unwrap_or(0);
     println!(
         "crash states checked: {checked} ({distinct} distinct images), failed: {} (workloads \
-         made {commits} commits, {checkpoints} checkpoints, {revokes} revoke records)",
+         made {commits} commits, {checkpoints} checkpoints, {revokes} revoke records; \
+         deepest extent tree {deepest})",
         failed.len()
     );
     for f in &failed {
@@ -713,6 +758,10 @@ fn every_crash_state_recovers_clean_with_synced_data_intact() {
         assert!(
             checkpoints > 0 && revokes > 0,
             "the workloads must wrap the log and revoke blocks"
+        );
+        assert!(
+            deepest >= 2,
+            "the fragmented files must reach extent depth 2 (got {deepest})"
         );
     }
     assert!(
