@@ -619,9 +619,7 @@ impl Filesystem {
             u64::from(gd.free_blocks()) * 4 >= u64::from(self.group_block_count(g)) * 3
         };
         // The region starts in group `start` (after its metadata) and runs
-        // on into the next `k` groups, which should hold no superblock
-        // backup: the file's straight line would run into it.
-        // First a region whose later groups hold no superblock backup
+        // on into the next `k` groups. First a region whose later groups hold no superblock backup
         // (the file's straight line would run into it), then any.
         let fits = |start: u32, strict: bool| -> Option<u32> {
             let end = (start + k).min(ng - 1);

@@ -8,10 +8,11 @@
 //!   reserve fails with ENOSPC, or is short, at write time; `end` gives
 //!   back exactly the reservation the copy did not use.
 //! - Writeback `begin` turns a delayed run into real blocks in one
-//!   allocation, as an unwritten extent (written, on ext2/3 indirect
-//!   maps); `end` converts it to written once the data is on the device,
-//!   or, if the write failed, leaves it unwritten (indirect: frees it and
-//!   reserves again), so no stale block ever becomes readable.
+//!   allocation, mapped written at once: the data goes out in the same
+//!   journal handle, before any commit can carry the mapping, and if the
+//!   write fails `end` unmaps the run and reserves it again, so no stale
+//!   block ever becomes readable. Direct I/O and fallocate allocate
+//!   unwritten extents, converted once the data is on the device.
 //! - The allocation API ([`AllocOp`]) needs no page cache: reserve,
 //!   allocate (unwritten) or deallocate a file interval.
 //!
@@ -296,7 +297,7 @@ impl Filesystem {
                 while cur < lblk + n {
                     let (m, k) = self.map_block(&inode, cur, lblk + n - cur)?;
                     if m == Mapping::Hole {
-                        self.alloc_run(&mut inode, cur, k, true)?;
+                        self.alloc_run(&mut inode, cur, k, true, true)?;
                     }
                     cur += k;
                 }
@@ -358,14 +359,16 @@ impl Filesystem {
 
     /// Allocate real blocks for up to `n` blocks at `lblk` (a hole or a
     /// reservation) in one contiguous piece; returns (pblk, count).
-    /// Extent files get an unwritten extent; indirect files written
-    /// blocks. Draws on the reservation when `reserved`.
+    /// Extent files get an unwritten extent, or a written one for
+    /// writeback (`unwritten` false: see `writeback_allocate`); indirect
+    /// files written blocks. Draws on the reservation unless `fresh`.
     fn alloc_run(
         &mut self,
         inode: &mut Inode,
         lblk: u64,
         n: u64,
         fresh: bool,
+        unwritten: bool,
     ) -> Result<(u64, u64)> {
         let spb = i64::from(self.geo.block_size / 512);
         if Self::uses_extents(inode) {
@@ -376,7 +379,7 @@ impl Filesystem {
                 lblk: lblk as u32,
                 len: got,
                 pblk: pb,
-                unwritten: true,
+                unwritten,
             };
             if let Err(e) = self.ext_insert(inode, e) {
                 self.free_blocks(pb, u64::from(got))?;
@@ -437,7 +440,14 @@ impl Filesystem {
         // until the run is done.
         let was = self.alloc_from_reserve;
         self.alloc_from_reserve = true;
-        let r = self.alloc_run(&mut inode, lblk, k, false);
+        // Written at once: the data goes to the device in this same handle,
+        // before any commit can carry the new mapping (commits happen only
+        // between handles, and a commit flushes the data before its commit
+        // block), and a failed write unmaps the run again
+        // (`writeback_failed`). So the mapping is never durable without
+        // its data, and the extent tree is edited once per run, not twice
+        // (allocate unwritten, then convert).
+        let r = self.alloc_run(&mut inode, lblk, k, false, false);
         self.alloc_from_reserve = was;
         let (_, got) = r?;
         if let Some(da) = self.delalloc.get_mut(&ino) {
@@ -463,15 +473,16 @@ impl Filesystem {
         self.write_inode(&mut inode)
     }
 
-    /// A failed writeback to freshly allocated indirect blocks: unmap them
-    /// and make them a reservation again (extent files keep the unwritten
-    /// extent instead, which reads as zeros).
+    /// A failed writeback to freshly allocated blocks: unmap them and make
+    /// them a reservation again (the data stays dirty in the cache), so
+    /// that no mapping ever points at a block whose data did not arrive.
     fn writeback_failed(&mut self, ino: u32, lblk: u64, n: u64) -> Result<()> {
         let mut inode = self.read_inode(ino)?;
         if Self::uses_extents(&inode) {
-            return Ok(());
+            self.free_extent_range(&mut inode, lblk, lblk + n)?;
+        } else {
+            self.ind_free_range(&mut inode, lblk, lblk + n)?;
         }
-        self.ind_free_range(&mut inode, lblk, lblk + n)?;
         self.write_inode(&mut inode)?;
         let da = self.delalloc.entry(ino).or_default();
         da.insert(lblk, n);
@@ -550,7 +561,7 @@ impl Filesystem {
             match map.kind {
                 IomapKind::Hole => {
                     let mut inode = inode;
-                    self.alloc_run(&mut inode, lblk, map.length / bs, true)?;
+                    self.alloc_run(&mut inode, lblk, map.length / bs, true, true)?;
                     self.write_inode(&mut inode)?;
                     let inode = self.read_inode(ino)?;
                     let mut map = self.describe(&inode, lblk, n)?;

@@ -575,12 +575,16 @@ impl Filesystem {
                 Edit::Written => out.extend(mark_written(&mut path.leaf, from, to)),
             }
             if path.leaf != old {
-                let new = path.leaf.clone();
                 let appending =
-                    next.is_none() && new.last().map(|e| e.lblk) > old.last().map(|e| e.lblk);
-                self.ext_store(inode, path, appending)?;
+                    next.is_none() && path.leaf.last().map(|e| e.lblk) > old.last().map(|e| e.lblk);
                 if let Some(m) = self.extent_cache.get_mut(&inode.ino) {
-                    m.apply_diff(&old, &new);
+                    m.apply_diff(&old, &path.leaf);
+                }
+                if let Err(e) = self.ext_store(inode, path, appending) {
+                    // The map may now say more than the tree: read it
+                    // again next time.
+                    self.extent_cache.remove(&inode.ino);
+                    return Err(e);
                 }
             }
             match next {
@@ -819,10 +823,16 @@ impl Filesystem {
                 return Ok(());
             }
             let child = entries[0].child;
-            let (ch, node) = self.read_tree_block(inode, child, h.depth - 1)?;
-            if ch.entries > ROOT_MAX {
+            if !self.block_in_fs(child) {
                 return Ok(());
             }
+            // The entry count alone decides; most of the time the child is
+            // too full and need not be parsed.
+            let count = get16(self.cache.read(child)?, 2).unwrap_or(u16::MAX);
+            if count > ROOT_MAX {
+                return Ok(());
+            }
+            let (_, node) = self.read_tree_block(inode, child, h.depth - 1)?;
             self.put_node(inode, 0, ROOT_MAX, &node, false)?;
             self.free_blocks(child, 1)?;
             self.add_i_blocks(inode, -spb)?;
