@@ -18,9 +18,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
 mod cache;
+mod cow;
 pub mod crash;
 mod fault;
 pub use cache::{BufferCache, CheckpointSource};
+pub use cow::CowDevice;
 pub use crash::CrashDevice;
 pub use fault::FaultDevice;
 

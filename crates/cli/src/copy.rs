@@ -56,8 +56,29 @@ pub fn put(fs: &mut Filesystem, source: &Path, dest: &str) -> Result<(), String>
         }
         Err(e) => return Err(e2s(dest, e)),
     };
+    let fresh = matches!(fs.lookup(parent, name.as_bytes()), Err(Error::NotFound));
     let mut links = HashMap::new();
-    put_node(fs, source, parent, name.as_bytes(), &mut links)
+    let r = put_node(fs, source, parent, name.as_bytes(), &mut links);
+    if r.is_err() && fresh {
+        // All or nothing: what this copy made goes again, so that the
+        // image committed afterwards holds no partial file or tree.
+        if let Ok(ino) = fs.lookup(parent, name.as_bytes()) {
+            let is_dir = fs
+                .stat(ino)
+                .map(|s| s.file_type == FileType::Directory)
+                .unwrap_or(false);
+            let undo = if is_dir {
+                rm_tree(fs, ino, dest)
+                    .and_then(|()| fs.rmdir(parent, name.as_bytes()).map_err(|e| e2s(dest, e)))
+            } else {
+                fs.unlink(parent, name.as_bytes()).map_err(|e| e2s(dest, e))
+            };
+            if let Err(e) = undo {
+                eprintln!("folio: could not remove the partial copy: {e}");
+            }
+        }
+    }
+    r
 }
 
 fn put_node(
@@ -366,8 +387,33 @@ pub fn mkdir(fs: &mut Filesystem, path: &str, parents: bool) -> Result<(), Strin
 }
 
 /// Make a demo image with a small tree and list it.
+/// The volume label of `folio demo` images: demo overwrites only those.
+pub const DEMO_LABEL: &str = "folio-demo";
+
 pub fn demo(image: &Path) -> Result<(), String> {
-    let report = folio_ext4::mkfs::mkfs_path(image, Some(64 << 20), &MkfsOptions::default())
+    if image.exists() {
+        // Only an image demo made itself may be made again.
+        let label = Filesystem::open_path(
+            image,
+            OpenOptions {
+                read_only: true,
+                ..Default::default()
+            },
+        )
+        .map(|fs| fs.superblock().volume_name())
+        .ok();
+        if label.as_deref() != Some(DEMO_LABEL) {
+            return Err(format!(
+                "{} exists and is not a folio demo image; not overwriting it",
+                image.display()
+            ));
+        }
+    }
+    let opts = MkfsOptions {
+        label: DEMO_LABEL.into(),
+        ..Default::default()
+    };
+    let report = folio_ext4::mkfs::mkfs_path(image, Some(64 << 20), &opts)
         .map_err(|e| format!("{}: {e}", image.display()))?;
     println!("{report}");
     let mut fs = Filesystem::open_path(image, OpenOptions::default())

@@ -16,9 +16,17 @@ use folio_cli::{copy, show};
     about = "A userspace ext4 stack: make, inspect and modify ext2/3/4 images"
 )]
 struct Cli {
+    /// Read an image that another folio process (a mount, a write
+    /// command) has locked: the data shown may be stale. Read-only
+    /// commands only; writers always refuse a locked image.
+    #[arg(long, global = true)]
+    ignore_lock: bool,
     #[command(subcommand)]
     cmd: Cmd,
 }
+
+/// `--ignore-lock`, set once in `main`.
+static IGNORE_LOCK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
 
 #[derive(Subcommand)]
 enum Cmd {
@@ -55,6 +63,10 @@ enum Cmd {
         /// Print nothing but errors.
         #[arg(long, short = 'q')]
         quiet: bool,
+        /// Overwrite an existing ext2/3/4 filesystem (mkfs refuses
+        /// otherwise, as mke2fs asks first).
+        #[arg(long, short = 'F')]
+        force: bool,
     },
     /// Show the superblock summary.
     Info { image: PathBuf },
@@ -184,15 +196,44 @@ enum Cmd {
 
 type CliResult = Result<(), String>;
 
+/// Open an image for a command. Every open locks the image (exclusive to
+/// write, shared to read); a locked image is refused, naming the holder,
+/// except that a read-only command with `--ignore-lock` reads it anyway
+/// and warns that what it shows may be stale.
 fn open(image: &Path, read_only: bool) -> Result<Filesystem, String> {
-    Filesystem::open_path(
-        image,
-        OpenOptions {
-            read_only,
-            ..Default::default()
-        },
-    )
-    .map_err(|e| format!("{}: {e}", image.display()))
+    let opts = OpenOptions {
+        read_only,
+        ..Default::default()
+    };
+    match Filesystem::open_path(image, opts) {
+        Err(folio_ext4::Error::Locked(holder))
+            if read_only && IGNORE_LOCK.get().copied().unwrap_or(false) =>
+        {
+            eprintln!(
+                "folio: warning: {} is in use by {holder}; reading it anyway, what follows may be stale",
+                image.display()
+            );
+            Filesystem::open_path(
+                image,
+                OpenOptions {
+                    read_only,
+                    lock: false,
+                    ..Default::default()
+                },
+            )
+            .map_err(|e| format!("{}: {e}", image.display()))
+        }
+        Err(folio_ext4::Error::Locked(holder)) => Err(format!(
+            "{}: the image is in use by {holder}{}",
+            image.display(),
+            if read_only {
+                " (--ignore-lock reads it anyway, possibly stale)"
+            } else {
+                ""
+            }
+        )),
+        r => r.map_err(|e| format!("{}: {e}", image.display())),
+    }
 }
 
 fn ctx<T>(r: folio_ext4::Result<T>, what: &str) -> Result<T, String> {
@@ -244,7 +285,11 @@ fn run(cli: Cli) -> CliResult {
             inode_size,
             journal,
             quiet,
+            force,
         } => {
+            if !force {
+                refuse_existing_fs(&image)?;
+            }
             let fs_type = match r#type.as_str() {
                 "ext2" => FsType::Ext2,
                 "ext3" => FsType::Ext3,
@@ -295,8 +340,10 @@ fn run(cli: Cli) -> CliResult {
             dest,
         } => {
             let mut fs = open(&image, false)?;
-            copy::put(&mut fs, &source, &dest)?;
-            ctx(fs.close(), "sync")
+            // Committed either way: a failed copy has removed what it made.
+            let r = copy::put(&mut fs, &source, &dest);
+            let closed = ctx(fs.close(), "sync");
+            r.and(closed)
         }
         Cmd::Get {
             image,
@@ -438,10 +485,19 @@ fn mount_helper_args() -> Option<Vec<String>> {
 }
 
 fn main() -> ExitCode {
+    // A closed pipe ends the process quietly, as for any Unix filter
+    // (`folio cat IMG F | head`), instead of a panic in println!.
+    // SAFETY: restoring a signal's default disposition before any thread
+    // exists touches no memory of ours.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = match mount_helper_args() {
         Some(args) => Cli::parse_from(args),
         None => Cli::parse(),
     };
+    let _ = IGNORE_LOCK.set(cli.ignore_lock);
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -451,6 +507,23 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// mkfs over an existing ext2/3/4 filesystem needs `-F`, as mke2fs asks
+/// before it overwrites one.
+fn refuse_existing_fs(image: &Path) -> CliResult {
+    use std::os::unix::fs::FileExt;
+    let Ok(f) = std::fs::File::open(image) else {
+        return Ok(());
+    };
+    let mut magic = [0u8; 2];
+    if f.read_exact_at(&mut magic, 1024 + 0x38).is_ok() && u16::from_le_bytes(magic) == 0xEF53 {
+        return Err(format!(
+            "{} contains an ext2/3/4 filesystem; use -F to overwrite it",
+            image.display()
+        ));
+    }
+    Ok(())
 }
 
 /// `-J size=MiB` as mke2fs takes it.

@@ -26,6 +26,9 @@ struct Opts {
     mount: Vec<MountOption>,
     /// Page-cache budget in bytes (`cache_size=`).
     cache_bytes: Option<u64>,
+    /// `-o norecovery` (with ro): show the image as it is on disk instead
+    /// of replaying a journal that needs recovery in memory.
+    norecovery: bool,
 }
 
 /// A size with an optional K/M/G suffix (powers of 1024).
@@ -46,6 +49,7 @@ fn parse_opts(list: &[String], image: &Path) -> Result<Opts, String> {
         acl: SessionACL::Owner,
         mount: Vec::new(),
         cache_bytes: None,
+        norecovery: false,
     };
     let mut fsname = None;
     let mut subtype = None;
@@ -61,6 +65,7 @@ fn parse_opts(list: &[String], image: &Path) -> Result<Opts, String> {
         };
         match (k, v) {
             ("ro", None) => o.read_only = true,
+            ("norecovery" | "noload", None) => o.norecovery = true,
             ("rw", None) => o.read_only = false,
             ("allow_other", None) => o.acl = SessionACL::All,
             ("allow_root", None) => o.acl = SessionACL::RootAndOwner,
@@ -143,22 +148,16 @@ pub fn is_mounted(dir: &Path) -> bool {
         .unwrap_or(false)
 }
 
+/// The image lock the mount holds until its final sync ends (shared for a
+/// read-only mount), taken before anything else so that a busy image is
+/// refused before daemonising.
 fn lock_image(image: &Path, read_only: bool) -> Result<File, String> {
-    let f = File::options()
-        .read(true)
-        .write(!read_only)
-        .open(image)
-        .map_err(|e| format!("{}: {e}", image.display()))?;
-    match f.try_lock() {
-        Ok(()) => Ok(f),
-        Err(std::fs::TryLockError::WouldBlock) => Err(format!(
-            "{}: in use by another folio process (already mounted?)",
-            image.display()
-        )),
-        Err(std::fs::TryLockError::Error(e)) => {
-            Err(format!("{}: cannot lock: {e}", image.display()))
+    folio_ext4::fs::lock_image(image, read_only).map_err(|e| match e {
+        folio_ext4::Error::Locked(holder) => {
+            format!("{}: in use by {holder}", image.display())
         }
-    }
+        e => format!("{}: cannot lock: {e}", image.display()),
+    })
 }
 
 /// Mount in this process and serve until unmounted or signalled.
@@ -173,8 +172,11 @@ pub fn mount_foreground(
     let fs = Filesystem::open_path(image, {
         let mut o = OpenOptions {
             read_only: opts.read_only,
+            // Held above, for the whole life of the mount.
+            lock: false,
             ..Default::default()
         };
+        o.norecovery = opts.norecovery;
         if let Some(n) = opts.cache_bytes {
             o.page_cache.budget_bytes = n;
         }

@@ -1,32 +1,13 @@
 //! The `folio` command end to end: mkfs, mkdir, put, ls, cat, stat, get,
 //! rm, check; exit codes and error messages.
 
+mod common;
+use common::{folio, ok, scratch};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn folio(args: &[&dyn AsRef<std::ffi::OsStr>]) -> Output {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_folio"));
-    for a in args {
-        c.arg(a);
-    }
-    c.output().expect("run folio")
-}
-
-fn ok(args: &[&dyn AsRef<std::ffi::OsStr>]) -> String {
-    let o = folio(args);
-    assert!(
-        o.status.success(),
-        "folio failed: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
+use std::process::Command;
 
 fn tmp(tag: &str) -> PathBuf {
-    let p = std::env::temp_dir().join(format!("folio-cli-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&p);
-    std::fs::create_dir_all(&p).unwrap();
-    p
+    scratch("cli", tag)
 }
 
 fn have_e2fsck() -> bool {

@@ -55,6 +55,9 @@ pub enum Error {
     TextBusy,
     /// Not implemented yet; the string says what.
     Unsupported(String),
+    /// The image is locked by another user (a mount, another command);
+    /// the string names the holder.
+    Locked(String),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -91,6 +94,7 @@ impl Error {
             Error::Busy => libc::EBUSY,
             Error::TextBusy => libc::ETXTBSY,
             Error::Unsupported(_) => libc::EOPNOTSUPP,
+            Error::Locked(_) => libc::EBUSY,
         }
     }
 }
@@ -126,6 +130,7 @@ impl fmt::Display for Error {
             ),
             Error::TextBusy => write!(f, "the file's block map is pinned (text file busy)"),
             Error::Unsupported(s) => write!(f, "not supported: {s}"),
+            Error::Locked(holder) => write!(f, "the image is in use by {holder}"),
         }
     }
 }

@@ -24,6 +24,19 @@ pub struct OpenOptions {
     pub cache_blocks: usize,
     /// The page cache for file data (budget, folio size, dirty limits).
     pub page_cache: folio_pagecache::Config,
+    /// [`Filesystem::open_path`] locks the image file for as long as the
+    /// filesystem is open (flock: exclusive for a read-write open, shared
+    /// for a read-only one), so that two writers, or a reader and a
+    /// writer, never use one image at once. Off for a caller that holds
+    /// the lock itself (the mount) or that was asked to read a busy image
+    /// anyway.
+    pub lock: bool,
+    /// A read-only open of an image whose journal needs recovery replays
+    /// the journal in memory (the image is never written), so that it
+    /// shows what the kernel's read-only mount shows. `norecovery` (as
+    /// ext4's mount option) skips that and shows the image as it is on
+    /// disk, which may miss the journal's last transactions.
+    pub norecovery: bool,
 }
 
 impl Default for OpenOptions {
@@ -32,8 +45,74 @@ impl Default for OpenOptions {
             read_only: false,
             cache_blocks: 8192,
             page_cache: folio_pagecache::Config::default(),
+            lock: true,
+            norecovery: false,
         }
     }
+}
+
+/// Lock the image at `path` (see [`OpenOptions::lock`]).
+pub fn lock_image(path: &Path, shared: bool) -> Result<std::fs::File> {
+    let f = std::fs::File::open(path)?;
+    // A few tries over about 100 ms: a flock is shared with every child a
+    // process forks until that child execs, so an image just closed by a
+    // process that is spawning commands (e2fsck, a test harness) can look
+    // busy for a moment.
+    for attempt in 0..10 {
+        let r = if shared {
+            f.try_lock_shared()
+        } else {
+            f.try_lock()
+        };
+        match r {
+            Ok(()) => return Ok(f),
+            Err(std::fs::TryLockError::WouldBlock) if attempt < 9 => {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            Err(std::fs::TryLockError::WouldBlock) => break,
+            Err(std::fs::TryLockError::Error(e)) => return Err(Error::Io(e)),
+        }
+    }
+    Err(Error::Locked(lock_holder(&f)))
+}
+
+/// Who holds the flock on `f`: the process (and its command line) from
+/// /proc/locks, as far as it can be found.
+fn lock_holder(f: &std::fs::File) -> String {
+    use std::os::unix::fs::MetadataExt;
+    let unknown = || "another process (already mounted, or open in another folio command)".into();
+    let Ok(meta) = f.metadata() else {
+        return unknown();
+    };
+    let Ok(locks) = std::fs::read_to_string("/proc/locks") else {
+        return unknown();
+    };
+    let ino = meta.ino().to_string();
+    for line in locks.lines() {
+        // "1: FLOCK  ADVISORY  WRITE 1234 fd:01:5678 0 EOF"
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let (Some(pid), Some(id)) = (fields.get(4), fields.get(5)) else {
+            continue;
+        };
+        if fields.get(1) != Some(&"FLOCK") || id.rsplit(':').next() != Some(ino.as_str()) {
+            continue;
+        }
+        let cmd = std::fs::read(format!("/proc/{pid}/cmdline"))
+            .map(|c| {
+                c.split(|&b| b == 0)
+                    .filter(|a| !a.is_empty())
+                    .map(|a| String::from_utf8_lossy(a).into_owned())
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+            .unwrap_or_default();
+        return if cmd.is_empty() {
+            format!("process {pid}")
+        } else {
+            format!("process {pid} ({cmd})")
+        };
+    }
+    unknown()
 }
 
 /// Derived, validated geometry of an image.
@@ -108,6 +187,11 @@ pub struct Filesystem {
     pub(crate) alloc_from_reserve: bool,
     /// Inodes whose block map is pinned (`pin_mapping`).
     pub(crate) pinned_maps: std::collections::HashSet<u32>,
+    /// The image file's flock, held while open (`open_path`).
+    pub(crate) image_lock: Option<std::fs::File>,
+    /// `close` ran, or `abandon` asked for nothing more to be written:
+    /// dropping does not commit.
+    pub(crate) closed: bool,
 }
 
 /// Do two raw inodes differ only in timestamps (and the checksum)? Those
@@ -132,14 +216,27 @@ fn names(mask: u32, table: &[(u32, &str)], prefix: &str) -> String {
 
 impl Filesystem {
     /// Open the image at `path`.
+    ///
+    /// The image is locked while the filesystem is open (see
+    /// [`OpenOptions::lock`]); a busy image is [`Error::Locked`], naming
+    /// the holder.
     pub fn open_path(path: &Path, opts: OpenOptions) -> Result<Self> {
+        let lock = if opts.lock {
+            Some(lock_image(path, opts.read_only)?)
+        } else {
+            None
+        };
         let dev = FileDevice::open(path, opts.read_only)?;
-        Self::open(Arc::new(dev), opts)
+        let mut fs = Self::open(Arc::new(dev), opts)?;
+        fs.image_lock = lock;
+        Ok(fs)
     }
 
     /// Open a filesystem on `dev`. A read-write open of an image whose
     /// journal needs recovery replays it first (and processes orphans); a
-    /// read-only open leaves it and says so in [`Self::read_only_reason`].
+    /// read-only open replays it into memory only (a copy-on-write view
+    /// of the device), unless [`OpenOptions::norecovery`], in which case
+    /// it leaves it and says so in [`Self::read_only_reason`].
     pub fn open(dev: Arc<dyn BlockDevice>, opts: OpenOptions) -> Result<Self> {
         Self::open_recovering(dev, opts)
     }
@@ -259,6 +356,8 @@ impl Filesystem {
             inflight: Vec::new(),
             alloc_from_reserve: false,
             pinned_maps: std::collections::HashSet::new(),
+            image_lock: None,
+            closed: false,
         })
     }
 
@@ -653,8 +752,22 @@ impl Filesystem {
         Ok(())
     }
 
-    /// Sync and close cleanly (needs_recovery cleared).
+    /// Sync and close cleanly (needs_recovery cleared). Dropping a
+    /// writable filesystem does the same, but can only log an error (as
+    /// `BufWriter` does); `close` is the way to see it.
     pub fn close(mut self) -> Result<()> {
+        self.close_inner()
+    }
+
+    /// Drop without writing anything more, as a process killed at this
+    /// point would: what was committed stays in the journal for the next
+    /// open to replay. For crash tests and for giving up after an error.
+    pub fn abandon(mut self) {
+        self.closed = true;
+    }
+
+    fn close_inner(&mut self) -> Result<()> {
+        self.closed = true;
         if self.read_only.is_some() {
             return Ok(());
         }
@@ -667,6 +780,19 @@ impl Filesystem {
     /// Groups whose block bitmap is not initialised on disk.
     pub(crate) fn block_uninit(&self, g: u32) -> bool {
         self.has_gdt_csum() && self.groups[g as usize].flags() & BG_BLOCK_UNINIT != 0
+    }
+}
+
+impl Drop for Filesystem {
+    /// A writable filesystem dropped without `close` is closed here, so
+    /// that nothing written is silently lost; an error is logged.
+    fn drop(&mut self) {
+        if self.closed || self.read_only.is_some() || std::thread::panicking() {
+            return;
+        }
+        if let Err(e) = self.close_inner() {
+            eprintln!("folio: closing the filesystem on drop failed: {e}");
+        }
     }
 }
 

@@ -125,8 +125,26 @@ impl Filesystem {
         };
         let recover =
             fs.sb.has_incompat(incompat::RECOVER) && fs.sb.has_compat(compat::HAS_JOURNAL);
-        if !recover || opts.read_only || dev.is_read_only() {
+        if !recover || opts.norecovery {
             return fs.finish_open(None);
+        }
+        if opts.read_only || dev.is_read_only() {
+            // Replayed onto a copy-on-write view: the image itself is
+            // never written, and what is shown is the recovered state.
+            let cow: Arc<dyn folio_blockdev::BlockDevice> =
+                Arc::new(folio_blockdev::CowDevice::new(dev.clone()));
+            let report = Self::replay(fs, &cow)?;
+            let ro = OpenOptions {
+                read_only: true,
+                ..opts
+            };
+            let mut fs = Self::open_once(cow, ro)?.finish_open(Some(report))?;
+            fs.read_only = Some(
+                "opened read-only; the journal was replayed in memory only (the image still \
+                 needs recovery on disk)"
+                    .into(),
+            );
+            return Ok(fs);
         }
         let report = Self::replay(fs, &dev)?;
         Self::open_once(dev, opts)?.finish_open(Some(report))

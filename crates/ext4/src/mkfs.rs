@@ -157,27 +157,59 @@ pub fn default_journal_blocks(blocks: u64) -> Option<u32> {
 /// size) when `size_bytes` is given.
 pub fn mkfs_path(path: &Path, size_bytes: Option<u64>, opts: &MkfsOptions) -> Result<Report> {
     let mut opts = opts.clone();
+    // An image in use (mounted, or open in another command) is refused
+    // before anything is written; the lock is held until mkfs is done.
+    let _lock = if path.exists() {
+        Some(crate::fs::lock_image(path, false)?)
+    } else {
+        None
+    };
+    let existed = path.exists();
+    let is_file = !existed
+        || std::fs::metadata(path)
+            .map(|m| m.is_file())
+            .unwrap_or(false);
     let dev: Arc<dyn BlockDevice> = match size_bytes {
-        Some(size) => {
-            let existed = path.exists();
-            let is_file = !existed
-                || std::fs::metadata(path)
-                    .map(|m| m.is_file())
-                    .unwrap_or(false);
-            if is_file {
-                // A new or truncated file reads as zeros.
-                opts.device_zeroed = true;
-                Arc::new(FileDevice::create(path, size)?)
+        Some(size) if is_file => {
+            // Built beside the target and renamed over it only when
+            // complete: a bad argument, a size the host refuses or any
+            // other failure leaves an existing image exactly as it was.
+            let target = if existed {
+                std::fs::canonicalize(path)?
             } else {
-                let d = FileDevice::open(path, false)?;
-                if d.size_bytes() < size {
-                    return Err(Error::Invalid(format!(
-                        "device is smaller ({} bytes) than the requested size",
-                        d.size_bytes()
-                    )));
+                path.to_path_buf()
+            };
+            let name = target
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "image".into());
+            let tmp = target.with_file_name(format!(".{name}.folio-mkfs-{}", std::process::id()));
+            let made = (|| -> Result<Report> {
+                // A new file reads as zeros.
+                opts.device_zeroed = true;
+                let dev = Arc::new(FileDevice::create(&tmp, size)?);
+                let report = mkfs(dev, size, &opts)?;
+                if existed {
+                    let perms = std::fs::metadata(&target)?.permissions();
+                    std::fs::set_permissions(&tmp, perms)?;
                 }
-                Arc::new(d)
+                std::fs::rename(&tmp, &target)?;
+                Ok(report)
+            })();
+            if made.is_err() {
+                let _ = std::fs::remove_file(&tmp);
             }
+            return made;
+        }
+        Some(size) => {
+            let d = FileDevice::open(path, false)?;
+            if d.size_bytes() < size {
+                return Err(Error::Invalid(format!(
+                    "device is smaller ({} bytes) than the requested size",
+                    d.size_bytes()
+                )));
+            }
+            Arc::new(d)
         }
         None => Arc::new(FileDevice::open(path, false)?),
     };

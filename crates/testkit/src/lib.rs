@@ -121,6 +121,20 @@ impl Rng {
     }
 }
 
+/// Open the image at `path` read-only through folio (`norecovery`: do not
+/// replay a journal that needs it, not even in memory).
+pub fn open_read_only(path: &Path, norecovery: bool) -> folio_ext4::Filesystem {
+    folio_ext4::Filesystem::open_path(
+        path,
+        folio_ext4::OpenOptions {
+            read_only: true,
+            norecovery,
+            ..Default::default()
+        },
+    )
+    .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
 /// Run `e2fsck -fn`; Ok if it reports a clean filesystem.
 pub fn e2fsck(img: &Path) -> Result<(), String> {
     let out = Command::new("e2fsck")

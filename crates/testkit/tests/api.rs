@@ -722,7 +722,7 @@ fn unlinked_open_files_live_until_closed() {
     fs.write(g, 0, &vec![4u8; 100_000]).unwrap();
     fs.unlink(ROOT_INO, b"tmp2").unwrap();
     fs.sync().unwrap();
-    drop(fs);
+    fs.abandon();
     let mut fs = Filesystem::open(Arc::new(dev.clone()), OpenOptions::default()).unwrap();
     assert_eq!(fs.superblock().last_orphan(), 0, "orphan processed at open");
     assert_eq!(fs.statfs().blocks_free, free0);

@@ -357,7 +357,7 @@ fn run_workload(seed: u64, bs: u32, steps: usize, small_journal: bool) -> Worklo
         over, 0,
         "seed {seed}: {over} of {handles} handles overran their credits"
     );
-    drop(fs);
+    fs.abandon();
     Workload {
         base,
         events: dev.events(),

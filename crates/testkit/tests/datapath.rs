@@ -447,7 +447,7 @@ fn fsync_and_fdatasync_flush_only_what_durability_needs() {
     for e in &events[..last] {
         apply(&mut img, e);
     }
-    drop(fs);
+    fs.abandon();
     let mem = MemDevice::from_bytes(img);
     let mut fs = Filesystem::open(Arc::new(mem.clone()), OpenOptions::default()).unwrap();
     let ino = fs.lookup(ROOT_INO, b"f").unwrap();

@@ -246,6 +246,72 @@ fn kernel_journals_replay_like_e2fsck_and_kernel_trees_read_back() {
         let d = diff_trees(&kernel, &ours, 10);
         assert!(d.is_empty(), "bs {bs}: {d:#?}");
         assert!(ours.contains_key("moved") && ours.len() > 500);
+        drop(fs);
+        // A read-only open of the image still needing recovery replays it
+        // in memory: the same tree, and the image is not written.
+        let before = std::fs::read(&img).unwrap();
+        let mut fs = open_read_only(&img, false);
+        assert!(fs.recovery_report().is_some());
+        let ro = folio_tree(&mut fs, ROOT_INO);
+        let d = diff_trees(&kernel, &ro, 10);
+        assert!(d.is_empty(), "bs {bs}, read-only replay: {d:#?}");
+        drop(fs);
+        assert!(
+            std::fs::read(&img).unwrap() == before,
+            "a read-only open wrote the image"
+        );
+        // norecovery shows the image as it is, and says why.
+        let fs = open_read_only(&img, true);
+        assert!(fs.recovery_report().is_none());
+        assert!(fs.read_only_reason().unwrap().contains("needs recovery"));
+    }
+}
+
+/// A journal folio itself left (committed transactions, no checkpoint, no
+/// clean close: the process died) is replayed in memory by a read-only
+/// open, which then shows every committed file; the image is unchanged.
+#[test]
+fn read_only_opens_replay_folio_journals_in_memory() {
+    let t = TempDir::new("jr-ro");
+    let img = t.join("img");
+    folio_ext4::mkfs::mkfs_path(&img, Some(32 << 20), &Default::default()).unwrap();
+    let mut fs = Filesystem::open_path(&img, OpenOptions::default()).unwrap();
+    let me = folio_ext4::Owner::default();
+    let d = fs.mkdir(ROOT_INO, b"d", 0o755, me).unwrap();
+    for i in 0..50u32 {
+        let f = fs.create(d, format!("f{i}").as_bytes(), 0o644, me).unwrap();
+        fs.write(f, 0, &vec![i as u8; 3000 + i as usize]).unwrap();
+    }
+    fs.sync().unwrap();
+    fs.abandon();
+    let before = std::fs::read(&img).unwrap();
+    let mut fs = open_read_only(&img, false);
+    let report = fs.recovery_report().cloned().expect("replayed in memory");
+    assert!(report.transactions >= 1, "{report:?}");
+    let d = fs.lookup(ROOT_INO, b"d").unwrap();
+    for i in 0..50u32 {
+        let f = fs.lookup(d, format!("f{i}").as_bytes()).unwrap();
+        let mut b = vec![0u8; 4000];
+        let n = fs.read(f, 0, &mut b).unwrap();
+        assert_eq!(n, 3000 + i as usize);
+        assert!(b[..n].iter().all(|&x| x == i as u8));
+    }
+    drop(fs);
+    assert!(
+        std::fs::read(&img).unwrap() == before,
+        "a read-only open wrote the image"
+    );
+    // Without the in-memory replay the files are not there yet.
+    let mut fs = open_read_only(&img, true);
+    assert!(fs.lookup(ROOT_INO, b"d").is_err());
+    drop(fs);
+    // A read-write open replays for real; e2fsck agrees.
+    Filesystem::open_path(&img, OpenOptions::default())
+        .unwrap()
+        .close()
+        .unwrap();
+    if require(have_tool("e2fsck"), "e2fsck is not installed") {
+        e2fsck(&img).unwrap();
     }
 }
 
@@ -376,4 +442,36 @@ fn kernel_orphan_file_is_processed_at_open() {
         ours, theirs,
         "features and free counts as e2fsck leaves them"
     );
+}
+
+/// Dropping a writable filesystem without `close` commits and closes it:
+/// nothing written is lost and nothing is left to replay.
+#[test]
+fn dropping_a_writable_filesystem_closes_it() {
+    let t = TempDir::new("jr-drop");
+    let img = t.join("img");
+    folio_ext4::mkfs::mkfs_path(&img, Some(32 << 20), &Default::default()).unwrap();
+    {
+        let mut fs = Filesystem::open_path(&img, OpenOptions::default()).unwrap();
+        let f = fs
+            .create(ROOT_INO, b"kept", 0o644, folio_ext4::Owner::default())
+            .unwrap();
+        fs.write(f, 0, b"written, never synced").unwrap();
+        // Dropped here.
+    }
+    let raw = std::fs::read(&img).unwrap();
+    let sb = folio_ext4::format::superblock::Superblock::from_bytes(&raw[1024..2048]).unwrap();
+    assert!(
+        !sb.has_incompat(folio_ext4::format::superblock::incompat::RECOVER),
+        "the drop left the journal needing recovery"
+    );
+    let mut fs = open_read_only(&img, false);
+    let f = fs.lookup(ROOT_INO, b"kept").unwrap();
+    let mut b = [0u8; 64];
+    let n = fs.read(f, 0, &mut b).unwrap();
+    assert_eq!(&b[..n], b"written, never synced");
+    drop(fs);
+    if require(have_tool("e2fsck"), "e2fsck is not installed") {
+        e2fsck(&img).unwrap();
+    }
 }

@@ -1,0 +1,198 @@
+//! Ordinary mistakes must not damage an image (issue 13, first part): a
+//! write command on an image another process holds is refused, naming the
+//! holder, and changes nothing; a read command is refused unless asked to
+//! read anyway; mkfs does not touch a busy image; a `put` that runs out of
+//! space leaves no partial file and a clean, committed image; a closed
+//! pipe ends a command quietly, never with a panic.
+
+mod common;
+use common::{folio, ok, scratch};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+fn tmp(tag: &str) -> PathBuf {
+    scratch("misuse", tag)
+}
+
+fn e2fsck_clean(img: &Path) {
+    let Ok(o) = Command::new("e2fsck").arg("-fn").arg(img).output() else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "e2fsck is missing under CI"
+        );
+        return;
+    };
+    assert!(
+        o.status.success(),
+        "e2fsck: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+#[test]
+fn a_locked_image_is_refused_and_left_alone() {
+    let dir = tmp("lock");
+    let img = dir.join("disk.img");
+    ok(&[&"mkfs", &img, &"--size", &"16M"]);
+    ok(&[&"mkdir", &img, &"/d"]);
+    let host = dir.join("f.txt");
+    std::fs::write(&host, b"hello\n").unwrap();
+    let before = std::fs::read(&img).unwrap();
+    // Another process's lock, as a mount holds it.
+    let holder = std::fs::File::open(&img).unwrap();
+    holder.lock().unwrap();
+    for args in [
+        vec!["put", "IMG", "HOST", "/f.txt"],
+        vec!["mkdir", "IMG", "/e"],
+        vec!["rm", "IMG", "-r", "/d"],
+        vec!["recover", "IMG"],
+        vec!["io", "IMG", "/g", "-f", "-c", "pwrite 0 4k"],
+        vec!["mkfs", "-F", "IMG", "--size", "16M"],
+        vec!["ls", "IMG", "/"],
+        vec!["cat", "IMG", "/d"],
+    ] {
+        let args: Vec<std::ffi::OsString> = args
+            .iter()
+            .map(|a| match *a {
+                "IMG" => img.clone().into_os_string(),
+                "HOST" => host.clone().into_os_string(),
+                a => a.into(),
+            })
+            .collect();
+        let refs: Vec<&dyn AsRef<std::ffi::OsStr>> = args
+            .iter()
+            .map(|a| a as &dyn AsRef<std::ffi::OsStr>)
+            .collect();
+        let args = refs;
+        let o = folio(&args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !o.status.success(),
+            "{:?} succeeded on a locked image",
+            args.len()
+        );
+        let me = format!("process {}", std::process::id());
+        assert!(err.contains("in use by") && err.contains(&me), "{err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+    // Asked to read anyway: it reads, and says the data may be stale.
+    let o = folio(&[&"--ignore-lock", &"ls", &img, &"/"]);
+    assert!(o.status.success());
+    assert!(String::from_utf8_lossy(&o.stdout).contains("d\n"));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("may be stale"));
+    // A writer never reads through the lock.
+    let o = folio(&[&"--ignore-lock", &"mkdir", &img, &"/e"]);
+    assert!(!o.status.success());
+    assert_eq!(std::fs::read(&img).unwrap(), before, "the image changed");
+    drop(holder);
+    ok(&[&"put", &img, &host, &"/f.txt"]);
+    assert_eq!(ok(&[&"cat", &img, &"/f.txt"]), "hello\n");
+    e2fsck_clean(&img);
+}
+
+#[test]
+fn a_put_that_runs_out_of_space_leaves_nothing_behind() {
+    let dir = tmp("put");
+    let img = dir.join("disk.img");
+    ok(&[&"mkfs", &img, &"--size", &"16M"]);
+    let src = dir.join("tree");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("small"), b"x").unwrap();
+    std::fs::write(src.join("zbig"), vec![7u8; 24 << 20]).unwrap();
+    let o = folio(&[&"put", &img, &src, &"/tree"]);
+    assert!(!o.status.success(), "a 24 MiB file fit in 16 MiB");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("no space left"), "{err}");
+    // Nothing of the copy is left, and nothing waits in the journal.
+    assert_eq!(ok(&[&"ls", &img, &"/"]), "lost+found\n");
+    let info = ok(&[&"info", &img]);
+    assert!(!info.contains("needs_recovery"), "{info}");
+    e2fsck_clean(&img);
+    // Space is all back: the same tree minus the big file fits.
+    std::fs::remove_file(src.join("zbig")).unwrap();
+    ok(&[&"put", &img, &src, &"/tree"]);
+    e2fsck_clean(&img);
+}
+
+#[test]
+fn a_closed_pipe_ends_a_command_quietly() {
+    let dir = tmp("pipe");
+    let img = dir.join("disk.img");
+    ok(&[&"mkfs", &img, &"--size", &"16M"]);
+    let host = dir.join("big");
+    std::fs::write(&host, vec![b'a'; 4 << 20]).unwrap();
+    ok(&[&"put", &img, &host, &"/big"]);
+    for args in [
+        vec!["cat", "/big"],
+        vec!["io", "/big", "-c", "pread -v 0 1m"],
+    ] {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_folio"));
+        c.arg(args[0]).arg(&img).args(&args[1..]);
+        let mut child = c
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut out = child.stdout.take().unwrap();
+        let mut first = [0u8; 16];
+        out.read_exact(&mut first).unwrap();
+        drop(out);
+        let o = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        assert_ne!(o.status.code(), Some(101), "{args:?}: {err}");
+    }
+    e2fsck_clean(&img);
+}
+
+#[test]
+fn a_failed_or_refused_mkfs_leaves_the_target_alone() {
+    let dir = tmp("mkfs");
+    let img = dir.join("disk.img");
+    ok(&[&"mkfs", &img, &"--size", &"16M"]);
+    ok(&[&"mkdir", &img, &"/keep"]);
+    let before = std::fs::read(&img).unwrap();
+    // An existing filesystem needs -F, as mke2fs asks first.
+    let o = folio(&[&"mkfs", &img, &"--size", &"16M"]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("use -F"));
+    // Bad arguments and impossible sizes fail before a byte is written.
+    for args in [
+        vec!["-b", "3000", "--size", "128M"],
+        vec!["--size", "1k"],
+        vec!["--size", "17T"],
+        vec!["-I", "100", "--size", "16M"],
+    ] {
+        let mut a: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![&"mkfs", &"-F", &img];
+        for x in &args {
+            a.push(x);
+        }
+        let o = folio(&a);
+        assert!(!o.status.success(), "mkfs {args:?} succeeded");
+        assert_eq!(
+            std::fs::read(&img).unwrap(),
+            before,
+            "mkfs {args:?} changed the image"
+        );
+    }
+    // No scratch file is left beside it.
+    let names: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names.len(), 1, "{names:?}");
+    // demo does not overwrite an image it did not make, and remakes its own.
+    let o = folio(&[&"demo", &img]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("not a folio demo image"));
+    assert_eq!(std::fs::read(&img).unwrap(), before);
+    let demo = dir.join("demo.img");
+    ok(&[&"demo", &demo]);
+    ok(&[&"demo", &demo]);
+    // With -F, mkfs replaces the filesystem.
+    ok(&[&"mkfs", &"-F", &img, &"--size", &"16M"]);
+    assert_eq!(ok(&[&"ls", &img, &"/"]), "lost+found\n");
+    e2fsck_clean(&img);
+}
