@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::fs;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::Path;
 
@@ -261,17 +261,41 @@ fn get_node(fs: &mut Filesystem, ino: u32, host: &Path, shown: &str) -> Result<(
             }
         }
         FileType::Regular => {
-            let mut f = fs::File::create(host).map_err(|e| host_err(host, e))?;
+            // Only the data is copied (SEEK_DATA/SEEK_HOLE on the image);
+            // holes stay holes on the host, so a sparse file (or a damaged
+            // size field) costs the host no more than the data.
+            use std::os::unix::fs::FileExt;
+            let f = fs::File::create(host).map_err(|e| host_err(host, e))?;
             let mut buf = vec![0u8; CHUNK];
+            let size = st.size;
             let mut off = 0u64;
-            loop {
-                let n = fs.read(ino, off, &mut buf).map_err(|e| e2s(shown, e))?;
-                if n == 0 {
-                    break;
+            while off < size {
+                let data = match fs.seek_data_hole(ino, off, true) {
+                    Ok(d) => d,
+                    Err(Error::NoSuchOffset) => break,
+                    Err(e) => return Err(e2s(shown, e)),
+                };
+                let hole = match fs.seek_data_hole(ino, data, false) {
+                    Ok(h) => h.min(size),
+                    Err(Error::NoSuchOffset) => size,
+                    Err(e) => return Err(e2s(shown, e)),
+                };
+                let mut pos = data;
+                while pos < hole {
+                    let want = (hole - pos).min(CHUNK as u64) as usize;
+                    let n = fs
+                        .read(ino, pos, &mut buf[..want])
+                        .map_err(|e| e2s(shown, e))?;
+                    if n == 0 {
+                        break;
+                    }
+                    f.write_all_at(&buf[..n], pos)
+                        .map_err(|e| host_err(host, e))?;
+                    pos += n as u64;
                 }
-                f.write_all(&buf[..n]).map_err(|e| host_err(host, e))?;
-                off += n as u64;
+                off = hole.max(data + 1);
             }
+            f.set_len(size).map_err(|e| host_err(host, e))?;
         }
         FileType::Symlink => {
             let t = fs.readlink(ino).map_err(|e| e2s(shown, e))?;
@@ -280,6 +304,13 @@ fn get_node(fs: &mut Filesystem, ino: u32, host: &Path, shown: &str) -> Result<(
                     .map_err(|_| format!("{shown}: non-UTF-8 symlink target"))?,
             );
             std::os::unix::fs::symlink(t, host).map_err(|e| host_err(host, e))?;
+            // The link's own times (the kernel's lutimes), not its target's.
+            crate::hostxattr::set_times_nofollow(
+                host,
+                (st.atime.sec, st.atime.nsec),
+                (st.mtime.sec, st.mtime.nsec),
+            )
+            .map_err(|e| host_err(host, e))?;
             return Ok(());
         }
         _ => {

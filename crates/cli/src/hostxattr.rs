@@ -69,3 +69,30 @@ pub fn set(p: &Path, name: &[u8], value: &[u8]) -> io::Result<()> {
     }
     Ok(())
 }
+
+/// Set the access and modification times of `p` itself (a symlink is not
+/// followed: `utimensat` with `AT_SYMLINK_NOFOLLOW`), as (seconds,
+/// nanoseconds).
+pub fn set_times_nofollow(p: &Path, atime: (i64, u32), mtime: (i64, u32)) -> io::Result<()> {
+    let c = cpath(p)?;
+    let ts = |(sec, nsec): (i64, u32)| libc::timespec {
+        tv_sec: sec as libc::time_t,
+        tv_nsec: nsec as libc::c_long,
+    };
+    let times = [ts(atime), ts(mtime)];
+    // SAFETY: `c` is a NUL-terminated path and `times` points to two
+    // initialised timespecs for the duration of the call.
+    let r = unsafe {
+        libc::utimensat(
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            times.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}

@@ -196,3 +196,47 @@ fn a_failed_or_refused_mkfs_leaves_the_target_alone() {
     assert_eq!(ok(&[&"ls", &img, &"/"]), "lost+found\n");
     e2fsck_clean(&img);
 }
+
+#[test]
+fn get_keeps_holes_and_symlink_times() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tmp("get");
+    let img = dir.join("demo.img");
+    ok(&[&"demo", &img]);
+    // The demo's sparse.bin has one byte at 5 GiB: the copy must stay
+    // sparse (before, 5 GB were written).
+    let out = dir.join("sparse.bin");
+    ok(&[&"get", &img, &"/sparse.bin", &out]);
+    let m = std::fs::metadata(&out).unwrap();
+    assert_eq!(m.len(), (5 << 30) + 15);
+    assert!(
+        m.blocks() * 512 < 1 << 20,
+        "{} bytes allocated",
+        m.blocks() * 512
+    );
+    let mut tail = vec![0u8; 15];
+    std::os::unix::fs::FileExt::read_exact_at(
+        &std::fs::File::open(&out).unwrap(),
+        &mut tail,
+        5 << 30,
+    )
+    .unwrap();
+    assert_eq!(&tail, b"a byte at 5 GiB");
+    // A symlink keeps its own mtime.
+    let src = dir.join("src");
+    std::fs::create_dir(&src).unwrap();
+    std::os::unix::fs::symlink("target", src.join("ln")).unwrap();
+    let st = Command::new("touch")
+        .args(["-h", "-d", "2001-02-03 04:05:06"])
+        .arg(src.join("ln"))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let want = std::fs::symlink_metadata(src.join("ln")).unwrap().mtime();
+    ok(&[&"put", &img, &src, &"/src"]);
+    let back = dir.join("back");
+    ok(&[&"get", &img, &"/src", &back]);
+    let got = std::fs::symlink_metadata(back.join("ln")).unwrap();
+    assert!(got.file_type().is_symlink());
+    assert_eq!(got.mtime(), want, "the symlink's mtime was not kept");
+}

@@ -224,9 +224,20 @@ impl Filesystem {
                 set_bit(&mut bm, first + len);
                 len += 1;
             }
+            // The descriptor must have counted at least the free bits the
+            // bitmap showed: a hostile image is an error, not a wrap.
+            let free = self.groups[g as usize]
+                .free_blocks()
+                .checked_sub(len as u32)
+                .ok_or_else(|| {
+                    Error::corrupted(
+                        format!("group {g} counts fewer free blocks than its bitmap shows"),
+                        self.groups[g as usize].block_bitmap(),
+                    )
+                })?;
             self.store_block_bitmap(g, &bm)?;
             let gd = &mut self.groups[g as usize];
-            gd.set_free_blocks(gd.free_blocks() - len as u32);
+            gd.set_free_blocks(free);
             self.mark_group_dirty(g);
             let f = self.sb.free_blocks_count();
             self.sb.set_free_blocks_count(f.saturating_sub(len as u64));
@@ -274,10 +285,17 @@ impl Filesystem {
                     }
                 }
             }
-            self.store_block_bitmap(g, &bm)?;
             let n = chunk_end - b;
+            let free = u64::from(self.groups[g as usize].free_blocks()) + n;
+            if free > u64::from(self.group_block_count(g)) {
+                return Err(Error::corrupted(
+                    format!("group {g} would count more free blocks than it has"),
+                    self.groups[g as usize].block_bitmap(),
+                ));
+            }
+            self.store_block_bitmap(g, &bm)?;
             let gd = &mut self.groups[g as usize];
-            gd.set_free_blocks(gd.free_blocks() + n as u32);
+            gd.set_free_blocks(free as u32);
             self.mark_group_dirty(g);
             let f = self.sb.free_blocks_count();
             self.sb.set_free_blocks_count(f + n);
@@ -356,15 +374,24 @@ impl Filesystem {
                 ));
             };
             set_bit(&mut bm, idx);
+            let free = self.groups[g as usize]
+                .free_inodes()
+                .checked_sub(1)
+                .ok_or_else(|| {
+                    Error::corrupted(
+                        format!("group {g} counts no free inodes but its bitmap shows one"),
+                        self.groups[g as usize].inode_bitmap(),
+                    )
+                })?;
             self.store_inode_bitmap(g, &bm)?;
             let gdt_csum = self.has_gdt_csum();
             let gd = &mut self.groups[g as usize];
-            gd.set_free_inodes(gd.free_inodes() - 1);
+            gd.set_free_inodes(free);
             if is_dir {
                 gd.set_used_dirs(gd.used_dirs() + 1);
             }
             if gdt_csum {
-                let unused_from = ipg - gd.itable_unused();
+                let unused_from = ipg.saturating_sub(gd.itable_unused());
                 if idx as u32 >= unused_from {
                     gd.set_itable_unused(ipg - idx as u32 - 1);
                 }
@@ -391,9 +418,16 @@ impl Filesystem {
             ));
         }
         clear_bit(&mut bm, idx);
+        let free = self.groups[g as usize].free_inodes() + 1;
+        if free > ipg {
+            return Err(Error::corrupted(
+                format!("group {g} would count more free inodes than it has"),
+                self.groups[g as usize].inode_bitmap(),
+            ));
+        }
         self.store_inode_bitmap(g, &bm)?;
         let gd = &mut self.groups[g as usize];
-        gd.set_free_inodes(gd.free_inodes() + 1);
+        gd.set_free_inodes(free);
         if is_dir {
             gd.set_used_dirs(gd.used_dirs().saturating_sub(1));
         }
@@ -443,5 +477,51 @@ impl Filesystem {
             ));
         }
         Ok(problems)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::error::Error;
+    use crate::fs::{Filesystem, OpenOptions};
+    use crate::mkfs::{mkfs, FsType, MkfsOptions};
+    use folio_blockdev::MemDevice;
+    use std::sync::Arc;
+
+    fn ext2() -> Filesystem {
+        let size = 8usize << 20;
+        let dev = MemDevice::new(size);
+        let opts = MkfsOptions {
+            fs_type: FsType::Ext2,
+            ..Default::default()
+        };
+        mkfs(Arc::new(dev.clone()), size as u64, &opts).unwrap();
+        Filesystem::open(Arc::new(dev), OpenOptions::default()).unwrap()
+    }
+
+    /// A descriptor counting fewer free blocks or inodes than its bitmap
+    /// shows (a hostile image; ext2 has no checksum to stop it) is an
+    /// error naming the group, never a wrapped count written back.
+    #[test]
+    fn descriptor_counts_below_the_bitmap_are_errors() {
+        let mut fs = ext2();
+        let g0 = fs.group_first_block(0);
+        fs.groups[0].set_free_blocks(1);
+        let e = fs.alloc_blocks(g0, 8).unwrap_err();
+        assert!(
+            matches!(e, Error::Corrupted { .. }) && e.to_string().contains("group 0"),
+            "{e}"
+        );
+        assert_eq!(fs.groups[0].free_blocks(), 1, "nothing changed");
+        // Freeing a block the bitmap shows used into a group that already
+        // counts every block free.
+        let (b, _) = fs.alloc_blocks(g0, 1).unwrap_or((0, 0));
+        let count = fs.group_block_count(0);
+        fs.groups[0].set_free_blocks(count);
+        if b != 0 {
+            let e = fs.free_blocks(b, 1).unwrap_err();
+            assert!(e.to_string().contains("more free blocks"), "{e}");
+        }
+        fs.abandon();
     }
 }

@@ -495,6 +495,17 @@ impl Filesystem {
                 blk,
             ));
         }
+        // Counters the allocator does arithmetic on: checked here, before
+        // any of it, so a hostile value is an error and never wraps.
+        if gd.used_dirs() > geo.inodes_per_group
+            || (sb.has_ro_compat(ro_compat::GDT_CSUM) || meta)
+                && gd.itable_unused() > geo.inodes_per_group
+        {
+            return Err(Error::corrupted(
+                format!("group descriptor {g} has impossible inode counts"),
+                blk,
+            ));
+        }
         Ok(())
     }
 
@@ -608,7 +619,8 @@ impl Filesystem {
         let g = (ino - 1) / self.geo.inodes_per_group;
         let idx = (ino - 1) % self.geo.inodes_per_group;
         let gd = &self.groups[g as usize];
-        gd.flags() & BG_INODE_UNINIT != 0 || idx >= self.geo.inodes_per_group - gd.itable_unused()
+        gd.flags() & BG_INODE_UNINIT != 0
+            || idx >= self.geo.inodes_per_group.saturating_sub(gd.itable_unused())
     }
 
     /// Read inode `ino`, verifying its checksum.
