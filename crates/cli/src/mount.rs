@@ -168,6 +168,12 @@ pub fn mount_foreground(
     threads: usize,
 ) -> Result<(), String> {
     let opts = parse_opts(options, image)?;
+    if is_mounted(mountpoint) {
+        return Err(format!(
+            "{}: already a mount point (unmount it first)",
+            mountpoint.display()
+        ));
+    }
     let lock = lock_image(image, opts.read_only)?;
     let fs = Filesystem::open_path(image, {
         let mut o = OpenOptions {
@@ -327,6 +333,19 @@ pub fn mount_background(
             mountpoint.display()
         ));
     }
+    // Something already mounted there would make the wait below succeed
+    // at once, whatever the new mount process does: refuse instead of
+    // stacking a second mount.
+    if is_mounted(mountpoint) {
+        return Err(format!(
+            "{}: already a mount point (unmount it first)",
+            mountpoint.display()
+        ));
+    }
+    // A busy image: said here, before detaching, not by a daemon that
+    // fails where nobody sees it.
+    let ro = parse_opts(options, image)?.read_only;
+    drop(lock_image(image, ro)?);
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let mut cmd = Command::new(exe);
     cmd.arg("mount")

@@ -240,3 +240,55 @@ fn get_keeps_holes_and_symlink_times() {
     assert!(got.file_type().is_symlink());
     assert_eq!(got.mtime(), want, "the symlink's mtime was not kept");
 }
+
+#[test]
+fn mounting_twice_is_refused_before_daemonising() {
+    let root = unsafe_free_is_root();
+    if !(root && Path::new("/dev/fuse").exists()) {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI runs as root with FUSE"
+        );
+        eprintln!("skipped: needs root and /dev/fuse");
+        return;
+    }
+    let dir = tmp("mount");
+    let img = dir.join("disk.img");
+    ok(&[&"mkfs", &img, &"--size", &"16M"]);
+    let (a, b) = (dir.join("a"), dir.join("b"));
+    std::fs::create_dir(&a).unwrap();
+    std::fs::create_dir(&b).unwrap();
+    ok(&[&"mount", &img, &a]);
+    // On the same mount point: refused, nothing stacked.
+    let other = dir.join("other.img");
+    ok(&[&"mkfs", &other, &"--size", &"16M"]);
+    let o = folio(&[&"mount", &other, &a]);
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    // The same image elsewhere: refused, naming the holder.
+    let o2 = folio(&[&"mount", &img, &b]);
+    let err2 = String::from_utf8_lossy(&o2.stderr).into_owned();
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let stacked = mounts
+        .lines()
+        .filter(|l| l.contains(a.to_str().unwrap()))
+        .count();
+    ok(&[&"umount", &a]);
+    assert!(
+        !o.status.success() && err.contains("already a mount point"),
+        "{err}"
+    );
+    assert!(!o2.status.success() && err2.contains("in use by"), "{err2}");
+    assert_eq!(stacked, 1, "a second mount was stacked");
+    e2fsck_clean(&img);
+}
+
+fn unsafe_free_is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(2) == Some("0"))
+        })
+        .unwrap_or(false)
+}
