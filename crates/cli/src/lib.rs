@@ -14,11 +14,14 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     let s = s.trim();
     let (num, mult) = match s.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
         Some((i, _)) => {
-            let m = match s[i..]
-                .to_ascii_uppercase()
-                .trim_end_matches("IB")
-                .trim_end_matches('B')
-            {
+            let suffix = s[i..].to_ascii_uppercase();
+            if matches!(suffix.as_str(), "KB" | "MB" | "GB" | "TB") {
+                // Decimal or binary? mke2fs refuses it too.
+                return Err(format!(
+                    "ambiguous size {s:?}: use K, M, G, T (or KiB ... TiB) for powers of 1024"
+                ));
+            }
+            let m = match suffix.trim_end_matches("IB") {
                 "" => 1,
                 "K" => 1 << 10,
                 "M" => 1 << 20,

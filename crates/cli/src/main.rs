@@ -39,12 +39,16 @@ enum Cmd {
     /// Make a new filesystem (mke2fs defaults).
     Mkfs {
         image: PathBuf,
+        /// Size as mke2fs takes it after the device: a number of KiB (of
+        /// blocks with -b), or with a k/m/g/t suffix.
+        #[arg(value_name = "FS-SIZE")]
+        fs_size: Option<String>,
         /// Size, e.g. 64M, 1G (created or resized if the image is a file).
-        #[arg(long, short = 's')]
+        #[arg(long, short = 's', conflicts_with = "fs_size")]
         size: Option<String>,
-        /// Block size in bytes: 1024, 2048, 4096 ... 65536.
+        /// Block size in bytes: 1024, 2048, 4096 ... 65536 (or 1k ... 64k).
         #[arg(long, short = 'b')]
-        block_size: Option<u32>,
+        block_size: Option<String>,
         /// Volume label (at most 16 bytes).
         #[arg(long, short = 'L')]
         label: Option<String>,
@@ -170,8 +174,25 @@ enum Cmd {
         #[arg(long, default_value_t = u64::MAX)]
         ops: u64,
     },
-    /// Verify the image's allocation counters against its bitmaps.
-    Check { image: PathBuf },
+    /// Verify the image's allocation counters against its bitmaps. Exit
+    /// status as e2fsck's: 0 clean, 4 problems left uncorrected, 8 the
+    /// image could not be checked.
+    Check {
+        image: PathBuf,
+        /// Open read-only and answer no (what folio always does).
+        #[arg(short = 'n')]
+        no: bool,
+        /// Repair (e2fsck -y): not implemented; problems are reported
+        /// with exit status 4.
+        #[arg(short = 'y', conflicts_with = "no")]
+        yes: bool,
+        /// Preen (e2fsck -p): as -y.
+        #[arg(short = 'p', conflicts_with_all = ["no", "yes"])]
+        preen: bool,
+        /// Check even if the image seems clean (folio always does).
+        #[arg(short = 'f')]
+        force: bool,
+    },
     /// Benchmark the library data path against the kernel's ext4 (loop
     /// mount of an identical image; needs root for the kernel column).
     Bench {
@@ -277,6 +298,7 @@ fn run(cli: Cli) -> CliResult {
         Cmd::Demo { image } => copy::demo(&image),
         Cmd::Mkfs {
             image,
+            fs_size,
             size,
             block_size,
             label,
@@ -299,6 +321,37 @@ fn run(cli: Cli) -> CliResult {
                         "unknown filesystem type {t:?} (ext2, ext3 or ext4)"
                     ))
                 }
+            };
+            let block_size = block_size
+                .map(|b| {
+                    folio_cli::parse_size(&b)
+                        .ok()
+                        .and_then(|n| u32::try_from(n).ok())
+                        .ok_or_else(|| format!("invalid block size {b:?}"))
+                })
+                .transpose()?;
+            if let Some(r) = inode_ratio {
+                if !(1024..=65536 * 1024).contains(&r) {
+                    return Err(format!(
+                        "invalid inode ratio {r} (min 1024/max {})",
+                        65536 * 1024
+                    ));
+                }
+            }
+            // mke2fs's positional size: KiB without a suffix (blocks with
+            // -b), else the suffix's unit.
+            let size = match (size, fs_size) {
+                (Some(s), _) => Some(s),
+                (None, Some(p)) if p.chars().all(|c| c.is_ascii_digit()) => {
+                    let unit = u64::from(block_size.unwrap_or(1024));
+                    let n: u64 = p.parse().map_err(|_| format!("invalid size {p:?}"))?;
+                    Some(
+                        n.checked_mul(unit)
+                            .ok_or_else(|| format!("size {p:?} is too large"))?
+                            .to_string(),
+                    )
+                }
+                (None, p) => p,
             };
             let opts = MkfsOptions {
                 fs_type,
@@ -444,18 +497,40 @@ fn run(cli: Cli) -> CliResult {
                 folio_cli::bench::run(&dir, size)
             }
         }
-        Cmd::Check { image } => {
-            let mut fs = open(&image, true)?;
-            let problems = ctx(fs.check_counts(), "check")?;
+        Cmd::Check {
+            image,
+            no: _,
+            yes,
+            preen,
+            force: _,
+        } => {
+            // e2fsck's exit codes: 8 for an operational error.
+            let checked = open(&image, true).and_then(|mut fs| ctx(fs.check_counts(), "check"));
+            let problems = match checked {
+                Ok(p) => p,
+                Err(e) => {
+                    eprintln!("folio: {e}");
+                    std::process::exit(8);
+                }
+            };
             if problems.is_empty() {
                 println!("{}: counters match the bitmaps", image.display());
-                Ok(())
-            } else {
-                for p in &problems {
-                    println!("{p}");
-                }
-                Err(format!("{} problem(s) found", problems.len()))
+                return Ok(());
             }
+            for p in &problems {
+                println!("{p}");
+            }
+            eprintln!(
+                "folio: {}: {} problem(s) found{}",
+                image.display(),
+                problems.len(),
+                if yes || preen {
+                    "; folio cannot repair them yet (run e2fsck -fy)"
+                } else {
+                    ""
+                }
+            );
+            std::process::exit(4);
         }
     }
 }

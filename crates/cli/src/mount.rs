@@ -38,6 +38,7 @@ fn parse_size(v: &str) -> Option<u64> {
         (i, 'k' | 'K') => (&v[..i], 1u64 << 10),
         (i, 'm' | 'M') => (&v[..i], 1 << 20),
         (i, 'g' | 'G') => (&v[..i], 1 << 30),
+        (i, 't' | 'T') => (&v[..i], 1 << 40),
         _ => (v, 1),
     };
     num.parse::<u64>().ok()?.checked_mul(mul)

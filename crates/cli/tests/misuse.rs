@@ -292,3 +292,70 @@ fn unsafe_free_is_root() -> bool {
         })
         .unwrap_or(false)
 }
+
+#[test]
+fn mkfs_and_check_follow_e2fsprogs_conventions() {
+    let dir = tmp("conv");
+    let info = |img: &Path, field: &str| -> String {
+        ok(&[&"info", &img])
+            .lines()
+            .find(|l| l.starts_with(field))
+            .unwrap_or_default()
+            .split_whitespace()
+            .last()
+            .unwrap_or_default()
+            .to_string()
+    };
+    // mke2fs's positional size: a suffix, KiB without one, blocks with -b.
+    let a = dir.join("a.img");
+    ok(&[&"mkfs", &"-q", &a, &"64M"]);
+    assert_eq!(info(&a, "Block count"), "65536");
+    let b = dir.join("b.img");
+    ok(&[&"mkfs", &"-q", &"-b", &"4k", &b, &"16384"]);
+    assert_eq!(info(&b, "Block size"), "4096");
+    assert_eq!(info(&b, "Block count"), "16384");
+    let c = dir.join("c.img");
+    ok(&[&"mkfs", &"-q", &c, &"32768"]);
+    assert_eq!(info(&c, "Block count"), "32768");
+    // mke2fs's refusals.
+    for (args, why) in [
+        (vec!["-i", "100", "64M"], "invalid inode ratio"),
+        (vec!["--size", "64MB"], "ambiguous size"),
+        (vec!["-b", "3k", "64M"], "block size"),
+    ] {
+        let d = dir.join("d.img");
+        let mut a: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![&"mkfs", &d];
+        for x in &args {
+            a.push(x);
+        }
+        let o = folio(&a);
+        assert!(!o.status.success(), "mkfs {args:?} succeeded");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains(why), "mkfs {args:?}: {err}");
+        assert!(!d.exists() || std::fs::metadata(&d).unwrap().len() == 0);
+    }
+    // check: e2fsck's options and exit codes.
+    for flags in [vec![], vec!["-f", "-n"], vec!["-y"], vec!["-p", "-f"]] {
+        let mut a: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![&"check"];
+        for x in &flags {
+            a.push(x);
+        }
+        a.push(&c);
+        assert_eq!(folio(&a).status.code(), Some(0), "check {flags:?}");
+    }
+    let junk = dir.join("junk");
+    std::fs::write(&junk, vec![0u8; 1 << 20]).unwrap();
+    assert_eq!(folio(&[&"check", &"-n", &junk]).status.code(), Some(8));
+    // A descriptor counting the wrong number of free blocks (ext2: no
+    // checksum hides it): problems found, none repaired.
+    let e = dir.join("e.img");
+    ok(&[&"mkfs", &"-q", &"-t", &"ext2", &e, &"16M"]);
+    let mut bytes = std::fs::read(&e).unwrap();
+    let desc = 2 * 1024 + 0x0C;
+    let v = u16::from_le_bytes([bytes[desc], bytes[desc + 1]]) - 5;
+    bytes[desc..desc + 2].copy_from_slice(&v.to_le_bytes());
+    std::fs::write(&e, &bytes).unwrap();
+    let o = folio(&[&"check", &"-y", &e]);
+    assert_eq!(o.status.code(), Some(4));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("cannot repair"));
+}
