@@ -79,9 +79,14 @@ const S_IXGRP: u16 = 0o0010;
 /// executable setgid go on a write by an unprivileged caller and on any
 /// chown; a non-executable setgid (mandatory locking's marker) goes only
 /// when the caller is neither privileged nor in the file's group.
-/// Only regular files lose anything.
+/// Writes touch regular files only; a chown, every non-directory.
 fn dropped_mode(mode: u16, gid: u32, caller: Caller, chown: bool) -> u16 {
-    if mode & S_IFMT != S_IFREG {
+    // A write or truncate drops bits of regular files only; a chown of any
+    // non-directory (fifos, sockets and device nodes too), as Linux's
+    // chown_common asks ATTR_KILL_SUID and setattr_should_drop_sgid for
+    // every type but directories.
+    let ft = mode & S_IFMT;
+    if ft == S_IFDIR || (!chown && ft != S_IFREG) {
         return mode;
     }
     let mut m = mode;
@@ -1137,5 +1142,40 @@ impl Filesystem {
             name_max: 255,
             fsid,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S_IFIFO: u16 = 0o010000;
+    const S_IFCHR: u16 = 0o020000;
+
+    #[test]
+    fn chown_drops_setuid_and_setgid_of_every_non_directory() {
+        let owner = Caller {
+            uid: 1000,
+            gid: 100,
+            privileged: false,
+        };
+        for ft in [S_IFREG, S_IFIFO, S_IFCHR] {
+            // 06555: group-executable setgid goes with setuid.
+            assert_eq!(dropped_mode(ft | 0o6555, 101, owner, true), ft | 0o555);
+        }
+        // A directory keeps both; a write keeps them on a fifo.
+        assert_eq!(
+            dropped_mode(S_IFDIR | 0o6555, 101, owner, true),
+            S_IFDIR | 0o6555
+        );
+        assert_eq!(
+            dropped_mode(S_IFIFO | 0o6555, 101, owner, false),
+            S_IFIFO | 0o6555
+        );
+        // A write by the owner drops them from a regular file.
+        assert_eq!(
+            dropped_mode(S_IFREG | 0o6555, 101, owner, false),
+            S_IFREG | 0o555
+        );
     }
 }
