@@ -359,3 +359,37 @@ fn mkfs_and_check_follow_e2fsprogs_conventions() {
     assert_eq!(o.status.code(), Some(4));
     assert!(String::from_utf8_lossy(&o.stderr).contains("cannot repair"));
 }
+
+/// rewinddir shows the directory as it is now (issue 15, point 2): a
+/// stream read once, then 1,000 creates, then rewinddir, lists them all.
+#[test]
+fn rewinddir_sees_new_entries() {
+    let have_perl = Command::new("perl").arg("-e1").status().is_ok();
+    if !(unsafe_free_is_root() && Path::new("/dev/fuse").exists() && have_perl) {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI runs as root with FUSE and perl"
+        );
+        eprintln!("skipped: needs root, /dev/fuse and perl");
+        return;
+    }
+    let dir = tmp("rewind");
+    let img = dir.join("disk.img");
+    ok(&[&"mkfs", &"-q", &img, &"32M"]);
+    let m = dir.join("m");
+    std::fs::create_dir(&m).unwrap();
+    ok(&[&"mount", &img, &m]);
+    let out = Command::new("perl")
+        .arg("-e")
+        .arg(
+            r#"opendir(D, $ARGV[0]) or die; my @a = readdir(D);
+               for (1..1000) { open(F, ">$ARGV[0]/f$_") or die; close F }
+               rewinddir(D); my @b = readdir(D); print scalar(@a), " ", scalar(@b);"#,
+        )
+        .arg(&m)
+        .output()
+        .unwrap();
+    ok(&[&"umount", &m]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "3 1003");
+    e2fsck_clean(&img);
+}

@@ -39,8 +39,11 @@ pub struct FolioFuse {
     fs: Shared,
     block_size: u32,
     /// Directory listings snapshotted at opendir, by handle: offsets stay
-    /// valid while the directory changes.
-    dirs: Mutex<HashMap<u64, Vec<DirEntry>>>,
+    /// valid while the directory changes. With each, whether it was read since
+    /// the last time the stream was at its start (a `readdir` at offset 0
+    /// of a used stream, i.e. after `rewinddir`, reads the directory
+    /// again, as POSIX asks).
+    dirs: Mutex<HashMap<u64, (Vec<DirEntry>, bool)>>,
     next_fh: AtomicU64,
     /// Set by the mounter once the session exists: lets a request tell the
     /// kernel that attributes it caches have changed behind its back.
@@ -544,7 +547,7 @@ impl fuser::Filesystem for FolioFuse {
                 self.dirs
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .insert(fh, list);
+                    .insert(fh, (list, false));
                 reply.opened(FileHandle(fh), FopenFlags::empty());
             }
             Err(e) => reply.error(e),
@@ -554,15 +557,42 @@ impl fuser::Filesystem for FolioFuse {
     fn readdir(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let dirs = self.dirs.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(list) = dirs.get(&fh.0) else {
+        let rewound = match self
+            .dirs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&fh.0)
+        {
+            Some((_, used)) => offset == 0 && *used,
+            None => return reply.error(Errno::EBADF),
+        };
+        if rewound {
+            // rewinddir: the stream shows the directory as it is now. (Not
+            // under the streams' lock: that one is a leaf.)
+            match self.with(|fs| fs.read_dir(from_fuse(ino))) {
+                Ok(list) => {
+                    if let Some(d) = self
+                        .dirs
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .get_mut(&fh.0)
+                    {
+                        *d = (list, false);
+                    }
+                }
+                Err(e) => return reply.error(e),
+            }
+        }
+        let mut dirs = self.dirs.lock().unwrap_or_else(|e| e.into_inner());
+        let Some((list, used)) = dirs.get_mut(&fh.0) else {
             return reply.error(Errno::EBADF);
         };
+        *used = true;
         for (i, e) in list.iter().enumerate().skip(offset as usize) {
             if reply.add(
                 to_fuse(e.ino),
