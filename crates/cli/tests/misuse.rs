@@ -239,6 +239,7 @@ fn get_keeps_holes_and_symlink_times() {
     let got = std::fs::symlink_metadata(back.join("ln")).unwrap();
     assert!(got.file_type().is_symlink());
     assert_eq!(got.mtime(), want, "the symlink's mtime was not kept");
+    e2fsck_clean(&img);
 }
 
 #[test]
@@ -317,6 +318,9 @@ fn mkfs_and_check_follow_e2fsprogs_conventions() {
     let c = dir.join("c.img");
     ok(&[&"mkfs", &"-q", &c, &"32768"]);
     assert_eq!(info(&c, "Block count"), "32768");
+    for img in [&a, &b, &c] {
+        e2fsck_clean(img);
+    }
     // mke2fs's refusals.
     for (args, why) in [
         (vec!["-i", "100", "64M"], "invalid inode ratio"),

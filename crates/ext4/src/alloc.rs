@@ -130,20 +130,6 @@ impl Filesystem {
         Ok(())
     }
 
-    /// Is block `b` free for allocation now (clear in its bitmap and not
-    /// pinned by the running transaction)?
-    fn block_is_free(&mut self, b: u64) -> Result<bool> {
-        if !self.block_in_fs(b) {
-            return Ok(false);
-        }
-        let g = self.block_group(b);
-        if self.groups[g as usize].free_blocks() == 0 || self.pinned.contains(&b) {
-            return Ok(false);
-        }
-        let bm = self.load_block_bitmap(g)?;
-        Ok(!bit(&bm, (b - self.group_first_block(g)) as usize))
-    }
-
     /// The first free block of group `g`, if it has one.
     pub(crate) fn first_free_in_group(&mut self, g: u32) -> Option<u64> {
         let bm = self.load_block_bitmap(g).ok()?;
@@ -152,24 +138,21 @@ impl Filesystem {
         Some(self.group_first_block(g) + first as u64)
     }
 
+    /// Allocate up to `want` contiguous blocks, at or after `goal` if
+    /// possible. Returns (first block, count ≥ 1).
+    pub(crate) fn alloc_blocks(&mut self, goal: u64, want: u32) -> Result<(u64, u32)> {
+        self.alloc_blocks_at(goal, None, want)
+    }
+
     /// Like [`Self::alloc_blocks`], but if the goal block itself is taken
-    /// and there is a `fallback`, search from there instead of from the
-    /// goal.
+    /// and there is a `fallback`, search from there instead of taking the
+    /// next free block after the goal.
     pub(crate) fn alloc_blocks_at(
         &mut self,
         goal: u64,
         fallback: Option<u64>,
         want: u32,
     ) -> Result<(u64, u32)> {
-        match fallback {
-            Some(f) if !self.block_is_free(goal)? => self.alloc_blocks(f, want),
-            _ => self.alloc_blocks(goal, want),
-        }
-    }
-
-    /// Allocate up to `want` contiguous blocks, at or after `goal` if
-    /// possible. Returns (first block, count ≥ 1).
-    pub(crate) fn alloc_blocks(&mut self, goal: u64, want: u32) -> Result<(u64, u32)> {
         let _order = Held::take(Level::Allocator, 0);
         self.check_writable()?;
         assert!(want > 0);
@@ -184,11 +167,28 @@ impl Filesystem {
             }
             want.min(u32::try_from(room).unwrap_or(u32::MAX))
         };
-        let goal = if goal < self.geo.first_data_block || goal >= self.geo.blocks_count {
-            self.geo.first_data_block
-        } else {
-            goal
+        let mut fallback = fallback;
+        let in_fs = |b: u64| b >= self.geo.first_data_block && b < self.geo.blocks_count;
+        let start = match (in_fs(goal), fallback.take()) {
+            (true, f) => {
+                fallback = f;
+                goal
+            }
+            (false, Some(f)) if in_fs(f) => f,
+            (false, _) => self.geo.first_data_block,
         };
+        self.alloc_from(start, &mut fallback, want)
+    }
+
+    /// First fit from `goal`. If the goal block itself is taken and there
+    /// is a fallback, the search starts again from the fallback instead
+    /// (decided on the bitmap the search loads anyway).
+    fn alloc_from(
+        &mut self,
+        goal: u64,
+        fallback: &mut Option<u64>,
+        want: u32,
+    ) -> Result<(u64, u32)> {
         let ng = self.geo.group_count;
         let g0 = self.block_group(goal);
         for i in 0..=ng {
@@ -208,6 +208,18 @@ impl Filesystem {
                 pinned_here = true;
             }
             let from = if i == 0 { (goal - gstart) as usize } else { 0 };
+            if i != 0 || bit(&search, from) {
+                if let Some(f) = fallback.take() {
+                    // The goal block itself is taken: look from the
+                    // fallback instead of taking the next free block.
+                    let f = if self.block_in_fs(f) {
+                        f
+                    } else {
+                        self.geo.first_data_block
+                    };
+                    return self.alloc_from(f, fallback, want);
+                }
+            }
             let found =
                 find_zero(&search, from, count).or_else(|| find_zero(&search, 0, from.min(count)));
             let Some(first) = found else {

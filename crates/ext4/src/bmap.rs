@@ -649,6 +649,35 @@ impl Filesystem {
             .unwrap_or(base)
     }
 
+    /// Allocate up to `n` blocks (one contiguous piece, near
+    /// [`Self::goal_for`]) for the hole at `lblk` and map them as one
+    /// extent, written or unwritten; i_blocks is updated, the caller
+    /// writes the inode. Returns (first block, count). Nothing stays
+    /// allocated if the mapping fails.
+    pub(crate) fn ext_alloc_extent(
+        &mut self,
+        inode: &mut Inode,
+        lblk: u64,
+        n: u64,
+        unwritten: bool,
+    ) -> Result<(u64, u32)> {
+        let (goal, fallback) = self.goal_for(inode, lblk)?;
+        let want = n.min(u64::from(max_len(unwritten))) as u32;
+        let (pb, got) = self.alloc_blocks_at(goal, fallback, want)?;
+        let e = Extent {
+            lblk: lblk as u32,
+            len: got,
+            pblk: pb,
+            unwritten,
+        };
+        if let Err(err) = self.ext_insert(inode, e) {
+            self.free_blocks(pb, u64::from(got))?;
+            return Err(err);
+        }
+        self.add_i_blocks(inode, i64::from(got) * i64::from(self.geo.block_size / 512))?;
+        Ok((pb, got))
+    }
+
     /// Map every hole of `[from, to)` to new blocks, as written or
     /// unwritten extents, all or nothing (on failure nothing new stays
     /// mapped: the blocks were never written, so they must not be
@@ -661,7 +690,6 @@ impl Filesystem {
         to: u64,
         unwritten: bool,
     ) -> Result<Vec<(u64, u64)>> {
-        let spb = i64::from(self.geo.block_size / 512);
         let mut holes = Vec::new();
         let mut cur = from;
         while cur < to {
@@ -676,20 +704,7 @@ impl Filesystem {
             for (start, n) in holes {
                 let mut cur = start;
                 while cur < start + n {
-                    let (goal, fallback) = self.goal_for(inode, cur)?;
-                    let want = (start + n - cur).min(u64::from(max_len(unwritten))) as u32;
-                    let (pb, got) = self.alloc_blocks_at(goal, fallback, want)?;
-                    let e = Extent {
-                        lblk: cur as u32,
-                        len: got,
-                        pblk: pb,
-                        unwritten,
-                    };
-                    if let Err(err) = self.ext_insert(inode, e) {
-                        self.free_blocks(pb, u64::from(got))?;
-                        return Err(err);
-                    }
-                    self.add_i_blocks(inode, i64::from(got) * spb)?;
+                    let (_, got) = self.ext_alloc_extent(inode, cur, start + n - cur, unwritten)?;
                     filled.push((cur, u64::from(got)));
                     cur += u64::from(got);
                 }

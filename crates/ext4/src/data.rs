@@ -30,7 +30,6 @@ use folio_pagecache::AddressSpace;
 
 use crate::bmap::Mapping;
 use crate::error::{Error, Result};
-use crate::format::extent::{Extent, MAX_UNWRITTEN_LEN};
 use crate::format::inode::Inode;
 use crate::fs::Filesystem;
 
@@ -370,22 +369,12 @@ impl Filesystem {
         fresh: bool,
         unwritten: bool,
     ) -> Result<(u64, u64)> {
-        let spb = i64::from(self.geo.block_size / 512);
         if Self::uses_extents(inode) {
-            let (goal, fallback) = self.goal_for(inode, lblk)?;
-            let want = n.min(u64::from(MAX_UNWRITTEN_LEN)) as u32;
-            let (pb, got) = self.alloc_for(goal, fallback, want, fresh)?;
-            let e = Extent {
-                lblk: lblk as u32,
-                len: got,
-                pblk: pb,
-                unwritten,
-            };
-            if let Err(e) = self.ext_insert(inode, e) {
-                self.free_blocks(pb, u64::from(got))?;
-                return Err(e);
-            }
-            self.add_i_blocks(inode, i64::from(got) * spb)?;
+            let was = self.alloc_from_reserve;
+            self.alloc_from_reserve = !fresh;
+            let r = self.ext_alloc_extent(inode, lblk, n, unwritten);
+            self.alloc_from_reserve = was;
+            let (pb, got) = r?;
             Ok((pb, u64::from(got)))
         } else {
             // One block at a time: indirect maps have no runs to speak of.
@@ -409,21 +398,6 @@ impl Filesystem {
             Mapping::Mapped { pblk, .. } => Ok((pblk, 1)),
             Mapping::Hole => Err(Error::corrupted("block unmapped right after allocation", 0)),
         }
-    }
-
-    /// alloc_blocks, drawing on the reservation unless `fresh`.
-    fn alloc_for(
-        &mut self,
-        goal: u64,
-        fallback: Option<u64>,
-        want: u32,
-        fresh: bool,
-    ) -> Result<(u64, u32)> {
-        let was = self.alloc_from_reserve;
-        self.alloc_from_reserve = !fresh;
-        let r = self.alloc_blocks_at(goal, fallback, want);
-        self.alloc_from_reserve = was;
-        r
     }
 
     /// Writeback of delayed run at `lblk`: give it real blocks.

@@ -507,6 +507,18 @@ impl Filesystem {
         Ok(())
     }
 
+    /// Write a new index block `blk` at `depth`, full capacity.
+    fn put_new_index(
+        &mut self,
+        inode: &mut Inode,
+        blk: u64,
+        depth: u16,
+        entries: Vec<Index>,
+    ) -> Result<()> {
+        let cap = self.tree_cap();
+        self.put_node(inode, blk, cap, &Node::Index { depth, entries }, true)
+    }
+
     /// `n` blocks for new tree nodes, all or none.
     fn alloc_tree_blocks(&mut self, inode: &Inode, goal: u64, n: usize) -> Result<Vec<u64>> {
         let mut got: Vec<u64> = Vec::with_capacity(n);
@@ -721,16 +733,7 @@ impl Filesystem {
                     lblk: first,
                     child: b,
                 }];
-                self.put_node(
-                    inode,
-                    b,
-                    cap,
-                    &Node::Index {
-                        depth: level_depth,
-                        entries,
-                    },
-                    true,
-                )?;
+                self.put_new_index(inode, b, level_depth, entries)?;
                 root_depth += 1;
                 break;
             }
@@ -741,16 +744,7 @@ impl Filesystem {
                 lblk: right[0].lblk,
                 child: b,
             };
-            self.put_node(
-                inode,
-                b,
-                cap,
-                &Node::Index {
-                    depth: level_depth,
-                    entries: right,
-                },
-                true,
-            )?;
+            self.put_new_index(inode, b, level_depth, right)?;
             k -= 1;
         }
         // The root's depth may have grown: write levels with their depth.
