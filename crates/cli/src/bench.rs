@@ -217,7 +217,7 @@ fn run_in(work: &Path, size_mib: u64) -> Result<(), String> {
         work.display()
     );
     // folio, in-process.
-    let mut fs =
+    let fs =
         Filesystem::open_path(&folio_img, OpenOptions::default()).map_err(|e| e.to_string())?;
     let ino = fs
         .create(ROOT_INO, b"bench", 0o644, Owner::default())
@@ -346,7 +346,7 @@ fn scaling_in(work: &Path, sizes_mib: &[u64], secs: f64) -> Result<(), String> {
             copy_sparse(&base, img)?;
         }
         let _ = std::fs::remove_file(&base);
-        let mut fs =
+        let fs =
             Filesystem::open_path(&folio_img, OpenOptions::default()).map_err(|e| e.to_string())?;
         let ino = fs
             .create(ROOT_INO, b"bench", 0o644, Owner::default())

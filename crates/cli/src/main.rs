@@ -505,7 +505,7 @@ fn run(cli: Cli) -> CliResult {
             force: _,
         } => {
             // e2fsck's exit codes: 8 for an operational error.
-            let checked = open(&image, true).and_then(|mut fs| ctx(fs.check_counts(), "check"));
+            let checked = open(&image, true).and_then(|fs| ctx(fs.check_counts(), "check"));
             let problems = match checked {
                 Ok(p) => p,
                 Err(e) => {

@@ -11,7 +11,8 @@
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use folio_ext4::{Filesystem, OpenOptions};
@@ -201,7 +202,7 @@ pub fn mount_foreground(
     if let (Some(why), false) = (fs.read_only_reason(), opts.read_only) {
         eprintln!("folio: {}: mounting read-only: {why}", image.display());
     }
-    let shared: Shared = Arc::new(Mutex::new(Some(fs)));
+    let shared: Shared = Arc::new(fs);
     // Block the signals we wait for before any thread exists, so that
     // every thread inherits the mask and only sigwait sees them.
     let set = signal_set();
@@ -236,23 +237,23 @@ pub fn mount_foreground(
     // background level (checked without the filesystem lock), and periodic
     // commits like ext4's commit=5.
     let flusher = shared.clone();
-    std::thread::spawn(move || {
+    let stop = Arc::new(AtomicBool::new(false));
+    let stopped = stop.clone();
+    let flusher = std::thread::spawn(move || {
         let tick = Duration::from_millis(100);
         let mut since_commit = Duration::ZERO;
-        loop {
+        while !stopped.load(Ordering::Relaxed) {
             std::thread::sleep(tick);
             since_commit += tick;
             let commit = since_commit >= Duration::from_secs(5);
             if !commit && !page_cache.over_background() {
                 continue;
             }
-            let mut g = flusher.lock().unwrap_or_else(|e| e.into_inner());
-            let Some(fs) = g.as_mut() else { return };
             let r = if commit {
                 since_commit = Duration::ZERO;
-                fs.sync()
+                flusher.sync()
             } else {
-                fs.writeback_background().map(drop)
+                flusher.writeback_background().map(drop)
             };
             if let Err(e) = r {
                 eprintln!("folio: background writeback failed: {e}");
@@ -281,13 +282,17 @@ pub fn mount_foreground(
             let _ = Command::new("umount").arg("-l").arg(mountpoint).status();
         }
     }
-    let fs = shared.lock().unwrap_or_else(|e| e.into_inner()).take();
-    let result = match fs {
-        Some(fs) => fs
-            .close()
-            .map_err(|e| format!("{}: final sync failed: {e}", image.display())),
-        None => Ok(()),
-    };
+    // The session has ended (its handlers are gone); stop the flusher, and
+    // the filesystem is ours alone to close.
+    stop.store(true, Ordering::Relaxed);
+    let _ = flusher.join();
+    let result = match Arc::try_unwrap(shared) {
+        Ok(fs) => fs.close(),
+        // Something still holds it (a FUSE worker not yet gone): make
+        // everything durable now; its last holder closes it on drop.
+        Err(fs) => fs.sync(),
+    }
+    .map_err(|e| format!("{}: final sync failed: {e}", image.display()));
     drop(lock);
     result
 }

@@ -63,8 +63,7 @@ fn sigkill_mid_workload_loses_no_fsynced_data() {
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
         assert_eq!(synced.len(), kill_after, "the workload stopped early");
-        let mut fs =
-            Filesystem::open_path(&img, OpenOptions::default()).expect("reopen after SIGKILL");
+        let fs = Filesystem::open_path(&img, OpenOptions::default()).expect("reopen after SIGKILL");
         let replayed = fs.recovery_report().map_or(0, |r| r.transactions);
         assert!(
             replayed > 0,

@@ -8,7 +8,7 @@
 
 use crate::error::{Error, Result};
 use crate::format::group::{bitmap_csum, BG_BLOCK_UNINIT, BG_INODE_UNINIT};
-use crate::fs::{has_super, Filesystem};
+use crate::fs::{has_super, Core};
 use folio_pagecache::lockdep::{Held, Level};
 
 fn bit(b: &[u8], i: usize) -> bool {
@@ -37,7 +37,7 @@ fn find_zero(b: &[u8], from: usize, to: usize) -> Option<usize> {
     None
 }
 
-impl Filesystem {
+impl Core {
     /// Blocks used by the fixed metadata of group `g` itself (superblock
     /// backup, descriptor table, reserved descriptor blocks), as offsets.
     pub(crate) fn group_sb_gdt_len(&self, g: u32) -> u32 {
@@ -495,12 +495,12 @@ impl Filesystem {
 #[cfg(test)]
 mod tests {
     use crate::error::Error;
-    use crate::fs::{Filesystem, OpenOptions};
+    use crate::fs::{Core, OpenOptions};
     use crate::mkfs::{mkfs, FsType, MkfsOptions};
     use folio_blockdev::MemDevice;
     use std::sync::Arc;
 
-    fn ext2() -> Filesystem {
+    fn ext2() -> Core {
         let size = 8usize << 20;
         let dev = MemDevice::new(size);
         let opts = MkfsOptions {
@@ -508,7 +508,7 @@ mod tests {
             ..Default::default()
         };
         mkfs(Arc::new(dev.clone()), size as u64, &opts).unwrap();
-        Filesystem::open(Arc::new(dev), OpenOptions::default()).unwrap()
+        Core::open(Arc::new(dev), OpenOptions::default()).unwrap()
     }
 
     /// A descriptor counting fewer free blocks or inodes than its bitmap
@@ -534,6 +534,6 @@ mod tests {
             let e = fs.free_blocks(b, 1).unwrap_err();
             assert!(e.to_string().contains("more free blocks"), "{e}");
         }
-        fs.abandon();
+        fs.closed = true;
     }
 }

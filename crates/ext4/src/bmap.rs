@@ -3,7 +3,7 @@
 //!
 //! Extent trees are edited in place, one leaf at a time
 //! (`extent_tree`); the list functions here edit the sorted extents of one
-//! leaf. [`Filesystem::write_extent_tree`] rebuilds a whole tree from a
+//! leaf. `Core::write_extent_tree` rebuilds a whole tree from a
 //! list, for the operations that shift every extent anyway (collapse and
 //! insert range) and for mkfs.
 
@@ -15,7 +15,7 @@ use crate::format::extent::{
 };
 use crate::format::inode::{Inode, FL_EXTENTS};
 use crate::format::{get32, put32};
-use crate::fs::Filesystem;
+use crate::fs::Core;
 
 /// What a logical block maps to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -25,7 +25,7 @@ pub enum Mapping {
 }
 
 /// Files of at least this i_size get a region of their own
-/// ([`Filesystem::empty_file_base`]) and displaced blocks out of the way.
+/// (`Core::empty_file_base`) and displaced blocks out of the way.
 const LARGE_FILE_BYTES: u64 = 16 << 20;
 
 /// Blocks left free before a large file's line for its extent tree: a
@@ -154,7 +154,7 @@ pub(crate) fn mark_written(list: &mut Vec<Extent>, from: u64, to: u64) -> Vec<(u
     converted
 }
 
-impl Filesystem {
+impl Core {
     pub(crate) fn uses_extents(inode: &Inode) -> bool {
         inode.flags() & FL_EXTENTS != 0
     }
@@ -890,7 +890,7 @@ pub struct BlockRun {
     pub delalloc: bool,
 }
 
-impl Filesystem {
+impl Core {
     /// The mapped runs of inode `ino` on the device, in logical order.
     /// Dirty cached data is written back first (FIEMAP_FLAG_SYNC), so
     /// the answer shows where the data really lives.

@@ -2,7 +2,7 @@
 //! space reservation.
 //!
 //! - A buffered write reserves every hole of its span at the first
-//!   `begin` ([`Filesystem::reserve_interval`]): the blocks are counted
+//!   `begin` (`Core::reserve_interval`): the blocks are counted
 //!   against free space (plus a worst-case allowance for the extent-tree
 //!   or indirect blocks they may need) but not chosen. A write that cannot
 //!   reserve fails with ENOSPC, or is short, at write time; `end` gives
@@ -17,7 +17,7 @@
 //!   allocate (unwritten) or deallocate a file interval.
 //!
 //! Reserved blocks are invisible to every other allocation
-//! ([`Filesystem::alloc_blocks`] keeps them), so data accepted into the
+//! (`Core::alloc_blocks` keeps them), so data accepted into the
 //! cache always finds space at writeback.
 
 use folio_pagecache::lockdep::{Held, Level};
@@ -31,9 +31,9 @@ use folio_pagecache::AddressSpace;
 use crate::bmap::Mapping;
 use crate::error::{Error, Result};
 use crate::format::inode::Inode;
-use crate::fs::Filesystem;
+use crate::fs::Core;
 
-/// What [`Filesystem::allocate_interval`] does.
+/// What [`crate::Filesystem::allocate_interval`] does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AllocOp {
     /// Count the holes of the interval against free space (delayed).
@@ -118,12 +118,12 @@ impl Delalloc {
 /// Worst-case mapping blocks needed to map `d` more blocks into a file
 /// whose map is `inode`'s: a new leaf for every half-full leaf's worth of
 /// extents, plus one split per level and a new root level.
-fn meta_for(fs: &Filesystem, inode: &Inode, d: u64) -> u64 {
+fn meta_for(fs: &Core, inode: &Inode, d: u64) -> u64 {
     if d == 0 {
         return 0;
     }
     let bs = u64::from(fs.geo.block_size);
-    if Filesystem::uses_extents(inode) {
+    if Core::uses_extents(inode) {
         let per_leaf = (bs - 12) / 12 / 2;
         let depth = u64::from(crate::format::get16(inode.i_block(), 6).unwrap_or(0));
         let entries = u64::from(crate::format::get16(inode.i_block(), 2).unwrap_or(0));
@@ -137,7 +137,7 @@ fn meta_for(fs: &Filesystem, inode: &Inode, d: u64) -> u64 {
     }
 }
 
-impl Filesystem {
+impl Core {
     /// The page-cache mapping of inode `ino`.
     pub(crate) fn mapping_of(&self, ino: u32) -> Arc<AddressSpace> {
         self.pc
@@ -704,14 +704,9 @@ impl Filesystem {
     pub fn drop_caches(&mut self) -> u64 {
         self.pc.drop_clean()
     }
-
-    /// The page cache (for statistics and lock-free cached reads).
-    pub fn page_cache(&self) -> &Arc<folio_pagecache::PageCache> {
-        &self.pc
-    }
 }
 
-impl IomapOps for Filesystem {
+impl IomapOps for Core {
     type Error = Error;
     fn device(&self) -> Arc<dyn BlockDevice> {
         Arc::clone(self.dev())

@@ -18,9 +18,9 @@ use crate::format::hash::dx_hash;
 use crate::format::inode::{FileType, Inode, FL_INDEX};
 use crate::format::superblock::{compat, incompat, FLAG_UNSIGNED_HASH};
 use crate::format::{get16, get32, put16, put32, Timespec};
-use crate::fs::Filesystem;
+use crate::fs::Core;
 
-/// A directory entry as returned by [`Filesystem::read_dir`].
+/// A directory entry as returned by [`crate::Filesystem::read_dir`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DirEntry {
     pub name: Vec<u8>,
@@ -110,7 +110,7 @@ fn fill_leaf(block: &mut [u8], usable: usize, entries: &[(Vec<u8>, u32, u8)]) {
     }
 }
 
-impl Filesystem {
+impl Core {
     fn leaf_usable(&self) -> usize {
         self.geo.block_size as usize - if self.has_csum() { TAIL_LEN } else { 0 }
     }

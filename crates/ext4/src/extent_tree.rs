@@ -4,7 +4,7 @@
 //!
 //! - the **on-disk tree**: the root in `i_block` (up to 4 entries), index
 //!   blocks and leaf blocks. An edit descends from the root to the one leaf
-//!   that covers the logical block ([`Filesystem::ext_path`]), changes that
+//!   that covers the logical block (`Core::ext_path`), changes that
 //!   leaf, and touches the blocks above it only when the leaf's first key
 //!   changes (the parent keys follow, as `ext4_ext_correct_indexes`), when
 //!   it overflows (it splits, and the split may climb to the root, which
@@ -24,7 +24,7 @@
 //!
 //! Costs: one edit reads and writes the blocks on one root-to-leaf path
 //! and at most one new block per level; the credits it needs are bounded
-//! by the depth of the tree ([`Filesystem::ext_change_credits`]). Tree
+//! by the depth of the tree (`Core::ext_change_credits`). Tree
 //! blocks are validated (header, checksum, entry order, block ranges) once
 //! per read from the device, as the buffer cache's verified bit records.
 
@@ -38,7 +38,7 @@ use crate::format::extent::{
 };
 use crate::format::inode::Inode;
 use crate::format::{get16, get32, put32};
-use crate::fs::Filesystem;
+use crate::fs::Core;
 
 /// Entries in the root node inside the inode.
 pub(crate) const ROOT_MAX: u16 = 4;
@@ -55,7 +55,7 @@ pub(crate) struct ExtentMap {
     /// Blocks mapped by all extents.
     blocks: u64,
     /// Where logical block 0 of a large file lies on its straight line
-    /// ([`Filesystem::goal_for`]): chosen at its first allocation, or, for
+    /// (`Core::goal_for`): chosen at its first allocation, or, for
     /// a map read from disk, taken from its longest extent.
     pub(crate) line: Option<u64>,
 }
@@ -205,7 +205,7 @@ fn split_point(len: usize, max: usize, appending: bool) -> usize {
     }
 }
 
-impl Filesystem {
+impl Core {
     fn tree_cap(&self) -> u16 {
         block_capacity(self.geo.block_size as usize)
     }

@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 use crate::format::extent::Extent;
 use crate::format::inode::Inode;
 use crate::format::Timespec;
-use crate::fs::Filesystem;
+use crate::fs::Core;
 use folio_pagecache::lockdep::{Held, Level};
 
 pub const FALLOC_FL_KEEP_SIZE: u32 = 0x01;
@@ -22,7 +22,7 @@ pub const FALLOC_FL_COLLAPSE_RANGE: u32 = 0x08;
 pub const FALLOC_FL_ZERO_RANGE: u32 = 0x10;
 pub const FALLOC_FL_INSERT_RANGE: u32 = 0x20;
 
-impl Filesystem {
+impl Core {
     /// fallocate(2) on inode `ino`. `mode` is Linux's FALLOC_FL_* bits.
     pub fn fallocate(&mut self, ino: u32, mode: u32, offset: u64, len: u64) -> Result<()> {
         // Invalidates cached pages of the range: before the transaction.

@@ -16,9 +16,9 @@ use crate::error::{Error, Result};
 use crate::format::inode::Inode;
 use crate::format::superblock::ro_compat;
 use crate::format::Timespec;
-use crate::fs::Filesystem;
+use crate::fs::Core;
 
-impl Filesystem {
+impl Core {
     /// Largest size a file with this inode may have, in bytes.
     pub(crate) fn max_file_size(&self, inode: &Inode) -> u64 {
         let bs = u64::from(self.geo.block_size);

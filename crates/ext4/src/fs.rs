@@ -24,7 +24,7 @@ pub struct OpenOptions {
     pub cache_blocks: usize,
     /// The page cache for file data (budget, folio size, dirty limits).
     pub page_cache: folio_pagecache::Config,
-    /// [`Filesystem::open_path`] locks the image file for as long as the
+    /// [`crate::Filesystem::open_path`] locks the image file for as long as the
     /// filesystem is open (flock: exclusive for a read-write open, shared
     /// for a read-only one), so that two writers, or a reader and a
     /// writer, never use one image at once. Off for a caller that holds
@@ -133,8 +133,9 @@ pub struct Geometry {
     pub first_ino: u32,
 }
 
-/// A mounted-in-process ext2/3/4 filesystem.
-pub struct Filesystem {
+/// The state of an open filesystem, behind the core lock of
+/// [`crate::Filesystem`].
+pub(crate) struct Core {
     pub(crate) cache: BufferCache,
     pub(crate) sb: Superblock,
     pub(crate) geo: Geometry,
@@ -214,7 +215,7 @@ fn names(mask: u32, table: &[(u32, &str)], prefix: &str) -> String {
     feature_names(mask, table, prefix).join(", ")
 }
 
-impl Filesystem {
+impl Core {
     /// Open the image at `path`.
     ///
     /// The image is locked while the filesystem is open (see
@@ -327,7 +328,7 @@ impl Filesystem {
             groups.push(gd);
         }
         let now = crate::format::Timespec::now();
-        Ok(Filesystem {
+        Ok(Core {
             cache,
             generation_seed: (now.nsec ^ (now.sec as u32)).wrapping_mul(2_654_435_761) | 1,
             sb,
@@ -511,27 +512,10 @@ impl Filesystem {
 
     // ---- accessors ----
 
-    pub fn superblock(&self) -> &Superblock {
-        &self.sb
-    }
-    pub fn geometry_info(&self) -> &Geometry {
-        &self.geo
-    }
-    pub fn block_size(&self) -> u32 {
-        self.geo.block_size
-    }
-    pub fn group_desc(&self, g: u32) -> Option<&GroupDesc> {
-        self.groups.get(g as usize)
-    }
     /// Metadata buffer cache (hits, misses) since open.
     pub fn cache_stats(&self) -> (u64, u64) {
         self.cache.stats()
     }
-    /// Why the filesystem is read-only, if it is.
-    pub fn read_only_reason(&self) -> Option<&str> {
-        self.read_only.as_deref()
-    }
-
     pub(crate) fn check_writable(&self) -> Result<()> {
         match &self.read_only {
             Some(why) => Err(Error::ReadOnly(why.clone())),
@@ -764,21 +748,17 @@ impl Filesystem {
         Ok(())
     }
 
-    /// Sync and close cleanly (needs_recovery cleared). Dropping a
-    /// writable filesystem does the same, but can only log an error (as
-    /// `BufWriter` does); `close` is the way to see it.
-    pub fn close(mut self) -> Result<()> {
-        self.close_inner()
-    }
-
-    /// Drop without writing anything more, as a process killed at this
-    /// point would: what was committed stays in the journal for the next
-    /// open to replay. For crash tests and for giving up after an error.
-    pub fn abandon(mut self) {
+    /// An operation panicked while holding the core lock: metadata may be
+    /// half changed, so nothing more is written (not even at drop).
+    pub(crate) fn poisoned(&mut self) {
+        if self.read_only.is_none() {
+            eprintln!("folio: an operation panicked; the filesystem is now read-only");
+            self.read_only = Some("an earlier operation panicked".into());
+        }
         self.closed = true;
     }
 
-    fn close_inner(&mut self) -> Result<()> {
+    pub(crate) fn close_inner(&mut self) -> Result<()> {
         self.closed = true;
         if self.read_only.is_some() {
             return Ok(());
@@ -795,7 +775,7 @@ impl Filesystem {
     }
 }
 
-impl Drop for Filesystem {
+impl Drop for Core {
     /// A writable filesystem dropped without `close` is closed here, so
     /// that nothing written is silently lost; an error is logged.
     fn drop(&mut self) {

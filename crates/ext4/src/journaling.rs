@@ -7,7 +7,7 @@
 //! blocks go home lazily (eviction, or the checkpoint when the log is
 //! full). File data is written to the device before the commit's first
 //! flush (ordered mode). Every operation runs in a handle with credits;
-//! commits happen at [`Filesystem::sync`]/fsync, before a handle whose
+//! commits happen at `Core::sync`/fsync, before a handle whose
 //! credits would not fit, and after one that fills the transaction —
 //! never in the middle of an operation, so each operation is atomic.
 //!
@@ -17,7 +17,7 @@
 //! still points to. When an allocation fails with pinned blocks pending,
 //! the operation is retried once after a commit.
 //!
-//! [`pinned`]: Filesystem::pinned
+//! [`pinned`]: Core::pinned
 
 use std::sync::Arc;
 
@@ -31,10 +31,10 @@ use crate::format::superblock::{
     compat, incompat, ro_compat, Superblock, SUPERBLOCK_OFFSET, SUPERBLOCK_SIZE,
 };
 use crate::format::{get32, put32};
-use crate::fs::{Filesystem, OpenOptions};
+use crate::fs::{Core, OpenOptions};
 use folio_pagecache::lockdep::{Held, Level};
 
-/// A share of the running transaction (see [`Filesystem::journal_start`]).
+/// A share of the running transaction (see `Core::journal_start`).
 #[must_use = "a handle must be given back with journal_stop"]
 pub(crate) struct Handle {
     credits: usize,
@@ -58,7 +58,7 @@ impl From<folio_journal::Error> for Error {
     }
 }
 
-impl Filesystem {
+impl Core {
     /// Device blocks of the journal inode, in journal order.
     fn journal_map(&mut self) -> Result<Vec<u64>> {
         let ino = self.sb.journal_inum();
@@ -169,10 +169,7 @@ impl Filesystem {
 
     /// Replay the journal of `fs` (opened read-only because of
     /// needs_recovery) and clear the flag on disk.
-    fn replay(
-        mut fs: Filesystem,
-        dev: &Arc<dyn folio_blockdev::BlockDevice>,
-    ) -> Result<RecoveryReport> {
+    fn replay(mut fs: Core, dev: &Arc<dyn folio_blockdev::BlockDevice>) -> Result<RecoveryReport> {
         let map = fs.journal_map()?;
         let bs = fs.geo.block_size as usize;
         let blocks = fs.geo.blocks_count;
@@ -424,11 +421,6 @@ impl Filesystem {
         }
     }
 
-    /// What recovery did when this filesystem was opened, if it ran.
-    pub fn recovery_report(&self) -> Option<&RecoveryReport> {
-        self.last_recovery.as_ref()
-    }
-
     /// What the journal did since open (commits, checkpoints, ...).
     pub fn journal_stats(&self) -> Option<folio_journal::JournalStats> {
         self.journal.as_ref().map(Journal::stats)
@@ -627,7 +619,7 @@ impl Filesystem {
     }
 
     /// End a handle: account the blocks it used against its credits (an
-    /// overrun is counted in [`Filesystem::handle_stats`]; tests require
+    /// overrun is counted in [`crate::Filesystem::handle_stats`]; tests require
     /// none) and, for the outermost handle, commit if the transaction has
     /// grown to its limit.
     pub(crate) fn journal_stop(&mut self, h: Handle) -> Result<()> {

@@ -9,6 +9,7 @@
 //! data; `ops` is the POSIX-shaped API; `mkfs` makes new images.
 
 pub mod alloc;
+pub mod api;
 pub mod bmap;
 pub mod csum;
 pub mod data;
@@ -24,6 +25,7 @@ pub mod mkfs;
 pub mod ops;
 pub mod xattrs;
 
+pub use api::Filesystem;
 pub use data::AllocOp;
 pub use dir::DirEntry;
 pub use error::{Error, Result};
@@ -32,6 +34,6 @@ pub use folio_pagecache::lockdep;
 pub use folio_pagecache::Config as CacheConfig;
 pub use format::inode::{FileType, ROOT_INO};
 pub use format::Timespec;
-pub use fs::{Filesystem, OpenOptions};
+pub use fs::OpenOptions;
 pub use ops::{Caller, OpenFlags, Owner, RenameFlags, SetAttr, Stat, StatFs};
 pub use xattrs::XattrMode;

@@ -2,7 +2,7 @@
 //!
 //! Phase 1 lays out the fixed structures directly: superblock and backups,
 //! group descriptors, bitmaps, inode tables, the resize inode. Phase 2 opens
-//! the result as a [`Filesystem`] and makes the root directory, lost+found
+//! the result as a `Core` and makes the root directory, lost+found
 //! and the journal through the ordinary allocation paths.
 
 use std::fmt;
@@ -21,7 +21,7 @@ use crate::format::superblock::{
     SUPERBLOCK_OFFSET,
 };
 use crate::format::{put32, Timespec};
-use crate::fs::{has_super, Filesystem, OpenOptions};
+use crate::fs::{has_super, Core, OpenOptions};
 use crate::ops::Owner;
 
 /// Which flavour of filesystem to make.
@@ -95,7 +95,7 @@ impl fmt::Display for Report {
         )?;
         writeln!(
             f,
-            "Filesystem UUID: {}-{}-{}-{}-{}",
+            "Core UUID: {}-{}-{}-{}-{}",
             &u[0..8],
             &u[8..12],
             &u[12..16],
@@ -633,7 +633,7 @@ pub fn mkfs(dev: Arc<dyn BlockDevice>, size_bytes: u64, opts: &MkfsOptions) -> R
     dev.flush()?;
 
     // Phase 2: root, lost+found and journal through the filesystem.
-    let mut fs = Filesystem::open(dev.clone(), OpenOptions::default())?;
+    let mut fs = Core::open(dev.clone(), OpenOptions::default())?;
     fs.make_root(opts.root_owner)?;
     fs.dir_spread = false;
     let lpf = fs.mkdir(ROOT_INO, b"lost+found", 0o700, Owner::default())?;
@@ -657,7 +657,7 @@ pub fn mkfs(dev: Arc<dyn BlockDevice>, size_bytes: u64, opts: &MkfsOptions) -> R
     })
 }
 
-impl Filesystem {
+impl Core {
     /// A reserved inode (root, journal) made by mkfs: mode, links, times,
     /// and an empty extent root on extent filesystems.
     fn special_inode(&self, ino: u32, mode: u16, links: u16) -> Inode {

@@ -10,7 +10,7 @@ use crate::format::inode::{
 };
 use crate::format::superblock::{incompat, ro_compat};
 use crate::format::Timespec;
-use crate::fs::{has_super, Filesystem};
+use crate::fs::{has_super, Core};
 use folio_pagecache::lockdep::{Held, Level};
 
 /// Link count limit for ext4 (directories past it count as 1 with dir_nlink).
@@ -38,7 +38,7 @@ pub struct Stat {
     pub generation: u32,
 }
 
-/// Attribute changes for [`Filesystem::setattr`]; `None` leaves a field.
+/// Attribute changes for [`crate::Filesystem::setattr`]; `None` leaves a field.
 #[derive(Clone, Debug, Default)]
 pub struct SetAttr {
     /// Permission bits (0o7777); the file type is kept.
@@ -59,7 +59,7 @@ pub struct SetAttr {
 }
 
 /// Who makes a change, for the rules that drop setuid/setgid bits and file
-/// capabilities ([`Filesystem::drop_privs_for_write`], [`SetAttr`]).
+/// capabilities ([`crate::Filesystem::drop_privs_for_write`], [`SetAttr`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Caller {
     pub uid: u32,
@@ -114,7 +114,7 @@ pub struct RenameFlags {
     pub exchange: bool,
 }
 
-/// Filesystem statistics, as statfs(2) reports them.
+/// Core statistics, as statfs(2) reports them.
 #[derive(Clone, Debug)]
 pub struct StatFs {
     pub block_size: u32,
@@ -147,7 +147,7 @@ pub struct Owner {
     pub gid: u32,
 }
 
-impl Filesystem {
+impl Core {
     fn next_generation(&mut self) -> u32 {
         // xorshift32: distinct generations for inode checksum seeds and NFS.
         let mut x = self.generation_seed;
@@ -1114,7 +1114,7 @@ impl Filesystem {
         o
     }
 
-    /// Filesystem statistics.
+    /// Core statistics.
     pub fn statfs(&mut self) -> StatFs {
         let recorded = u64::from(self.sb.overhead_clusters());
         let overhead = if recorded != 0 {

@@ -11,7 +11,7 @@ use crate::format::xattr::{
     table_len, write_block_header, write_table, Xattr, BLOCK_HEADER_LEN, MAGIC,
 };
 use crate::format::{get32, put32, Timespec};
-use crate::fs::Filesystem;
+use crate::fs::Core;
 
 /// The name index of `security.` attributes.
 const SECURITY_INDEX: u8 = 6;
@@ -32,7 +32,7 @@ pub enum XattrMode {
     Replace,
 }
 
-impl Filesystem {
+impl Core {
     fn inode_xattrs(&self, inode: &Inode) -> Result<Vec<Xattr>> {
         let Some(off) = inode.inline_xattr_offset() else {
             return Ok(Vec::new());

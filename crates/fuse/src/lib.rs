@@ -1,7 +1,8 @@
 //! Serve a folio [`Filesystem`] through the kernel's FUSE.
 //!
-//! A thin adapter: every request takes the filesystem lock, calls the
-//! POSIX-shaped library API and replies; errno values come from
+//! A thin adapter: every request calls the POSIX-shaped library API from
+//! the FUSE worker thread that received it (the library does its own
+//! locking) and replies; errno values come from
 //! [`folio_ext4::Error::errno`], the one place they are chosen. Permission
 //! checks are the kernel's (`default_permissions`). Inode numbers are
 //! ext4's, except that the root (2) is FUSE's 1.
@@ -11,7 +12,7 @@ use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use folio_ext4::format::inode::S_IFMT;
@@ -32,7 +33,7 @@ const TTL: Duration = Duration::from_secs(1);
 
 /// The filesystem shared between the FUSE threads and whoever mounted it
 /// (who closes it after the session ends).
-pub type Shared = Arc<Mutex<Option<Filesystem>>>;
+pub type Shared = Arc<Filesystem>;
 
 /// A FUSE filesystem over a folio [`Filesystem`].
 pub struct FolioFuse {
@@ -127,11 +128,7 @@ fn splitdev(rdev: u32) -> (u32, u32) {
 
 impl FolioFuse {
     pub fn new(fs: Shared) -> Self {
-        let block_size = fs
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_ref()
-            .map_or(4096, Filesystem::block_size);
+        let block_size = fs.block_size();
         FolioFuse {
             fs,
             block_size,
@@ -155,17 +152,9 @@ impl FolioFuse {
         }
     }
 
-    /// Run `f` on the filesystem; EIO if it has been closed.
-    fn with<T>(
-        &self,
-        f: impl FnOnce(&mut Filesystem) -> folio_ext4::Result<T>,
-    ) -> Result<T, Errno> {
-        // The filesystem lock stands for the inode level of the lock order.
-        let _order = folio_ext4::lockdep::Held::take(folio_ext4::lockdep::Level::Inode, 0);
-        let mut guard: MutexGuard<'_, Option<Filesystem>> =
-            self.fs.lock().unwrap_or_else(|e| e.into_inner());
-        let fs = guard.as_mut().ok_or(Errno::EIO)?;
-        f(fs).map_err(|e| errno(&e))
+    /// Run `f` on the filesystem, mapping its error to an errno.
+    fn with<T>(&self, f: impl FnOnce(&Filesystem) -> folio_ext4::Result<T>) -> Result<T, Errno> {
+        f(&self.fs).map_err(|e| errno(&e))
     }
 
     fn attr(&self, st: &Stat) -> FileAttr {
@@ -246,11 +235,8 @@ impl fuser::Filesystem for FolioFuse {
     }
 
     fn destroy(&mut self) {
-        let mut guard = self.fs.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(fs) = guard.as_mut() {
-            if let Err(e) = fs.sync() {
-                eprintln!("folio: sync at unmount failed: {e}");
-            }
+        if let Err(e) = self.fs.sync() {
+            eprintln!("folio: sync at unmount failed: {e}");
         }
     }
 

@@ -2,7 +2,7 @@
 //!
 //! folio's lock order, outermost first (docs/architecture.md):
 //!
-//! freeze > inode > mapping invalidation > transaction start >
+//! freeze > inode > core > mapping invalidation > transaction start >
 //! folio locks in ascending index order > allocator
 //!
 //! Each thread keeps the list of what it holds. Taking a lock of a level
@@ -17,8 +17,10 @@
 pub enum Level {
     /// A filesystem freeze (none yet: reserved for the order).
     Freeze,
-    /// An inode (the FUSE adapter's filesystem lock stands for it).
+    /// An inode.
     Inode,
+    /// The filesystem's core lock (its metadata state; `folio_ext4::api`).
+    Core,
     /// A mapping's invalidation (truncate, hole punch, direct I/O).
     Invalidate,
     /// A journal handle: the start of a transaction's share.
@@ -47,7 +49,7 @@ mod imp {
                     if !ok {
                         panic!(
                             "lock order violation: taking {level:?} {key} while holding {l:?} {k} \
-                             (order: freeze > inode > invalidate > transaction > folios ascending \
+                             (order: freeze > inode > core > invalidate > transaction > folios ascending \
                              > allocator)"
                         );
                     }

@@ -28,7 +28,7 @@ fn mem_fs(size: usize, opts: MkfsOptions) -> (MemDevice, Filesystem) {
 }
 
 /// Sync, check counters, write the image to a file and e2fsck it.
-fn fsck_mem(dev: &MemDevice, mut fs: Filesystem, tag: &str) {
+fn fsck_mem(dev: &MemDevice, fs: Filesystem, tag: &str) {
     assert_eq!(fs.check_counts().unwrap(), Vec::<String>::new(), "{tag}");
     fs.close().unwrap();
     if !require(have_tool("e2fsck"), "e2fsck is not installed") {
@@ -347,7 +347,7 @@ fn directory_of_100k_entries_uses_the_htree() {
         ..Default::default()
     };
     mkfs_path(&img, Some(600 << 20), &opts).unwrap();
-    let mut fs = Filesystem::open_path(&img, OpenOptions::default()).unwrap();
+    let fs = Filesystem::open_path(&img, OpenOptions::default()).unwrap();
     let d = fs.mkdir(ROOT_INO, b"big", 0o755, ME).unwrap();
     const N: u32 = 100_000;
     for i in 0..N {
@@ -449,7 +449,7 @@ fn ext2_indirect_maps_reach_triple_indirect_and_truncate() {
         block_size: Some(1024),
         ..Default::default()
     };
-    let (dev, mut fs) = mem_fs(96 << 20, opts);
+    let (dev, fs) = mem_fs(96 << 20, opts);
     let free0 = fs.statfs().blocks_free;
     let f = fs.create(ROOT_INO, b"ind", 0o644, ME).unwrap();
     // direct, single, double and triple indirect (1 KiB blocks: triple
@@ -588,7 +588,7 @@ fn feature_flags_refuse_or_force_read_only_by_name() {
         sb.set_feature_ro_compat(sb.feature_ro_compat() | ro_compat::VERITY | 0x4000_0000)
     });
     let before = std::fs::read(&img).unwrap();
-    let mut fs = Filesystem::open_path(&img, OpenOptions::default()).unwrap();
+    let fs = Filesystem::open_path(&img, OpenOptions::default()).unwrap();
     let why = fs.read_only_reason().unwrap().to_string();
     assert!(
         why.contains("verity") && why.contains("FEATURE_R30"),
@@ -607,7 +607,7 @@ fn feature_flags_refuse_or_force_read_only_by_name() {
         sb.set_feature_incompat(sb.feature_incompat() | incompat::RECOVER)
     });
     // Read-only: not replayed, and it says why.
-    let mut fs = Filesystem::open_path(
+    let fs = Filesystem::open_path(
         &img,
         OpenOptions {
             read_only: true,
@@ -622,7 +622,7 @@ fn feature_flags_refuse_or_force_read_only_by_name() {
     );
     drop(fs);
     // Read-write: the (empty) journal is replayed and the flag cleared.
-    let mut fs = Filesystem::open_path(&img, OpenOptions::default()).unwrap();
+    let fs = Filesystem::open_path(&img, OpenOptions::default()).unwrap();
     assert!(fs.read_only_reason().is_none());
     assert_eq!(fs.recovery_report().unwrap().transactions, 0);
     fs.mkdir(ROOT_INO, b"x", 0o755, ME).unwrap();
@@ -642,7 +642,7 @@ fn feature_flags_refuse_or_force_read_only_by_name() {
 /// retries once. Data accepted up to a full disk survives a reopen.
 #[test]
 fn full_disk_keeps_accepted_data_and_retries_after_commit() {
-    let (dev, mut fs) = mem_fs(
+    let (dev, fs) = mem_fs(
         16 << 20,
         MkfsOptions {
             block_size: Some(4096),
@@ -697,7 +697,7 @@ fn full_disk_keeps_accepted_data_and_retries_after_commit() {
 /// freed at recovery.
 #[test]
 fn unlinked_open_files_live_until_closed() {
-    let (dev, mut fs) = mem_fs(32 << 20, MkfsOptions::default());
+    let (dev, fs) = mem_fs(32 << 20, MkfsOptions::default());
     let free0 = fs.statfs().blocks_free;
     let f = fs.create(ROOT_INO, b"tmp", 0o600, ME).unwrap();
     fs.open_ref(f);
@@ -723,22 +723,22 @@ fn unlinked_open_files_live_until_closed() {
     fs.unlink(ROOT_INO, b"tmp2").unwrap();
     fs.sync().unwrap();
     fs.abandon();
-    let mut fs = Filesystem::open(Arc::new(dev.clone()), OpenOptions::default()).unwrap();
+    let fs = Filesystem::open(Arc::new(dev.clone()), OpenOptions::default()).unwrap();
     assert_eq!(fs.superblock().last_orphan(), 0, "orphan processed at open");
     assert_eq!(fs.statfs().blocks_free, free0);
     assert_eq!(fs.stat(g).unwrap().nlink, 0);
     fsck_mem(&dev, fs, "orphans");
 }
 
-/// The lock-order checker sees the library's own levels: an operation that
-/// invalidates cached pages (fallocate, truncate, direct I/O) must not
-/// start inside a transaction, and the allocator is the innermost level.
+/// The lock-order checker sees the library's own levels: every operation
+/// takes the core lock, which no thread may take inside a journal handle
+/// or the allocator (the innermost level).
 #[cfg(debug_assertions)]
 #[test]
-#[should_panic(expected = "lock order violation: taking Invalidate")]
+#[should_panic(expected = "lock order violation: taking Core 0 while holding Transaction")]
 fn fallocate_inside_a_transaction_breaks_the_lock_order() {
     use folio_ext4::lockdep::{Held, Level};
-    let (_dev, mut fs) = mem_fs(32 << 20, MkfsOptions::default());
+    let (_dev, fs) = mem_fs(32 << 20, MkfsOptions::default());
     let f = fs
         .create(ROOT_INO, b"f", 0o644, folio_ext4::Owner::default())
         .unwrap();
@@ -748,10 +748,10 @@ fn fallocate_inside_a_transaction_breaks_the_lock_order() {
 
 #[cfg(debug_assertions)]
 #[test]
-#[should_panic(expected = "lock order violation: taking Transaction 0 while holding Allocator")]
+#[should_panic(expected = "lock order violation: taking Core 0 while holding Allocator")]
 fn a_transaction_inside_the_allocator_breaks_the_lock_order() {
     use folio_ext4::lockdep::{Held, Level};
-    let (_dev, mut fs) = mem_fs(32 << 20, MkfsOptions::default());
+    let (_dev, fs) = mem_fs(32 << 20, MkfsOptions::default());
     let _a = Held::take(Level::Allocator, 0);
     let _ = fs.create(ROOT_INO, b"f", 0o644, folio_ext4::Owner::default());
 }

@@ -54,7 +54,7 @@ fn build_kind(t: &TempDir, kind: Kind) -> Pristine {
                 .arg("16M"));
         }
     }
-    let mut fs = Filesystem::open_path(&img, OpenOptions::default()).unwrap();
+    let fs = Filesystem::open_path(&img, OpenOptions::default()).unwrap();
     let dir = fs.mkdir(ROOT_INO, b"dir", 0o755, ME).unwrap();
     for i in 0..300 {
         fs.create(dir, format!("name-{i:04}").as_bytes(), 0o644, ME)
@@ -175,7 +175,7 @@ fn each_corrupted_object_is_named_and_nothing_is_written() {
         bytes[*off as usize] ^= 0x5a;
         std::fs::write(&img, &bytes).unwrap();
         let result: Result<(), Error> = (|| {
-            let mut fs = open(&img)?;
+            let fs = open(&img)?;
             // A read that reaches the object, then a write that needs it.
             let (read, write): (folio_ext4::Result<()>, folio_ext4::Result<()>) = match *what {
                 "inode" => (fs.stat(p.x).map(drop), fs.write(p.x, 0, b"y").map(drop)),
@@ -248,7 +248,7 @@ fn structural_damage_without_checksums_is_caught() {
     let p = build(&t, FsType::Ext2);
     // Directory entry with rec_len 0 (would loop forever if trusted).
     let img = t.join("c.img");
-    let mut fs = Filesystem::open_path(
+    let fs = Filesystem::open_path(
         &t.join("pristine.img"),
         OpenOptions {
             read_only: true,
@@ -263,7 +263,7 @@ fn structural_damage_without_checksums_is_caught() {
     let off = (runs[0].pblk * p.bs + 4) as usize;
     bytes[off..off + 2].copy_from_slice(&0u16.to_le_bytes());
     std::fs::write(&img, &bytes).unwrap();
-    let mut fs = open(&img).unwrap();
+    let fs = open(&img).unwrap();
     let e = fs.read_dir(p.dir).unwrap_err();
     assert!(
         matches!(e, Error::Corrupted { .. }) && e.to_string().contains("rec_len"),
@@ -276,7 +276,7 @@ fn structural_damage_without_checksums_is_caught() {
     let off = (ind[0] * p.bs) as usize;
     bytes[off..off + 4].copy_from_slice(&0xFFFF_FFF0u32.to_le_bytes());
     std::fs::write(&img, &bytes).unwrap();
-    let mut fs = open(&img).unwrap();
+    let fs = open(&img).unwrap();
     let mut b = [0u8; 16];
     let e = fs.read(p.frag, 12 * 1024, &mut b).unwrap_err();
     assert!(e.to_string().contains("outside the filesystem"), "{e}");
@@ -392,8 +392,7 @@ fn unrecovered_image() -> (Vec<u8>, Vec<u64>, u64) {
         ..Default::default()
     };
     folio_ext4::mkfs::mkfs(std::sync::Arc::new(dev.clone()), 8 << 20, &opts).unwrap();
-    let mut fs =
-        Filesystem::open(std::sync::Arc::new(dev.clone()), OpenOptions::default()).unwrap();
+    let fs = Filesystem::open(std::sync::Arc::new(dev.clone()), OpenOptions::default()).unwrap();
     let d = fs.mkdir(ROOT_INO, b"d", 0o755, ME).unwrap();
     let mut victims = Vec::new();
     for i in 0..40u32 {

@@ -269,7 +269,7 @@ fn direct_io_and_pinned_maps_stay_coherent_with_the_cache() {
     assert_eq!(read_all(&mut fs, f), want);
     fs.setattr(f, &trunc).unwrap();
     fs.close().unwrap();
-    let mut fs = Filesystem::open(Arc::new(dev.clone()), OpenOptions::default()).unwrap();
+    let fs = Filesystem::open(Arc::new(dev.clone()), OpenOptions::default()).unwrap();
     assert_eq!(fs.stat(f).unwrap().size, 0);
     fs.close().unwrap();
     fsck_bytes(dev.snapshot(), "dio-pinned");
@@ -283,7 +283,7 @@ fn writes_that_fill_the_disk_all_read_back_after_reopen() {
     for bs in [1024u32, 4096] {
         let size = 4 << 20;
         let dev = marked_dev(size, bs);
-        let mut fs = Filesystem::open(Arc::new(dev.clone()), OpenOptions::default()).unwrap();
+        let fs = Filesystem::open(Arc::new(dev.clone()), OpenOptions::default()).unwrap();
         let mut files = Vec::new();
         let mut rng = Rng::new(u64::from(bs));
         'fill: for i in 0.. {

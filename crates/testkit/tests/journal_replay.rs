@@ -13,7 +13,7 @@ use folio_testkit::*;
 /// block (replay stamps times and counters there) and the journal's own
 /// blocks (the log is scratch space; both journals are empty afterwards).
 fn differing_blocks(a: &Path, b: &Path, bs: usize) -> Vec<usize> {
-    let mut fs = Filesystem::open_path(
+    let fs = Filesystem::open_path(
         b,
         OpenOptions {
             read_only: true,
@@ -78,7 +78,7 @@ fn replay_both(
         String::from_utf8_lossy(&out.stdout)
     );
     let fs = Filesystem::open_path(&b, OpenOptions::default()).unwrap();
-    let report = fs.recovery_report().cloned().expect("folio ran recovery");
+    let report = fs.recovery_report().expect("folio ran recovery");
     fs.close().unwrap();
     let d = differing_blocks(&a, &b, bs);
     assert!(
@@ -275,7 +275,7 @@ fn read_only_opens_replay_folio_journals_in_memory() {
     let t = TempDir::new("jr-ro");
     let img = t.join("img");
     folio_ext4::mkfs::mkfs_path(&img, Some(32 << 20), &Default::default()).unwrap();
-    let mut fs = Filesystem::open_path(&img, OpenOptions::default()).unwrap();
+    let fs = Filesystem::open_path(&img, OpenOptions::default()).unwrap();
     let me = folio_ext4::Owner::default();
     let d = fs.mkdir(ROOT_INO, b"d", 0o755, me).unwrap();
     for i in 0..50u32 {
@@ -285,8 +285,8 @@ fn read_only_opens_replay_folio_journals_in_memory() {
     fs.sync().unwrap();
     fs.abandon();
     let before = std::fs::read(&img).unwrap();
-    let mut fs = open_read_only(&img, false);
-    let report = fs.recovery_report().cloned().expect("replayed in memory");
+    let fs = open_read_only(&img, false);
+    let report = fs.recovery_report().expect("replayed in memory");
     assert!(report.transactions >= 1, "{report:?}");
     let d = fs.lookup(ROOT_INO, b"d").unwrap();
     for i in 0..50u32 {
@@ -302,7 +302,7 @@ fn read_only_opens_replay_folio_journals_in_memory() {
         "a read-only open wrote the image"
     );
     // Without the in-memory replay the files are not there yet.
-    let mut fs = open_read_only(&img, true);
+    let fs = open_read_only(&img, true);
     assert!(fs.lookup(ROOT_INO, b"d").is_err());
     drop(fs);
     // A read-write open replays for real; e2fsck agrees.
@@ -334,7 +334,7 @@ fn orphans_are_freed_at_open() {
         .args(["-q", "-F"])
         .arg(&img)
         .arg("64M"));
-    let mut fs = Filesystem::open_path(&img, OpenOptions::default()).unwrap();
+    let fs = Filesystem::open_path(&img, OpenOptions::default()).unwrap();
     let free0 = fs.statfs().blocks_free;
     let owner = folio_ext4::Owner::default();
     let v = fs.create(ROOT_INO, b"victim", 0o644, owner).unwrap();
@@ -352,7 +352,7 @@ fn orphans_are_freed_at_open() {
         .arg(&img)
         .stdin_str(&script);
     assert!(out.contains("ssv"), "{out}");
-    let mut fs = Filesystem::open_path(&img, OpenOptions::default()).unwrap();
+    let fs = Filesystem::open_path(&img, OpenOptions::default()).unwrap();
     assert_eq!(fs.superblock().last_orphan(), 0, "orphan list processed");
     let st = fs.stat(v).unwrap();
     assert_eq!(
@@ -422,7 +422,7 @@ fn kernel_orphan_file_is_processed_at_open() {
         "e2fsck: {}",
         String::from_utf8_lossy(&out.stdout)
     );
-    let mut fs = Filesystem::open_path(&b, OpenOptions::default()).unwrap();
+    let fs = Filesystem::open_path(&b, OpenOptions::default()).unwrap();
     assert!(fs.read_only_reason().is_none(), "opens read-write");
     assert!(fs.lookup(ROOT_INO, b"victim").is_err());
     let keep = fs.lookup(ROOT_INO, b"keep").unwrap();
@@ -452,7 +452,7 @@ fn dropping_a_writable_filesystem_closes_it() {
     let img = t.join("img");
     folio_ext4::mkfs::mkfs_path(&img, Some(32 << 20), &Default::default()).unwrap();
     {
-        let mut fs = Filesystem::open_path(&img, OpenOptions::default()).unwrap();
+        let fs = Filesystem::open_path(&img, OpenOptions::default()).unwrap();
         let f = fs
             .create(ROOT_INO, b"kept", 0o644, folio_ext4::Owner::default())
             .unwrap();
@@ -465,7 +465,7 @@ fn dropping_a_writable_filesystem_closes_it() {
         !sb.has_incompat(folio_ext4::format::superblock::incompat::RECOVER),
         "the drop left the journal needing recovery"
     );
-    let mut fs = open_read_only(&img, false);
+    let fs = open_read_only(&img, false);
     let f = fs.lookup(ROOT_INO, b"kept").unwrap();
     let mut b = [0u8; 64];
     let n = fs.read(f, 0, &mut b).unwrap();

@@ -1,0 +1,304 @@
+//! [`Filesystem`]: the thread-safe handle every user of the library holds.
+//!
+//! The filesystem's state (buffer cache, group descriptors, allocator,
+//! journal, per-inode maps) lives in a `Core` behind one mutex, the
+//! *core lock*. Every operation takes `&self`, so one `Filesystem` can be
+//! shared between threads (`Arc<Filesystem>`); the core lock serialises
+//! the work on metadata. The page cache is shared without it.
+//!
+//! This is the first step of issue 12 (docs/architecture.md, "Locking"):
+//! the lock that the FUSE adapter held around every request now lives
+//! here, where it can be narrowed one path at a time. The core lock sits
+//! in the lock order just inside the inode level: a thread holding a
+//! folio lock, a journal handle or the allocator never takes it.
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use folio_ext4::{Filesystem, OpenOptions, Owner, ROOT_INO};
+//!
+//! let fs = Arc::new(Filesystem::open_path("disk.img".as_ref(), OpenOptions::default())?);
+//! let workers: Vec<_> = (0..4u8)
+//!     .map(|t| {
+//!         let fs = Arc::clone(&fs);
+//!         std::thread::spawn(move || -> folio_ext4::Result<()> {
+//!             let name = format!("file{t}");
+//!             let ino = fs.create(ROOT_INO, name.as_bytes(), 0o644, Owner::default())?;
+//!             fs.write(ino, 0, &[t; 4096])?;
+//!             fs.fsync(ino, false)
+//!         })
+//!     })
+//!     .collect();
+//! for w in workers {
+//!     w.join().expect("worker panicked")?;
+//! }
+//! Arc::into_inner(fs).expect("workers are done").close()?;
+//! # Ok::<(), folio_ext4::Error>(())
+//! ```
+
+use std::ops::{Deref, DerefMut};
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use folio_blockdev::BlockDevice;
+use folio_pagecache::lockdep::{Held, Level};
+use folio_pagecache::PageCache;
+
+use crate::bmap::BlockRun;
+use crate::data::AllocOp;
+use crate::dir::DirEntry;
+use crate::error::Result;
+use crate::format::group::GroupDesc;
+use crate::format::inode::Inode;
+use crate::format::superblock::Superblock;
+use crate::fs::{Core, Geometry, OpenOptions};
+use crate::ops::{Caller, OpenFlags, Owner, RenameFlags, SetAttr, Stat, StatFs};
+use crate::xattrs::XattrMode;
+use folio_journal::{JournalStats, RecoveryReport};
+
+/// An open ext2/3/4 filesystem. `Send + Sync`: share it between threads
+/// with an `Arc`; every operation takes `&self`.
+pub struct Filesystem {
+    core: Mutex<Core>,
+    pc: Arc<PageCache>,
+    geo: Geometry,
+}
+
+/// The core lock, held: the filesystem's metadata state, and the lock
+/// order's record of holding it.
+pub(crate) struct CoreGuard<'a> {
+    core: MutexGuard<'a, Core>,
+    _order: Held,
+}
+
+impl Deref for CoreGuard<'_> {
+    type Target = Core;
+    fn deref(&self) -> &Core {
+        &self.core
+    }
+}
+
+impl DerefMut for CoreGuard<'_> {
+    fn deref_mut(&mut self) -> &mut Core {
+        &mut self.core
+    }
+}
+
+/// Forward `&self` methods to the core under its lock.
+macro_rules! forward {
+    ($( $(#[$m:meta])* fn $name:ident $(<$lt:lifetime>)? (&self $(, $arg:ident : $ty:ty)*) -> $ret:ty; )*) => {
+        $(
+            $(#[$m])*
+            pub fn $name $(<$lt>)? (&self $(, $arg: $ty)*) -> $ret {
+                self.core().$name($($arg),*)
+            }
+        )*
+    };
+}
+
+impl Filesystem {
+    fn wrap(core: Core) -> Filesystem {
+        Filesystem {
+            pc: Arc::clone(&core.pc),
+            geo: core.geo.clone(),
+            core: Mutex::new(core),
+        }
+    }
+
+    /// Open the image at `path`, locking it while open (see
+    /// [`OpenOptions::lock`]); a busy image is [`crate::Error::Locked`].
+    pub fn open_path(path: &Path, opts: OpenOptions) -> Result<Filesystem> {
+        Core::open_path(path, opts).map(Filesystem::wrap)
+    }
+
+    /// Open a filesystem on `dev`. A read-write open of an image whose
+    /// journal needs recovery replays it first (and processes orphans); a
+    /// read-only open replays it into memory only (a copy-on-write view of
+    /// the device), unless [`OpenOptions::norecovery`], in which case it
+    /// leaves it and says so in [`Self::read_only_reason`].
+    pub fn open(dev: Arc<dyn BlockDevice>, opts: OpenOptions) -> Result<Filesystem> {
+        Core::open(dev, opts).map(Filesystem::wrap)
+    }
+
+    /// Take the core lock. An operation that panicked while holding it
+    /// may have left metadata half changed: the filesystem then turns
+    /// read-only (as ext4's errors=remount-ro) and is never committed
+    /// again, so the image keeps what the journal last committed.
+    pub(crate) fn core(&self) -> CoreGuard<'_> {
+        let order = Held::take(Level::Core, 0);
+        let core = match self.core.lock() {
+            Ok(g) => g,
+            Err(poisoned) => {
+                let mut g = poisoned.into_inner();
+                g.poisoned();
+                self.core.clear_poison();
+                g
+            }
+        };
+        CoreGuard {
+            core,
+            _order: order,
+        }
+    }
+
+    /// Sync and close cleanly (needs_recovery cleared). Dropping a
+    /// writable filesystem does the same, but can only log an error (as
+    /// `BufWriter` does); `close` is the way to see it.
+    pub fn close(self) -> Result<()> {
+        let mut core = self.into_core();
+        core.close_inner()
+    }
+
+    /// Drop without writing anything more, as a process killed at this
+    /// point would: what was committed stays in the journal for the next
+    /// open to replay. For crash tests and for giving up after an error.
+    pub fn abandon(self) {
+        self.into_core().closed = true;
+    }
+
+    fn into_core(self) -> Core {
+        match self.core.into_inner() {
+            Ok(c) => c,
+            Err(poisoned) => {
+                let mut c = poisoned.into_inner();
+                c.poisoned();
+                c
+            }
+        }
+    }
+
+    /// The page cache holding this filesystem's file data.
+    pub fn page_cache(&self) -> &Arc<PageCache> {
+        &self.pc
+    }
+    /// The image's geometry (fixed while open).
+    pub fn geometry_info(&self) -> &Geometry {
+        &self.geo
+    }
+    pub fn block_size(&self) -> u32 {
+        self.geo.block_size
+    }
+    /// A copy of the superblock as it is in memory now.
+    pub fn superblock(&self) -> Superblock {
+        self.core().sb.clone()
+    }
+    /// A copy of group `g`'s descriptor.
+    pub fn group_desc(&self, g: u32) -> Option<GroupDesc> {
+        self.core().groups.get(g as usize).cloned()
+    }
+    /// Why the filesystem is read-only, if it is.
+    pub fn read_only_reason(&self) -> Option<String> {
+        self.core().read_only.clone()
+    }
+    /// What the journal recovery at open did, if it ran.
+    pub fn recovery_report(&self) -> Option<RecoveryReport> {
+        self.core().last_recovery.clone()
+    }
+    /// Write `len` bytes at `offset`, taking the data from `src`, which
+    /// fills each slice it is given and returns how much it filled. A
+    /// source that fails midway (fewer bytes, or an error) gives a short
+    /// write: exactly the bytes copied are kept, the space reserved for the
+    /// rest is given back, and nothing else becomes readable. With nothing
+    /// copied the source's error (EFAULT for a short source) is returned.
+    pub fn write_with(
+        &self,
+        ino: u32,
+        offset: u64,
+        len: usize,
+        src: &mut dyn FnMut(&mut [u8]) -> std::io::Result<usize>,
+    ) -> Result<usize> {
+        self.core().write_with(ino, offset, len, src)
+    }
+
+    forward! {
+        /// Metadata buffer cache (hits, misses) since open.
+        fn cache_stats(&self) -> (u64, u64);
+        /// Journal counters, on journalled images.
+        fn journal_stats(&self) -> Option<JournalStats>;
+        fn is_journalled(&self) -> bool;
+        /// Blocks the running transaction has dirtied so far.
+        fn txn_dirty_blocks(&self) -> usize;
+        /// (handles run, handles that used more blocks than their credits).
+        fn handle_stats(&self) -> (u64, u64);
+        /// Read inode `ino` as it is on disk (through the journal).
+        fn read_inode(&self, ino: u32) -> Result<Inode>;
+        /// Write an inode back (in a handle of its own when journalled).
+        fn write_inode(&self, inode: &mut Inode) -> Result<()>;
+        /// Make everything written so far durable: file data, then metadata.
+        fn sync(&self) -> Result<()>;
+        /// Look `name` up in directory `parent`.
+        fn lookup(&self, parent: u32, name: &[u8]) -> Result<u32>;
+        /// Resolve an absolute path, not following a final symlink.
+        fn resolve(&self, path: &str) -> Result<u32>;
+        /// Resolve an absolute path, following symlinks.
+        fn resolve_follow(&self, path: &str) -> Result<u32>;
+        /// The parent directory of `path` and the final name.
+        fn resolve_parent<'a>(&self, path: &'a str) -> Result<(u32, &'a str)>;
+        fn stat(&self, ino: u32) -> Result<Stat>;
+        fn mknod(&self, parent: u32, name: &[u8], mode: u16, rdev: (u32, u32), owner: Owner) -> Result<u32>;
+        /// open(2) relative to a directory: O_CREAT, O_EXCL, O_TRUNC.
+        fn openat(&self, parent: u32, name: &[u8], flags: OpenFlags, perm: u16, owner: Owner) -> Result<u32>;
+        fn create(&self, parent: u32, name: &[u8], perm: u16, owner: Owner) -> Result<u32>;
+        fn mkdir(&self, parent: u32, name: &[u8], perm: u16, owner: Owner) -> Result<u32>;
+        fn symlink(&self, parent: u32, name: &[u8], target: &[u8], owner: Owner) -> Result<u32>;
+        fn readlink(&self, ino: u32) -> Result<Vec<u8>>;
+        fn link(&self, ino: u32, new_parent: u32, new_name: &[u8]) -> Result<()>;
+        /// Count an open reference (an unlinked inode lives until the last).
+        fn open_ref(&self, ino: u32) -> ();
+        /// Drop an open reference; the last one frees an unlinked inode.
+        fn close_ref(&self, ino: u32) -> Result<()>;
+        fn unlink(&self, parent: u32, name: &[u8]) -> Result<()>;
+        fn rmdir(&self, parent: u32, name: &[u8]) -> Result<()>;
+        fn rename(&self, parent: u32, name: &[u8], new_parent: u32, new_name: &[u8], flags: RenameFlags) -> Result<()>;
+        fn setattr(&self, ino: u32, attr: &SetAttr) -> Result<Stat>;
+        /// Clear setuid/setgid (and file capabilities) before a write by `caller`.
+        fn drop_privs_for_write(&self, ino: u32, caller: Caller) -> Result<bool>;
+        /// fsync(2) / fdatasync(2) of one inode.
+        fn fsync(&self, ino: u32, datasync: bool) -> Result<()>;
+        fn statfs(&self) -> StatFs;
+        fn get_xattr(&self, ino: u32, name: &[u8]) -> Result<Vec<u8>>;
+        fn list_xattr(&self, ino: u32) -> Result<Vec<Vec<u8>>>;
+        fn set_xattr(&self, ino: u32, name: &[u8], value: &[u8], mode: XattrMode) -> Result<()>;
+        fn remove_xattr(&self, ino: u32, name: &[u8]) -> Result<()>;
+        /// Buffered read through the page cache.
+        fn read(&self, ino: u32, offset: u64, buf: &mut [u8]) -> Result<usize>;
+        /// Buffered write through the page cache (delayed allocation).
+        fn write(&self, ino: u32, offset: u64, data: &[u8]) -> Result<usize>;
+        /// O_DIRECT write: straight to the device, blocks allocated now.
+        fn write_direct(&self, ino: u32, offset: u64, data: &[u8]) -> Result<usize>;
+        /// O_DIRECT read.
+        fn read_direct(&self, ino: u32, offset: u64, buf: &mut [u8]) -> Result<usize>;
+        /// Allocate a file fully and pin its block map: (logical, physical, blocks) runs.
+        fn pin_mapping(&self, ino: u32) -> Result<Vec<(u64, u64, u64)>>;
+        fn unpin_mapping(&self, ino: u32) -> Result<()>;
+        /// fallocate(2) with Linux's mode flags.
+        fn fallocate(&self, ino: u32, mode: u32, offset: u64, len: u64) -> Result<()>;
+        /// lseek(2) SEEK_DATA (`data`) or SEEK_HOLE.
+        fn seek_data_hole(&self, ino: u32, offset: u64, data: bool) -> Result<u64>;
+        /// Every mapped run of the file.
+        fn block_runs(&self, ino: u32) -> Result<Vec<BlockRun>>;
+        /// FIEMAP: runs with flags (`sync` writes dirty data back first).
+        fn fiemap(&self, ino: u32, sync: bool) -> Result<Vec<BlockRun>>;
+        /// The blocks the file's map itself takes (tree or indirect blocks).
+        fn mapping_blocks(&self, ino: u32) -> Result<Vec<u64>>;
+        /// Depth of the file's extent tree (None for block-mapped files).
+        fn extent_depth(&self, ino: u32) -> Result<Option<u16>>;
+        /// The allocation interface: reserve, allocate or deallocate blocks.
+        fn allocate_interval(&self, ino: u32, op: AllocOp, lblk: u64, n: u64) -> Result<()>;
+        /// Write back dirty data while over the background threshold.
+        fn writeback_background(&self) -> Result<u64>;
+        /// Drop clean cached data; returns the bytes freed.
+        fn drop_caches(&self) -> u64;
+        fn read_dir(&self, ino: u32) -> Result<Vec<DirEntry>>;
+        /// Compare the free counts with the bitmaps; the differences found.
+        fn check_counts(&self) -> Result<Vec<String>>;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn filesystem_is_send_and_sync() {
+        fn shared<T: Send + Sync>() {}
+        shared::<super::Filesystem>();
+    }
+}
