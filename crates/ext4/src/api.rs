@@ -37,14 +37,16 @@
 
 use std::ops::{Deref, DerefMut};
 use std::path::Path;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 
-use folio_blockdev::BlockDevice;
+use parking_lot::{Mutex, MutexGuard};
+
+use folio_blockdev::{BlockDevice, FlushTracker};
 use folio_pagecache::lockdep::{Held, Level};
 use folio_pagecache::PageCache;
 
 use crate::bmap::BlockRun;
-use crate::data::AllocOp;
+use crate::data::{AllocOp, WritebackCursor};
 use crate::dir::DirEntry;
 use crate::error::Result;
 use crate::format::group::GroupDesc;
@@ -61,6 +63,8 @@ pub struct Filesystem {
     core: Mutex<Core>,
     pc: Arc<PageCache>,
     geo: Geometry,
+    /// The device, for flushes made without the core lock.
+    tracker: Arc<FlushTracker>,
 }
 
 /// The core lock, held: the filesystem's metadata state, and the lock
@@ -83,6 +87,29 @@ impl DerefMut for CoreGuard<'_> {
     }
 }
 
+impl CoreGuard<'_> {
+    /// Hand the core lock to a thread waiting for it, if any, and take it
+    /// back after (parking_lot's fair `bump`): long work — writeback of
+    /// many folios — calls this between its steps, where no journal
+    /// handle is open and the core is consistent, so that a `stat` waits
+    /// for one step, not for the whole fsync.
+    fn yield_now(&mut self) {
+        MutexGuard::bump(&mut self.core);
+    }
+}
+
+impl Drop for CoreGuard<'_> {
+    /// An operation that panicked while holding the core lock may have
+    /// left metadata half changed: the filesystem then turns read-only (as
+    /// ext4's errors=remount-ro) and is never committed again, so the
+    /// image keeps what the journal last committed.
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.core.poisoned();
+        }
+    }
+}
+
 /// Forward `&self` methods to the core under its lock.
 macro_rules! forward {
     ($( $(#[$m:meta])* fn $name:ident $(<$lt:lifetime>)? (&self $(, $arg:ident : $ty:ty)*) -> $ret:ty; )*) => {
@@ -100,6 +127,7 @@ impl Filesystem {
         Filesystem {
             pc: Arc::clone(&core.pc),
             geo: core.geo.clone(),
+            tracker: Arc::clone(&core.tracker),
             core: Mutex::new(core),
         }
     }
@@ -119,23 +147,11 @@ impl Filesystem {
         Core::open(dev, opts).map(Filesystem::wrap)
     }
 
-    /// Take the core lock. An operation that panicked while holding it
-    /// may have left metadata half changed: the filesystem then turns
-    /// read-only (as ext4's errors=remount-ro) and is never committed
-    /// again, so the image keeps what the journal last committed.
+    /// Take the core lock.
     pub(crate) fn core(&self) -> CoreGuard<'_> {
         let order = Held::take(Level::Core, 0);
-        let core = match self.core.lock() {
-            Ok(g) => g,
-            Err(poisoned) => {
-                let mut g = poisoned.into_inner();
-                g.poisoned();
-                self.core.clear_poison();
-                g
-            }
-        };
         CoreGuard {
-            core,
+            core: self.core.lock(),
             _order: order,
         }
     }
@@ -156,14 +172,99 @@ impl Filesystem {
     }
 
     fn into_core(self) -> Core {
-        match self.core.into_inner() {
-            Ok(c) => c,
-            Err(poisoned) => {
-                let mut c = poisoned.into_inner();
-                c.poisoned();
-                c
+        self.core.into_inner()
+    }
+
+    /// Write back dirty data until at most `target` bytes are dirty,
+    /// yielding the core lock between batches.
+    fn writeback_to(&self, c: &mut CoreGuard<'_>, target: u64) -> Result<u64> {
+        let mut cur = WritebackCursor::new(&self.pc);
+        let mut n = 0;
+        while let Some(k) = c.writeback_step(&mut cur, target)? {
+            n += k;
+            c.yield_now();
+        }
+        Ok(n)
+    }
+
+    /// After writeback of `written` bytes: flush the device without the
+    /// core lock when that was a lot of data, so that it reaches stable
+    /// storage while other requests run and the commit that follows under
+    /// the lock finds little left to flush. A little data is left to the
+    /// commit's own flush (one flush fewer per small fsync).
+    fn flush_data(&self, written: u64) -> Result<()> {
+        const FLUSH_ALONE_BYTES: u64 = 1 << 20;
+        if written >= FLUSH_ALONE_BYTES && self.tracker.unflushed() {
+            self.tracker.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Write `data` to file `ino` at `offset` through the page cache
+    /// (delayed allocation). Returns the bytes written.
+    pub fn write(&self, ino: u32, offset: u64, data: &[u8]) -> Result<usize> {
+        let mut at = 0usize;
+        self.write_with(ino, offset, data.len(), &mut |buf: &mut [u8]| {
+            let n = buf.len().min(data.len() - at);
+            buf[..n].copy_from_slice(&data[at..at + n]);
+            at += n;
+            Ok(n)
+        })
+    }
+
+    /// fsync(2)/fdatasync(2) of `ino`: its data and the metadata that
+    /// reaches it are durable on return. The file's dirty data (as far as
+    /// it reached when the call started) is written back in batches that
+    /// yield the core lock, and flushed without it; then the running
+    /// transaction commits if it holds a change of the inode that
+    /// `datasync` needs (see the core's `fsync`).
+    pub fn fsync(&self, ino: u32, datasync: bool) -> Result<()> {
+        let mut written = 0;
+        {
+            let mut c = self.core();
+            if c.read_only.is_none() && c.journal.is_some() {
+                if let Some(m) = self.pc.existing(u64::from(ino)) {
+                    let fsz = m.folio_size() as u64;
+                    let end = m
+                        .last_dirty_index()
+                        .map_or(0, |i| (i + 1).saturating_mul(fsz));
+                    let mut from = 0;
+                    while let Some(n) = c.writeback_batch(ino, &mut from, end)? {
+                        written += n;
+                        c.yield_now();
+                    }
+                }
             }
         }
+        self.flush_data(written)?;
+        self.core().fsync(ino, datasync)
+    }
+
+    /// Make everything written so far durable: file data (written back
+    /// in batches that yield the core lock, then flushed without it),
+    /// then metadata (through the journal when there is one).
+    pub fn sync(&self) -> Result<()> {
+        let written;
+        {
+            let mut c = self.core();
+            if c.read_only.is_some() {
+                return Ok(());
+            }
+            written = self.writeback_to(&mut c, 0)?;
+        }
+        self.flush_data(written)?;
+        self.core().sync()
+    }
+
+    /// Background writeback: write back, yielding the core lock between
+    /// batches, until dirty data is below the background level. The FUSE
+    /// server calls it from its flusher thread. Returns bytes written.
+    pub fn writeback_background(&self) -> Result<u64> {
+        if !self.pc.over_background() {
+            return Ok(0);
+        }
+        let mut c = self.core();
+        self.writeback_to(&mut c, self.pc.background_target())
     }
 
     /// The page cache holding this filesystem's file data.
@@ -206,7 +307,18 @@ impl Filesystem {
         len: usize,
         src: &mut dyn FnMut(&mut [u8]) -> std::io::Result<usize>,
     ) -> Result<usize> {
-        self.core().write_with(ino, offset, len, src)
+        let mut c = self.core();
+        let r = c.write_with(ino, offset, len, src);
+        // Throttling: a writer over the dirty limit writes back (in
+        // handles of its own, yielding between batches).
+        let b = if self.pc.over_dirty_limit() {
+            self.writeback_to(&mut c, self.pc.background_target())
+        } else {
+            Ok(0)
+        };
+        let n = r?;
+        b?;
+        Ok(n)
     }
 
     forward! {
@@ -223,8 +335,6 @@ impl Filesystem {
         fn read_inode(&self, ino: u32) -> Result<Inode>;
         /// Write an inode back (in a handle of its own when journalled).
         fn write_inode(&self, inode: &mut Inode) -> Result<()>;
-        /// Make everything written so far durable: file data, then metadata.
-        fn sync(&self) -> Result<()>;
         /// Look `name` up in directory `parent`.
         fn lookup(&self, parent: u32, name: &[u8]) -> Result<u32>;
         /// Resolve an absolute path, not following a final symlink.
@@ -252,8 +362,6 @@ impl Filesystem {
         fn setattr(&self, ino: u32, attr: &SetAttr) -> Result<Stat>;
         /// Clear setuid/setgid (and file capabilities) before a write by `caller`.
         fn drop_privs_for_write(&self, ino: u32, caller: Caller) -> Result<bool>;
-        /// fsync(2) / fdatasync(2) of one inode.
-        fn fsync(&self, ino: u32, datasync: bool) -> Result<()>;
         fn statfs(&self) -> StatFs;
         fn get_xattr(&self, ino: u32, name: &[u8]) -> Result<Vec<u8>>;
         fn list_xattr(&self, ino: u32) -> Result<Vec<Vec<u8>>>;
@@ -261,8 +369,6 @@ impl Filesystem {
         fn remove_xattr(&self, ino: u32, name: &[u8]) -> Result<()>;
         /// Buffered read through the page cache.
         fn read(&self, ino: u32, offset: u64, buf: &mut [u8]) -> Result<usize>;
-        /// Buffered write through the page cache (delayed allocation).
-        fn write(&self, ino: u32, offset: u64, data: &[u8]) -> Result<usize>;
         /// O_DIRECT write: straight to the device, blocks allocated now.
         fn write_direct(&self, ino: u32, offset: u64, data: &[u8]) -> Result<usize>;
         /// O_DIRECT read.
@@ -284,8 +390,6 @@ impl Filesystem {
         fn extent_depth(&self, ino: u32) -> Result<Option<u16>>;
         /// The allocation interface: reserve, allocate or deallocate blocks.
         fn allocate_interval(&self, ino: u32, op: AllocOp, lblk: u64, n: u64) -> Result<()>;
-        /// Write back dirty data while over the background threshold.
-        fn writeback_background(&self) -> Result<u64>;
         /// Drop clean cached data; returns the bytes freed.
         fn drop_caches(&self) -> u64;
         fn read_dir(&self, ino: u32) -> Result<Vec<DirEntry>>;

@@ -115,6 +115,24 @@ impl Delalloc {
     }
 }
 
+/// Where a writeback of many inodes has got to: the inodes that were
+/// dirty when it started, and a position in the current one.
+pub(crate) struct WritebackCursor {
+    inos: Vec<u64>,
+    next: usize,
+    from: u64,
+}
+
+impl WritebackCursor {
+    pub(crate) fn new(pc: &folio_pagecache::PageCache) -> Self {
+        WritebackCursor {
+            inos: pc.dirty_inodes(),
+            next: 0,
+            from: 0,
+        }
+    }
+}
+
 /// Worst-case mapping blocks needed to map `d` more blocks into a file
 /// whose map is `inode`'s: a new leaf for every half-full leaf's worth of
 /// extents, plus one split per level and a new root level.
@@ -603,40 +621,55 @@ impl Core {
     /// starts a handle per chunk): each handle's credits are bounded by
     /// the batch, and the running transaction may commit between batches.
     pub(crate) fn writeback_range(&mut self, ino: u32, start: u64, end: u64) -> Result<u64> {
-        const BATCH_FOLIOS: usize = 128;
-        let Some(m) = self.pc.existing(u64::from(ino)) else {
-            return Ok(0);
-        };
-        if end <= start {
-            return Ok(0);
-        }
-        let pc = Arc::clone(&self.pc);
-        let fsz = m.folio_size() as u64;
-        let dirty = m.dirty_indices(m.index_of(start), m.index_of(end - 1));
-        let per = (fsz / u64::from(self.geo.block_size)).max(1);
+        let mut from = start;
         let mut total = 0;
-        for batch in dirty.chunks(BATCH_FOLIOS) {
-            let (Some(&first), Some(&last)) = (batch.first(), batch.last()) else {
-                continue;
-            };
-            let from = (first * fsz).max(start);
-            let to = (last + 1).saturating_mul(fsz).min(end);
-            // Every dirty block may start a run: an allocation and a
-            // conversion each.
-            let credits = self.alloc_credits(ino, 2 * batch.len() as u64 * per);
-            let h = self.journal_start(credits)?;
-            let r = folio_iomap::writeback(self, &pc, &m, u64::from(ino), from, to);
-            self.journal_stop(h)?;
-            total += r?;
+        while let Some(n) = self.writeback_batch(ino, &mut from, end)? {
+            total += n;
         }
         Ok(total)
     }
 
+    /// Write back the next batch of dirty folios of `ino` at or after
+    /// byte `*from` (below `end`) in one journal handle, and move `*from`
+    /// past them. `None` once nothing dirty is left in the range. Between
+    /// batches no handle is open: callers may let other threads in
+    /// (`Filesystem` yields the core lock there).
+    pub(crate) fn writeback_batch(
+        &mut self,
+        ino: u32,
+        from: &mut u64,
+        end: u64,
+    ) -> Result<Option<u64>> {
+        const BATCH_FOLIOS: usize = 128;
+        let Some(m) = self.pc.existing(u64::from(ino)) else {
+            return Ok(None);
+        };
+        if end <= *from {
+            return Ok(None);
+        }
+        let fsz = m.folio_size() as u64;
+        let batch = m.first_dirty_indices(m.index_of(*from), m.index_of(end - 1), BATCH_FOLIOS);
+        let (Some(&first), Some(&last)) = (batch.first(), batch.last()) else {
+            return Ok(None);
+        };
+        let start = (first * fsz).max(*from);
+        let to = (last + 1).saturating_mul(fsz).min(end);
+        let per = (fsz / u64::from(self.geo.block_size)).max(1);
+        // Every dirty block may start a run: an allocation and a
+        // conversion each.
+        let credits = self.alloc_credits(ino, 2 * batch.len() as u64 * per);
+        let pc = Arc::clone(&self.pc);
+        let h = self.journal_start(credits)?;
+        let r = folio_iomap::writeback(self, &pc, &m, u64::from(ino), start, to);
+        self.journal_stop(h)?;
+        *from = to;
+        Ok(Some(r?))
+    }
+
     /// Write back all dirty data.
     pub(crate) fn writeback_all(&mut self) -> Result<()> {
-        for ino in self.pc.dirty_inodes() {
-            self.writeback_range(ino as u32, 0, u64::MAX)?;
-        }
+        let mut cur = WritebackCursor::new(&self.pc);
+        while self.writeback_step(&mut cur, 0)?.is_some() {}
         Ok(())
     }
 
@@ -665,38 +698,34 @@ impl Core {
         self.unreserve(ino, from, u64::MAX / 2 - from)
     }
 
-    /// Dirty-memory throttling and budget: called after buffered writes.
-    pub(crate) fn balance_dirty(&mut self) -> Result<()> {
-        if self.pc.over_dirty_limit() {
-            let target = self.pc.background_target();
-            for ino in self.pc.dirty_inodes() {
-                if self.pc.dirty_bytes() <= target {
-                    break;
-                }
-                self.writeback_range(ino as u32, 0, u64::MAX)?;
-            }
-        }
+    /// Reclaim clean folios if the cache is over its budget.
+    pub(crate) fn balance_budget(&self) {
         if self.pc.over_budget() {
             self.pc.balance();
         }
-        Ok(())
     }
 
-    /// Background writeback: write back until below the background level.
-    /// The FUSE server calls it from its flusher thread.
-    pub fn writeback_background(&mut self) -> Result<u64> {
-        let mut n = 0;
-        if !self.pc.over_background() {
-            return Ok(0);
-        }
-        let target = self.pc.background_target();
-        for ino in self.pc.dirty_inodes() {
+    /// One batch of writeback towards at most `target` dirty bytes, inode
+    /// after inode (see `writeback_batch`); `None` once there or once
+    /// every inode the cursor started with is clean.
+    pub(crate) fn writeback_step(
+        &mut self,
+        cur: &mut WritebackCursor,
+        target: u64,
+    ) -> Result<Option<u64>> {
+        loop {
             if self.pc.dirty_bytes() <= target {
-                break;
+                return Ok(None);
             }
-            n += self.writeback_range(ino as u32, 0, u64::MAX)?;
+            let Some(&ino) = cur.inos.get(cur.next) else {
+                return Ok(None);
+            };
+            if let Some(n) = self.writeback_batch(ino as u32, &mut cur.from, u64::MAX)? {
+                return Ok(Some(n));
+            }
+            cur.next += 1;
+            cur.from = 0;
         }
-        Ok(n)
     }
 
     /// Drop every clean cached folio (like `echo 1 > drop_caches`); dirty

@@ -71,24 +71,10 @@ impl Core {
         folio_iomap::zero_tail(self, &m, u64::from(inode.ino), size)
     }
 
-    /// Write `data` to file `ino` at `offset`. Returns the bytes written.
-    pub fn write(&mut self, ino: u32, offset: u64, data: &[u8]) -> Result<usize> {
-        let mut at = 0usize;
-        self.write_with(ino, offset, data.len(), &mut |buf: &mut [u8]| {
-            let n = buf.len().min(data.len() - at);
-            buf[..n].copy_from_slice(&data[at..at + n]);
-            at += n;
-            Ok(n)
-        })
-    }
-
-    /// Write `len` bytes at `offset`, taking the data from `src`, which
-    /// fills each slice it is given and returns how much it filled. A
-    /// source that fails midway (fewer bytes, or an error) gives a short
-    /// write: exactly the bytes copied are kept, the space reserved for the
-    /// rest is given back, and nothing else becomes readable. With nothing
-    /// copied the source's error (EFAULT for a short source) is returned.
-    pub fn write_with(
+    /// A buffered write (see `Filesystem::write_with`). Dirty-data
+    /// throttling is the caller's: `Filesystem` writes back in batches
+    /// that let other threads in.
+    pub(crate) fn write_with(
         &mut self,
         ino: u32,
         offset: u64,
@@ -100,11 +86,8 @@ impl Core {
         // allocation happens at writeback, in handles of its own.
         let c = self.namespace_credits();
         let r = self.retry_nospc(c, |fs| fs.write_impl(ino, offset, len, &mut *src));
-        // Throttling may write back (in handles of its own).
-        let b = self.balance_dirty();
-        let n = r?;
-        b?;
-        Ok(n)
+        self.balance_budget();
+        r
     }
 
     fn write_impl(

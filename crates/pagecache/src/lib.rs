@@ -413,6 +413,20 @@ impl AddressSpace {
         lock(&self.dirty).range(first..=last).copied().collect()
     }
 
+    /// The highest dirty folio index, if any.
+    pub fn last_dirty_index(&self) -> Option<u64> {
+        lock(&self.dirty).last().copied()
+    }
+
+    /// The first `max` dirty folio indices in `[first, last]`.
+    pub fn first_dirty_indices(&self, first: u64, last: u64, max: usize) -> Vec<u64> {
+        lock(&self.dirty)
+            .range(first..=last)
+            .take(max)
+            .copied()
+            .collect()
+    }
+
     pub fn has_dirty(&self) -> bool {
         !lock(&self.dirty).is_empty()
     }
