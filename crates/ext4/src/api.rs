@@ -37,9 +37,8 @@
 
 use std::ops::{Deref, DerefMut};
 use std::path::Path;
-use std::sync::Arc;
-
-use parking_lot::{Mutex, MutexGuard};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use folio_blockdev::{BlockDevice, FlushTracker};
 use folio_pagecache::lockdep::{Held, Level};
@@ -60,41 +59,92 @@ use folio_journal::{JournalStats, RecoveryReport};
 /// An open ext2/3/4 filesystem. `Send + Sync`: share it between threads
 /// with an `Arc`; every operation takes `&self`.
 pub struct Filesystem {
-    core: Mutex<Core>,
+    core: CoreLock,
     pc: Arc<PageCache>,
     geo: Geometry,
     /// The device, for flushes made without the core lock.
     tracker: Arc<FlushTracker>,
 }
 
+/// The core lock: a mutex (the futex-based std one: it spins briefly and
+/// sleeps, without the `sched_yield` rounds that cost a 2-core machine
+/// dearly under contention) that can be handed to a waiting thread.
+struct CoreLock {
+    core: Mutex<Core>,
+    /// Threads blocked in `lock`.
+    waiting: AtomicUsize,
+    /// Acquisitions so far (a yielding holder watches it to see that a
+    /// waiter got in).
+    taken: AtomicU64,
+}
+
+impl CoreLock {
+    fn new(core: Core) -> Self {
+        CoreLock {
+            core: Mutex::new(core),
+            waiting: AtomicUsize::new(0),
+            taken: AtomicU64::new(0),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Core> {
+        self.waiting.fetch_add(1, Ordering::AcqRel);
+        // A panic under the lock is handled by `CoreGuard`'s drop, which
+        // turns the filesystem read-only first: the state itself is safe
+        // to read.
+        let g = self.core.lock().unwrap_or_else(|e| e.into_inner());
+        self.waiting.fetch_sub(1, Ordering::AcqRel);
+        self.taken.fetch_add(1, Ordering::AcqRel);
+        g
+    }
+}
+
 /// The core lock, held: the filesystem's metadata state, and the lock
 /// order's record of holding it.
 pub(crate) struct CoreGuard<'a> {
-    core: MutexGuard<'a, Core>,
+    lock: &'a CoreLock,
+    /// Always `Some` except inside `yield_now`.
+    core: Option<MutexGuard<'a, Core>>,
     _order: Held,
 }
 
 impl Deref for CoreGuard<'_> {
     type Target = Core;
     fn deref(&self) -> &Core {
-        &self.core
+        self.core.as_ref().expect("the core lock is held")
     }
 }
 
 impl DerefMut for CoreGuard<'_> {
     fn deref_mut(&mut self) -> &mut Core {
-        &mut self.core
+        self.core.as_mut().expect("the core lock is held")
     }
 }
 
 impl CoreGuard<'_> {
     /// Hand the core lock to a thread waiting for it, if any, and take it
-    /// back after (parking_lot's fair `bump`): long work — writeback of
-    /// many folios — calls this between its steps, where no journal
-    /// handle is open and the core is consistent, so that a `stat` waits
-    /// for one step, not for the whole fsync.
+    /// back after it: long work — writeback of many folios — calls this
+    /// between its steps, where no journal handle is open and the core is
+    /// consistent, so that a `stat` waits for one step, not for the whole
+    /// fsync. (Unlocking alone is not enough: the unlocking thread would
+    /// usually take the lock again before the woken waiter runs.)
     fn yield_now(&mut self) {
-        MutexGuard::bump(&mut self.core);
+        if self.lock.waiting.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        let seen = self.lock.taken.load(Ordering::Acquire);
+        self.core = None;
+        // Bounded: a waiter that is already blocked gets the lock at once;
+        // the bound only covers one that has not reached the mutex yet.
+        for _ in 0..100 {
+            if self.lock.taken.load(Ordering::Acquire) != seen
+                || self.lock.waiting.load(Ordering::Acquire) == 0
+            {
+                break;
+            }
+            std::thread::yield_now();
+        }
+        self.core = Some(self.lock.lock());
     }
 }
 
@@ -105,7 +155,9 @@ impl Drop for CoreGuard<'_> {
     /// image keeps what the journal last committed.
     fn drop(&mut self) {
         if std::thread::panicking() {
-            self.core.poisoned();
+            if let Some(core) = self.core.as_mut() {
+                core.poisoned();
+            }
         }
     }
 }
@@ -128,7 +180,7 @@ impl Filesystem {
             pc: Arc::clone(&core.pc),
             geo: core.geo.clone(),
             tracker: Arc::clone(&core.tracker),
-            core: Mutex::new(core),
+            core: CoreLock::new(core),
         }
     }
 
@@ -151,7 +203,8 @@ impl Filesystem {
     pub(crate) fn core(&self) -> CoreGuard<'_> {
         let order = Held::take(Level::Core, 0);
         CoreGuard {
-            core: self.core.lock(),
+            lock: &self.core,
+            core: Some(self.core.lock()),
             _order: order,
         }
     }
@@ -172,7 +225,10 @@ impl Filesystem {
     }
 
     fn into_core(self) -> Core {
-        self.core.into_inner()
+        self.core
+            .core
+            .into_inner()
+            .unwrap_or_else(|e| e.into_inner())
     }
 
     /// Write back dirty data until at most `target` bytes are dirty,
