@@ -162,7 +162,7 @@ fn run_all(t: &mut dyn Target, size_mib: u64) -> Result<Vec<f64>, String> {
     Ok(out)
 }
 
-struct Mounted(PathBuf);
+pub(crate) struct Mounted(PathBuf);
 impl Drop for Mounted {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg(&self.0).status();
@@ -171,7 +171,7 @@ impl Drop for Mounted {
 
 /// Loop-mount `img` on `mnt` (created if missing) for the kernel column;
 /// unmounted when the guard drops.
-fn loop_mount(img: &Path, mnt: &Path) -> Result<Mounted, String> {
+pub(crate) fn loop_mount(img: &Path, mnt: &Path) -> Result<Mounted, String> {
     std::fs::create_dir_all(mnt).map_err(|e| e.to_string())?;
     let st = Command::new("mount")
         .args(["-o", "loop"])
@@ -185,7 +185,7 @@ fn loop_mount(img: &Path, mnt: &Path) -> Result<Mounted, String> {
     Ok(Mounted(mnt.to_path_buf()))
 }
 
-fn is_root() -> bool {
+pub(crate) fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions and touches no memory.
     #[allow(unsafe_code)]
     unsafe {

@@ -2,6 +2,7 @@
 //! copies (put/get), listings and size parsing.
 
 pub mod bench;
+pub mod bench_threads;
 pub mod copy;
 pub mod hostxattr;
 pub mod io;

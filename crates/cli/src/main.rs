@@ -209,9 +209,14 @@ enum Cmd {
         /// File sizes for `--scaling`, in MiB.
         #[arg(long, value_delimiter = ',', default_values_t = [32u64, 256, 1024, 4096])]
         sizes: Vec<u64>,
-        /// Seconds per workload for `--scaling`.
+        /// Seconds per workload for `--scaling` and `--threads`.
         #[arg(long, default_value_t = 5.0)]
         seconds: f64,
+        /// Instead: the library from N threads (parallel random writers,
+        /// parallel metadata, latency during a big fsync) against the
+        /// kernel; `--size` is each writer's file size.
+        #[arg(long, value_name = "N", conflicts_with = "scaling")]
+        threads: Option<u32>,
     },
 }
 
@@ -490,8 +495,11 @@ fn run(cli: Cli) -> CliResult {
             scaling,
             sizes,
             seconds,
+            threads,
         } => {
-            if scaling {
+            if let Some(n) = threads {
+                folio_cli::bench_threads::run(&dir, n, size, seconds)
+            } else if scaling {
                 folio_cli::bench::run_scaling(&dir, &sizes, seconds)
             } else {
                 folio_cli::bench::run(&dir, size)
