@@ -257,6 +257,12 @@ pub struct AddressSpace {
     dirty: Mutex<BTreeSet<u64>>,
     /// Readahead state: end of the last read and the current window.
     ra: Mutex<(u64, u64)>,
+    /// Lookups that found a folio and that did not, counted here rather
+    /// than in the cache-wide `Shared` so that threads working on
+    /// different files do not bounce one cache line on every lookup
+    /// (`PageCache::stats` sums them).
+    hits: AtomicU64,
+    misses: AtomicU64,
     /// Reclaim's clock hand: the folio index the next sweep starts at.
     hand: Mutex<u64>,
 }
@@ -279,11 +285,10 @@ impl AddressSpace {
     /// The folio at `index`, if cached.
     pub fn find(&self, index: u64) -> Option<Arc<Folio>> {
         let f = lock(&self.folios).get(&index).cloned();
-        let s = &self.shared;
         if f.is_some() {
-            s.hits.fetch_add(1, Ordering::Relaxed);
+            self.hits.fetch_add(1, Ordering::Relaxed);
         } else {
-            s.misses.fetch_add(1, Ordering::Relaxed);
+            self.misses.fetch_add(1, Ordering::Relaxed);
         }
         f
     }
@@ -640,6 +645,8 @@ impl PageCache {
                 dirty: Mutex::new(BTreeSet::new()),
                 ra: Mutex::new((0, 0)),
                 hand: Mutex::new(0),
+                hits: AtomicU64::new(0),
+                misses: AtomicU64::new(0),
             })
         }))
     }
@@ -655,6 +662,11 @@ impl PageCache {
         let m = lock(&self.mappings).remove(&ino);
         if let Some(m) = m {
             m.truncate(0);
+            let s = &self.shared;
+            s.hits
+                .fetch_add(m.hits.load(Ordering::Relaxed), Ordering::Relaxed);
+            s.misses
+                .fetch_add(m.misses.load(Ordering::Relaxed), Ordering::Relaxed);
         }
     }
 
@@ -746,12 +758,16 @@ impl PageCache {
 
     pub fn stats(&self) -> Stats {
         let s = &self.shared;
+        let maps = lock(&self.mappings);
+        let per_mapping = |c: fn(&AddressSpace) -> &AtomicU64| -> u64 {
+            maps.values().map(|m| c(m).load(Ordering::Relaxed)).sum()
+        };
         Stats {
             used_bytes: s.used.load(Ordering::Relaxed),
             dirty_bytes: s.dirty.load(Ordering::Relaxed),
             budget_bytes: s.cfg.budget_bytes,
-            hits: s.hits.load(Ordering::Relaxed),
-            misses: s.misses.load(Ordering::Relaxed),
+            hits: s.hits.load(Ordering::Relaxed) + per_mapping(|m| &m.hits),
+            misses: s.misses.load(Ordering::Relaxed) + per_mapping(|m| &m.misses),
             reclaimed_bytes: s.reclaimed.load(Ordering::Relaxed),
             written_back_bytes: s.written_back.load(Ordering::Relaxed),
         }
