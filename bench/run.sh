@@ -4,11 +4,17 @@
 # folio/fuse2fs and folio/kernel. Needs root (loop and FUSE mounts);
 # installs fio, fuse2fs and fuse3 if missing.
 #
-#   bash bench/run.sh            # default: 1 GiB images, quick workloads
-#   SIZE=4G SCALE=4 bash bench/run.sh
+# Workloads: sequential and random fio jobs (one stream), 4 parallel
+# sequential writers, 4 parallel random 4 KiB writers on files of their
+# own, small-file metadata from one and from 4 processes, and the latency
+# of a cold stat and a cached 4 KiB read while another file fsyncs 256 MiB
+# (bench/fsync_latency.py).
+#
+#   bash bench/run.sh            # default: 2 GiB images, quick workloads
+#   SIZE=8G SCALE=4 bash bench/run.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-SIZE=${SIZE:-1G}
+SIZE=${SIZE:-2G}
 SCALE=${SCALE:-1}
 need=()
 command -v fio >/dev/null || need+=(fio)
@@ -47,6 +53,7 @@ WORKLOADS=(
   "rand-write-4k|--rw=randwrite --bs=4k --size=$((32 * SCALE))M --end_fsync=1"
   "rand-read-4k|--rw=randread --bs=4k --size=$((32 * SCALE))M"
   "parallel-write-4x|--rw=write --bs=256k --size=$((64 * SCALE))M --numjobs=4 --end_fsync=1"
+  "rand-write-4x|--rw=randwrite --bs=4k --size=$((128 * SCALE))M --numjobs=4 --time_based --runtime=8 --end_fsync=1"
 )
 declare -A RESULT
 for w in "${WORKLOADS[@]}"; do
@@ -54,9 +61,14 @@ for w in "${WORKLOADS[@]}"; do
     for m in folio fuse2fs kernel; do
         drop
         # Reads use the file the matching write made.
-        file="$W/$m/bench-${name#*-}"
-        case $name in seq-read-1M) file="$W/$m/bench-write-1M";; rand-read-4k) file="$W/$m/bench-write-4k";; esac
-        out=$(fio --name="$name" --filename="$file" $args --ioengine=psync --group_reporting --output-format=json 2>/dev/null)
+        file="--filename=$W/$m/bench-${name#*-}"
+        case $name in
+            seq-read-1M) file="--filename=$W/$m/bench-write-1M";;
+            rand-read-4k) file="--filename=$W/$m/bench-write-4k";;
+            # One file per job.
+            rand-write-4x) mkdir -p "$W/$m/rw4"; file="--directory=$W/$m/rw4";;
+        esac
+        out=$(fio --name="$name" "$file" $args --ioengine=psync --group_reporting --output-format=json 2>/dev/null)
         RESULT[$name,$m]=$(python3 -c 'import json,sys; j=json.load(sys.stdin)["jobs"][0]; k="read" if j["read"]["io_bytes"] else "write"; print("%.1f" % (j[k]["bw_bytes"]/1048576))' <<<"$out")
     done
 done
@@ -80,13 +92,51 @@ print("%.0f" % (3 * n / (time.monotonic() - t)))
 PY
 )
 done
+# The same, from 4 processes at once, each in a directory of its own.
+for m in folio fuse2fs kernel; do
+    drop
+    RESULT[metadata-4x,$m]=$(python3 - "$W/$m/meta4" "$N" <<'PY'
+import os, sys, time
+from multiprocessing import Process
+d, n = sys.argv[1], int(sys.argv[2])
+def work(k):
+    sub = f"{d}/p{k}"
+    os.makedirs(sub)
+    for i in range(n):
+        fd = os.open(f"{sub}/f{i}", os.O_CREAT | os.O_WRONLY, 0o644); os.write(fd, b"x" * 100); os.close(fd)
+    for i in range(n):
+        os.stat(f"{sub}/f{i}")
+    for i in range(n):
+        os.unlink(f"{sub}/f{i}")
+t = time.monotonic()
+ps = [Process(target=work, args=(k,)) for k in range(4)]
+for p in ps: p.start()
+for p in ps: p.join()
+os.sync()
+print("%.0f" % (4 * 3 * n / (time.monotonic() - t)))
+PY
+)
+done
+# Latency of a cold stat and a cached 4 KiB read of other files while one
+# file fsyncs 256 MiB of dirty data (bench/fsync_latency.py).
+for m in folio fuse2fs kernel; do
+    drop
+    read -r smed sp99 smax scount rmed rp99 fsecs < <(python3 bench/fsync_latency.py "$W/$m" $((256 * SCALE)))
+    RESULT[stat-med-ms,$m]=$smed; RESULT[stat-p99-ms,$m]=$sp99; RESULT[stat-max-ms,$m]=$smax
+    RESULT[stats-during,$m]=$scount; RESULT[read-p99-ms,$m]=$rp99; RESULT[fsync-256M-s,$m]=$fsecs
+done
 printf "\n%-20s %10s %10s %10s %14s %14s\n" workload folio fuse2fs kernel folio/fuse2fs folio/kernel
-for name in seq-write-1M seq-read-1M rand-write-4k rand-read-4k parallel-write-4x metadata; do
+for name in seq-write-1M seq-read-1M rand-write-4k rand-read-4k parallel-write-4x rand-write-4x metadata metadata-4x \
+        stat-med-ms stat-p99-ms stat-max-ms stats-during read-p99-ms fsync-256M-s; do
     f=${RESULT[$name,folio]}; g=${RESULT[$name,fuse2fs]}; k=${RESULT[$name,kernel]}
-    unit=MiB/s; [ "$name" = metadata ] && unit=ops/s
+    case $name in
+        metadata*) unit=ops/s;; *-ms) unit=ms;; stats-during) unit=count;; *-s) unit=s;; *) unit=MiB/s;;
+    esac
     printf "%-20s %10s %10s %10s %14s %14s   (%s)\n" "$name" "$f" "$g" "$k" \
         "$(python3 -c "print('%.2f' % ($f/$g if $g else 0))")" "$(python3 -c "print('%.2f' % ($f/$k if $k else 0))")" "$unit"
 done
+echo
+echo "rand-write-4x / rand-write-4k on folio: $(python3 -c "print('%.2f' % (${RESULT[rand-write-4x,folio]}/${RESULT[rand-write-4k,folio]}))")"
 "$FOLIO" umount "$W/folio"
 fusermount3 -u "$W/fuse2fs"
 # fuse2fs finishes writing after the unmount returns: wait for it.

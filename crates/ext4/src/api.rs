@@ -52,6 +52,7 @@ use crate::format::group::GroupDesc;
 use crate::format::inode::Inode;
 use crate::format::superblock::Superblock;
 use crate::fs::{Core, Geometry, OpenOptions};
+use crate::inodes::InodeTable;
 use crate::ops::{Caller, OpenFlags, Owner, RenameFlags, SetAttr, Stat, StatFs};
 use crate::xattrs::XattrMode;
 use folio_journal::{JournalStats, RecoveryReport};
@@ -64,6 +65,8 @@ pub struct Filesystem {
     geo: Geometry,
     /// The device, for flushes made without the core lock.
     tracker: Arc<FlushTracker>,
+    /// In-memory inode objects (sizes for lock-free cached reads).
+    inodes: Arc<InodeTable>,
 }
 
 /// The core lock: a mutex (the futex-based std one: it spins briefly and
@@ -180,6 +183,7 @@ impl Filesystem {
             pc: Arc::clone(&core.pc),
             geo: core.geo.clone(),
             tracker: Arc::clone(&core.tracker),
+            inodes: Arc::clone(&core.inodes),
             core: CoreLock::new(core),
         }
     }
@@ -254,6 +258,41 @@ impl Filesystem {
             self.tracker.flush()?;
         }
         Ok(())
+    }
+
+    /// Read from file `ino` at `offset` through the page cache; returns
+    /// the bytes read (short at end of file). Data the cache holds is
+    /// copied without the core lock, so such a read never waits for
+    /// another file's writeback or fsync; anything else (a miss, the end
+    /// of the file, an inode the core has not seen) goes through the
+    /// core.
+    pub fn read(&self, ino: u32, offset: u64, buf: &mut [u8]) -> Result<usize> {
+        if let Some(n) = self.read_cached(ino, offset, buf) {
+            return Ok(n);
+        }
+        self.core().read(ino, offset, buf)
+    }
+
+    /// The lock-free part of `read`: `None` unless every byte asked for
+    /// (up to the size) is uptodate in the cache.
+    fn read_cached(&self, ino: u32, offset: u64, buf: &mut [u8]) -> Option<usize> {
+        let size = self.inodes.get(ino)?.size();
+        if offset >= size || buf.is_empty() {
+            return None;
+        }
+        let len = (size - offset).min(buf.len() as u64) as usize;
+        let m = self.pc.existing(u64::from(ino))?;
+        let fsz = m.folio_size() as u64;
+        let mut done = 0usize;
+        while done < len {
+            let p = offset + done as u64;
+            let off = (p % fsz) as usize;
+            let n = (fsz as usize - off).min(len - done);
+            m.find(p / fsz)?
+                .read_uptodate(off, &mut buf[done..done + n], m.block_size())?;
+            done += n;
+        }
+        Some(len)
     }
 
     /// Write `data` to file `ino` at `offset` through the page cache
@@ -423,8 +462,6 @@ impl Filesystem {
         fn list_xattr(&self, ino: u32) -> Result<Vec<Vec<u8>>>;
         fn set_xattr(&self, ino: u32, name: &[u8], value: &[u8], mode: XattrMode) -> Result<()>;
         fn remove_xattr(&self, ino: u32, name: &[u8]) -> Result<()>;
-        /// Buffered read through the page cache.
-        fn read(&self, ino: u32, offset: u64, buf: &mut [u8]) -> Result<usize>;
         /// O_DIRECT write: straight to the device, blocks allocated now.
         fn write_direct(&self, ino: u32, offset: u64, data: &[u8]) -> Result<usize>;
         /// O_DIRECT read.

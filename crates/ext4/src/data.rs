@@ -688,6 +688,13 @@ impl Core {
     /// or being cut back to `size` bytes.
     pub(crate) fn cache_truncate(&mut self, ino: u32, size: u64) -> Result<()> {
         let bs = u64::from(self.geo.block_size);
+        // Lock-free readers check the size before the cache: lower it
+        // first (see `inodes`).
+        if size == 0 {
+            self.inodes.forget(ino);
+        } else {
+            self.inodes.shrink(ino, size);
+        }
         if let Some(m) = self.pc.existing(u64::from(ino)) {
             m.truncate(size);
             if size == 0 {

@@ -61,6 +61,9 @@ impl Core {
     /// Read from file `ino`.
     pub fn read(&mut self, ino: u32, offset: u64, buf: &mut [u8]) -> Result<usize> {
         let inode = self.regular(ino)?;
+        if inode.links() > 0 {
+            self.inodes.note_size(ino, inode.size());
+        }
         self.read_data(&inode, offset, buf)
     }
 

@@ -148,6 +148,9 @@ pub(crate) struct Core {
     pub(crate) read_only: Option<String>,
     /// Parsed extent lists of recently used inodes.
     pub(crate) extent_cache: HashMap<u32, crate::extent_tree::ExtentMap>,
+    /// In-memory inode objects, shared with `Filesystem` (read without
+    /// the core lock; the core keeps them exact).
+    pub(crate) inodes: Arc<crate::inodes::InodeTable>,
     pub(crate) generation_seed: u32,
     pub(crate) bytes_written: u64,
     /// Spread new directories over groups (off only while mkfs makes
@@ -339,6 +342,7 @@ impl Core {
             csum_seed,
             read_only,
             extent_cache: HashMap::new(),
+            inodes: Arc::default(),
             bytes_written: 0,
             dir_spread: true,
             journal: None,
@@ -656,6 +660,11 @@ impl Core {
         let datasync = !same_but_times(&b[off..off + isz], &inode.raw);
         b[off..off + isz].copy_from_slice(&inode.raw);
         self.note_inode_change(inode.ino, datasync);
+        if inode.is_reg() && inode.links() > 0 {
+            self.inodes.note_size(inode.ino, inode.size());
+        } else {
+            self.inodes.forget(inode.ino);
+        }
         Ok(())
     }
 

@@ -20,6 +20,7 @@ pub mod falloc;
 pub mod file;
 pub mod format;
 pub mod fs;
+pub(crate) mod inodes;
 pub mod journaling;
 pub mod mkfs;
 pub mod ops;
