@@ -402,8 +402,12 @@ impl Filesystem {
         len: usize,
         src: &mut dyn FnMut(&mut [u8]) -> std::io::Result<usize>,
     ) -> Result<usize> {
+        let (done, stopped) = self.write_cached(ino, offset, len, src)?;
+        if stopped || done == len {
+            return Ok(done);
+        }
         let mut c = self.core();
-        let r = c.write_with(ino, offset, len, src);
+        let r = c.write_with(ino, offset + done as u64, len - done, src);
         // Throttling: a writer over the dirty limit writes back (in
         // handles of its own, yielding between batches).
         let b = if self.pc.over_dirty_limit() {
@@ -411,9 +415,94 @@ impl Filesystem {
         } else {
             Ok(0)
         };
-        let n = r?;
+        let n = match r {
+            Ok(n) => n + done,
+            // What was copied lock-free stays: a short write.
+            Err(_) if done > 0 => done,
+            Err(e) => return Err(e),
+        };
         b?;
         Ok(n)
+    }
+
+    /// The lock-free part of `write_with`: overwrite, folio by folio,
+    /// blocks that are already dirty in the cache (so they hold a
+    /// reservation or a mapping and nothing needs allocating), inside the
+    /// file's size, while the file's mtime is this millisecond's (so the
+    /// inode needs no change: the kernel's `file_update_time` also leaves
+    /// it alone within one clock tick). Stops at the first folio that does
+    /// not qualify. Returns the bytes written (a prefix of the request)
+    /// and whether the source stopped short; the source's error only if
+    /// nothing was written.
+    ///
+    /// Safe against the core's changes to the same file without the core
+    /// lock: each folio is written under its lock with its dirty bits
+    /// checked there (writeback cleans them under the same lock, and
+    /// truncation and hole punching remove or clean folios under it), and
+    /// the size is checked again under the lock (a truncation lowers it
+    /// before cutting the cache).
+    fn write_cached(
+        &self,
+        ino: u32,
+        offset: u64,
+        len: usize,
+        src: &mut dyn FnMut(&mut [u8]) -> std::io::Result<usize>,
+    ) -> Result<(usize, bool)> {
+        let not_here = Ok((0, false));
+        if len == 0 || !self.inodes.writable() {
+            return not_here;
+        }
+        let Some(info) = self.inodes.get(ino) else {
+            return not_here;
+        };
+        let Some(end) = offset.checked_add(len as u64) else {
+            return not_here;
+        };
+        let now = crate::inodes::millis(crate::format::Timespec::now());
+        if end > info.size() || info.mtime_ms() != now {
+            return not_here;
+        }
+        let Some(m) = self.pc.existing(u64::from(ino)) else {
+            return not_here;
+        };
+        let fsz = m.folio_size() as u64;
+        let bs = m.block_size();
+        let mut done = 0usize;
+        let mut stopped = false;
+        while done < len {
+            let p = offset + done as u64;
+            let Some(f) = m.find(p / fsz) else { break };
+            let Ok(g) = m.lock_folio(&f) else { break };
+            if info.size() < end {
+                break;
+            }
+            let a = (p - g.pos()) as usize;
+            let b = (fsz as usize).min(a + (len - done));
+            let (first, last) = ((a / bs) as u32, ((b - 1) / bs) as u32);
+            let need = folio_pagecache::mask(first, last - first + 1);
+            let mut st = g.state();
+            if st.dirty_mask() & need != need {
+                break;
+            }
+            match src(&mut st.data_mut()[a..b]) {
+                Ok(n) if n >= b - a => done += b - a,
+                Ok(n) => {
+                    done += n;
+                    stopped = true;
+                    break;
+                }
+                Err(e) if done == 0 => return Err(e.into()),
+                Err(_) => {
+                    stopped = true;
+                    break;
+                }
+            }
+        }
+        if stopped && done == 0 {
+            return Err(std::io::Error::from_raw_os_error(libc::EFAULT).into());
+        }
+        self.inodes.add_written(done as u64);
+        Ok((done, stopped))
     }
 
     forward! {

@@ -62,7 +62,8 @@ impl Core {
     pub fn read(&mut self, ino: u32, offset: u64, buf: &mut [u8]) -> Result<usize> {
         let inode = self.regular(ino)?;
         if inode.links() > 0 {
-            self.inodes.note_size(ino, inode.size());
+            let mtime = crate::inodes::millis(inode.mtime());
+            self.inodes.note(ino, inode.size(), mtime);
         }
         self.read_data(&inode, offset, buf)
     }

@@ -661,7 +661,8 @@ impl Core {
         b[off..off + isz].copy_from_slice(&inode.raw);
         self.note_inode_change(inode.ino, datasync);
         if inode.is_reg() && inode.links() > 0 {
-            self.inodes.note_size(inode.ino, inode.size());
+            let mtime = crate::inodes::millis(inode.mtime());
+            self.inodes.note(inode.ino, inode.size(), mtime);
         } else {
             self.inodes.forget(inode.ino);
         }
@@ -714,6 +715,7 @@ impl Core {
     fn write_superblock(&mut self) -> Result<()> {
         let now = crate::format::Timespec::now();
         self.sb.set_wtime(now.sec as u32);
+        self.bytes_written += self.inodes.take_written();
         let kb = self.sb.kbytes_written() + self.bytes_written / 1024;
         self.bytes_written %= 1024;
         self.sb.set_kbytes_written(kb);
@@ -763,6 +765,7 @@ impl Core {
         if self.read_only.is_none() {
             eprintln!("folio: an operation panicked; the filesystem is now read-only");
             self.read_only = Some("an earlier operation panicked".into());
+            self.inodes.stop_writes();
         }
         self.closed = true;
     }

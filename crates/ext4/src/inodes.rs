@@ -1,9 +1,11 @@
 //! In-memory inode objects, the part of each that is read without the
 //! core lock (the role of the kernel's `ext4_inode_info`, begun).
 //!
-//! Today an [`InodeInfo`] holds a regular file's size as the core last
-//! set it, so that a read of data the page cache holds needs neither the
-//! core lock nor the inode block (`Filesystem::read`). The core keeps it
+//! Today an [`InodeInfo`] holds a regular file's size and the
+//! millisecond of its mtime as the core last set them, so that a read of
+//! data the page cache holds, and an overwrite of data that is already
+//! dirty in it, need neither the core lock nor the inode block
+//! (`Filesystem::read`, `Filesystem::write_with`). The core keeps them
 //! exact:
 //! - every inode write (`Core::write_inode`) and every read through the
 //!   core stores the size;
@@ -19,7 +21,7 @@
 //! emptied and refills with the inodes in use.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 /// Entries kept before the table is emptied.
@@ -29,18 +31,46 @@ const MAX_ENTRIES: usize = 1 << 16;
 #[derive(Debug)]
 pub(crate) struct InodeInfo {
     size: AtomicU64,
+    /// The file's mtime in milliseconds since the epoch (a lock-free
+    /// overwrite within the same millisecond leaves the inode alone, as
+    /// the kernel's `file_update_time` does within one clock tick).
+    mtime_ms: AtomicU64,
 }
 
 impl InodeInfo {
     pub(crate) fn size(&self) -> u64 {
         self.size.load(Ordering::Acquire)
     }
+    pub(crate) fn mtime_ms(&self) -> u64 {
+        self.mtime_ms.load(Ordering::Acquire)
+    }
 }
 
-/// Inode objects by inode number.
-#[derive(Debug, Default)]
+/// Inode objects by inode number, and the counters lock-free writers keep.
+#[derive(Debug)]
 pub(crate) struct InodeTable {
     map: RwLock<HashMap<u32, Arc<InodeInfo>>>,
+    /// Cleared when the filesystem stops taking writes (a panic under the
+    /// core lock): lock-free writers check it.
+    writable: AtomicBool,
+    /// Bytes written by lock-free writers since the core last took them
+    /// (for the superblock's lifetime-writes counter).
+    written: AtomicU64,
+}
+
+impl Default for InodeTable {
+    fn default() -> Self {
+        InodeTable {
+            map: RwLock::default(),
+            writable: AtomicBool::new(true),
+            written: AtomicU64::new(0),
+        }
+    }
+}
+
+/// Milliseconds since the epoch of a timestamp (0 before it).
+pub(crate) fn millis(t: crate::format::Timespec) -> u64 {
+    u64::try_from(t.sec).map_or(0, |s| s * 1000 + u64::from(t.nsec) / 1_000_000)
 }
 
 impl InodeTable {
@@ -53,24 +83,45 @@ impl InodeTable {
             .cloned()
     }
 
-    /// The core read or wrote regular file `ino` with this size.
-    pub(crate) fn note_size(&self, ino: u32, size: u64) {
-        if let Some(i) = self.get(ino) {
+    /// The core read or wrote regular file `ino` with this size and mtime
+    /// (milliseconds).
+    pub(crate) fn note(&self, ino: u32, size: u64, mtime_ms: u64) {
+        let set = |i: &InodeInfo| {
             i.size.store(size, Ordering::Release);
+            i.mtime_ms.store(mtime_ms, Ordering::Release);
+        };
+        if let Some(i) = self.get(ino) {
+            set(&i);
             return;
         }
         let mut map = self.map.write().unwrap_or_else(|e| e.into_inner());
         if map.len() >= MAX_ENTRIES {
             map.clear();
         }
-        map.entry(ino)
-            .or_insert_with(|| {
-                Arc::new(InodeInfo {
-                    size: AtomicU64::new(size),
-                })
+        set(map.entry(ino).or_insert_with(|| {
+            Arc::new(InodeInfo {
+                size: AtomicU64::new(size),
+                mtime_ms: AtomicU64::new(mtime_ms),
             })
-            .size
-            .store(size, Ordering::Release);
+        }));
+    }
+
+    pub(crate) fn writable(&self) -> bool {
+        self.writable.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn stop_writes(&self) {
+        self.writable.store(false, Ordering::Release);
+    }
+
+    /// A lock-free writer wrote `n` bytes.
+    pub(crate) fn add_written(&self, n: u64) {
+        self.written.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// The bytes lock-free writers wrote since the last call.
+    pub(crate) fn take_written(&self) -> u64 {
+        self.written.swap(0, Ordering::Relaxed)
     }
 
     /// `ino` is being cut to `size` bytes: lower its size first.
@@ -97,14 +148,14 @@ mod tests {
     fn sizes_are_noted_lowered_and_forgotten() {
         let t = InodeTable::default();
         assert!(t.get(12).is_none());
-        t.note_size(12, 8192);
+        t.note(12, 8192, 7);
         let i = t.get(12).expect("noted");
         t.shrink(12, 100);
         assert_eq!(i.size(), 100, "the object a reader holds sees the cut");
         t.shrink(12, 5000);
         assert_eq!(i.size(), 100, "shrink never grows");
-        t.note_size(12, 5000);
-        assert_eq!(i.size(), 5000);
+        t.note(12, 5000, 9);
+        assert_eq!((i.size(), i.mtime_ms()), (5000, 9));
         t.forget(12);
         assert!(t.get(12).is_none());
     }
