@@ -500,7 +500,100 @@ fn posix_suite(root: &Path) -> Vec<String> {
     // Clean up a tree.
     fs::remove_dir_all(d.join("sub")).unwrap();
     check(!d.join("sub").exists(), "remove a tree");
+    for (ok, what) in file_handles(root, &d) {
+        check(ok, what);
+    }
     bad
+}
+
+/// `name_to_handle_at` on a file, a directory and a file in it; every
+/// cache dropped; each handle opens the right file again; a handle of a
+/// file deleted meanwhile is ESTALE (what an NFS export of the mount
+/// needs).
+fn file_handles(root: &Path, d: &Path) -> Vec<(bool, &'static str)> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::MetadataExt;
+    const ROOM: usize = 128;
+    let mut out = Vec::new();
+    let hd = d.join("hdir");
+    fs::create_dir(&hd).unwrap();
+    let files = [
+        (d.join("hfile"), b"one".to_vec()),
+        (hd.join("hinner"), b"two".to_vec()),
+    ];
+    for (p, data) in &files {
+        fs::write(p, data).unwrap();
+    }
+    let gone = d.join("hgone");
+    fs::write(&gone, b"doomed").unwrap();
+    // struct file_handle: handle_bytes, handle_type, then the handle.
+    let take = |p: &Path| -> Option<Vec<u8>> {
+        let mut h = vec![0u8; 8 + ROOM];
+        // The kernel's ABI: handle_bytes is a u32 in host order.
+        #[allow(clippy::host_endian_bytes)]
+        h[..4].copy_from_slice(&(ROOM as u32).to_ne_bytes());
+        let mut mount_id: libc::c_int = 0;
+        let c = cpath(p);
+        // SAFETY: a NUL-terminated path, a buffer of 8 + ROOM bytes whose
+        // handle_bytes says ROOM, and a valid out-pointer.
+        let r = unsafe {
+            libc::name_to_handle_at(
+                libc::AT_FDCWD,
+                c.as_ptr(),
+                h.as_mut_ptr().cast(),
+                &mut mount_id,
+                0,
+            )
+        };
+        (r == 0).then_some(h)
+    };
+    let handles: Vec<Option<Vec<u8>>> = files
+        .iter()
+        .map(|(p, _)| take(p))
+        .chain([take(&hd), take(&gone)])
+        .collect();
+    out.push((handles.iter().all(Option::is_some), "name_to_handle_at"));
+    let dir_ino = fs::metadata(&hd).unwrap().ino();
+    fs::remove_file(&gone).unwrap();
+    let drop_caches = || {
+        let _ = Command::new("sync").status();
+        let _ = fs::write("/proc/sys/vm/drop_caches", "3");
+    };
+    drop_caches();
+    let mount_fd = fs::File::open(root).unwrap();
+    let open = |h: &Option<Vec<u8>>, flags: libc::c_int| -> Result<fs::File, i32> {
+        let mut h = h.clone().ok_or(0)?;
+        // SAFETY: a handle filled by name_to_handle_at and an open fd of
+        // the mount; the returned fd, if any, is ours to own.
+        let fd =
+            unsafe { libc::open_by_handle_at(mount_fd.as_raw_fd(), h.as_mut_ptr().cast(), flags) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0));
+        }
+        // SAFETY: fd was just returned by open_by_handle_at and nothing else owns it.
+        Ok(unsafe { <fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) })
+    };
+    let mut right = true;
+    for (i, (_, data)) in files.iter().enumerate() {
+        let mut got = Vec::new();
+        right &= open(&handles[i], libc::O_RDONLY)
+            .map(|mut f| std::io::Read::read_to_end(&mut f, &mut got).is_ok() && &got == data)
+            .unwrap_or(false);
+    }
+    out.push((
+        right,
+        "open_by_handle_at after drop_caches opens the right files",
+    ));
+    let dir = open(&handles[2], libc::O_RDONLY | libc::O_DIRECTORY);
+    out.push((
+        dir.is_ok_and(|f| f.metadata().is_ok_and(|m| m.ino() == dir_ino)),
+        "open_by_handle_at of a directory",
+    ));
+    out.push((
+        open(&handles[3], libc::O_RDONLY).err() == Some(libc::ESTALE),
+        "a deleted file's handle is ESTALE",
+    ));
+    out
 }
 
 use std::os::unix::fs::FileTypeExt;

@@ -528,6 +528,8 @@ impl Filesystem {
         /// The parent directory of `path` and the final name.
         fn resolve_parent<'a>(&self, path: &'a str) -> Result<(u32, &'a str)>;
         fn stat(&self, ino: u32) -> Result<Stat>;
+        /// The inode a file handle names, or `Error::Stale` (see the core's).
+        fn stat_by_handle(&self, ino: u32, generation: Option<u32>) -> Result<Stat>;
         fn mknod(&self, parent: u32, name: &[u8], mode: u16, rdev: (u32, u32), owner: Owner) -> Result<u32>;
         /// open(2) relative to a directory: O_CREAT, O_EXCL, O_TRUNC.
         fn openat(&self, parent: u32, name: &[u8], flags: OpenFlags, perm: u16, owner: Owner) -> Result<u32>;

@@ -58,6 +58,9 @@ pub enum Error {
     /// The image is locked by another user (a mount, another command);
     /// the string names the holder.
     Locked(String),
+    /// A file handle names an inode that no longer exists (or never did,
+    /// or was reused: the generation differs), as NFS's ESTALE.
+    Stale,
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -95,6 +98,7 @@ impl Error {
             Error::TextBusy => libc::ETXTBSY,
             Error::Unsupported(_) => libc::EOPNOTSUPP,
             Error::Locked(_) => libc::EBUSY,
+            Error::Stale => libc::ESTALE,
         }
     }
 }
@@ -131,6 +135,7 @@ impl fmt::Display for Error {
             Error::TextBusy => write!(f, "the file's block map is pinned (text file busy)"),
             Error::Unsupported(s) => write!(f, "not supported: {s}"),
             Error::Locked(holder) => write!(f, "the image is in use by {holder}"),
+            Error::Stale => write!(f, "stale file handle"),
         }
     }
 }

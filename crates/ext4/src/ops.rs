@@ -326,6 +326,30 @@ impl Core {
         })
     }
 
+    /// The inode a file handle names (inode number and, when the handle
+    /// carries one, generation), as NFS export and `open_by_handle_at`
+    /// need: [`Error::Stale`] unless the number is the root's or a
+    /// non-reserved one within the filesystem, the inode is in use (linked,
+    /// or unlinked but still open) and its generation matches.
+    pub fn stat_by_handle(&mut self, ino: u32, generation: Option<u32>) -> Result<Stat> {
+        if ino != ROOT_INO && (ino < self.geo.first_ino || ino > self.geo.inodes_count) {
+            return Err(Error::Stale);
+        }
+        let st = match self.stat(ino) {
+            Ok(st) => st,
+            Err(Error::NotFound | Error::Invalid(_)) => return Err(Error::Stale),
+            Err(e) => return Err(e),
+        };
+        let open = self.open_refs.get(&ino).is_some_and(|&n| n > 0);
+        if st.mode == 0 || (st.nlink == 0 && !open) {
+            return Err(Error::Stale);
+        }
+        if generation.is_some_and(|g| g != st.generation) {
+            return Err(Error::Stale);
+        }
+        Ok(st)
+    }
+
     fn check_new_name(&mut self, dir: &Inode, name: &[u8]) -> Result<()> {
         crate::dir::check_name(name)?;
         if self.dir_lookup(dir, name)?.is_some() {

@@ -228,6 +228,11 @@ impl fuser::Filesystem for FolioFuse {
             // chown is ours (see `write` and `setattr`): the kernel then
             // stops asking for security.capability before every write.
             fuser::InitFlags::FUSE_HANDLE_KILLPRIV_V2,
+            // File handles (name_to_handle_at/open_by_handle_at, an NFS
+            // export of the mount) survive the kernel dropping its inode
+            // cache: it looks up "." of the handle's inode number (see
+            // `lookup`).
+            fuser::InitFlags::FUSE_EXPORT_SUPPORT,
         ] {
             let _ = config.add_capabilities(cap);
         }
@@ -241,6 +246,16 @@ impl fuser::Filesystem for FolioFuse {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        if name.as_bytes() == b"." {
+            // FUSE_EXPORT_SUPPORT: a file handle's inode is no longer in
+            // the kernel's cache and the kernel asks whether it still
+            // exists (for any file type, not only directories); it checks
+            // the generation itself. ".." is an ordinary directory entry.
+            return match self.with(|fs| fs.stat_by_handle(from_fuse(parent), None)) {
+                Ok(st) => reply.entry(&TTL, &self.attr(&st), Generation(u64::from(st.generation))),
+                Err(e) => reply.error(e),
+            };
+        }
         match self.with(|fs| fs.lookup(from_fuse(parent), name.as_bytes())) {
             Ok(ino) => self.entry(ino, reply),
             Err(e) => reply.error(e),

@@ -755,3 +755,30 @@ fn a_transaction_inside_the_allocator_breaks_the_lock_order() {
     let _a = Held::take(Level::Allocator, 0);
     let _ = fs.create(ROOT_INO, b"f", 0o644, folio_ext4::Owner::default());
 }
+
+/// File handles: an inode is found again by number and generation while
+/// it is in use (an unlinked file while still open); anything else —
+/// a reserved or out-of-range number, a wrong generation, a deleted
+/// file — is ESTALE.
+#[test]
+fn stat_by_handle_finds_live_inodes_only() {
+    use folio_ext4::Error;
+    let (_dev, fs) = mem_fs(32 << 20, MkfsOptions::default());
+    let me = folio_ext4::Owner::default();
+    let f = fs.create(ROOT_INO, b"f", 0o644, me).unwrap();
+    let g = fs.stat(f).unwrap().generation;
+    assert_eq!(fs.stat_by_handle(f, Some(g)).unwrap().ino, f);
+    assert_eq!(fs.stat_by_handle(ROOT_INO, None).unwrap().ino, ROOT_INO);
+    let stale = |r: folio_ext4::Result<folio_ext4::Stat>| {
+        matches!(r, Err(Error::Stale)) && Error::Stale.errno() == libc::ESTALE
+    };
+    assert!(stale(fs.stat_by_handle(f, Some(g.wrapping_add(1)))));
+    assert!(stale(fs.stat_by_handle(5, None)), "reserved inode");
+    assert!(stale(fs.stat_by_handle(u32::MAX, None)), "out of range");
+    assert!(stale(fs.stat_by_handle(f + 1, None)), "never used");
+    fs.open_ref(f);
+    fs.unlink(ROOT_INO, b"f").unwrap();
+    assert!(fs.stat_by_handle(f, Some(g)).is_ok(), "unlinked but open");
+    fs.close_ref(f).unwrap();
+    assert!(stale(fs.stat_by_handle(f, Some(g))), "deleted");
+}
