@@ -445,6 +445,10 @@ fn run(cli: Cli) -> CliResult {
                 folio_cli::mount::mount_foreground(&image, &mountpoint, &options, threads)
             } else {
                 folio_cli::mount::mount_background(&image, &mountpoint, &options, threads)?;
+                if QUIET_MOUNT.get().copied().unwrap_or(false) {
+                    // As mount(8)'s helper: silent on success, like mount.
+                    return Ok(());
+                }
                 println!(
                     "Mounted {} on {} (fuse.folio). Unmount with: folio umount {}",
                     image.display(),
@@ -545,7 +549,8 @@ fn run(cli: Cli) -> CliResult {
 
 /// `mount -t fuse.folio SOURCE DIR -o OPTS` runs `mount.fuse.folio SOURCE
 /// DIR -o OPTS`: when called by that name (a symlink to this binary), act
-/// as `folio mount`. mount(8)'s own flags (-n, -s, -v) are ignored.
+/// as `folio mount`, silently unless mount(8) passes `-v`; its other
+/// flags (-n, -s) are ignored.
 fn mount_helper_args() -> Option<Vec<String>> {
     let args: Vec<String> = std::env::args().collect();
     let name = args.first()?.rsplit('/').next()?.to_string();
@@ -554,9 +559,11 @@ fn mount_helper_args() -> Option<Vec<String>> {
     }
     let mut out = vec!["folio".to_string(), "mount".to_string()];
     let mut it = args.into_iter().skip(1);
+    let mut verbose = false;
     while let Some(a) = it.next() {
         match a.as_str() {
-            "-n" | "-s" | "-v" => {}
+            "-v" => verbose = true,
+            "-n" | "-s" => {}
             "-o" => {
                 out.push("-o".into());
                 out.push(it.next().unwrap_or_default());
@@ -564,8 +571,13 @@ fn mount_helper_args() -> Option<Vec<String>> {
             _ => out.push(a),
         }
     }
+    let _ = QUIET_MOUNT.set(!verbose);
     Some(out)
 }
+
+/// Set when running as mount(8)'s helper without `-v`: print nothing on
+/// success (mount(8) itself prints nothing; scripts read its output).
+static QUIET_MOUNT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
 
 fn main() -> ExitCode {
     // A closed pipe ends the process quietly, as for any Unix filter

@@ -172,13 +172,63 @@ pub fn is_mounted(dir: &Path) -> bool {
 /// The image lock the mount holds until its final sync ends (shared for a
 /// read-only mount), taken before anything else so that a busy image is
 /// refused before daemonising.
+///
+/// A folio process that served a mount of this image which is gone (a
+/// plain `umount` returns before the server has made its final commit and
+/// let go of the image) is waited for, up to a minute, with a message: on
+/// the kernel's ext4 an image is free once `umount` returns, and scripts
+/// that unmount and mount again rely on that.
 fn lock_image(image: &Path, read_only: bool) -> Result<File, String> {
-    folio_ext4::fs::lock_image(image, read_only).map_err(|e| match e {
-        folio_ext4::Error::Locked(holder) => {
-            format!("{}: in use by {holder}", image.display())
-        }
-        e => format!("{}: cannot lock: {e}", image.display()),
-    })
+    const PATIENCE: Duration = Duration::from_secs(60);
+    let start = Instant::now();
+    let mut said = false;
+    loop {
+        let e = match folio_ext4::fs::lock_image(image, read_only) {
+            Ok(f) => return Ok(f),
+            Err(folio_ext4::Error::Locked(holder)) => {
+                if start.elapsed() < PATIENCE && finishing_folio_mount(image) {
+                    if !said {
+                        eprintln!(
+                            "folio: {}: waiting for the folio process of its last mount to \
+                             finish its final commit",
+                            image.display()
+                        );
+                        said = true;
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                    continue;
+                }
+                format!("{}: in use by {holder}", image.display())
+            }
+            Err(e) => format!("{}: cannot lock: {e}", image.display()),
+        };
+        return Err(e);
+    }
+}
+
+/// Is the image's lock held by a folio mount server whose mount is gone
+/// (or by nobody any more)? Such a server has closed /dev/fuse (its
+/// session ended) and is making its final commit.
+fn finishing_folio_mount(image: &Path) -> bool {
+    let Ok(f) = File::open(image) else {
+        return false;
+    };
+    let Some((pid, cmd)) = folio_ext4::fs::flock_holder(&f) else {
+        // Nobody holds it any more (the server exited a moment ago): try
+        // again.
+        return true;
+    };
+    let server = cmd.split(' ').next().is_some_and(|exe| {
+        let name = exe.rsplit('/').next().unwrap_or(exe);
+        name == "folio" || name == "mount.fuse.folio" || name == "mount.folio"
+    }) && cmd.split(' ').any(|a| a == "mount");
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    let serving = fds
+        .flatten()
+        .any(|e| std::fs::read_link(e.path()).is_ok_and(|t| t == Path::new("/dev/fuse")));
+    server && !serving
 }
 
 /// Mount in this process and serve until unmounted or signalled.
@@ -301,6 +351,11 @@ pub fn mount_foreground(
     }
     // The session has ended (its handlers are gone); stop the flusher, and
     // the filesystem is ours alone to close.
+    // Let go of /dev/fuse before the final commit (the notifier and the
+    // unmounter hold channels to it): a new mount of the image waits for
+    // a server that has done so (see `finishing_folio_mount`).
+    drop(notifier);
+    drop(unmounter);
     stop.store(true, Ordering::Relaxed);
     let _ = flusher.join();
     let result = match Arc::try_unwrap(shared) {

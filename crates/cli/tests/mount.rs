@@ -737,6 +737,11 @@ fn mount_helper_and_signals() {
         "helper: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    assert!(
+        out.stdout.is_empty(),
+        "as mount(8)'s helper, silent on success: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     fs::write(mnt.join("via-helper"), b"ok").unwrap();
     folio_umount(&mnt);
     // Foreground mount; SIGTERM unmounts cleanly and syncs.
@@ -774,6 +779,61 @@ fn mount_helper_and_signals() {
     assert_eq!(out.stdout, b"kept");
     let out = folio_cat(&img, "/via-helper");
     assert_eq!(out.stdout, b"ok");
+    let _ = fs::remove_dir_all(&dir);
+}
+
+/// A plain `umount` (which returns before the server's final commit)
+/// followed at once by a mount of the same image, 100 times, as scripts
+/// do on the kernel's ext4: every mount succeeds (waiting for the
+/// finishing server when it must), every file written is there, and the
+/// image is e2fsck clean.
+#[test]
+fn plain_umount_then_mount_at_once() {
+    if !prerequisites() {
+        return;
+    }
+    let (dir, img, mnt) = fresh_image("remount-loop", "128M");
+    let helper = dir.join("mount.fuse.folio");
+    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_folio"), &helper).unwrap();
+    let mut waited = 0;
+    for i in 0..100 {
+        let out = Command::new(&helper)
+            .arg(&img)
+            .arg(&mnt)
+            .args(["-o", "rw"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "mount {i}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if String::from_utf8_lossy(&out.stderr).contains("waiting for the folio process") {
+            waited += 1;
+        }
+        fs::write(mnt.join(format!("f{i}")), format!("{i}")).unwrap();
+        // Enough dirty data that the final commit takes a while.
+        fs::write(mnt.join("bulk"), vec![i as u8; 32 << 20]).unwrap();
+        let st = Command::new("umount").arg(&mnt).status().unwrap();
+        assert!(st.success(), "umount {i}");
+    }
+    eprintln!("{waited} of 100 mounts waited for the previous server");
+    // The last server may still be finishing: wait for the image lock.
+    let start = std::time::Instant::now();
+    while folio_ext4::fs::lock_image(&img, false).is_err() {
+        assert!(
+            start.elapsed().as_secs() < 60,
+            "the last server never exits"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(e2fsck_clean(&img));
+    for i in [0, 42, 99] {
+        assert_eq!(
+            folio_cat(&img, &format!("/f{i}")).stdout,
+            format!("{i}").as_bytes()
+        );
+    }
     let _ = fs::remove_dir_all(&dir);
 }
 

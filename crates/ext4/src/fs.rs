@@ -79,15 +79,19 @@ pub fn lock_image(path: &Path, shared: bool) -> Result<std::fs::File> {
 /// Who holds the flock on `f`: the process (and its command line) from
 /// /proc/locks, as far as it can be found.
 fn lock_holder(f: &std::fs::File) -> String {
+    match flock_holder(f) {
+        Some((pid, cmd)) if cmd.is_empty() => format!("process {pid}"),
+        Some((pid, cmd)) => format!("process {pid} ({cmd})"),
+        None => "another process (already mounted, or open in another folio command)".into(),
+    }
+}
+
+/// The process holding a flock on `f`, with its command line (empty if
+/// unreadable), from /proc/locks.
+pub fn flock_holder(f: &std::fs::File) -> Option<(u32, String)> {
     use std::os::unix::fs::MetadataExt;
-    let unknown = || "another process (already mounted, or open in another folio command)".into();
-    let Ok(meta) = f.metadata() else {
-        return unknown();
-    };
-    let Ok(locks) = std::fs::read_to_string("/proc/locks") else {
-        return unknown();
-    };
-    let ino = meta.ino().to_string();
+    let ino = f.metadata().ok()?.ino().to_string();
+    let locks = std::fs::read_to_string("/proc/locks").ok()?;
     for line in locks.lines() {
         // "1: FLOCK  ADVISORY  WRITE 1234 fd:01:5678 0 EOF"
         let fields: Vec<&str> = line.split_whitespace().collect();
@@ -97,6 +101,9 @@ fn lock_holder(f: &std::fs::File) -> String {
         if fields.get(1) != Some(&"FLOCK") || id.rsplit(':').next() != Some(ino.as_str()) {
             continue;
         }
+        let Ok(pid) = pid.parse::<u32>() else {
+            continue;
+        };
         let cmd = std::fs::read(format!("/proc/{pid}/cmdline"))
             .map(|c| {
                 c.split(|&b| b == 0)
@@ -106,13 +113,9 @@ fn lock_holder(f: &std::fs::File) -> String {
                     .join(" ")
             })
             .unwrap_or_default();
-        return if cmd.is_empty() {
-            format!("process {pid}")
-        } else {
-            format!("process {pid} ({cmd})")
-        };
+        return Some((pid, cmd));
     }
-    unknown()
+    None
 }
 
 /// Derived, validated geometry of an image.
