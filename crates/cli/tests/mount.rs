@@ -500,6 +500,21 @@ fn posix_suite(root: &Path) -> Vec<String> {
     // Clean up a tree.
     fs::remove_dir_all(d.join("sub")).unwrap();
     check(!d.join("sub").exists(), "remove a tree");
+    // Timestamps from one clock: a link made after a socket was created
+    // never carries an earlier ctime than the socket's.
+    {
+        use std::os::unix::fs::MetadataExt;
+        let sock = d.join("order.sock");
+        let target = d.join("order-target");
+        fs::write(&target, b"t").unwrap();
+        let _listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        fs::hard_link(&target, d.join("order-link")).unwrap();
+        let (s, t) = (fs::metadata(&sock).unwrap(), fs::metadata(&target).unwrap());
+        check(
+            (t.ctime(), t.ctime_nsec()) >= (s.ctime(), s.ctime_nsec()),
+            "a link's ctime is not earlier than an older socket's",
+        );
+    }
     for (ok, what) in file_handles(root, &d) {
         check(ok, what);
     }

@@ -55,7 +55,28 @@ pub struct Timespec {
 }
 
 impl Timespec {
+    /// The time for a timestamp: the kernel's coarse realtime clock
+    /// (CLOCK_REALTIME_COARSE, one clock tick of resolution), which is
+    /// what the kernel's `current_time()` stamps inodes with — through a
+    /// FUSE mount the kernel sets some times itself (a link's ctime, with
+    /// the writeback cache mtime and ctime), and times from a finer clock
+    /// could then run ahead of later changes. Falls back to the system
+    /// clock where the coarse one is missing.
     pub fn now() -> Self {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_gettime writes one timespec through a valid
+        // pointer to a local; it has no other effect.
+        #[allow(unsafe_code)]
+        let r = unsafe { libc::clock_gettime(libc::CLOCK_REALTIME_COARSE, &mut ts) };
+        if r == 0 && (0..1_000_000_000).contains(&ts.tv_nsec) {
+            return Timespec {
+                sec: ts.tv_sec,
+                nsec: ts.tv_nsec as u32,
+            };
+        }
         let d = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
