@@ -572,7 +572,36 @@ fn mount_helper_args() -> Option<Vec<String>> {
         }
     }
     let _ = QUIET_MOUNT.set(!verbose);
+    // mount(8) leaves `dev` and `suid` out of the options it hands a
+    // helper (they are mount(2)'s defaults) and passes `nodev`/`nosuid`
+    // when asked for them. A FUSE mount defaults to nodev,nosuid, so as
+    // root (who may have them, as with mount.fuse3) say them explicitly
+    // unless told otherwise.
+    let words: Vec<&str> = out
+        .windows(2)
+        .filter(|w| w[0] == "-o")
+        .flat_map(|w| w[1].split(','))
+        .collect();
+    let mut implied = Vec::new();
+    if !words.contains(&"nodev") && !words.contains(&"dev") {
+        implied.push("dev");
+    }
+    if !words.contains(&"nosuid") && !words.contains(&"suid") {
+        implied.push("suid");
+    }
+    if is_root() && !implied.is_empty() {
+        out.push("-o".into());
+        out.push(implied.join(","));
+    }
     Some(out)
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and touches no memory.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::geteuid() == 0
+    }
 }
 
 /// Set when running as mount(8)'s helper without `-v`: print nothing on

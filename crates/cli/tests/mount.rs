@@ -757,6 +757,19 @@ fn mount_helper_and_signals() {
         "as mount(8)'s helper, silent on success: {}",
         String::from_utf8_lossy(&out.stdout)
     );
+    // As root the helper mounts dev,suid unless told nodev/nosuid, as
+    // mount(8) with an ext4 image would (it leaves dev and suid out).
+    let line = fs::read_to_string("/proc/self/mounts")
+        .unwrap()
+        .lines()
+        .find(|l| l.split(' ').nth(1) == mnt.to_str())
+        .map(str::to_string)
+        .unwrap_or_default();
+    let flags = line.split(' ').nth(3).unwrap_or("");
+    assert!(
+        !flags.split(',').any(|f| f == "nosuid" || f == "nodev"),
+        "helper mount flags: {flags}"
+    );
     fs::write(mnt.join("via-helper"), b"ok").unwrap();
     folio_umount(&mnt);
     // Foreground mount; SIGTERM unmounts cleanly and syncs.
