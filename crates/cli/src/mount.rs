@@ -207,28 +207,52 @@ fn lock_image(image: &Path, read_only: bool) -> Result<File, String> {
 }
 
 /// Is the image's lock held by a folio mount server whose mount is gone
-/// (or by nobody any more)? Such a server has closed /dev/fuse (its
-/// session ended) and is making its final commit.
+/// (or by nobody any more)? Such a server's mount point is no longer a
+/// mount point, or it has closed /dev/fuse (its session ended), and it is
+/// making its final commit.
 fn finishing_folio_mount(image: &Path) -> bool {
     let Ok(f) = File::open(image) else {
         return false;
     };
-    let Some((pid, cmd)) = folio_ext4::fs::flock_holder(&f) else {
+    let Some((pid, argv)) = folio_ext4::fs::flock_holder(&f) else {
         // Nobody holds it any more (the server exited a moment ago): try
         // again.
         return true;
     };
-    let server = cmd.split(' ').next().is_some_and(|exe| {
+    let server = argv.first().is_some_and(|exe| {
         let name = exe.rsplit('/').next().unwrap_or(exe);
         name == "folio" || name == "mount.fuse.folio" || name == "mount.folio"
-    }) && cmd.split(' ').any(|a| a == "mount");
+    });
+    // `folio mount IMAGE MOUNTPOINT ...`: the mount point is the second
+    // argument after "mount" that is not an option.
+    let Some(at) = argv.iter().position(|a| a == "mount") else {
+        return false;
+    };
+    let mut positional = Vec::new();
+    let mut args = argv[at + 1..].iter();
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "-o" | "--threads" => {
+                args.next();
+            }
+            a if a.starts_with('-') => {}
+            a => positional.push(a),
+        }
+    }
+    let Some(mnt) = positional.get(1) else {
+        return false;
+    };
+    if !server {
+        return false;
+    }
+    if !is_mounted(Path::new(mnt)) {
+        return true;
+    }
     let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
         return false;
     };
-    let serving = fds
-        .flatten()
-        .any(|e| std::fs::read_link(e.path()).is_ok_and(|t| t == Path::new("/dev/fuse")));
-    server && !serving
+    !fds.flatten()
+        .any(|e| std::fs::read_link(e.path()).is_ok_and(|t| t == Path::new("/dev/fuse")))
 }
 
 /// Mount in this process and serve until unmounted or signalled.

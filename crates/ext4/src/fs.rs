@@ -80,15 +80,15 @@ pub fn lock_image(path: &Path, shared: bool) -> Result<std::fs::File> {
 /// /proc/locks, as far as it can be found.
 fn lock_holder(f: &std::fs::File) -> String {
     match flock_holder(f) {
-        Some((pid, cmd)) if cmd.is_empty() => format!("process {pid}"),
-        Some((pid, cmd)) => format!("process {pid} ({cmd})"),
+        Some((pid, argv)) if argv.is_empty() => format!("process {pid}"),
+        Some((pid, argv)) => format!("process {pid} ({})", argv.join(" ")),
         None => "another process (already mounted, or open in another folio command)".into(),
     }
 }
 
-/// The process holding a flock on `f`, with its command line (empty if
+/// The process holding a flock on `f`, with its arguments (none if
 /// unreadable), from /proc/locks.
-pub fn flock_holder(f: &std::fs::File) -> Option<(u32, String)> {
+pub fn flock_holder(f: &std::fs::File) -> Option<(u32, Vec<String>)> {
     use std::os::unix::fs::MetadataExt;
     let ino = f.metadata().ok()?.ino().to_string();
     let locks = std::fs::read_to_string("/proc/locks").ok()?;
@@ -104,16 +104,15 @@ pub fn flock_holder(f: &std::fs::File) -> Option<(u32, String)> {
         let Ok(pid) = pid.parse::<u32>() else {
             continue;
         };
-        let cmd = std::fs::read(format!("/proc/{pid}/cmdline"))
+        let argv = std::fs::read(format!("/proc/{pid}/cmdline"))
             .map(|c| {
                 c.split(|&b| b == 0)
                     .filter(|a| !a.is_empty())
                     .map(|a| String::from_utf8_lossy(a).into_owned())
                     .collect::<Vec<_>>()
-                    .join(" ")
             })
             .unwrap_or_default();
-        return Some((pid, cmd));
+        return Some((pid, argv));
     }
     None
 }
