@@ -1236,9 +1236,7 @@ fn threads_race_through_the_mount() {
             match next(100) {
                 0..=19 => {
                     let p = name(&base);
-                    let data: Vec<u8> = (0..next(20_000))
-                        .map(|i| (i ^ k ^ t) as u8)
-                        .collect();
+                    let data: Vec<u8> = (0..next(20_000)).map(|i| (i ^ k ^ t) as u8).collect();
                     fs::write(&p, &data).map_err(|e| ctx(e, "create"))?;
                     files.insert(p, data);
                 }

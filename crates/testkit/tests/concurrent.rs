@@ -115,7 +115,9 @@ fn worker(sh: &Shared, t: u32, private: u32, seed: u64, ops: u64) -> Result<Mode
             (!files.is_empty()).then(|| files[rng.below(files.len() as u64) as usize].clone())
         };
         match rng.below(100) {
-            0..=11 => {
+            // Creates stop at 40 names a thread, so that long runs stay
+            // within the image (8 × 40 × 384 KiB).
+            0..=11 if m.names.len() < 40 => {
                 let dir = dirs[rng.below(2) as usize];
                 counter += 1;
                 let name = format!("{prefix}{counter}").into_bytes();
