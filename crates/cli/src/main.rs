@@ -441,7 +441,13 @@ fn run(cli: Cli) -> CliResult {
                 }
                 _ => return Err("give both IMAGE and MOUNTPOINT, or neither for the demo".into()),
             };
-            if foreground {
+            let remounting = options
+                .iter()
+                .flat_map(|o| o.split(','))
+                .any(|o| o == "remount");
+            if remounting {
+                folio_cli::mount::remount(&image, &mountpoint, &options)
+            } else if foreground {
                 folio_cli::mount::mount_foreground(&image, &mountpoint, &options, threads)
             } else {
                 folio_cli::mount::mount_background(&image, &mountpoint, &options, threads)?;
@@ -589,7 +595,7 @@ fn mount_helper_args() -> Option<Vec<String>> {
     if !words.contains(&"nosuid") && !words.contains(&"suid") {
         implied.push("suid");
     }
-    if is_root() && !implied.is_empty() {
+    if is_root() && !implied.is_empty() && !words.contains(&"remount") {
         out.push("-o".into());
         out.push(implied.join(","));
     }

@@ -549,6 +549,137 @@ fn mount_source(dir: &Path) -> Option<PathBuf> {
     None
 }
 
+/// `mount -o remount,ro|rw DIR` (mount(8) runs the helper so, and
+/// `folio mount -o remount,... IMAGE DIR` does the same): for `ro`, make
+/// everything durable first — syncfs(2) makes the kernel write back the
+/// mount's cached pages, and an fsync of the mount's root directory makes
+/// the server commit everything — then switch the mount with mount(2)'s
+/// MS_REMOUNT, keeping its nosuid/nodev/noexec/atime flags. Needs root
+/// (CAP_SYS_ADMIN), as remounting any filesystem does. A mount whose
+/// server opened the image read-only cannot become read-write.
+pub fn remount(image: &Path, mountpoint: &Path, options: &[String]) -> Result<(), String> {
+    let words: Vec<&str> = options
+        .iter()
+        .flat_map(|s| s.split(','))
+        .filter(|s| !s.is_empty())
+        .collect();
+    let ro = words
+        .iter()
+        .rev()
+        .find(|w| **w == "ro" || **w == "rw")
+        .is_some_and(|w| *w == "ro");
+
+    let canon = mountpoint
+        .canonicalize()
+        .map_err(|e| format!("{}: {e}", mountpoint.display()))?;
+    let target = canon.to_string_lossy().replace(' ', "\\040");
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let line = info
+        .lines()
+        .rfind(|l| l.split(' ').nth(4) == Some(target.as_str()))
+        .ok_or_else(|| format!("{}: not mounted", mountpoint.display()))?;
+    if line.split(" - ").nth(1).and_then(|r| r.split(' ').next()) != Some("fuse.folio") {
+        return Err(format!("{}: not a folio mount", mountpoint.display()));
+    }
+    if !ro {
+        if let Ok(f) = File::open(image) {
+            if let Some((_, argv)) = folio_ext4::fs::flock_holder(&f) {
+                let server_ro = argv
+                    .windows(2)
+                    .any(|w| w[0] == "-o" && w[1].split(',').any(|o| o == "ro"));
+                if server_ro {
+                    return Err(format!(
+                        "{}: the server opened the image read-only; unmount and mount it rw",
+                        mountpoint.display()
+                    ));
+                }
+            }
+        }
+    }
+    let dir = File::open(&canon).map_err(|e| format!("{}: {e}", canon.display()))?;
+    if ro {
+        use std::os::fd::AsRawFd;
+        // SAFETY: syncfs on a descriptor we hold open; no memory is shared.
+        #[allow(unsafe_code)]
+        let r = unsafe { libc::syncfs(dir.as_raw_fd()) };
+        if r != 0 {
+            return Err(format!(
+                "{}: syncfs: {}",
+                canon.display(),
+                std::io::Error::last_os_error()
+            ));
+        }
+        dir.sync_all()
+            .map_err(|e| format!("{}: final commit before remount: {e}", canon.display()))?;
+    }
+    let mut flags = libc::MS_REMOUNT;
+    if ro {
+        flags |= libc::MS_RDONLY;
+    }
+    // The mount's flags as they are, then as the options change them (a
+    // remount replaces them all).
+    let flag = |o: &str| match o {
+        "nosuid" => Some(libc::MS_NOSUID),
+        "nodev" => Some(libc::MS_NODEV),
+        "noexec" => Some(libc::MS_NOEXEC),
+        "noatime" => Some(libc::MS_NOATIME),
+        "nodiratime" => Some(libc::MS_NODIRATIME),
+        "relatime" => Some(libc::MS_RELATIME),
+        "strictatime" => Some(libc::MS_STRICTATIME),
+        _ => None,
+    };
+    let per_mount = line.split(' ').nth(5).unwrap_or("");
+    for o in per_mount.split(',') {
+        flags |= flag(o).unwrap_or(0);
+    }
+    for w in &words {
+        let off = match *w {
+            "suid" => libc::MS_NOSUID,
+            "dev" => libc::MS_NODEV,
+            "exec" => libc::MS_NOEXEC,
+            "atime" => libc::MS_NOATIME | libc::MS_RELATIME | libc::MS_STRICTATIME,
+            "diratime" => libc::MS_NODIRATIME,
+            _ => 0,
+        };
+        flags &= !off;
+        if let Some(f) = flag(w) {
+            if f & (libc::MS_NOATIME | libc::MS_RELATIME | libc::MS_STRICTATIME) != 0 {
+                flags &= !(libc::MS_NOATIME | libc::MS_RELATIME | libc::MS_STRICTATIME);
+            }
+            flags |= f;
+        } else if off == 0
+            && !matches!(*w, "remount" | "ro" | "rw" | "defaults")
+            && !w.starts_with("x-")
+        {
+            return Err(format!(
+                "remount: option {w:?} cannot be changed on a mounted folio filesystem"
+            ));
+        }
+    }
+    let c = std::ffi::CString::new(canon.as_os_str().as_encoded_bytes())
+        .map_err(|_| format!("{}: path has a NUL byte", canon.display()))?;
+    // SAFETY: a NUL-terminated target path; source, type and data may be
+    // null for MS_REMOUNT.
+    #[allow(unsafe_code)]
+    let r = unsafe {
+        libc::mount(
+            std::ptr::null(),
+            c.as_ptr(),
+            std::ptr::null(),
+            flags,
+            std::ptr::null(),
+        )
+    };
+    if r != 0 {
+        return Err(format!(
+            "{}: remount: {}",
+            canon.display(),
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -810,6 +810,75 @@ fn mount_helper_and_signals() {
     let _ = fs::remove_dir_all(&dir);
 }
 
+/// `mount -o remount,ro` and `remount,rw` as mount(8) runs them (the
+/// helper with `-o remount,...`): read-only after committing everything
+/// (a write is EROFS; a read-only open of the image, replaying its
+/// journal in memory, sees the data written just before), then writable
+/// again; the mount's other flags are kept; e2fsck clean.
+#[test]
+fn remount_read_only_and_back() {
+    if !prerequisites() {
+        return;
+    }
+    let (dir, img, mnt) = fresh_image("remount", "64M");
+    let helper = dir.join("mount.fuse.folio");
+    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_folio"), &helper).unwrap();
+    let run = |opts: &str| {
+        let out = Command::new(&helper)
+            .arg(&img)
+            .arg(&mnt)
+            .args(["-o", opts])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "-o {opts}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let flags = || {
+        fs::read_to_string("/proc/self/mounts")
+            .unwrap()
+            .lines()
+            .find(|l| l.split(' ').nth(1) == mnt.to_str())
+            .and_then(|l| l.split(' ').nth(3).map(str::to_string))
+            .unwrap_or_default()
+    };
+    run("rw,noexec");
+    fs::write(mnt.join("before"), b"committed at remount").unwrap();
+    run("remount,ro");
+    let f = flags();
+    assert!(
+        f.starts_with("ro,") && f.contains("noexec"),
+        "after remount,ro: {f}"
+    );
+    assert_eq!(
+        errno_of(fs::write(mnt.join("nope"), b"x")),
+        Some(libc::EROFS),
+        "writes refused"
+    );
+    // Everything is committed: a read-only open (journal replayed in
+    // memory) sees the file, the server still running.
+    let out = Command::new(env!("CARGO_BIN_EXE_folio"))
+        .args(["--ignore-lock", "cat"])
+        .arg(&img)
+        .arg("/before")
+        .output()
+        .unwrap();
+    assert_eq!(out.stdout, b"committed at remount");
+    run("remount,rw");
+    let f = flags();
+    assert!(
+        f.starts_with("rw,") && f.contains("noexec"),
+        "after remount,rw: {f}"
+    );
+    fs::write(mnt.join("after"), b"writable again").unwrap();
+    folio_umount(&mnt);
+    assert!(e2fsck_clean(&img));
+    assert_eq!(folio_cat(&img, "/after").stdout, b"writable again");
+    let _ = fs::remove_dir_all(&dir);
+}
+
 /// A plain `umount` (which returns before the server's final commit)
 /// followed at once by a mount of the same image, 100 times, as scripts
 /// do on the kernel's ext4: every mount succeeds (waiting for the

@@ -630,7 +630,14 @@ impl fuser::Filesystem for FolioFuse {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
-        answer(reply, self.with(|fs| fs.fsync(from_fuse(ino), datasync)))
+        let ino = from_fuse(ino);
+        // The kernel passes no syncfs(2) to a FUSE server, so an fsync of
+        // the mount's root directory commits everything (what `remount,ro`
+        // and anyone who needs the whole filesystem durable use).
+        if ino == ROOT_INO {
+            return answer(reply, self.with(Filesystem::sync));
+        }
+        answer(reply, self.with(|fs| fs.fsync(ino, datasync)))
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
