@@ -4,13 +4,16 @@
 //! journal, per-inode maps) lives in a `Core` behind one mutex, the
 //! *core lock*. Every operation takes `&self`, so one `Filesystem` can be
 //! shared between threads (`Arc<Filesystem>`); the core lock serialises
-//! the work on metadata. The page cache is shared without it.
+//! the work on metadata. Without it run: reads of cached data and
+//! overwrites of data already dirty in the cache (through the in-memory
+//! inode objects of `inodes`), and long writebacks hand it to waiting
+//! threads between batches.
 //!
-//! This is the first step of issue 12 (docs/architecture.md, "Locking"):
-//! the lock that the FUSE adapter held around every request now lives
-//! here, where it can be narrowed one path at a time. The core lock sits
-//! in the lock order just inside the inode level: a thread holding a
-//! folio lock, a journal handle or the allocator never takes it.
+//! The lock that the FUSE adapter once held around every request lives
+//! here, where it is narrowed one path at a time (issue 12;
+//! docs/architecture.md, "Concurrency and lock order"). It sits in the
+//! lock order just inside the inode level: a thread holding a folio lock,
+//! a journal handle or the allocator never takes it.
 //!
 //! ```no_run
 //! use std::sync::Arc;
