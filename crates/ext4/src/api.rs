@@ -428,6 +428,18 @@ impl Filesystem {
         Ok(n)
     }
 
+    /// Clear setuid/setgid (and file capabilities) before a write by
+    /// `caller`; whether the mode changed. A file the core has already
+    /// found with nothing to drop (and whose mode bits and attributes have
+    /// not changed since) is answered without the core lock, so a write
+    /// through the mount can stay lock-free.
+    pub fn drop_privs_for_write(&self, ino: u32, caller: Caller) -> Result<bool> {
+        if self.inodes.get(ino).is_some_and(|i| i.plain()) {
+            return Ok(false);
+        }
+        self.core().drop_privs_for_write(ino, caller)
+    }
+
     /// The lock-free part of `write_with`: overwrite, folio by folio,
     /// blocks that are already dirty in the cache (so they hold a
     /// reservation or a mapping and nothing needs allocating), inside the
@@ -549,8 +561,6 @@ impl Filesystem {
         fn rmdir(&self, parent: u32, name: &[u8]) -> Result<()>;
         fn rename(&self, parent: u32, name: &[u8], new_parent: u32, new_name: &[u8], flags: RenameFlags) -> Result<()>;
         fn setattr(&self, ino: u32, attr: &SetAttr) -> Result<Stat>;
-        /// Clear setuid/setgid (and file capabilities) before a write by `caller`.
-        fn drop_privs_for_write(&self, ino: u32, caller: Caller) -> Result<bool>;
         fn statfs(&self) -> StatFs;
         fn get_xattr(&self, ino: u32, name: &[u8]) -> Result<Vec<u8>>;
         fn list_xattr(&self, ino: u32) -> Result<Vec<Vec<u8>>>;

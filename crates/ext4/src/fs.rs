@@ -665,6 +665,9 @@ impl Core {
         if inode.is_reg() && inode.links() > 0 {
             let mtime = crate::inodes::millis(inode.mtime());
             self.inodes.note(inode.ino, inode.size(), mtime);
+            if inode.mode() & 0o6000 != 0 {
+                self.inodes.set_plain(inode.ino, false);
+            }
         } else {
             self.inodes.forget(inode.ino);
         }

@@ -35,6 +35,11 @@ pub(crate) struct InodeInfo {
     /// overwrite within the same millisecond leaves the inode alone, as
     /// the kernel's `file_update_time` does within one clock tick).
     mtime_ms: AtomicU64,
+    /// The core found nothing a write must drop (no setuid/setgid bit, no
+    /// security.capability) and nothing has changed mode bits or
+    /// attributes since: a write through the mount needs no core lock to
+    /// learn that.
+    plain: AtomicBool,
 }
 
 impl InodeInfo {
@@ -43,6 +48,9 @@ impl InodeInfo {
     }
     pub(crate) fn mtime_ms(&self) -> u64 {
         self.mtime_ms.load(Ordering::Acquire)
+    }
+    pub(crate) fn plain(&self) -> bool {
+        self.plain.load(Ordering::Acquire)
     }
 }
 
@@ -102,8 +110,17 @@ impl InodeTable {
             Arc::new(InodeInfo {
                 size: AtomicU64::new(size),
                 mtime_ms: AtomicU64::new(mtime_ms),
+                plain: AtomicBool::new(false),
             })
         }));
+    }
+
+    /// Whether a write to `ino` has privileges to drop (see
+    /// `InodeInfo::plain`).
+    pub(crate) fn set_plain(&self, ino: u32, plain: bool) {
+        if let Some(i) = self.get(ino) {
+            i.plain.store(plain, Ordering::Release);
+        }
     }
 
     pub(crate) fn writable(&self) -> bool {

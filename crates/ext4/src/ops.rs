@@ -1067,7 +1067,12 @@ impl Core {
     pub fn drop_privs_for_write(&mut self, ino: u32, caller: Caller) -> Result<bool> {
         let inode = self.read_inode(ino)?;
         let mode = dropped_mode(inode.mode(), inode.gid(), caller, false);
-        if mode == inode.mode() && !self.has_capability(&inode)? {
+        let caps = self.has_capability(&inode)?;
+        if inode.mode() & 0o6000 == 0 && !caps {
+            // Nothing any write could drop: later writes may skip asking.
+            self.inodes.set_plain(ino, true);
+        }
+        if mode == inode.mode() && !caps {
             return Ok(false);
         }
         let c = self.namespace_credits();

@@ -113,6 +113,8 @@ impl Core {
         value: &[u8],
         mode: XattrMode,
     ) -> Result<()> {
+        // A capability may appear: writes must ask the core again.
+        self.inodes.set_plain(ino, false);
         let c = self.namespace_credits();
         self.retry_nospc(c, |fs| fs.set_xattr_impl(ino, name, value, mode))
     }
@@ -177,6 +179,7 @@ impl Core {
 
     /// Remove attribute `name` of inode `ino`.
     pub fn remove_xattr(&mut self, ino: u32, name: &[u8]) -> Result<()> {
+        self.inodes.set_plain(ino, false);
         let c = self.namespace_credits();
         self.retry_nospc(c, |fs| fs.remove_xattr_impl(ino, name))
     }

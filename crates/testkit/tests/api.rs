@@ -782,3 +782,62 @@ fn stat_by_handle_finds_live_inodes_only() {
     fs.close_ref(f).unwrap();
     assert!(stale(fs.stat_by_handle(f, Some(g))), "deleted");
 }
+
+/// A write's privilege check is remembered per inode only while nothing
+/// can have changed it: after the core found nothing to drop, a chmod
+/// adding setuid and a security.capability attribute each make the next
+/// write drop them again.
+#[test]
+fn remembered_privilege_checks_follow_mode_and_xattr_changes() {
+    use folio_ext4::{Caller, SetAttr, XattrMode};
+    let (dev, fs) = mem_fs(32 << 20, MkfsOptions::default());
+    let user = Caller {
+        uid: 1000,
+        gid: 1000,
+        privileged: false,
+    };
+    let f = fs
+        .create(
+            ROOT_INO,
+            b"f",
+            0o755,
+            folio_ext4::Owner {
+                uid: 1000,
+                gid: 1000,
+            },
+        )
+        .unwrap();
+    fs.write(f, 0, b"x").unwrap();
+    assert!(
+        !fs.drop_privs_for_write(f, user).unwrap(),
+        "nothing to drop"
+    );
+    assert!(!fs.drop_privs_for_write(f, user).unwrap(), "remembered");
+    fs.setattr(
+        f,
+        &SetAttr {
+            mode: Some(0o4755),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert!(
+        fs.drop_privs_for_write(f, user).unwrap(),
+        "setuid added since"
+    );
+    assert_eq!(fs.stat(f).unwrap().mode & 0o7777, 0o755);
+    assert!(!fs.drop_privs_for_write(f, user).unwrap());
+    fs.set_xattr(
+        f,
+        b"security.capability",
+        &[1, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        XattrMode::Any,
+    )
+    .unwrap();
+    fs.drop_privs_for_write(f, user).unwrap();
+    assert!(
+        fs.get_xattr(f, b"security.capability").is_err(),
+        "the capability added since is dropped"
+    );
+    fsck_mem(&dev, fs, "privs");
+}
