@@ -144,6 +144,31 @@ fn posix_suite(root: &Path) -> Vec<String> {
         fs::read(d.join("b")).unwrap() == b"C" && fs::read(d.join("c")).unwrap() == b"A",
         "RENAME_EXCHANGE swaps",
     );
+    // RENAME_WHITEOUT (overlayfs's upper directory): the source name is
+    // left as a whiteout, a character device 0:0 of mode 0.
+    fs::write(d.join("wsrc"), b"W").unwrap();
+    check(
+        renameat2(&d.join("wsrc"), &d.join("wdst"), libc::RENAME_WHITEOUT) == 0,
+        "RENAME_WHITEOUT works",
+    );
+    {
+        use std::os::unix::fs::MetadataExt;
+        let w = fs::symlink_metadata(d.join("wsrc"));
+        check(
+            w.is_ok_and(|m| {
+                m.file_type().is_char_device() && m.rdev() == 0 && m.mode() & 0o7777 == 0
+            }) && fs::read(d.join("wdst")).is_ok_and(|b| b == b"W"),
+            "RENAME_WHITEOUT leaves a 0:0 character device",
+        );
+        check(
+            renameat2(
+                &d.join("wdst"),
+                &d.join("b"),
+                libc::RENAME_WHITEOUT | libc::RENAME_EXCHANGE,
+            ) == libc::EINVAL,
+            "RENAME_WHITEOUT with RENAME_EXCHANGE is EINVAL",
+        );
+    }
     fs::create_dir(d.join("empty")).unwrap();
     check(
         errno_of(fs::rename(d.join("empty"), d.join("sub"))) == Some(libc::ENOTEMPTY),

@@ -112,6 +112,10 @@ fn dropped_mode(mode: u16, gid: u32, caller: Caller, chown: bool) -> u16 {
 pub struct RenameFlags {
     pub noreplace: bool,
     pub exchange: bool,
+    /// RENAME_WHITEOUT: the source name is left pointing at a new
+    /// whiteout (a character device 0:0, mode 0) owned by this owner, as
+    /// overlayfs asks of its upper directory. Not with `exchange`.
+    pub whiteout: Option<Owner>,
 }
 
 /// Core statistics, as statfs(2) reports them.
@@ -843,8 +847,9 @@ impl Core {
         new_name: &[u8],
         flags: RenameFlags,
     ) -> Result<()> {
-        // A replaced target may lose its last name and its blocks.
-        let c = 2 * self.namespace_credits() + self.name_free_credits(new_parent, new_name);
+        // A replaced target may lose its last name and its blocks; a
+        // whiteout is one more inode.
+        let c = 3 * self.namespace_credits() + self.name_free_credits(new_parent, new_name);
         self.retry_nospc(c, |fs| {
             fs.rename_impl(parent, name, new_parent, new_name, flags)
         })
@@ -862,6 +867,11 @@ impl Core {
         if flags.noreplace && flags.exchange {
             return Err(Error::Invalid(
                 "RENAME_NOREPLACE and RENAME_EXCHANGE together".into(),
+            ));
+        }
+        if flags.whiteout.is_some() && flags.exchange {
+            return Err(Error::Invalid(
+                "RENAME_WHITEOUT and RENAME_EXCHANGE together".into(),
             ));
         }
         if name == b"." || name == b".." || new_name == b"." || new_name == b".." {
@@ -919,7 +929,20 @@ impl Core {
             self.dir_add(&mut ddir, new_name, sino, sft)?;
         }
         let sdir = self.read_inode(parent)?;
-        self.dir_remove(&sdir, name)?;
+        match flags.whiteout {
+            Some(owner) => {
+                // The source name now reaches a whiteout, made here, as
+                // ext4_whiteout_for_rename does.
+                let mut w = self.new_inode(&sdir, crate::format::inode::S_IFCHR, owner, (0, 0))?;
+                w.set_links(1);
+                self.write_inode(&mut w)?;
+                let sdir = self.read_inode(parent)?;
+                self.dir_set(&sdir, name, w.ino, FileType::CharDev)?;
+            }
+            None => {
+                self.dir_remove(&sdir, name)?;
+            }
+        }
         self.touch_dir(parent)?;
         if s_is_dir && parent != new_parent {
             let moved = self.read_inode(sino)?;

@@ -391,7 +391,7 @@ impl fuser::Filesystem for FolioFuse {
 
     fn rename(
         &self,
-        _req: &Request,
+        req: &Request,
         parent: INodeNo,
         name: &OsStr,
         newparent: INodeNo,
@@ -399,12 +399,13 @@ impl fuser::Filesystem for FolioFuse {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        if flags.contains(RenameFlags::RENAME_WHITEOUT) {
-            return reply.error(Errno::EINVAL);
-        }
+        // The kernel has checked CAP_MKNOD for RENAME_WHITEOUT.
         let f = FRename {
             noreplace: flags.contains(RenameFlags::RENAME_NOREPLACE),
             exchange: flags.contains(RenameFlags::RENAME_EXCHANGE),
+            whiteout: flags
+                .contains(RenameFlags::RENAME_WHITEOUT)
+                .then(|| Self::owner(req)),
         };
         match self.with(|fs| {
             fs.rename(

@@ -841,3 +841,45 @@ fn remembered_privilege_checks_follow_mode_and_xattr_changes() {
     );
     fsck_mem(&dev, fs, "privs");
 }
+
+/// RENAME_WHITEOUT, as overlayfs uses it: a file and a directory (across
+/// parents, so link counts move) are renamed and their old names become
+/// whiteouts (character devices 0:0, mode 0, owned by the caller);
+/// with RENAME_EXCHANGE it is EINVAL; e2fsck clean.
+#[test]
+fn rename_whiteout_leaves_whiteouts() {
+    use folio_ext4::{FileType, Owner, RenameFlags};
+    let (dev, fs) = mem_fs(32 << 20, MkfsOptions::default());
+    let me = Owner { uid: 7, gid: 8 };
+    let a = fs.mkdir(ROOT_INO, b"a", 0o755, me).unwrap();
+    let b = fs.mkdir(ROOT_INO, b"b", 0o755, me).unwrap();
+    let f = fs.create(a, b"f", 0o644, me).unwrap();
+    let sub = fs.mkdir(a, b"sub", 0o755, me).unwrap();
+    let wo = RenameFlags {
+        whiteout: Some(me),
+        ..Default::default()
+    };
+    fs.rename(a, b"f", b, b"f", wo).unwrap();
+    fs.rename(a, b"sub", b, b"sub", wo).unwrap();
+    assert_eq!(fs.lookup(b, b"f").unwrap(), f);
+    assert_eq!(fs.lookup(b, b"sub").unwrap(), sub);
+    for name in [&b"f"[..], b"sub"] {
+        let w = fs.stat(fs.lookup(a, name).unwrap()).unwrap();
+        assert_eq!(w.file_type, FileType::CharDev);
+        assert_eq!((w.rdev, w.mode & 0o7777, w.uid, w.gid), ((0, 0), 0, 7, 8));
+    }
+    assert_eq!(fs.stat(a).unwrap().nlink, 2, "a lost its subdirectory");
+    assert_eq!(fs.stat(b).unwrap().nlink, 3, "b gained it");
+    let both = RenameFlags {
+        exchange: true,
+        whiteout: Some(me),
+        ..Default::default()
+    };
+    assert_eq!(
+        fs.rename(b, b"f", ROOT_INO, b"a", both)
+            .unwrap_err()
+            .errno(),
+        libc::EINVAL
+    );
+    fsck_mem(&dev, fs, "whiteout");
+}
