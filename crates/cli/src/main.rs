@@ -29,6 +29,8 @@ struct Cli {
 static IGNORE_LOCK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
 
 #[derive(Subcommand)]
+// Parsed once per run: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 enum Cmd {
     /// Make a demo image with a small tree in it and list it.
     Demo {
@@ -71,6 +73,29 @@ enum Cmd {
         /// otherwise, as mke2fs asks first).
         #[arg(long, short = 'F')]
         force: bool,
+        /// Do not make anything: print what would be made.
+        #[arg(short = 'n')]
+        dry_run: bool,
+        /// Percentage of blocks reserved for root (0 to 50; default 5).
+        #[arg(short = 'm', value_name = "PERCENT")]
+        reserved_percent: Option<f64>,
+        /// Number of inodes (instead of a bytes-per-inode ratio).
+        #[arg(short = 'N', value_name = "NUMBER", conflicts_with = "inode_ratio")]
+        inodes: Option<u64>,
+        /// Usage type from mke2fs.conf's defaults: floppy, small, default,
+        /// news, big, huge, largefile, largefile4, hurd.
+        #[arg(short = 'T', value_name = "USAGE")]
+        usage: Option<String>,
+        /// Filesystem UUID: a UUID, `random`, `time` (random here) or
+        /// `clear`.
+        #[arg(short = 'U', value_name = "UUID")]
+        uuid: Option<String>,
+        /// Extended options, comma-separated: `root_owner[=UID:GID]`
+        /// (default: the caller's), and the accepted no-ops
+        /// `lazy_itable_init[=N]`, `lazy_journal_init[=N]`, `discard`,
+        /// `nodiscard`.
+        #[arg(short = 'E', value_name = "OPTIONS")]
+        extended: Vec<String>,
     },
     /// Show the superblock summary.
     Info { image: PathBuf },
@@ -266,7 +291,8 @@ fn ctx<T>(r: folio_ext4::Result<T>, what: &str) -> Result<T, String> {
     r.map_err(|e| format!("{what}: {e}"))
 }
 
-fn mkfs(image: &Path, size: Option<&str>, opts: MkfsOptions, quiet: bool) -> CliResult {
+/// Make the filesystem; the number of inodes made.
+fn mkfs(image: &Path, size: Option<&str>, opts: MkfsOptions, quiet: bool) -> Result<u32, String> {
     let size = match size {
         Some(s) => Some(folio_cli::parse_size(s)?),
         None => None,
@@ -276,7 +302,18 @@ fn mkfs(image: &Path, size: Option<&str>, opts: MkfsOptions, quiet: bool) -> Cli
     if !quiet {
         println!("{report}");
     }
-    Ok(())
+    Ok(report.inodes)
+}
+
+/// `-N` asked for more inodes than fit (one inode bitmap block per group:
+/// mke2fs would shrink the groups instead, which folio does not).
+fn warn_inodes(asked: Option<u64>, made: u32) {
+    if let Some(n) = asked.filter(|&n| n > u64::from(made)) {
+        eprintln!(
+            "folio: -N {n}: only {made} inodes fit at this block size (mke2fs would make \
+             smaller groups; folio does not yet)"
+        );
+    }
 }
 
 /// Apply `f` to every path, reporting each failure like rm(1) and mkdir(1)
@@ -313,8 +350,14 @@ fn run(cli: Cli) -> CliResult {
             journal,
             quiet,
             force,
+            dry_run,
+            reserved_percent,
+            inodes,
+            usage,
+            uuid,
+            extended,
         } => {
-            if !force {
+            if !force && !dry_run {
                 refuse_existing_fs(&image)?;
             }
             let fs_type = match r#type.as_str() {
@@ -358,6 +401,80 @@ fn run(cli: Cli) -> CliResult {
                 }
                 (None, p) => p,
             };
+            // -T: mke2fs.conf's usage types (this machine's defaults
+            // section: 4 KiB blocks, 256-byte inodes, 16 KiB per inode).
+            let (mut block_size, mut inode_ratio, mut inode_size) =
+                (block_size, inode_ratio, inode_size);
+            if let Some(t) = usage.as_deref() {
+                let (bs, ratio, isize) = match t {
+                    "floppy" => (1024, 8192, None),
+                    "small" => (1024, 4096, None),
+                    "default" => (4096, 16384, None),
+                    "news" => (4096, 4096, None),
+                    "big" => (4096, 32768, None),
+                    "huge" => (4096, 65536, None),
+                    "largefile" => (4096, 1 << 20, None),
+                    "largefile4" => (4096, 4 << 20, None),
+                    "hurd" => (4096, 16384, Some(128)),
+                    t => return Err(format!("unknown usage type {t:?} for -T")),
+                };
+                block_size = block_size.or(Some(bs));
+                inode_ratio = inode_ratio.or(Some(ratio));
+                inode_size = inode_size.or(isize);
+            }
+            let size_bytes = match &size {
+                Some(s) => Some(folio_cli::parse_size(s)?),
+                None => None,
+            };
+            if let Some(n) = inodes {
+                // -N: the ratio that gives (about) that many inodes.
+                let bytes = size_bytes
+                    .or_else(|| std::fs::metadata(&image).ok().map(|m| m.len()))
+                    .ok_or("-N needs the size (the image does not exist)")?;
+                if n == 0 {
+                    return Err("-N 0: a filesystem needs inodes".into());
+                }
+                inode_ratio = Some(u32::try_from((bytes / n).max(1024)).unwrap_or(u32::MAX));
+            }
+            let reserved_percent = match reserved_percent {
+                None => 5.0,
+                Some(p) if (0.0..=50.0).contains(&p) => p,
+                Some(p) => return Err(format!("invalid reserved blocks percent {p} (0 to 50)")),
+            };
+            let mut root_owner = folio_ext4::Owner::default();
+            for opt in extended
+                .iter()
+                .flat_map(|e| e.split(','))
+                .filter(|o| !o.is_empty())
+            {
+                match opt.split_once('=') {
+                    None if opt == "root_owner" => root_owner = caller_owner(),
+                    Some(("root_owner", v)) => {
+                        root_owner = v
+                            .split_once(':')
+                            .and_then(|(u, g)| {
+                                Some(folio_ext4::Owner {
+                                    uid: u.parse().ok()?,
+                                    gid: g.parse().ok()?,
+                                })
+                            })
+                            .ok_or_else(|| format!("-E root_owner={v}: give UID:GID"))?;
+                    }
+                    _ if [
+                        "lazy_itable_init",
+                        "lazy_journal_init",
+                        "discard",
+                        "nodiscard",
+                    ]
+                    .contains(&opt.split('=').next().unwrap_or("")) => {}
+                    _ => return Err(format!("-E {opt}: not supported")),
+                }
+            }
+            let uuid = match uuid.as_deref() {
+                None | Some("random" | "time") => None,
+                Some("clear") => Some([0u8; 16]),
+                Some(u) => Some(parse_uuid(u).ok_or_else(|| format!("invalid UUID {u:?}"))?),
+            };
             let opts = MkfsOptions {
                 fs_type,
                 block_size,
@@ -365,9 +482,26 @@ fn run(cli: Cli) -> CliResult {
                 inode_ratio,
                 inode_size,
                 journal_bytes: journal.map(|j| journal_size_bytes(&j)).transpose()?,
+                reserved_percent,
+                uuid,
+                root_owner,
                 ..Default::default()
             };
-            mkfs(&image, size.as_deref(), opts, quiet)
+            if dry_run {
+                let bytes = size_bytes
+                    .or_else(|| std::fs::metadata(&image).ok().map(|m| m.len()))
+                    .ok_or("-n needs the size (the image does not exist)")?;
+                let report =
+                    folio_ext4::mkfs::mkfs_plan(bytes, &opts).map_err(|e| e.to_string())?;
+                if !quiet {
+                    println!("{report}");
+                }
+                warn_inodes(inodes, report.inodes);
+                return Ok(());
+            }
+            let made = mkfs(&image, size.as_deref(), opts, quiet)?;
+            warn_inodes(inodes, made);
+            Ok(())
         }
         Cmd::Info { image } => {
             let fs = open(&image, true)?;
@@ -598,6 +732,31 @@ fn mount_helper_args() -> Option<Vec<String>> {
     if is_root() && !implied.is_empty() && !words.contains(&"remount") {
         out.push("-o".into());
         out.push(implied.join(","));
+    }
+    Some(out)
+}
+
+/// The caller's uid and gid (mke2fs's `-E root_owner` without a value).
+fn caller_owner() -> folio_ext4::Owner {
+    // SAFETY: geteuid and getegid have no preconditions and touch no memory.
+    #[allow(unsafe_code)]
+    unsafe {
+        folio_ext4::Owner {
+            uid: libc::geteuid(),
+            gid: libc::getegid(),
+        }
+    }
+}
+
+/// A UUID in its usual text form (hyphens optional).
+fn parse_uuid(s: &str) -> Option<[u8; 16]> {
+    let hex: Vec<u8> = s.bytes().filter(|&b| b != b'-').collect();
+    if hex.len() != 32 || s.len() != 36 && s.len() != 32 {
+        return None;
+    }
+    let mut out = [0u8; 16];
+    for (i, pair) in hex.chunks(2).enumerate() {
+        out[i] = u8::from_str_radix(std::str::from_utf8(pair).ok()?, 16).ok()?;
     }
     Some(out)
 }

@@ -364,6 +364,118 @@ fn mkfs_and_check_follow_e2fsprogs_conventions() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("cannot repair"));
 }
 
+/// mkfs's other mke2fs options: `-n` writes nothing and prints what
+/// `mkfs.ext4 -n` prints for the same sizes (every `-T` usage type, `-N`),
+/// `-m` (fractions too) sets the reserved count mke2fs sets, `-U` the
+/// UUID, `-E root_owner=` the root directory's owner; unknown `-T`/`-E`
+/// are refused.
+#[test]
+fn mkfs_n_m_u_e_t_follow_mke2fs() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tmp("mke2fs-opts");
+    let img = dir.join("a.img");
+    std::fs::File::create(&img)
+        .and_then(|f| f.set_len(64 << 20))
+        .unwrap();
+    let have_mke2fs = std::process::Command::new("mkfs.ext4")
+        .arg("-V")
+        .output()
+        .is_ok();
+    let line = |out: String| -> String {
+        out.lines()
+            .find(|l| l.starts_with("Creating filesystem"))
+            .unwrap_or_default()
+            .to_string()
+    };
+    for opt in [
+        vec!["-T", "floppy"],
+        vec!["-T", "small"],
+        vec!["-T", "news"],
+        vec!["-T", "largefile"],
+        vec!["-T", "hurd"],
+        vec!["-N", "5000"],
+        vec!["-N", "777"],
+        vec![],
+    ] {
+        let mut a: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![&"mkfs", &"-n"];
+        for x in &opt {
+            a.push(x);
+        }
+        a.push(&img);
+        let ours = line(ok(&a));
+        assert!(!ours.is_empty(), "mkfs -n {opt:?} printed its layout");
+        assert!(
+            std::fs::read(&img).unwrap().iter().all(|&b| b == 0),
+            "-n wrote nothing"
+        );
+        if have_mke2fs {
+            let theirs = std::process::Command::new("mkfs.ext4")
+                .args(["-n", "-F"])
+                .args(&opt)
+                .arg(&img)
+                .output()
+                .unwrap();
+            assert_eq!(
+                ours,
+                line(String::from_utf8_lossy(&theirs.stdout).into_owned()),
+                "mkfs -n {opt:?}"
+            );
+        }
+    }
+    ok(&[
+        &"mkfs",
+        &"-q",
+        &"-m",
+        &"0.5",
+        &"-U",
+        &"01234567-89ab-cdef-0123-456789abcdef",
+        &"-E",
+        &"root_owner=1000:1001,lazy_itable_init=1",
+        &img,
+    ]);
+    e2fsck_clean(&img);
+    let info = ok(&[&"info", &img]);
+    assert!(
+        info.contains("01234567-89ab-cdef-0123-456789abcdef"),
+        "{info}"
+    );
+    let reserved = info
+        .lines()
+        .find(|l| l.starts_with("Reserved block count"))
+        .and_then(|l| l.split_whitespace().last())
+        .unwrap_or_default()
+        .to_string();
+    assert_eq!(
+        reserved, "327",
+        "0.5% of 65,536 blocks, truncated as mke2fs does"
+    );
+    let st = ok(&[&"stat", &img, &"/"]);
+    assert!(
+        st.contains("Uid: ( 1000)") && st.contains("Gid: ( 1001)"),
+        "{st}"
+    );
+    for (args, why) in [
+        (vec!["-T", "tiny"], "usage type"),
+        (vec!["-E", "stride=4"], "not supported"),
+        (vec!["-m", "60"], "reserved blocks percent"),
+        (vec!["-U", "nonsense"], "invalid UUID"),
+    ] {
+        let mut a: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![&"mkfs", &"-F"];
+        for x in &args {
+            a.push(x);
+        }
+        a.push(&img);
+        let before = std::fs::metadata(&img).unwrap().mtime();
+        let o = folio(&a);
+        assert!(!o.status.success(), "mkfs {args:?} succeeded");
+        assert!(
+            String::from_utf8_lossy(&o.stderr).contains(why),
+            "mkfs {args:?}"
+        );
+        assert_eq!(std::fs::metadata(&img).unwrap().mtime(), before);
+    }
+}
+
 /// rewinddir shows the directory as it is now (issue 15, point 2): a
 /// stream read once, then 1,000 creates, then rewinddir, lists them all.
 #[test]

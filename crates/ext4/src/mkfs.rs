@@ -41,8 +41,9 @@ pub struct MkfsOptions {
     pub label: String,
     pub inode_ratio: Option<u32>,
     pub inode_size: Option<u16>,
-    /// Percentage of blocks reserved for root.
-    pub reserved_percent: u32,
+    /// Percentage of blocks reserved for root (mke2fs `-m`, fractions
+    /// allowed).
+    pub reserved_percent: f64,
     pub uuid: Option<[u8; 16]>,
     /// Owner of the root directory.
     pub root_owner: Owner,
@@ -62,7 +63,7 @@ impl Default for MkfsOptions {
             label: String::new(),
             inode_ratio: None,
             inode_size: None,
-            reserved_percent: 5,
+            reserved_percent: 5.0,
             uuid: None,
             root_owner: Owner::default(),
             device_zeroed: false,
@@ -95,7 +96,7 @@ impl fmt::Display for Report {
         )?;
         writeln!(
             f,
-            "Core UUID: {}-{}-{}-{}-{}",
+            "Filesystem UUID: {}-{}-{}-{}-{}",
             &u[0..8],
             &u[8..12],
             &u[12..16],
@@ -223,8 +224,20 @@ fn set(b: &mut [u8], i: usize) {
 }
 
 /// Make a filesystem on the first `size_bytes` of `dev`.
-pub fn mkfs(dev: Arc<dyn BlockDevice>, size_bytes: u64, opts: &MkfsOptions) -> Result<Report> {
-    let size_bytes = size_bytes.min(dev.size_bytes());
+/// The layout mkfs would make: sizes, counts and the journal, decided
+/// before anything is written.
+struct Plan {
+    bs: u32,
+    inode_size: u32,
+    blocks: u64,
+    fdb: u64,
+    bpg: u32,
+    groups: u32,
+    ipg: u32,
+    jblocks: Option<u32>,
+}
+
+fn plan(size_bytes: u64, opts: &MkfsOptions) -> Result<Plan> {
     let mib = 1u64 << 20;
     let (class_bs, class_ratio) = if size_bytes < 3 * mib {
         (1024, 8192)
@@ -251,7 +264,6 @@ pub fn mkfs(dev: Arc<dyn BlockDevice>, size_bytes: u64, opts: &MkfsOptions) -> R
     if opts.label.len() > 16 {
         return Err(Error::Invalid("label is longer than 16 bytes".into()));
     }
-    let ext4 = opts.fs_type == FsType::Ext4;
     let journal = opts.fs_type != FsType::Ext2;
     let bsz = u64::from(bs);
     let mut blocks = size_bytes / bsz;
@@ -273,10 +285,10 @@ pub fn mkfs(dev: Arc<dyn BlockDevice>, size_bytes: u64, opts: &MkfsOptions) -> R
             u32::try_from(groups).map_err(|_| Error::Invalid("too many groups".into()))?;
         let total_inodes = (size_bytes / u64::from(inode_ratio)).max(16);
         let mut ipg = total_inodes.div_ceil(groups).max(16) as u32;
-        // Whole inode-table blocks and a multiple of 8 (bitmap bytes); both
-        // are powers of two, so the larger is their common multiple.
-        let align = 8u32.max(ipb);
-        ipg = ipg.div_ceil(align) * align;
+        // As ext2fs_initialize: fill whole inode-table blocks, then round
+        // down to a multiple of 8 (bitmap bytes).
+        ipg = ipg.min(bs * 8).min(65536 - ipb);
+        ipg = (itable_for(ipg) * bsz / u64::from(inode_size)) as u32 & !7;
         ipg = ipg.min(bs * 8).min(65536 - ipb);
         if u64::from(ipg) * groups > u64::from(u32::MAX) {
             return Err(Error::Invalid("too many inodes".into()));
@@ -288,12 +300,6 @@ pub fn mkfs(dev: Arc<dyn BlockDevice>, size_bytes: u64, opts: &MkfsOptions) -> R
         }
         break (groups32, ipg);
     };
-
-    // Superblock.
-    let mut sb = Superblock::zeroed();
-    let mut f_compat = compat::EXT_ATTR | compat::DIR_INDEX;
-    let mut f_incompat = incompat::FILETYPE;
-    let mut f_ro = ro_compat::SPARSE_SUPER | ro_compat::LARGE_FILE;
     let jblocks = match (journal, opts.journal_bytes) {
         (false, _) => None,
         (true, None) => default_journal_blocks(blocks),
@@ -309,6 +315,52 @@ pub fn mkfs(dev: Arc<dyn BlockDevice>, size_bytes: u64, opts: &MkfsOptions) -> R
             Some(j)
         }
     };
+    Ok(Plan {
+        bs,
+        inode_size,
+        blocks,
+        fdb,
+        bpg,
+        groups,
+        ipg,
+        jblocks,
+    })
+}
+
+/// What `mkfs` would make of `size_bytes` with `opts`, writing nothing
+/// (mke2fs `-n`).
+pub fn mkfs_plan(size_bytes: u64, opts: &MkfsOptions) -> Result<Report> {
+    let p = plan(size_bytes, opts)?;
+    Ok(Report {
+        block_size: p.bs,
+        blocks: p.blocks,
+        inodes: p.ipg * p.groups,
+        groups: p.groups,
+        journal_blocks: p.jblocks.unwrap_or(0),
+        uuid: opts.uuid.unwrap_or_else(uuid_v4),
+        fs_type: opts.fs_type,
+    })
+}
+
+pub fn mkfs(dev: Arc<dyn BlockDevice>, size_bytes: u64, opts: &MkfsOptions) -> Result<Report> {
+    let Plan {
+        bs,
+        inode_size,
+        blocks,
+        fdb,
+        bpg,
+        groups,
+        ipg,
+        jblocks,
+    } = plan(size_bytes.min(dev.size_bytes()), opts)?;
+    let ext4 = opts.fs_type == FsType::Ext4;
+    let bsz = u64::from(bs);
+    let itable_for = |ipg: u32| (u64::from(ipg) * u64::from(inode_size)).div_ceil(bsz);
+    // Superblock.
+    let mut sb = Superblock::zeroed();
+    let mut f_compat = compat::EXT_ATTR | compat::DIR_INDEX;
+    let mut f_incompat = incompat::FILETYPE;
+    let mut f_ro = ro_compat::SPARSE_SUPER | ro_compat::LARGE_FILE;
     // has_journal is set by make_journal once the journal exists (phase 2
     // runs unjournalled).
     if ext4 {
@@ -343,7 +395,8 @@ pub fn mkfs(dev: Arc<dyn BlockDevice>, size_bytes: u64, opts: &MkfsOptions) -> R
     let uuid = opts.uuid.unwrap_or_else(uuid_v4);
     sb.set_inodes_count(ipg * groups);
     sb.set_blocks_count(blocks);
-    sb.set_r_blocks_count(blocks * u64::from(opts.reserved_percent) / 100);
+    // As mke2fs: the fraction of the block count, truncated.
+    sb.set_r_blocks_count((blocks as f64 * opts.reserved_percent.clamp(0.0, 50.0) / 100.0) as u64);
     sb.set_first_data_block(fdb as u32);
     sb.set_log_block_size(bs.trailing_zeros() - 10);
     sb.set_log_cluster_size(bs.trailing_zeros() - 10);

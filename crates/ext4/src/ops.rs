@@ -118,7 +118,7 @@ pub struct RenameFlags {
     pub whiteout: Option<Owner>,
 }
 
-/// Core statistics, as statfs(2) reports them.
+/// Filesystem statistics, as statfs(2) reports them.
 #[derive(Clone, Debug)]
 pub struct StatFs {
     pub block_size: u32,
@@ -1166,7 +1166,7 @@ impl Core {
         o
     }
 
-    /// Core statistics.
+    /// Filesystem statistics.
     pub fn statfs(&mut self) -> StatFs {
         let recorded = u64::from(self.sb.overhead_clusters());
         let overhead = if recorded != 0 {
