@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Benchmark folio's FUSE mount against fuse2fs and the kernel's ext4 on
-# identical images, in one run, and print each result and the ratios
-# folio/fuse2fs and folio/kernel. Needs root (loop and FUSE mounts);
+# identical images, and against memfs (crates/fuse/examples/memfs.rs, an
+# in-memory FUSE server configured as folio's mount: the transport's
+# ceiling), in one run, and print each result and the ratios
+# folio/fuse2fs, folio/kernel and folio/memfs. Needs root (loop and FUSE mounts);
 # installs fio, fuse2fs and fuse3 if missing.
 #
 # Workloads: sequential and random fio jobs (one stream), 4 parallel
@@ -26,10 +28,16 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 [ "$(id -u)" -eq 0 ] || { echo "bench/run.sh needs root (loop and FUSE mounts)"; exit 1; }
 cargo build --release -q -p folio-cli
+cargo build --release -q -p folio-fuse --example memfs
 FOLIO=$(pwd)/target/release/folio
+MEMFS=$(pwd)/target/release/examples/memfs
+# folio, fuse2fs and the kernel on identical images; memfs (an in-memory
+# FUSE server doing no filesystem work, crates/fuse/examples/memfs.rs) is
+# the FUSE transport's ceiling.
+ALL="folio fuse2fs kernel memfs"
 W=$(mktemp -d /tmp/folio-bench.XXXXXX)
 cleanup() {
-    for m in folio fuse2fs kernel; do
+    for m in $ALL; do
         mountpoint -q "$W/$m" 2>/dev/null && { fusermount3 -u "$W/$m" 2>/dev/null || umount "$W/$m"; }
     done
     rm -rf "$W"
@@ -38,11 +46,14 @@ trap cleanup EXIT
 mkfs.ext4 -q -F "$W/base.img" "$SIZE"
 for m in folio fuse2fs kernel; do
     cp --sparse=always "$W/base.img" "$W/$m.img"
+done
+for m in $ALL; do
     mkdir -p "$W/$m"
 done
 "$FOLIO" mount "$W/folio.img" "$W/folio" >/dev/null
 fuse2fs "$W/fuse2fs.img" "$W/fuse2fs" -o rw >/dev/null
 mount -o loop "$W/kernel.img" "$W/kernel"
+"$MEMFS" "$W/memfs" & sleep 1
 
 drop() { sync; echo 3 > /proc/sys/vm/drop_caches; }
 MB=$((256 * SCALE))
@@ -58,7 +69,7 @@ WORKLOADS=(
 declare -A RESULT
 for w in "${WORKLOADS[@]}"; do
     name=${w%%|*}; args=${w#*|}
-    for m in folio fuse2fs kernel; do
+    for m in $ALL; do
         drop
         # Reads use the file the matching write made.
         file="--filename=$W/$m/bench-${name#*-}"
@@ -74,7 +85,7 @@ for w in "${WORKLOADS[@]}"; do
 done
 # Metadata: create, stat, unlink many small files.
 N=$((3000 * SCALE))
-for m in folio fuse2fs kernel; do
+for m in $ALL; do
     drop
     RESULT[metadata,$m]=$(python3 - "$W/$m/meta" "$N" <<'PY'
 import os, sys, time
@@ -93,7 +104,7 @@ PY
 )
 done
 # The same, from 4 processes at once, each in a directory of its own.
-for m in folio fuse2fs kernel; do
+for m in $ALL; do
     drop
     RESULT[metadata-4x,$m]=$(python3 - "$W/$m/meta4" "$N" <<'PY'
 import os, sys, time
@@ -119,21 +130,22 @@ PY
 done
 # Latency of a cold stat and a cached 4 KiB read of other files while one
 # file fsyncs 256 MiB of dirty data (bench/fsync_latency.py).
-for m in folio fuse2fs kernel; do
+for m in $ALL; do
     drop
     read -r smed sp99 smax scount rmed rp99 fsecs < <(python3 bench/fsync_latency.py "$W/$m" $((256 * SCALE)))
     RESULT[stat-med-ms,$m]=$smed; RESULT[stat-p99-ms,$m]=$sp99; RESULT[stat-max-ms,$m]=$smax
     RESULT[stats-during,$m]=$scount; RESULT[read-p99-ms,$m]=$rp99; RESULT[fsync-256M-s,$m]=$fsecs
 done
-printf "\n%-20s %10s %10s %10s %14s %14s\n" workload folio fuse2fs kernel folio/fuse2fs folio/kernel
+printf "\n%-20s %10s %10s %10s %10s %14s %14s %12s\n" workload folio fuse2fs kernel memfs folio/fuse2fs folio/kernel folio/memfs
 for name in seq-write-1M seq-read-1M rand-write-4k rand-read-4k parallel-write-4x rand-write-4x metadata metadata-4x \
         stat-med-ms stat-p99-ms stat-max-ms stats-during read-p99-ms fsync-256M-s; do
-    f=${RESULT[$name,folio]}; g=${RESULT[$name,fuse2fs]}; k=${RESULT[$name,kernel]}
+    f=${RESULT[$name,folio]}; g=${RESULT[$name,fuse2fs]}; k=${RESULT[$name,kernel]}; x=${RESULT[$name,memfs]}
     case $name in
         metadata*) unit=ops/s;; *-ms) unit=ms;; stats-during) unit=count;; *-s) unit=s;; *) unit=MiB/s;;
     esac
-    printf "%-20s %10s %10s %10s %14s %14s   (%s)\n" "$name" "$f" "$g" "$k" \
-        "$(python3 -c "print('%.2f' % ($f/$g if $g else 0))")" "$(python3 -c "print('%.2f' % ($f/$k if $k else 0))")" "$unit"
+    printf "%-20s %10s %10s %10s %10s %14s %14s %12s   (%s)\n" "$name" "$f" "$g" "$k" "$x" \
+        "$(python3 -c "print('%.2f' % ($f/$g if $g else 0))")" "$(python3 -c "print('%.2f' % ($f/$k if $k else 0))")" \
+        "$(python3 -c "print('%.2f' % ($f/$x if $x else 0))")" "$unit"
 done
 echo
 echo "rand-write-4x / rand-write-4k on folio: $(python3 -c "print('%.2f' % (${RESULT[rand-write-4x,folio]}/${RESULT[rand-write-4k,folio]}))")"
@@ -142,6 +154,7 @@ fusermount3 -u "$W/fuse2fs"
 # fuse2fs finishes writing after the unmount returns: wait for it.
 while pgrep -f "fuse2fs $W/fuse2fs.img" >/dev/null; do sleep 0.1; done
 umount "$W/kernel"
+fusermount3 -u "$W/memfs"
 for m in folio fuse2fs kernel; do
     e2fsck -fn "$W/$m.img" >/dev/null 2>&1 && echo "$m image: e2fsck clean" || echo "$m image: e2fsck NOT clean"
 done
