@@ -512,13 +512,25 @@ pub fn umount(mountpoint: &Path, lazy: bool) -> Result<(), String> {
     }
     if let Some(img) = source.filter(|p| p.is_file()) {
         // The server holds a lock on the image until its final sync ends.
+        // A lazy unmount of a busy mount detaches it at once, but the
+        // server serves the files still open until the last is closed:
+        // like umount -l, report success after a short wait and say so.
+        let patience = Duration::from_secs(if lazy { 2 } else { 60 });
         if let Ok(f) = File::open(&img) {
             let start = Instant::now();
-            while start.elapsed() < Duration::from_secs(60) {
+            while start.elapsed() < patience {
                 if f.try_lock_shared().is_ok() {
                     return Ok(());
                 }
                 std::thread::sleep(Duration::from_millis(20));
+            }
+            if lazy {
+                eprintln!(
+                    "folio: {}: detached; the folio process makes its final commit once the \
+                     last file open on it is closed",
+                    mountpoint.display()
+                );
+                return Ok(());
             }
             return Err(format!(
                 "{}: the folio process did not finish within 60 s",

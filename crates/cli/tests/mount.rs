@@ -904,6 +904,53 @@ fn remount_read_only_and_back() {
     let _ = fs::remove_dir_all(&dir);
 }
 
+/// `folio umount -l` on a busy mount (a file held open inside) detaches
+/// it and returns 0 within seconds, as `umount -l` does; the server keeps
+/// serving the open file, and once it is closed makes its final commit and
+/// lets go of the image, which is e2fsck clean with the file's data.
+#[test]
+fn lazy_umount_of_a_busy_mount() {
+    if !prerequisites() {
+        return;
+    }
+    let (dir, img, mnt) = fresh_image("lazy", "64M");
+    folio_mount(&img, &mnt);
+    let mut held = fs::File::create(mnt.join("held")).unwrap();
+    let start = std::time::Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_folio"))
+        .args(["umount", "-l"])
+        .arg(&mnt)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "umount -l: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        start.elapsed().as_secs() < 20,
+        "umount -l returned promptly"
+    );
+    assert!(
+        !fs::read_to_string("/proc/self/mounts")
+            .unwrap()
+            .contains(mnt.to_str().unwrap()),
+        "detached"
+    );
+    // The open file still works, then is closed.
+    std::io::Write::write_all(&mut held, b"written after the detach").unwrap();
+    held.sync_all().unwrap();
+    drop(held);
+    let start = std::time::Instant::now();
+    while folio_ext4::fs::lock_image(&img, false).is_err() {
+        assert!(start.elapsed().as_secs() < 60, "the server never finished");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(e2fsck_clean(&img));
+    assert_eq!(folio_cat(&img, "/held").stdout, b"written after the detach");
+    let _ = fs::remove_dir_all(&dir);
+}
+
 /// A plain `umount` (which returns before the server's final commit)
 /// followed at once by a mount of the same image, 100 times, as scripts
 /// do on the kernel's ext4: every mount succeeds (waiting for the
