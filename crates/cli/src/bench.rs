@@ -195,22 +195,40 @@ pub(crate) fn is_root() -> bool {
 
 /// `folio bench`: run the workloads on folio and the kernel, print ratios.
 pub fn run(dir: &Path, size_mib: u64) -> Result<(), String> {
-    let work = dir.join(format!("folio-bench-{}", std::process::id()));
+    in_scratch(dir, "folio-bench", |work| run_in(work, size_mib))
+}
+
+/// Run `f` in a fresh scratch directory `NAME-PID` under `dir`, removed
+/// afterwards whatever happens.
+pub(crate) fn in_scratch(
+    dir: &Path,
+    name: &str,
+    f: impl FnOnce(&Path) -> Result<(), String>,
+) -> Result<(), String> {
+    let work = dir.join(format!("{name}-{}", std::process::id()));
     std::fs::create_dir_all(&work).map_err(|e| format!("{}: {e}", work.display()))?;
-    let result = run_in(&work, size_mib);
+    let result = f(&work);
     let _ = std::fs::remove_dir_all(&work);
     result
 }
 
-fn run_in(work: &Path, size_mib: u64) -> Result<(), String> {
-    let img_size = (size_mib * 2 + 256) << 20;
+/// Identical fresh images of `img_size` bytes for folio and the kernel,
+/// `folio.img` and `kernel.img` in `work` (copied keeping holes).
+pub(crate) fn twin_images(work: &Path, img_size: u64) -> Result<(PathBuf, PathBuf), String> {
     let base = work.join("base.img");
     mkfs_path(&base, Some(img_size), &MkfsOptions::default()).map_err(|e| e.to_string())?;
     let folio_img = work.join("folio.img");
     let kernel_img = work.join("kernel.img");
     for img in [&folio_img, &kernel_img] {
-        std::fs::copy(&base, img).map_err(|e| e.to_string())?;
+        copy_sparse(&base, img)?;
     }
+    let _ = std::fs::remove_file(&base);
+    Ok((folio_img, kernel_img))
+}
+
+fn run_in(work: &Path, size_mib: u64) -> Result<(), String> {
+    let img_size = (size_mib * 2 + 256) << 20;
+    let (folio_img, kernel_img) = twin_images(work, img_size)?;
     println!(
         "folio bench: {size_mib} MiB file, images of {} MiB, in {}",
         img_size >> 20,
@@ -318,11 +336,9 @@ struct ScaleRow {
 /// library and on the kernel's ext4 (identical fresh images), with the
 /// extent count of each result.
 pub fn run_scaling(dir: &Path, sizes_mib: &[u64], secs: f64) -> Result<(), String> {
-    let work = dir.join(format!("folio-bench-scaling-{}", std::process::id()));
-    std::fs::create_dir_all(&work).map_err(|e| format!("{}: {e}", work.display()))?;
-    let result = scaling_in(&work, sizes_mib, secs);
-    let _ = std::fs::remove_dir_all(&work);
-    result
+    in_scratch(dir, "folio-bench-scaling", |work| {
+        scaling_in(work, sizes_mib, secs)
+    })
 }
 
 fn scaling_in(work: &Path, sizes_mib: &[u64], secs: f64) -> Result<(), String> {
@@ -338,14 +354,7 @@ fn scaling_in(work: &Path, sizes_mib: &[u64], secs: f64) -> Result<(), String> {
     for &size_mib in sizes_mib {
         let size = size_mib << 20;
         let img_size = size + size / 4 + (256 << 20);
-        let base = work.join("base.img");
-        mkfs_path(&base, Some(img_size), &MkfsOptions::default()).map_err(|e| e.to_string())?;
-        let folio_img = work.join("folio.img");
-        let kernel_img = work.join("kernel.img");
-        for img in [&folio_img, &kernel_img] {
-            copy_sparse(&base, img)?;
-        }
-        let _ = std::fs::remove_file(&base);
+        let (folio_img, kernel_img) = twin_images(work, img_size)?;
         let fs =
             Filesystem::open_path(&folio_img, OpenOptions::default()).map_err(|e| e.to_string())?;
         let ino = fs

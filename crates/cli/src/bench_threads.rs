@@ -17,10 +17,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use folio_ext4::mkfs::{mkfs_path, MkfsOptions};
 use folio_ext4::{Filesystem, OpenOptions, Owner, ROOT_INO};
 
-use crate::bench::{is_root, loop_mount};
+use crate::bench::{in_scratch, is_root, loop_mount, twin_images};
 
 /// What the workloads need of a filesystem, from many threads at once.
 trait Par: Sync {
@@ -285,23 +284,15 @@ fn run_side<P: Par>(p: &P, threads: u32, size_mib: u64, secs: f64) -> Result<Fig
 
 /// `folio bench --threads N`.
 pub fn run(dir: &Path, threads: u32, size_mib: u64, secs: f64) -> Result<(), String> {
-    let work = dir.join(format!("folio-bench-threads-{}", std::process::id()));
-    std::fs::create_dir_all(&work).map_err(|e| format!("{}: {e}", work.display()))?;
-    let result = run_in(&work, threads.max(1), size_mib, secs);
-    let _ = std::fs::remove_dir_all(&work);
-    result
+    in_scratch(dir, "folio-bench-threads", |work| {
+        run_in(work, threads.max(1), size_mib, secs)
+    })
 }
 
 fn run_in(work: &Path, threads: u32, size_mib: u64, secs: f64) -> Result<(), String> {
     // Room for the files of both write workloads and the 256 MiB fsync.
     let img_size = (size_mib * (u64::from(threads) + 1) + 768) << 20;
-    let base = work.join("base.img");
-    mkfs_path(&base, Some(img_size), &MkfsOptions::default()).map_err(|e| e.to_string())?;
-    let folio_img = work.join("folio.img");
-    let kernel_img = work.join("kernel.img");
-    for img in [&folio_img, &kernel_img] {
-        std::fs::copy(&base, img).map_err(|e| e.to_string())?;
-    }
+    let (folio_img, kernel_img) = twin_images(work, img_size)?;
     println!(
         "folio bench --threads {threads}: {size_mib} MiB files, {secs} s per write workload, \
          images of {} MiB in {}",

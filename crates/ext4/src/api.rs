@@ -280,22 +280,9 @@ impl Filesystem {
     /// (up to the size) is uptodate in the cache.
     fn read_cached(&self, ino: u32, offset: u64, buf: &mut [u8]) -> Option<usize> {
         let size = self.inodes.get(ino)?.size();
-        if offset >= size || buf.is_empty() {
-            return None;
-        }
-        let len = (size - offset).min(buf.len() as u64) as usize;
-        let m = self.pc.existing(u64::from(ino))?;
-        let fsz = m.folio_size() as u64;
-        let mut done = 0usize;
-        while done < len {
-            let p = offset + done as u64;
-            let off = (p % fsz) as usize;
-            let n = (fsz as usize - off).min(len - done);
-            m.find(p / fsz)?
-                .read_uptodate(off, &mut buf[done..done + n], m.block_size())?;
-            done += n;
-        }
-        Some(len)
+        self.pc
+            .existing(u64::from(ino))?
+            .read_cached(size, offset, buf)
     }
 
     /// Write `data` to file `ino` at `offset` through the page cache

@@ -226,6 +226,7 @@ fn set(b: &mut [u8], i: usize) {
 /// Make a filesystem on the first `size_bytes` of `dev`.
 /// The layout mkfs would make: sizes, counts and the journal, decided
 /// before anything is written.
+#[derive(Clone, Copy)]
 struct Plan {
     bs: u32,
     inode_size: u32,
@@ -330,19 +331,25 @@ fn plan(size_bytes: u64, opts: &MkfsOptions) -> Result<Plan> {
 /// What `mkfs` would make of `size_bytes` with `opts`, writing nothing
 /// (mke2fs `-n`).
 pub fn mkfs_plan(size_bytes: u64, opts: &MkfsOptions) -> Result<Report> {
-    let p = plan(size_bytes, opts)?;
-    Ok(Report {
-        block_size: p.bs,
-        blocks: p.blocks,
-        inodes: p.ipg * p.groups,
-        groups: p.groups,
-        journal_blocks: p.jblocks.unwrap_or(0),
-        uuid: opts.uuid.unwrap_or_else(uuid_v4),
-        fs_type: opts.fs_type,
-    })
+    Ok(plan(size_bytes, opts)?.report(opts.uuid.unwrap_or_else(uuid_v4), opts.fs_type))
+}
+
+impl Plan {
+    fn report(&self, uuid: [u8; 16], fs_type: FsType) -> Report {
+        Report {
+            block_size: self.bs,
+            blocks: self.blocks,
+            inodes: self.ipg * self.groups,
+            groups: self.groups,
+            journal_blocks: self.jblocks.unwrap_or(0),
+            uuid,
+            fs_type,
+        }
+    }
 }
 
 pub fn mkfs(dev: Arc<dyn BlockDevice>, size_bytes: u64, opts: &MkfsOptions) -> Result<Report> {
+    let layout = plan(size_bytes.min(dev.size_bytes()), opts)?;
     let Plan {
         bs,
         inode_size,
@@ -352,7 +359,7 @@ pub fn mkfs(dev: Arc<dyn BlockDevice>, size_bytes: u64, opts: &MkfsOptions) -> R
         groups,
         ipg,
         jblocks,
-    } = plan(size_bytes.min(dev.size_bytes()), opts)?;
+    } = layout;
     let ext4 = opts.fs_type == FsType::Ext4;
     let bsz = u64::from(bs);
     let itable_for = |ipg: u32| (u64::from(ipg) * u64::from(inode_size)).div_ceil(bsz);
@@ -693,21 +700,11 @@ pub fn mkfs(dev: Arc<dyn BlockDevice>, size_bytes: u64, opts: &MkfsOptions) -> R
     fs.dir_spread = true;
     // mke2fs grows lost+found to 16 KiB within its direct blocks.
     fs.expand_dir(lpf, 16384.min(12 * u64::from(bs)))?;
-    let mut journal_blocks = 0;
     if let Some(j) = jblocks {
         fs.make_journal(j, opts.device_zeroed)?;
-        journal_blocks = j;
     }
     fs.sync()?;
-    Ok(Report {
-        block_size: bs,
-        blocks,
-        inodes: ipg * groups,
-        groups,
-        journal_blocks,
-        uuid,
-        fs_type: opts.fs_type,
-    })
+    Ok(layout.report(uuid, opts.fs_type))
 }
 
 impl Core {

@@ -121,16 +121,7 @@ impl MemFs {
 
 impl fuser::Filesystem for MemFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
-        let _ = config.set_max_write(1 << 20);
-        let _ = config.set_max_readahead(1 << 20);
-        for cap in [
-            fuser::InitFlags::FUSE_ASYNC_READ,
-            fuser::InitFlags::FUSE_BIG_WRITES,
-            fuser::InitFlags::FUSE_PARALLEL_DIROPS,
-            fuser::InitFlags::FUSE_WRITEBACK_CACHE,
-        ] {
-            let _ = config.add_capabilities(cap);
-        }
+        folio_fuse::request_transport(config);
         Ok(())
     }
 

@@ -203,27 +203,38 @@ impl FolioFuse {
     }
 }
 
+/// The transport settings of folio's mount, which the benchmarks' memfs
+/// (crates/fuse/examples/memfs.rs) shares so that it measures the same
+/// transport: large requests (the kernel's own checks do the rest),
+/// asynchronous reads, parallel directory operations and the kernel's
+/// writeback cache. Each capability is asked for on its own: fuser refuses
+/// the whole set if the kernel lacks any one of them (FUSE_BIG_WRITES is
+/// implied and no longer offered by recent kernels).
+pub fn request_transport(config: &mut KernelConfig) {
+    let _ = config.set_max_write(1 << 20);
+    let _ = config.set_max_readahead(1 << 20);
+    for cap in [
+        fuser::InitFlags::FUSE_ASYNC_READ,
+        fuser::InitFlags::FUSE_BIG_WRITES,
+        fuser::InitFlags::FUSE_PARALLEL_DIROPS,
+        // The kernel's page cache absorbs writes and sends them in
+        // page-sized batches; it keeps i_size, mtime and ctime itself and
+        // sends them back through setattr. Safe for folio because every
+        // change to the image goes through its mount.
+        fuser::InitFlags::FUSE_WRITEBACK_CACHE,
+    ] {
+        let _ = config.add_capabilities(cap);
+    }
+}
+
 impl fuser::Filesystem for FolioFuse {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
-        // Large requests; the kernel's own checks do the rest.
-        let _ = config.set_max_write(1 << 20);
-        let _ = config.set_max_readahead(1 << 20);
-        // Ask for each capability on its own: fuser refuses the whole set if
-        // the kernel lacks any one of them (FUSE_BIG_WRITES is implied and
-        // no longer offered by recent kernels).
+        request_transport(config);
         for cap in [
-            fuser::InitFlags::FUSE_ASYNC_READ,
-            fuser::InitFlags::FUSE_BIG_WRITES,
-            fuser::InitFlags::FUSE_PARALLEL_DIROPS,
             // The kernel enforces POSIX ACLs (read through getxattr in the
             // VFS encoding the library serves) and keeps mode and ACL mask
             // in step.
             fuser::InitFlags::FUSE_POSIX_ACL,
-            // The kernel's page cache absorbs writes and sends them in
-            // page-sized batches; it keeps i_size, mtime and ctime itself
-            // and sends them back through setattr. Safe because every change
-            // to the image goes through this mount.
-            fuser::InitFlags::FUSE_WRITEBACK_CACHE,
             // Dropping setuid/setgid and capabilities on write, truncate and
             // chown is ours (see `write` and `setattr`): the kernel then
             // stops asking for security.capability before every write.

@@ -418,6 +418,30 @@ impl AddressSpace {
         lock(&self.dirty).range(first..=last).copied().collect()
     }
 
+    /// Copy `[pos, pos + buf.len())` out of the cache, clamped to a file
+    /// of `isize` bytes, without any folio lock (each folio's copy is
+    /// consistent under its state mutex): the bytes copied, or `None`
+    /// unless every block asked for is cached and uptodate. Nothing is
+    /// filled or changed, so a caller without the filesystem's locks may
+    /// use it.
+    pub fn read_cached(&self, isize: u64, pos: u64, buf: &mut [u8]) -> Option<usize> {
+        if pos >= isize || buf.is_empty() {
+            return None;
+        }
+        let len = (isize - pos).min(buf.len() as u64) as usize;
+        let fsz = self.folio_size as u64;
+        let mut done = 0usize;
+        while done < len {
+            let p = pos + done as u64;
+            let off = (p % fsz) as usize;
+            let n = (fsz as usize - off).min(len - done);
+            self.find(p / fsz)?
+                .read_uptodate(off, &mut buf[done..done + n], self.block_size)?;
+            done += n;
+        }
+        Some(len)
+    }
+
     /// The highest dirty folio index, if any.
     pub fn last_dirty_index(&self) -> Option<u64> {
         lock(&self.dirty).last().copied()
