@@ -763,7 +763,7 @@ fn a_transaction_inside_the_allocator_breaks_the_lock_order() {
 #[test]
 fn stat_by_handle_finds_live_inodes_only() {
     use folio_ext4::Error;
-    let (_dev, fs) = mem_fs(32 << 20, MkfsOptions::default());
+    let (dev, fs) = mem_fs(32 << 20, MkfsOptions::default());
     let me = folio_ext4::Owner::default();
     let f = fs.create(ROOT_INO, b"f", 0o644, me).unwrap();
     let g = fs.stat(f).unwrap().generation;
@@ -781,6 +781,7 @@ fn stat_by_handle_finds_live_inodes_only() {
     assert!(fs.stat_by_handle(f, Some(g)).is_ok(), "unlinked but open");
     fs.close_ref(f).unwrap();
     assert!(stale(fs.stat_by_handle(f, Some(g))), "deleted");
+    fsck_mem(&dev, fs, "handles");
 }
 
 /// A write's privilege check is remembered per inode only while nothing
