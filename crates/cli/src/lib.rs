@@ -4,6 +4,8 @@
 pub mod bench;
 pub mod bench_threads;
 pub mod copy;
+pub mod export;
+pub mod flusher;
 pub mod hostxattr;
 pub mod io;
 pub mod mount;

@@ -165,6 +165,50 @@ enum Cmd {
         #[arg(long, default_value_t = 4)]
         threads: usize,
     },
+    /// Serve the file PATH inside the image as an NBD export (for
+    /// qemu-img, qemu-io, nbdcopy, nbdinfo, fio, nbd-client). Runs until
+    /// SIGINT/SIGTERM, then writes everything back and closes the image.
+    Export {
+        image: PathBuf,
+        /// The file to serve (absolute path inside the image).
+        path: String,
+        /// unix:SOCKET, tcp:HOST:PORT or tcp:PORT (default tcp:127.0.0.1:10809).
+        #[arg(long, value_name = "ADDR", default_value = "tcp:127.0.0.1:10809")]
+        listen: folio_nbd::Listen,
+        /// Export name (default: PATH without its leading '/'); the empty
+        /// name finds the export too.
+        #[arg(long)]
+        name: Option<String>,
+        /// Serve read-only (the image is opened read-only).
+        #[arg(short = 'r', long)]
+        read_only: bool,
+        /// Create PATH, sparse, of SIZE bytes if it does not exist.
+        #[arg(long, value_name = "SIZE")]
+        create: Option<String>,
+        /// Create PATH or grow it to SIZE bytes.
+        #[arg(long, value_name = "SIZE")]
+        size: Option<String>,
+        /// Transform the data on its way to the file: xor:BYTE or
+        /// aes-xts-plain64:KEYFILE (32- or 64-byte raw key, dm-crypt layout).
+        #[arg(long, value_name = "SPEC")]
+        transform: Option<String>,
+        /// Serve in the background; print the export's URI once listening.
+        #[arg(long)]
+        fork: bool,
+        /// Write the serving process's pid here.
+        #[arg(long, value_name = "FILE")]
+        pid_file: Option<PathBuf>,
+        /// Run a shell command with $uri set to the export's URI, then stop
+        /// and exit with its status (as nbdkit --run).
+        #[arg(long, value_name = "CMD")]
+        run: Option<String>,
+        /// Most client connections at once.
+        #[arg(long, default_value_t = 16)]
+        max_connections: usize,
+        /// Bounce buffers of 1 MiB reserved at start; requests wait for one.
+        #[arg(long, default_value_t = 8)]
+        bounce_buffers: usize,
+    },
     /// Unmount a folio mount and wait for its final sync.
     Umount {
         mountpoint: PathBuf,
@@ -599,6 +643,50 @@ fn run(cli: Cli) -> CliResult {
             }
         }
         Cmd::Umount { mountpoint, lazy } => folio_cli::mount::umount(&mountpoint, lazy),
+        Cmd::Export {
+            image,
+            path,
+            listen,
+            name,
+            read_only,
+            create,
+            size,
+            transform,
+            fork,
+            pid_file,
+            run,
+            max_connections,
+            bounce_buffers,
+        } => {
+            let parse = |s: Option<String>| s.map(|s| folio_cli::parse_size(&s)).transpose();
+            let args = folio_cli::export::ExportArgs {
+                image: image.display().to_string(),
+                path,
+                listen,
+                name,
+                read_only,
+                create: parse(create)?,
+                size: parse(size)?,
+                transform,
+                pid_file,
+                run,
+                max_connections: max_connections.max(1),
+                bounce_buffers: bounce_buffers.max(1),
+            };
+            if fork {
+                if args.run.is_some() {
+                    return Err("--fork and --run do not go together".into());
+                }
+                // Refuse a busy image here, where the error can be seen.
+                drop(open(&image, read_only)?);
+                return folio_cli::export::serve_background();
+            }
+            let fs = open(&image, read_only)?;
+            match folio_cli::export::serve(fs, &args)? {
+                0 => Ok(()),
+                code => std::process::exit(code),
+            }
+        }
         Cmd::Io {
             image,
             path,

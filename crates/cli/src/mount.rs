@@ -11,7 +11,6 @@
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -282,7 +281,6 @@ pub fn mount_foreground(
         o
     })
     .map_err(|e| format!("{}: {e}", image.display()))?;
-    let page_cache = fs.page_cache().clone();
     if let Some(r) = fs.recovery_report() {
         eprintln!(
             "folio: {}: journal recovered ({} transactions)",
@@ -324,33 +322,7 @@ pub fn mount_foreground(
         // SAFETY: sending a signal to our own process has no memory effects.
         unsafe { libc::kill(libc::getpid(), libc::SIGUSR1) };
     });
-    // The flusher: background writeback when dirty data passes the
-    // background level (checked without the filesystem lock), and periodic
-    // commits like ext4's commit=5.
-    let flusher = shared.clone();
-    let stop = Arc::new(AtomicBool::new(false));
-    let stopped = stop.clone();
-    let flusher = std::thread::spawn(move || {
-        let tick = Duration::from_millis(100);
-        let mut since_commit = Duration::ZERO;
-        while !stopped.load(Ordering::Relaxed) {
-            std::thread::sleep(tick);
-            since_commit += tick;
-            let commit = since_commit >= Duration::from_secs(5);
-            if !commit && !page_cache.over_background() {
-                continue;
-            }
-            let r = if commit {
-                since_commit = Duration::ZERO;
-                flusher.sync()
-            } else {
-                flusher.writeback_background().map(drop)
-            };
-            if let Err(e) = r {
-                eprintln!("folio: background writeback failed: {e}");
-            }
-        }
-    });
+    let flusher = crate::flusher::Flusher::spawn(shared.clone());
     loop {
         let mut sig: libc::c_int = 0;
         // SAFETY: `set` is initialised and `sig` is a valid out-pointer.
@@ -380,8 +352,7 @@ pub fn mount_foreground(
     // a server that has done so (see `finishing_folio_mount`).
     drop(notifier);
     drop(unmounter);
-    stop.store(true, Ordering::Relaxed);
-    let _ = flusher.join();
+    flusher.stop();
     let result = match Arc::try_unwrap(shared) {
         Ok(fs) => fs.close(),
         // Something still holds it (a FUSE worker not yet gone): make
@@ -396,7 +367,7 @@ pub fn mount_foreground(
 /// Set for the background server process started by [`mount_background`].
 const DAEMON_ENV: &str = "FOLIO_MOUNT_DAEMON";
 
-fn detach_stdio() {
+pub(crate) fn detach_stdio() {
     if let Ok(null) = File::options().read(true).write(true).open("/dev/null") {
         use std::os::fd::AsRawFd;
         for fd in [0, 1, 2] {
@@ -407,7 +378,7 @@ fn detach_stdio() {
     }
 }
 
-fn signal_set() -> libc::sigset_t {
+pub(crate) fn signal_set() -> libc::sigset_t {
     // SAFETY: sigemptyset initialises the set; sigaddset only adds valid
     // signal numbers to it.
     unsafe {

@@ -1,0 +1,52 @@
+//! The flusher thread of a long-running server (the mount, the NBD
+//! export): background writeback when dirty data passes the page cache's
+//! background level (checked without the filesystem's lock), and a commit
+//! every 5 seconds like ext4's `commit=5`.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use folio_ext4::Filesystem;
+
+pub struct Flusher {
+    stop: Arc<AtomicBool>,
+    thread: JoinHandle<()>,
+}
+
+impl Flusher {
+    pub fn spawn(fs: Arc<Filesystem>) -> Flusher {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let page_cache = fs.page_cache().clone();
+            let tick = Duration::from_millis(100);
+            let mut since_commit = Duration::ZERO;
+            while !stopped.load(Ordering::Relaxed) {
+                std::thread::sleep(tick);
+                since_commit += tick;
+                let commit = since_commit >= Duration::from_secs(5);
+                if !commit && !page_cache.over_background() {
+                    continue;
+                }
+                let r = if commit {
+                    since_commit = Duration::ZERO;
+                    fs.sync()
+                } else {
+                    fs.writeback_background().map(drop)
+                };
+                if let Err(e) = r {
+                    eprintln!("folio: background writeback failed: {e}");
+                }
+            }
+        });
+        Flusher { stop, thread }
+    }
+
+    /// Stop and wait for the thread (it lets go of the filesystem).
+    pub fn stop(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.thread.join();
+    }
+}
