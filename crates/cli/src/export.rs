@@ -349,3 +349,46 @@ pub fn serve_background() -> Result<(), String> {
     println!("{}", line.trim());
     Ok(())
 }
+
+/// `folio get --transform`: copy the file `source` out of the image with
+/// the transform undone, as a client of the export would read it.
+pub fn get_transformed(
+    fs: &Filesystem,
+    source: &str,
+    dest: &std::path::Path,
+    t: &Transform,
+) -> Result<(), String> {
+    use std::io::Write;
+    let ino = fs
+        .resolve_follow(source)
+        .map_err(|e| format!("{source}: {e}"))?;
+    let st = fs.stat(ino).map_err(|e| format!("{source}: {e}"))?;
+    if st.file_type != folio_ext4::FileType::Regular {
+        return Err(format!("{source}: --transform copies one regular file"));
+    }
+    if !st.size.is_multiple_of(t.alignment()) {
+        return Err(format!(
+            "{source}: {} bytes is not a multiple of the transform's {}-byte sectors",
+            st.size,
+            t.alignment()
+        ));
+    }
+    let mut out = std::io::BufWriter::new(
+        std::fs::File::create(dest).map_err(|e| format!("{}: {e}", dest.display()))?,
+    );
+    let mut buf = vec![0u8; BOUNCE_CHUNK];
+    let mut at = 0u64;
+    while at < st.size {
+        let n = (st.size - at).min(buf.len() as u64) as usize;
+        let got = fs
+            .read(ino, at, &mut buf[..n])
+            .map_err(|e| format!("{source}: {e}"))?;
+        buf[got..n].fill(0);
+        t.decrypt(at, &mut buf[..n])
+            .map_err(|e| format!("{source}: {e}"))?;
+        out.write_all(&buf[..n])
+            .map_err(|e| format!("{}: {e}", dest.display()))?;
+        at += n as u64;
+    }
+    out.flush().map_err(|e| format!("{}: {e}", dest.display()))
+}

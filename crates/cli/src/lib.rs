@@ -7,6 +7,7 @@ pub mod copy;
 pub mod export;
 pub mod flusher;
 pub mod hostxattr;
+pub mod image;
 pub mod io;
 pub mod mount;
 pub mod show;

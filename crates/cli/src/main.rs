@@ -130,6 +130,10 @@ enum Cmd {
         source: String,
         /// Host destination.
         dest: PathBuf,
+        /// Undo an export's transform (xor:BYTE or
+        /// aes-xts-plain64:KEYFILE) while copying one file.
+        #[arg(long, value_name = "SPEC")]
+        transform: Option<String>,
     },
     /// Remove files (and with -r, directories).
     Rm {
@@ -300,7 +304,7 @@ fn open(image: &Path, read_only: bool) -> Result<Filesystem, String> {
         read_only,
         ..Default::default()
     };
-    match Filesystem::open_path(image, opts) {
+    match folio_cli::image::open(image, opts) {
         Err(folio_ext4::Error::Locked(holder))
             if read_only && IGNORE_LOCK.get().copied().unwrap_or(false) =>
         {
@@ -308,7 +312,7 @@ fn open(image: &Path, read_only: bool) -> Result<Filesystem, String> {
                 "folio: warning: {} is in use by {holder}; reading it anyway, what follows may be stale",
                 image.display()
             );
-            Filesystem::open_path(
+            folio_cli::image::open(
                 image,
                 OpenOptions {
                     read_only,
@@ -341,8 +345,27 @@ fn mkfs(image: &Path, size: Option<&str>, opts: MkfsOptions, quiet: bool) -> Res
         Some(s) => Some(folio_cli::parse_size(s)?),
         None => None,
     };
-    let report = folio_ext4::mkfs::mkfs_path(image, size, &opts)
-        .map_err(|e| format!("{}: {e}", image.display()))?;
+    let report = match folio_cli::image::connect(image, false)
+        .map_err(|e| format!("{}: {e}", image.display()))?
+    {
+        Some(dev) => {
+            // An export has its size: -s may only use less of it.
+            let have = folio_blockdev::BlockDevice::size_bytes(&dev);
+            let size = match size {
+                Some(s) if s > have => {
+                    return Err(format!(
+                        "{}: the export is {have} bytes, smaller than {s}",
+                        image.display()
+                    ))
+                }
+                Some(s) => s,
+                None => have,
+            };
+            folio_ext4::mkfs::mkfs(std::sync::Arc::new(dev), size, &opts)
+        }
+        None => folio_ext4::mkfs::mkfs_path(image, size, &opts),
+    }
+    .map_err(|e| format!("{}: {e}", image.display()))?;
     if !quiet {
         println!("{report}");
     }
@@ -585,6 +608,17 @@ fn run(cli: Cli) -> CliResult {
             image,
             source,
             dest,
+            transform: Some(t),
+        } => {
+            let t = folio_nbd::Transform::parse(&t).map_err(|e| e.to_string())?;
+            let fs = open(&image, true)?;
+            folio_cli::export::get_transformed(&fs, &source, &dest, &t)
+        }
+        Cmd::Get {
+            image,
+            source,
+            dest,
+            transform: None,
         } => {
             let mut fs = open(&image, true)?;
             copy::get(&mut fs, &source, &dest)
@@ -890,11 +924,18 @@ fn main() -> ExitCode {
 /// before it overwrites one.
 fn refuse_existing_fs(image: &Path) -> CliResult {
     use std::os::unix::fs::FileExt;
-    let Ok(f) = std::fs::File::open(image) else {
-        return Ok(());
-    };
     let mut magic = [0u8; 2];
-    if f.read_exact_at(&mut magic, 1024 + 0x38).is_ok() && u16::from_le_bytes(magic) == 0xEF53 {
+    let read = match folio_cli::image::connect(image, true) {
+        Ok(Some(dev)) => {
+            folio_blockdev::BlockDevice::read_at(&dev, 1024 + 0x38, &mut magic).is_ok()
+        }
+        Err(e) => return Err(format!("{}: {e}", image.display())),
+        Ok(None) => match std::fs::File::open(image) {
+            Ok(f) => f.read_exact_at(&mut magic, 1024 + 0x38).is_ok(),
+            Err(_) => return Ok(()),
+        },
+    };
+    if read && u16::from_le_bytes(magic) == 0xEF53 {
         return Err(format!(
             "{} contains an ext2/3/4 filesystem; use -F to overwrite it",
             image.display()

@@ -14,7 +14,7 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use folio_ext4::{Filesystem, OpenOptions};
+use folio_ext4::OpenOptions;
 use folio_fuse::{FolioFuse, Shared};
 use fuser::{Config, MountOption, SessionACL};
 
@@ -268,8 +268,13 @@ pub fn mount_foreground(
             mountpoint.display()
         ));
     }
-    let lock = lock_image(image, opts.read_only)?;
-    let fs = Filesystem::open_path(image, {
+    // An image on an NBD server has no host file to lock.
+    let lock = if crate::image::is_nbd(image) {
+        None
+    } else {
+        Some(lock_image(image, opts.read_only)?)
+    };
+    let fs = crate::image::open(image, {
         let mut o = OpenOptions {
             read_only: opts.read_only,
             // Held above, for the whole life of the mount.
@@ -418,7 +423,9 @@ pub fn mount_background(
     // A busy image: said here, before detaching, not by a daemon that
     // fails where nobody sees it.
     let ro = parse_opts(options, image)?.read_only;
-    drop(lock_image(image, ro)?);
+    if !crate::image::is_nbd(image) {
+        drop(lock_image(image, ro)?);
+    }
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let mut cmd = Command::new(exe);
     cmd.arg("mount")
@@ -467,6 +474,13 @@ pub fn mount_background(
 /// has released the image (its final sync is done).
 pub fn umount(mountpoint: &Path, lazy: bool) -> Result<(), String> {
     let source = mount_source(mountpoint);
+    // An image on an NBD server has no host file whose lock tells when
+    // the server is done: wait for the server process itself.
+    let nbd_servers: Vec<u32> = source
+        .as_deref()
+        .filter(|s| crate::image::is_nbd(s))
+        .map(mount_servers_of)
+        .unwrap_or_default();
     let status = Command::new("fusermount3")
         .arg(if lazy { "-uz" } else { "-u" })
         .arg(mountpoint)
@@ -480,6 +494,26 @@ pub fn umount(mountpoint: &Path, lazy: bool) -> Result<(), String> {
         .map_err(|e| format!("cannot run fusermount3 or umount: {e}"))?;
     if !status.success() {
         return Err(format!("{}: unmount failed", mountpoint.display()));
+    }
+    if !nbd_servers.is_empty() {
+        let patience = Duration::from_secs(if lazy { 2 } else { 60 });
+        let start = Instant::now();
+        while start.elapsed() < patience {
+            if nbd_servers
+                .iter()
+                .all(|pid| !Path::new(&format!("/proc/{pid}")).exists())
+            {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if lazy {
+            return Ok(());
+        }
+        return Err(format!(
+            "{}: the folio process did not finish within 60 s",
+            mountpoint.display()
+        ));
     }
     if let Some(img) = source.filter(|p| p.is_file()) {
         // The server holds a lock on the image until its final sync ends.
@@ -513,6 +547,34 @@ pub fn umount(mountpoint: &Path, lazy: bool) -> Result<(), String> {
 }
 
 /// The source (fsname) of a fuse.folio mount, if `dir` is one.
+/// The folio processes serving a mount of `source`: their command line
+/// is `folio mount SOURCE ...` and they hold /dev/fuse open.
+fn mount_servers_of(source: &Path) -> Vec<u32> {
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    procs
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+                return false;
+            };
+            let args: Vec<&[u8]> = cmd.split(|&b| b == 0).collect();
+            let serving = args.iter().any(|a| *a == b"mount")
+                && args
+                    .iter()
+                    .any(|a| *a == source.as_os_str().as_encoded_bytes());
+            serving
+                && std::fs::read_dir(format!("/proc/{pid}/fd")).is_ok_and(|fds| {
+                    fds.flatten().any(|e| {
+                        std::fs::read_link(e.path()).is_ok_and(|t| t == Path::new("/dev/fuse"))
+                    })
+                })
+        })
+        .collect()
+}
+
 fn mount_source(dir: &Path) -> Option<PathBuf> {
     let canon = dir.canonicalize().ok()?;
     let target = canon.to_string_lossy().replace(' ', "\\040");
