@@ -562,9 +562,7 @@ fn mount_servers_of(source: &Path) -> Vec<u32> {
             };
             let args: Vec<&[u8]> = cmd.split(|&b| b == 0).collect();
             let serving = args.iter().any(|a| *a == b"mount")
-                && args
-                    .iter()
-                    .any(|a| *a == source.as_os_str().as_encoded_bytes());
+                && args.contains(&source.as_os_str().as_encoded_bytes());
             serving
                 && std::fs::read_dir(format!("/proc/{pid}/fd")).is_ok_and(|fds| {
                     fds.flatten().any(|e| {
