@@ -476,6 +476,9 @@ impl Server {
             CMD_FLUSH | CMD_DISC => return Ok(()),
             _ => return Err(EINVAL),
         }
+        if req.cmd == CMD_READ && req.length > MAX_PAYLOAD {
+            return Err(EOVERFLOW);
+        }
         if writes && self.config.read_only {
             return Err(EPERM);
         }
@@ -488,9 +491,6 @@ impl Server {
             && (!req.offset.is_multiple_of(a) || !u64::from(req.length).is_multiple_of(a))
         {
             return Err(EINVAL);
-        }
-        if req.cmd == CMD_READ && req.length > MAX_PAYLOAD {
-            return Err(EOVERFLOW);
         }
         Ok(())
     }
