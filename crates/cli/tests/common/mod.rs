@@ -31,3 +31,26 @@ pub fn scratch(kind: &str, tag: &str) -> PathBuf {
     std::fs::create_dir_all(&p).unwrap();
     p
 }
+
+/// e2fsck -fn must call `img` clean (skipped, outside CI, without e2fsck).
+#[allow(dead_code)]
+pub fn e2fsck_clean(img: &std::path::Path) {
+    let tool = ["/sbin/e2fsck", "/usr/sbin/e2fsck", "/usr/bin/e2fsck"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists());
+    let Some(tool) = tool else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "e2fsck is missing under CI"
+        );
+        return;
+    };
+    let o = Command::new(tool).arg("-fn").arg(img).output().unwrap();
+    assert!(
+        o.status.success(),
+        "e2fsck {}: {}{}",
+        img.display(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
