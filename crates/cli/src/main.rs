@@ -300,11 +300,19 @@ type CliResult = Result<(), String>;
 /// except that a read-only command with `--ignore-lock` reads it anyway
 /// and warns that what it shows may be stale.
 fn open(image: &Path, read_only: bool) -> Result<Filesystem, String> {
-    let opts = OpenOptions {
-        read_only,
-        ..Default::default()
-    };
-    match folio_cli::image::open(image, opts) {
+    open_with(
+        image,
+        OpenOptions {
+            read_only,
+            ..Default::default()
+        },
+    )
+}
+
+/// [`open`] with options of the caller's.
+fn open_with(image: &Path, opts: OpenOptions) -> Result<Filesystem, String> {
+    let read_only = opts.read_only;
+    match folio_cli::image::open(image, opts.clone()) {
         Err(folio_ext4::Error::Locked(holder))
             if read_only && IGNORE_LOCK.get().copied().unwrap_or(false) =>
         {
@@ -315,9 +323,8 @@ fn open(image: &Path, read_only: bool) -> Result<Filesystem, String> {
             folio_cli::image::open(
                 image,
                 OpenOptions {
-                    read_only,
                     lock: false,
-                    ..Default::default()
+                    ..opts
                 },
             )
             .map_err(|e| format!("{}: {e}", image.display()))
@@ -715,7 +722,13 @@ fn run(cli: Cli) -> CliResult {
                 drop(open(&image, read_only)?);
                 return folio_cli::export::serve_background();
             }
-            let fs = open(&image, read_only)?;
+            // A long-running server: the mount's page cache size.
+            let mut opts = OpenOptions {
+                read_only,
+                ..Default::default()
+            };
+            opts.page_cache.budget_bytes = folio_cli::mount::default_cache_bytes();
+            let fs = open_with(&image, opts)?;
             match folio_cli::export::serve(fs, &args)? {
                 0 => Ok(()),
                 code => std::process::exit(code),

@@ -38,7 +38,9 @@ struct Opts {
 /// well below that while letting a working set of random writes stay
 /// cached until writeback can sort it (a quarter of the 4-writer random
 /// write figure of issue 12 was lost at the old fixed 256 MiB).
-fn default_cache_bytes() -> u64 {
+/// The page cache of a long-running server: 1/16 of RAM, within
+/// 256 MiB..4 GiB.
+pub fn default_cache_bytes() -> u64 {
     let mem = std::fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|m| {
