@@ -307,6 +307,9 @@ impl Filesystem {
         let mut written = 0;
         {
             let mut c = self.core();
+            if let Some(why) = &c.aborted {
+                return Err(crate::Error::ReadOnly(why.clone()));
+            }
             if c.read_only.is_none() && c.journal.is_some() {
                 if let Some(m) = self.pc.existing(u64::from(ino)) {
                     let fsz = m.folio_size() as u64;
@@ -332,6 +335,10 @@ impl Filesystem {
         let written;
         {
             let mut c = self.core();
+            if let Some(why) = &c.aborted {
+                // What was not committed before the abort never will be.
+                return Err(crate::Error::ReadOnly(why.clone()));
+            }
             if c.read_only.is_some() {
                 return Ok(());
             }

@@ -197,6 +197,10 @@ pub(crate) struct Core {
     pub(crate) image_lock: Option<std::fs::File>,
     /// `close` ran, or `abandon` asked for nothing more to be written:
     /// dropping does not commit.
+    /// The journal could not be written (an I/O error in a commit or a
+    /// checkpoint): the filesystem turned read-only, as jbd2's abort
+    /// with errors=remount-ro, and its close reports the failure.
+    pub(crate) aborted: Option<String>,
     pub(crate) closed: bool,
 }
 
@@ -365,6 +369,7 @@ impl Core {
             pinned_maps: std::collections::HashSet::new(),
             image_lock: None,
             closed: false,
+            aborted: None,
         })
     }
 
@@ -777,6 +782,9 @@ impl Core {
 
     pub(crate) fn close_inner(&mut self) -> Result<()> {
         self.closed = true;
+        if let Some(why) = &self.aborted {
+            return Err(Error::ReadOnly(why.clone()));
+        }
         if self.read_only.is_some() {
             return Ok(());
         }

@@ -451,6 +451,30 @@ impl Core {
     /// blocks stay in the buffer cache, committed, until a checkpoint (or
     /// the cache's eviction) writes them home.
     pub(crate) fn sync_journalled(&mut self) -> Result<()> {
+        let r = self.sync_journalled_inner();
+        if let Err(Error::Io(e)) = &r {
+            self.abort_journal(e);
+        }
+        r
+    }
+
+    /// An I/O error while writing the journal or checkpointing: what is
+    /// committed on the device is whatever the log holds, and the
+    /// in-memory metadata may be ahead of it. Nothing more is written
+    /// (as jbd2 aborts the journal and ext4 remounts read-only); the next
+    /// open replays the log.
+    fn abort_journal(&mut self, e: &std::io::Error) {
+        if self.aborted.is_some() {
+            return;
+        }
+        let why = format!("the journal was aborted after an I/O error ({e}); reopen the image");
+        eprintln!("folio: {why}");
+        self.read_only = Some(why.clone());
+        self.aborted = Some(why);
+        self.inodes.stop_writes();
+    }
+
+    fn sync_journalled_inner(&mut self) -> Result<()> {
         if !self.recover_on_disk
             && (self.sb_dirty || !self.gdt_dirty.is_empty() || self.cache.dirty_count() > 0)
         {

@@ -458,3 +458,57 @@ fn fsync_and_fdatasync_flush_only_what_durability_needs() {
     fs.close().unwrap();
     fsck_bytes(mem.snapshot(), "fsync-flushes");
 }
+
+/// A journal that cannot be written (the device failing under the log,
+/// as an NBD server that went away): the commit fails with EIO, the
+/// filesystem turns read-only (jbd2's abort, ext4's errors=remount-ro)
+/// and stays so even when the device heals, reads still work, close
+/// reports the failure, and the next open replays the log to the last
+/// good commit.
+#[test]
+fn a_failed_journal_write_turns_the_filesystem_read_only() {
+    let bs = 4096u32;
+    let size = 32 << 20;
+    let dev = marked_dev(size, bs);
+    let fault = Arc::new(FaultDevice::new(Arc::new(dev.clone())));
+    let d: Arc<dyn BlockDevice> = fault.clone();
+    let fs = Filesystem::open(d, OpenOptions::default()).unwrap();
+    let a = fs.create(ROOT_INO, b"a", 0o644, ME).unwrap();
+    let da = vec![0x5au8; 48 << 10];
+    fs.write(a, 0, &da).unwrap();
+    fs.sync().unwrap();
+    // Fail writes to the journal's span (it is in a few runs; the
+    // metadata between them is only written at checkpoints).
+    let log = fs
+        .block_runs(folio_ext4::format::inode::JOURNAL_INO)
+        .unwrap();
+    let (start, end) = (
+        log.iter().map(|r| r.pblk).min().unwrap() * u64::from(bs),
+        log.iter().map(|r| r.pblk + r.len).max().unwrap() * u64::from(bs),
+    );
+    fault.set_range(start, end);
+    fault.set_fail_writes(true);
+    fs.mkdir(ROOT_INO, b"d", 0o755, ME).unwrap();
+    let e = fs.sync().unwrap_err();
+    assert_eq!(e.errno(), libc::EIO, "{e}");
+    assert!(fault.failures() > 0);
+    fault.set_fail_writes(false);
+    // Read-only from now on, healed device or not.
+    let why = fs.read_only_reason().expect("read-only after the abort");
+    assert!(why.contains("journal was aborted"), "{why}");
+    assert_eq!(
+        fs.create(ROOT_INO, b"b", 0o644, ME).unwrap_err().errno(),
+        libc::EROFS
+    );
+    assert_eq!(fs.write(a, 0, b"x").unwrap_err().errno(), libc::EROFS);
+    assert_eq!(fs.sync().unwrap_err().errno(), libc::EROFS);
+    let mut fs = fs;
+    assert_eq!(read_all(&mut fs, a), da);
+    assert_eq!(fs.close().unwrap_err().errno(), libc::EROFS);
+    // The next open replays what was committed: a is there, e2fsck clean.
+    let mut fs = Filesystem::open(Arc::new(dev.clone()), OpenOptions::default()).unwrap();
+    let a = fs.lookup(ROOT_INO, b"a").unwrap();
+    assert_eq!(read_all(&mut fs, a), da);
+    fs.close().unwrap();
+    fsck_bytes(dev.snapshot(), "journal-abort");
+}
