@@ -55,13 +55,15 @@ struct Exporter {
 }
 
 impl Exporter {
+    /// Listening on the Unix socket `sock`, unless `extra` names another
+    /// `--listen`.
     fn start(img: &Path, path: &str, sock: &Path, extra: &[&str]) -> Exporter {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_folio"))
-            .arg("export")
-            .arg(img)
-            .arg(path)
-            .arg("--listen")
-            .arg(format!("unix:{}", sock.display()))
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_folio"));
+        cmd.arg("export").arg(img).arg(path);
+        if !extra.contains(&"--listen") {
+            cmd.arg("--listen").arg(format!("unix:{}", sock.display()));
+        }
+        let mut child = cmd
             .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -179,6 +181,16 @@ fn qemu_img_round_trip_map_and_trim() {
     assert!(
         std::fs::read(&back).unwrap() == raw,
         "qemu-img convert out differs"
+    );
+    // Four connections at once (nbdcopy uses multi-conn when offered).
+    let again = dir.join("again.raw");
+    run(Command::new("nbdcopy")
+        .arg("--connections=4")
+        .arg(&exp.uri)
+        .arg(&again));
+    assert!(
+        std::fs::read(&again).unwrap() == raw,
+        "nbdcopy over 4 connections differs"
     );
     // qemu-img convert skips zeros: the zero range stays a hole.
     let m = map(&exp.uri);
@@ -526,6 +538,36 @@ fn folio_uses_images_on_qemu_nbd_and_nbdkit() {
     drop(server);
     e2fsck_clean(&copy);
 
+    // A FUSE mount of an image on nbdkit file (root and /dev/fuse only).
+    if common::can_mount() {
+        let file = dir.join("f.raw");
+        std::fs::File::create(&file)
+            .unwrap()
+            .set_len(128 << 20)
+            .unwrap();
+        let sock = dir.join("f.sock");
+        let server = spawn_server(
+            Command::new("nbdkit")
+                .args(["-f", "-U"])
+                .arg(&sock)
+                .arg("file")
+                .arg(&file),
+            &sock,
+        );
+        let uri = unix_uri(&sock);
+        ok(&[&"mkfs", &"-q", &uri]);
+        let mnt = dir.join("mnt");
+        std::fs::create_dir_all(&mnt).unwrap();
+        ok(&[&"mount", &uri, &mnt]);
+        std::fs::write(mnt.join("payload.bin"), &payload).unwrap();
+        ok(&[&"umount", &mnt]);
+        drop(server);
+        e2fsck_clean(&file);
+        let got = dir.join("got.bin");
+        ok(&[&"get", &file, &"/payload.bin", &got]);
+        assert!(std::fs::read(&got).unwrap() == payload);
+    }
+
     // nbdkit file, killed in the middle of a put: an error, no panic.
     let file = dir.join("k.raw");
     std::fs::File::create(&file)
@@ -595,6 +637,20 @@ fn fork_pid_file_and_sigterm() {
     ]);
     let uri = out.trim().to_string();
     assert!(uri.starts_with("nbd+unix:///d.raw?socket="), "{uri}");
+    // TCP, on a port the kernel picks, loopback only.
+    let tcp_img = dir.join("tcp.img");
+    mkfs(&tcp_img, "64M");
+    let tcp = Exporter::start(
+        &tcp_img,
+        "/t.raw",
+        Path::new(""),
+        &["--create", "1M", "--listen", "tcp:127.0.0.1:0"],
+    );
+    assert!(tcp.uri.starts_with("nbd://127.0.0.1:"), "{}", tcp.uri);
+    let info = run(Command::new("nbdinfo").arg(&tcp.uri));
+    assert!(info.contains("export-size: 1048576"), "{info}");
+    tcp.stop();
+    e2fsck_clean(&tcp_img);
     let info = run(Command::new("nbdinfo").arg(&uri));
     assert!(info.contains("export-size: 4194304"), "{info}");
     // A second export of the same image is refused: it is locked.

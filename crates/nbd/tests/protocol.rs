@@ -414,6 +414,8 @@ fn misbehaving_clients_get_errors_or_a_closed_socket() {
     assert_eq!(c.request(CMD_WRITE, 0, 3, 0, b"abc"), 0);
     assert_eq!(c.request(CMD_READ, 0, 3, 3, &[]), 0);
     assert_eq!(c.request(CMD_FLUSH, 0, 0, 0, &[]), 0);
+    assert_eq!(c.request(CMD_CACHE, 0, 65536, 0, &[]), 0);
+    assert_eq!(c.request(CMD_CACHE, 1 << 20, 1, 0, &[]), EINVAL);
     // A write over the payload limit cannot be skipped: closed.
     c.send(CMD_WRITE, 0, 0, MAX_PAYLOAD + 1, &[]);
     assert!(c.closed());

@@ -54,3 +54,23 @@ pub fn e2fsck_clean(img: &std::path::Path) {
         String::from_utf8_lossy(&o.stderr)
     );
 }
+
+/// Root with /dev/fuse: FUSE mounts can be tested (asserted under CI).
+#[allow(dead_code)]
+pub fn can_mount() -> bool {
+    let root = std::fs::read_to_string("/proc/self/status")
+        .map(|s| {
+            s.lines()
+                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"))
+        })
+        .unwrap_or(false);
+    let ok = root && std::path::Path::new("/dev/fuse").exists();
+    if !ok {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI=true but root or /dev/fuse is missing"
+        );
+        eprintln!("SKIP: the FUSE part needs root and /dev/fuse");
+    }
+    ok
+}
