@@ -108,6 +108,33 @@ fn signal(pid: u32, sig: i32) {
     unsafe { libc::kill(pid as i32, sig) };
 }
 
+/// `qemu-img convert` from `src` to `dst` (raw both), into an existing
+/// target (`-n`) when `into_existing`.
+fn qemu_img_convert(
+    src: &dyn AsRef<std::ffi::OsStr>,
+    dst: &dyn AsRef<std::ffi::OsStr>,
+    into_existing: bool,
+) {
+    let mut c = Command::new("qemu-img");
+    c.arg("convert");
+    if into_existing {
+        c.arg("-n");
+    }
+    run(c.args(["-f", "raw", "-O", "raw"]).arg(src).arg(dst));
+}
+
+/// A scratch directory with an image `img` of `size` in it; `None` (the
+/// test skips) without the NBD tools.
+fn setup(tag: &str, size: &str) -> Option<(std::path::PathBuf, std::path::PathBuf)> {
+    if !have_tools() {
+        return None;
+    }
+    let dir = scratch("nbd", tag);
+    let img = dir.join("img");
+    mkfs(&img, size);
+    Some((dir, img))
+}
+
 fn mkfs(img: &Path, size: &str) {
     ok(&[&"mkfs", &"-q", &img, &"--size", &size]);
 }
@@ -156,12 +183,9 @@ fn is_hole(m: &[(u64, u64, bool)], off: u64, len: u64) -> bool {
 
 #[test]
 fn qemu_img_round_trip_map_and_trim() {
-    if !have_tools() {
+    let Some((dir, img)) = setup("convert", "256M") else {
         return;
-    }
-    let dir = scratch("nbd", "convert");
-    let img = dir.join("img");
-    mkfs(&img, "256M");
+    };
     // A raw disk image: 40 MiB of data, a hole, 2 MiB more at 60 MiB.
     let src = dir.join("src.raw");
     let mut raw = pattern(64 << 20, 7);
@@ -169,15 +193,9 @@ fn qemu_img_round_trip_map_and_trim() {
     raw[62 << 20..].fill(0);
     std::fs::write(&src, &raw).unwrap();
     let exp = Exporter::start(&img, "/disk.raw", &dir.join("s.sock"), &["--size", "64M"]);
-    run(Command::new("qemu-img")
-        .args(["convert", "-n", "-f", "raw", "-O", "raw"])
-        .arg(&src)
-        .arg(&exp.uri));
+    qemu_img_convert(&src, &exp.uri, true);
     let back = dir.join("back.raw");
-    run(Command::new("qemu-img")
-        .args(["convert", "-f", "raw", "-O", "raw"])
-        .arg(&exp.uri)
-        .arg(&back));
+    qemu_img_convert(&exp.uri, &back, false);
     assert!(
         std::fs::read(&back).unwrap() == raw,
         "qemu-img convert out differs"
@@ -223,12 +241,9 @@ fn qemu_img_round_trip_map_and_trim() {
 
 #[test]
 fn qemu_io_random_patterns_agree_with_a_model() {
-    if !have_tools() {
+    let Some((dir, img)) = setup("qemuio", "128M") else {
         return;
-    }
-    let dir = scratch("nbd", "qemuio");
-    let img = dir.join("img");
-    mkfs(&img, "128M");
+    };
     const SIZE: u64 = 16 << 20;
     let seed = std::env::var("FOLIO_SEED")
         .ok()
@@ -301,10 +316,7 @@ fn qemu_io_random_patterns_agree_with_a_model() {
             .join("\n")
     );
     let back = dir.join("back.raw");
-    run(Command::new("qemu-img")
-        .args(["convert", "-f", "raw", "-O", "raw"])
-        .arg(&exp.uri)
-        .arg(&back));
+    qemu_img_convert(&exp.uri, &back, false);
     exp.stop();
     let got = std::fs::read(&back).unwrap();
     if let Some(at) = got.iter().zip(&model).position(|(a, b)| a != b) {
@@ -319,12 +331,9 @@ fn qemu_io_random_patterns_agree_with_a_model() {
 
 #[test]
 fn a_killed_client_and_a_killed_server_lose_nothing_flushed() {
-    if !have_tools() {
+    let Some((dir, img)) = setup("kill", "256M") else {
         return;
-    }
-    let dir = scratch("nbd", "kill");
-    let img = dir.join("img");
-    mkfs(&img, "256M");
+    };
     let sock = dir.join("s.sock");
     let exp = Exporter::start(&img, "/disk.raw", &sock, &["--size", "64M"]);
     // A client killed in the middle of a large write.
@@ -367,12 +376,9 @@ fn a_killed_client_and_a_killed_server_lose_nothing_flushed() {
 
 #[test]
 fn transforms_round_trip_and_hide_the_plaintext() {
-    if !have_tools() {
+    let Some((dir, img)) = setup("xform", "128M") else {
         return;
-    }
-    let dir = scratch("nbd", "xform");
-    let img = dir.join("img");
-    mkfs(&img, "128M");
+    };
     let key = dir.join("key");
     std::fs::write(&key, pattern(64, 99)).unwrap();
     let plain = pattern(8 << 20, 3);
@@ -388,15 +394,9 @@ fn transforms_round_trip_and_hide_the_plaintext() {
             &dir.join("s.sock"),
             &["--size", "8M", "--transform", &t],
         );
-        run(Command::new("qemu-img")
-            .args(["convert", "-n", "-f", "raw", "-O", "raw"])
-            .arg(&src)
-            .arg(&exp.uri));
+        qemu_img_convert(&src, &exp.uri, true);
         let back = dir.join("back.raw");
-        run(Command::new("qemu-img")
-            .args(["convert", "-f", "raw", "-O", "raw"])
-            .arg(&exp.uri)
-            .arg(&back));
+        qemu_img_convert(&exp.uri, &back, false);
         exp.stop();
         assert!(
             std::fs::read(&back).unwrap() == plain,
@@ -615,12 +615,9 @@ fn folio_uses_images_on_qemu_nbd_and_nbdkit() {
 
 #[test]
 fn fork_pid_file_and_sigterm() {
-    if !have_tools() {
+    let Some((dir, img)) = setup("fork", "64M") else {
         return;
-    }
-    let dir = scratch("nbd", "fork");
-    let img = dir.join("img");
-    mkfs(&img, "64M");
+    };
     let pid_file = dir.join("pid");
     let sock = dir.join("f.sock");
     let out = ok(&[
