@@ -648,6 +648,24 @@ fn fork_pid_file_and_sigterm() {
     assert!(info.contains("export-size: 1048576"), "{info}");
     tcp.stop();
     e2fsck_clean(&tcp_img);
+    // Read-only: the image opened read-only, writes refused (EPERM).
+    let ro = Exporter::start(&tcp_img, "/t.raw", &dir.join("ro.sock"), &["-r"]);
+    let info = run(Command::new("nbdinfo").arg(&ro.uri));
+    assert!(info.contains("is_read_only: true"), "{info}");
+    let o = Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 1 0 4k"])
+        .arg(&ro.uri)
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success()
+            || out.contains("failed")
+            || out.contains("denied")
+            || out.contains("read-only"),
+        "a write to a read-only export: {out}"
+    );
+    ro.stop();
     let info = run(Command::new("nbdinfo").arg(&uri));
     assert!(info.contains("export-size: 4194304"), "{info}");
     // A second export of the same image is refused: it is locked.
