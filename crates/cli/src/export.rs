@@ -37,6 +37,8 @@ pub struct ExportArgs {
     pub max_connections: usize,
     /// Bounce buffers reserved at start (of [`BOUNCE_CHUNK`] bytes each).
     pub bounce_buffers: usize,
+    /// Confine the server once listening (see `confine.rs`).
+    pub confine: bool,
 }
 
 /// The size of one bounce buffer: requests larger than this stream
@@ -250,6 +252,50 @@ pub fn serve(fs: Filesystem, args: &ExportArgs) -> Result<i32, String> {
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut())
     };
     let stop = Arc::new(AtomicBool::new(false));
+    let status = Arc::new(std::sync::Mutex::new(0));
+    // `--run`'s command starts now, before the confinement below, which
+    // it must not inherit (the listener is bound: its connections wait).
+    let run = match &args.run {
+        Some(cmd) => Some(
+            Command::new("sh")
+                .arg("-c")
+                .arg(cmd)
+                .env("uri", &uri)
+                .env("nbd", &uri)
+                .stdin(Stdio::null())
+                .spawn()
+                .map_err(|e| format!("cannot run {cmd:?}: {e}"))?,
+        ),
+        None => None,
+    };
+    if run.is_none() {
+        if std::env::var_os(DAEMON_ENV).is_some() {
+            // Tell the starting process where we serve, then let go of
+            // its stdio as a daemon does.
+            println!("{uri}");
+            crate::mount::detach_stdio();
+        } else {
+            eprintln!(
+                "folio export: serving {} of {} at {uri}",
+                args.path, args.image
+            );
+        }
+    }
+    if args.confine {
+        // Nothing of the host is needed from here on but removing the
+        // Unix socket's file at exit.
+        let remove_in = match &args.listen {
+            Listen::Unix(p) => p.parent().map(|d| {
+                if d.as_os_str().is_empty() {
+                    PathBuf::from(".")
+                } else {
+                    d.to_path_buf()
+                }
+            }),
+            Listen::Tcp(_) => None,
+        };
+        crate::confine::confine(&crate::confine::Policy { remove_in });
+    }
     {
         let stop = stop.clone();
         std::thread::spawn(move || loop {
@@ -265,35 +311,13 @@ pub fn serve(fs: Filesystem, args: &ExportArgs) -> Result<i32, String> {
         });
     }
     let flusher = Flusher::spawn(fs.clone());
-    let status = Arc::new(std::sync::Mutex::new(0));
-    if let Some(cmd) = &args.run {
-        let (cmd, uri, stop, status) = (cmd.clone(), uri.clone(), stop.clone(), status.clone());
+    if let Some(mut child) = run {
+        let (stop, status) = (stop.clone(), status.clone());
         std::thread::spawn(move || {
-            let code = Command::new("sh")
-                .arg("-c")
-                .arg(&cmd)
-                .env("uri", &uri)
-                .env("nbd", &uri)
-                .stdin(Stdio::null())
-                .status()
-                .map(|s| s.code().unwrap_or(1))
-                .unwrap_or_else(|e| {
-                    eprintln!("folio export: cannot run {cmd:?}: {e}");
-                    127
-                });
+            let code = child.wait().map(|s| s.code().unwrap_or(1)).unwrap_or(1);
             *status.lock().unwrap_or_else(|e| e.into_inner()) = code;
             stop.store(true, Ordering::Relaxed);
         });
-    } else if std::env::var_os(DAEMON_ENV).is_some() {
-        // Tell the starting process where we serve, then let go of its
-        // stdio as a daemon does.
-        println!("{uri}");
-        crate::mount::detach_stdio();
-    } else {
-        eprintln!(
-            "folio export: serving {} of {} at {uri}",
-            args.path, args.image
-        );
     }
     let served = folio_nbd::serve_until(server.clone(), &listener, &stop, args.max_connections);
     drop(listener);

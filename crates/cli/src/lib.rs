@@ -3,6 +3,7 @@
 
 pub mod bench;
 pub mod bench_threads;
+pub mod confine;
 pub mod copy;
 pub mod export;
 pub mod flusher;

@@ -212,7 +212,14 @@ enum Cmd {
         /// Bounce buffers of 1 MiB reserved at start; requests wait for one.
         #[arg(long, default_value_t = 8)]
         bounce_buffers: usize,
+        /// Do not confine the server (no capabilities, no new privileges,
+        /// Landlock, seccomp) once it listens; for debugging.
+        #[arg(long)]
+        no_confine: bool,
     },
+    /// Internal: unmounts MOUNTPOINT for a confined mount server when asked.
+    #[command(hide = true)]
+    UnmountHelper { mountpoint: PathBuf },
     /// Unmount a folio mount and wait for its final sync.
     Umount {
         mountpoint: PathBuf,
@@ -684,6 +691,7 @@ fn run(cli: Cli) -> CliResult {
             }
         }
         Cmd::Umount { mountpoint, lazy } => folio_cli::mount::umount(&mountpoint, lazy),
+        Cmd::UnmountHelper { mountpoint } => folio_cli::mount::unmount_helper(&mountpoint),
         Cmd::Export {
             image,
             path,
@@ -698,6 +706,7 @@ fn run(cli: Cli) -> CliResult {
             run,
             max_connections,
             bounce_buffers,
+            no_confine,
         } => {
             let parse = |s: Option<String>| s.map(|s| folio_cli::parse_size(&s)).transpose();
             let args = folio_cli::export::ExportArgs {
@@ -713,6 +722,7 @@ fn run(cli: Cli) -> CliResult {
                 run,
                 max_connections: max_connections.max(1),
                 bounce_buffers: bounce_buffers.max(1),
+                confine: !no_confine,
             };
             if fork {
                 if args.run.is_some() {

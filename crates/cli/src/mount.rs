@@ -29,6 +29,9 @@ struct Opts {
     /// `-o norecovery` (with ro): show the image as it is on disk instead
     /// of replaying a journal that needs recovery in memory.
     norecovery: bool,
+    /// Confine the server once mounted (`-o noconfine` turns it off, for
+    /// debugging); see `confine.rs`.
+    confine: bool,
 }
 
 /// The mount's page-cache budget without `cache_size=`: 1/16 of the
@@ -72,6 +75,7 @@ fn parse_opts(list: &[String], image: &Path) -> Result<Opts, String> {
         mount: Vec::new(),
         cache_bytes: None,
         norecovery: false,
+        confine: true,
     };
     let mut fsname = None;
     let mut subtype = None;
@@ -88,6 +92,8 @@ fn parse_opts(list: &[String], image: &Path) -> Result<Opts, String> {
         match (k, v) {
             ("ro", None) => o.read_only = true,
             ("norecovery" | "noload", None) => o.norecovery = true,
+            ("confine", None) => o.confine = true,
+            ("noconfine", None) => o.confine = false,
             ("rw", None) => o.read_only = false,
             ("allow_other", None) => o.acl = SessionACL::All,
             ("allow_root", None) => o.acl = SessionACL::RootAndOwner,
@@ -314,14 +320,23 @@ pub fn mount_foreground(
         .map_err(|e| format!("{}: mount failed: {e}", mountpoint.display()))?;
     let _ = notifier.set(session.notifier());
     let mut unmounter = session.unmount_callable();
-    let bg = session
-        .spawn()
-        .map_err(|e| format!("{}: {e}", mountpoint.display()))?;
     if std::env::var_os(DAEMON_ENV).is_some() {
         // Mounted: let go of the starter's stdio (it exits once it sees the
         // mount), as a daemon does.
         detach_stdio();
     }
+    // Confined, the server can no longer unmount (no capabilities, no
+    // exec): a helper started now does it when asked.
+    let mut helper = if opts.confine {
+        let h = UnmountHelper::start(mountpoint)?;
+        crate::confine::confine(&crate::confine::Policy::default());
+        Some(h)
+    } else {
+        None
+    };
+    let bg = session
+        .spawn()
+        .map_err(|e| format!("{}: {e}", mountpoint.display()))?;
     // The session ends on unmount (by us or by anyone): wake the main
     // thread with SIGUSR1.
     std::thread::spawn(move || {
@@ -338,6 +353,10 @@ pub fn mount_foreground(
             break;
         }
         // SIGINT / SIGTERM / SIGHUP: unmount; the session then ends.
+        if let Some(h) = &mut helper {
+            h.unmount();
+            continue;
+        }
         // (With auto_unmount, fuser's own unmount leaves the work to the
         // fusermount3 helper, so ask for it explicitly.)
         let done = Command::new("fusermount3")
@@ -359,6 +378,7 @@ pub fn mount_foreground(
     // a server that has done so (see `finishing_folio_mount`).
     drop(notifier);
     drop(unmounter);
+    drop(helper);
     flusher.stop();
     let result = match Arc::try_unwrap(shared) {
         Ok(fs) => fs.close(),
@@ -369,6 +389,68 @@ pub fn mount_foreground(
     .map_err(|e| format!("{}: final sync failed: {e}", image.display()));
     drop(lock);
     result
+}
+
+/// The process that unmounts a confined server's mount when asked: a
+/// `folio unmount-helper MOUNTPOINT` started before confinement, reading
+/// requests on a pipe. It ends when the server closes the pipe.
+struct UnmountHelper {
+    child: std::process::Child,
+}
+
+impl UnmountHelper {
+    fn start(mountpoint: &Path) -> Result<UnmountHelper, String> {
+        let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+        let child = Command::new(exe)
+            .arg("unmount-helper")
+            .arg(mountpoint)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("cannot start the unmount helper: {e}"))?;
+        Ok(UnmountHelper { child })
+    }
+
+    fn unmount(&mut self) {
+        use std::io::Write;
+        if let Some(w) = self.child.stdin.as_mut() {
+            if w.write_all(b"u").is_err() {
+                eprintln!("folio: the unmount helper is gone; unmount by hand");
+            }
+        }
+    }
+}
+
+impl Drop for UnmountHelper {
+    fn drop(&mut self) {
+        drop(self.child.stdin.take());
+        let _ = self.child.wait();
+    }
+}
+
+/// `folio unmount-helper MOUNTPOINT` (internal): unmount MOUNTPOINT each
+/// time a byte arrives on stdin; exit at its end.
+pub fn unmount_helper(mountpoint: &Path) -> Result<(), String> {
+    use std::io::Read;
+    let mut stdin = std::io::stdin().lock();
+    let mut b = [0u8; 1];
+    while matches!(stdin.read(&mut b), Ok(1)) {
+        let done = Command::new("fusermount3")
+            .arg("-u")
+            .arg(mountpoint)
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+            || Command::new("umount")
+                .arg(mountpoint)
+                .status()
+                .is_ok_and(|s| s.success());
+        if !done {
+            eprintln!("folio: unmount failed; detaching lazily");
+            let _ = Command::new("umount").arg("-l").arg(mountpoint).status();
+        }
+    }
+    Ok(())
 }
 
 /// Set for the background server process started by [`mount_background`].

@@ -683,6 +683,12 @@ fn fork_pid_file_and_sigterm() {
         .trim()
         .parse()
         .unwrap();
+    // Confined once listening (issue 17).
+    assert_eq!(
+        folio_cli::confine::proc_status(pid),
+        Some((true, true, true)),
+        "the export server is not confined"
+    );
     signal(pid, libc::SIGTERM);
     let start = Instant::now();
     while alive(pid) {

@@ -835,6 +835,64 @@ fn mount_helper_and_signals() {
     let _ = fs::remove_dir_all(&dir);
 }
 
+/// A running mount server is confined (issue 17): no effective
+/// capabilities, NoNewPrivs, a seccomp filter; asked (through the
+/// debug-build probe attribute) to open a host file and run a program,
+/// it fails at both; SIGTERM still unmounts (through the helper started
+/// before confinement), e2fsck clean. With `-o noconfine` the same probe
+/// succeeds, so the probe does try.
+#[test]
+fn a_running_mount_is_confined() {
+    if !prerequisites() {
+        return;
+    }
+    let (dir, img, mnt) = fresh_image("confine", "64M");
+    let folio = env!("CARGO_BIN_EXE_folio");
+    for confined in [true, false] {
+        let mut cmd = Command::new(folio);
+        cmd.arg("mount").arg(&img).arg(&mnt).arg("-f");
+        if !confined {
+            cmd.args(["-o", "noconfine"]);
+        }
+        let mut child = cmd.spawn().unwrap();
+        let start = std::time::Instant::now();
+        while !fs::read_to_string("/proc/self/mounts")
+            .unwrap()
+            .contains(mnt.to_str().unwrap())
+        {
+            assert!(start.elapsed().as_secs() < 20, "mount did not appear");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let f = mnt.join(format!("f-{confined}"));
+        fs::write(&f, b"data").unwrap();
+        let (no_caps, nnp, seccomp) = folio_cli::confine::proc_status(child.id()).unwrap();
+        assert_eq!((no_caps, nnp, seccomp), (confined, confined, confined));
+        let probe = hostxattr::get(&f, b"user.folio.debug.escape").unwrap();
+        let probe = String::from_utf8_lossy(&probe).to_string();
+        if confined {
+            assert!(
+                probe.contains("open=errno") && probe.contains("exec=errno"),
+                "the confined server reached the host: {probe}"
+            );
+        } else {
+            assert_eq!(probe, "open=ok exec=ok");
+        }
+        assert_eq!(fs::read(&f).unwrap(), b"data");
+        // SAFETY: signalling a child process we own.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let status = child.wait().unwrap();
+        assert!(status.success(), "SIGTERM exit: {status}");
+        assert!(
+            !fs::read_to_string("/proc/self/mounts")
+                .unwrap()
+                .contains(mnt.to_str().unwrap()),
+            "unmounted"
+        );
+        assert!(e2fsck_clean(&img));
+    }
+    let _ = fs::remove_dir_all(&dir);
+}
+
 /// `mount -o remount,ro` and `remount,rw` as mount(8) runs them (the
 /// helper with `-o remount,...`): read-only after committing everything
 /// (a write is EROFS; a read-only open of the image, replaying its

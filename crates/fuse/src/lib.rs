@@ -692,6 +692,15 @@ impl fuser::Filesystem for FolioFuse {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        #[cfg(debug_assertions)]
+        if name.as_bytes() == ESCAPE_PROBE {
+            let v = escape_probe();
+            return if size == 0 {
+                reply.size(v.len() as u32)
+            } else {
+                reply.data(&v[..v.len().min(size as usize)])
+            };
+        }
         match self.with(|fs| fs.get_xattr(from_fuse(ino), name.as_bytes())) {
             Ok(v) if size == 0 => reply.size(v.len() as u32),
             Ok(v) if v.len() <= size as usize => reply.data(&v),
@@ -810,4 +819,24 @@ impl fuser::Filesystem for FolioFuse {
             self.with(|fs| fs.fallocate(from_fuse(ino), mode as u32, offset, length)),
         )
     }
+}
+
+/// Debug builds only: reading this extended attribute of any file makes
+/// the server try what a compromised server would — open a host file and
+/// run a program — and answer how each went (`open=... exec=...`), so
+/// that the tests can show the confinement holds (issue 17).
+#[cfg(debug_assertions)]
+pub const ESCAPE_PROBE: &[u8] = b"user.folio.debug.escape";
+
+#[cfg(debug_assertions)]
+fn escape_probe() -> Vec<u8> {
+    let how = |r: std::io::Result<()>| match r {
+        Ok(()) => "ok".to_string(),
+        Err(e) => e
+            .raw_os_error()
+            .map_or_else(|| e.to_string(), |n| format!("errno{n}")),
+    };
+    let open = how(std::fs::File::open("/etc/hostname").map(drop));
+    let exec = how(std::process::Command::new("/bin/true").status().map(drop));
+    format!("open={open} exec={exec}").into_bytes()
 }

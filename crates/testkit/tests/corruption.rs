@@ -331,6 +331,32 @@ fn random_metadata_damage_never_panics() {
     for ty in kinds {
         let t = TempDir::new("fuzz");
         let p = build_kind(&t, ty);
+        damage_run(ty, &p, iterations);
+    }
+}
+
+/// The same damage, on a thread confined as the servers are (no
+/// capabilities, no new privileges, Landlock, seccomp; issue 17): the
+/// error paths must not depend on anything the confinement takes away
+/// (opening files, running programs), and must stay errors, not crashes.
+#[test]
+fn random_metadata_damage_never_panics_confined() {
+    let iterations = fuzz_iters();
+    let t = TempDir::new("fuzz-confined");
+    let p = build_kind(&t, Kind::Ours(FsType::Ext4));
+    std::thread::spawn(move || {
+        let st = folio_cli::confine::confine(&folio_cli::confine::Policy::default());
+        assert!(st.no_new_privs && st.seccomp, "{st:?}");
+        // The confinement holds on this thread: no host file opens.
+        assert!(std::fs::File::open("/etc/hostname").is_err());
+        damage_run(Kind::Ours(FsType::Ext4), &p, iterations);
+    })
+    .join()
+    .expect("the confined run panicked");
+}
+
+fn damage_run(ty: Kind, p: &Pristine, iterations: u64) {
+    {
         // Images that opened, and operations that failed on them: the
         // damage must reach past open for the test to mean anything.
         let (mut opened, mut errors, mut ops) = (0u64, 0u64, 0u64);
