@@ -224,6 +224,8 @@ fn allowed_syscalls() -> Vec<libc::c_long> {
 fn seccomp() -> Result<(), String> {
     use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
     let arch = TargetArch::try_from(std::env::consts::ARCH).map_err(|e| e.to_string())?;
+    // c_long is i64 here but not on every target.
+    #[allow(clippy::useless_conversion)]
     let rules = allowed_syscalls()
         .into_iter()
         .map(|nr| (i64::from(nr), Vec::new()))
