@@ -133,12 +133,14 @@ fn parse_opts(list: &[String], image: &Path) -> Result<Opts, String> {
     // fuser needs a non-owner ACL for auto_unmount; for root, allow_root
     // grants nothing beyond owner-only. Other users mount through
     // fusermount3 anyway (mount(2) needs root), which records the subtype.
-    let root = std::fs::read_to_string("/proc/self/status")
-        .map(|s| {
-            s.lines()
-                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"))
-        })
-        .unwrap_or(false);
+    let root = is_root();
+    if !root && !matches!(o.acl, SessionACL::Owner) && !fuse_conf_allows_other() {
+        return Err(
+            "allow_other and allow_root need `user_allow_other` in /etc/fuse.conf \
+             (fusermount3 refuses them to users otherwise)"
+                .into(),
+        );
+    }
     if root && !no_auto_unmount {
         if matches!(o.acl, SessionACL::Owner) {
             o.acl = SessionACL::RootAndOwner;
@@ -160,6 +162,54 @@ fn parse_opts(list: &[String], image: &Path) -> Result<Opts, String> {
         subtype.unwrap_or_else(|| "folio".into()),
     ));
     Ok(o)
+}
+
+/// Does this process run with effective uid 0?
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .map(|s| {
+            s.lines()
+                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+/// Is `user_allow_other` set in /etc/fuse.conf?
+fn fuse_conf_allows_other() -> bool {
+    std::fs::read_to_string("/etc/fuse.conf").is_ok_and(|c| {
+        c.lines()
+            .any(|l| l.split('#').next().unwrap_or("").trim() == "user_allow_other")
+    })
+}
+
+/// What a mount needs of the host, checked before anything starts so
+/// that the error names what is missing: /dev/fuse usable, fusermount3
+/// for an ordinary user, and a writable image for a read-write mount.
+fn preflight(image: &Path, opts: &Opts) -> Result<(), String> {
+    if let Err(e) = File::options().read(true).write(true).open("/dev/fuse") {
+        return Err(format!(
+            "/dev/fuse: {e} (FUSE must be usable by this user; distributions make \
+             /dev/fuse mode 0666 when the fuse3 package is installed)"
+        ));
+    }
+    if !is_root() {
+        let found = std::env::var_os("PATH")
+            .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join("fusermount3").is_file()));
+        if !found {
+            return Err(
+                "fusermount3 not found: an ordinary user mounts through it (install fuse3)".into(),
+            );
+        }
+    }
+    if !opts.read_only && !crate::image::is_nbd(image) {
+        if let Err(e) = File::options().read(true).write(true).open(image) {
+            return Err(format!(
+                "{}: cannot open for writing: {e} (mount it with -o ro)",
+                image.display()
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Is `dir` a mount point (per /proc/self/mountinfo)?
@@ -270,6 +320,7 @@ pub fn mount_foreground(
     threads: usize,
 ) -> Result<(), String> {
     let opts = parse_opts(options, image)?;
+    preflight(image, &opts)?;
     if is_mounted(mountpoint) {
         return Err(format!(
             "{}: already a mount point (unmount it first)",
@@ -488,7 +539,7 @@ pub fn mount_background(
     threads: usize,
 ) -> Result<(), String> {
     // Check what we can before detaching, for clear errors.
-    parse_opts(options, image)?;
+    preflight(image, &parse_opts(options, image)?)?;
     if !mountpoint.is_dir() {
         return Err(format!(
             "{}: mount point is not a directory",

@@ -835,6 +835,145 @@ fn mount_helper_and_signals() {
     let _ = fs::remove_dir_all(&dir);
 }
 
+/// An ordinary user (nobody, 65534) with /dev/fuse usable (mode 0666, as
+/// distributions make it): mkfs with `-E root_owner` makes an image whose
+/// root they own; they mount it, write and read a file, and unmount it
+/// through fusermount3; the server was confined; e2fsck clean. The
+/// refusals name what is missing: `allow_other` without
+/// `user_allow_other` (/etc/fuse.conf), a root-owned image mounted
+/// read-write (not writable), /dev/fuse at mode 0600.
+#[test]
+fn an_ordinary_user_mounts_their_own_image() {
+    if !prerequisites() {
+        return;
+    }
+    let setpriv = ["--reuid=65534", "--regid=65534", "--clear-groups"];
+    let dir = tmp("user");
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
+    std::os::unix::fs::chown(&dir, Some(65534), Some(65534)).unwrap();
+    // The binary where the user can run it.
+    let folio = dir.join("folio");
+    fs::copy(env!("CARGO_BIN_EXE_folio"), &folio).unwrap();
+    let as_user = |args: &[&dyn AsRef<std::ffi::OsStr>]| {
+        let mut c = Command::new("setpriv");
+        c.args(setpriv).arg(&folio);
+        for a in args {
+            c.arg(a);
+        }
+        c.output().unwrap()
+    };
+    let img = dir.join("img");
+    let mnt = dir.join("mnt");
+    let o = as_user(&[&"mkfs", &"-q", &"-E", &"root_owner", &img, &"64M"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    Command::new("setpriv")
+        .args(setpriv)
+        .args(["mkdir"])
+        .arg(&mnt)
+        .status()
+        .unwrap();
+    let dev_mode = fs::metadata("/dev/fuse").unwrap().permissions().mode();
+    let set_dev = |m: u32| fs::set_permissions("/dev/fuse", fs::Permissions::from_mode(m)).unwrap();
+
+    // /dev/fuse not usable: said so.
+    set_dev(0o600);
+    let o = as_user(&[&"mount", &img, &mnt]);
+    set_dev(0o666);
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("/dev/fuse"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+
+    let o = as_user(&[&"mount", &img, &mnt]);
+    let ok = o.status.success();
+    let result = std::panic::catch_unwind(|| {
+        assert!(ok, "user mount: {}", String::from_utf8_lossy(&o.stderr));
+        let sh = Command::new("setpriv")
+            .args(setpriv)
+            .args([
+                "sh",
+                "-c",
+                "echo hello > \"$1\"/f && cat \"$1\"/f && stat -c %u \"$1\"/f",
+                "sh",
+            ])
+            .arg(&mnt)
+            .output()
+            .unwrap();
+        // Written, read back, owned by the user (root cannot look: a
+        // user's FUSE mount without allow_other is the user's alone).
+        assert_eq!(
+            String::from_utf8_lossy(&sh.stdout),
+            "hello\n65534\n",
+            "{}",
+            String::from_utf8_lossy(&sh.stderr)
+        );
+        // The server runs as the user, confined.
+        let server = fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+            .find(|pid| {
+                fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+                    let args: Vec<&[u8]> = c.split(|&b| b == 0).collect();
+                    args.contains(&b"mount".as_slice())
+                        && args.contains(&img.as_os_str().as_bytes())
+                })
+            })
+            .expect("the mount server");
+        assert_eq!(
+            folio_cli::confine::proc_status(server),
+            Some((true, true, true))
+        );
+        // allow_other without user_allow_other: refused, naming fuse.conf.
+        let other = dir.join("mnt2");
+        Command::new("setpriv")
+            .args(setpriv)
+            .arg("mkdir")
+            .arg(&other)
+            .status()
+            .unwrap();
+        let o = as_user(&[&"mount", &"-o", &"allow_other,ro", &img, &other]);
+        assert!(!o.status.success());
+        let conf = fs::read_to_string("/etc/fuse.conf").unwrap_or_default();
+        if !conf.lines().any(|l| l.trim() == "user_allow_other") {
+            assert!(
+                String::from_utf8_lossy(&o.stderr).contains("/etc/fuse.conf"),
+                "{}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+        }
+    });
+    let o = as_user(&[&"umount", &mnt]);
+    set_dev(dev_mode & 0o7777);
+    if let Err(e) = result {
+        let _ = Command::new("fusermount3").arg("-u").arg(&mnt).status();
+        std::panic::resume_unwind(e);
+    }
+    assert!(
+        o.status.success(),
+        "user umount: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(e2fsck_clean(&img));
+    assert_eq!(folio_cat(&img, "/f").stdout, b"hello\n");
+
+    // A root-owned image, read-write: not writable, said so.
+    let root_img = dir.join("root.img");
+    folio_mkfs(&root_img, "64M");
+    set_dev(0o666);
+    let o = as_user(&[&"mount", &root_img, &mnt]);
+    set_dev(dev_mode & 0o7777);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("cannot open for writing") && err.contains("-o ro"),
+        "{err}"
+    );
+    let _ = fs::remove_dir_all(&dir);
+}
+
 /// A running mount server is confined (issue 17): no effective
 /// capabilities, NoNewPrivs, a seccomp filter; asked (through the
 /// debug-build probe attribute) to open a host file and run a program,
