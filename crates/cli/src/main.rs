@@ -21,8 +21,34 @@ struct Cli {
     /// commands only; writers always refuse a locked image.
     #[arg(long, global = true)]
     ignore_lock: bool,
+    /// Do not confine the commands that only read an image (info, ls,
+    /// stat, cat, check) once it is open; for debugging.
+    #[arg(long, global = true)]
+    no_confine: bool,
     #[command(subcommand)]
     cmd: Cmd,
+}
+
+/// Global `--no-confine`, set once in `main`.
+static NO_CONFINE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+
+/// Open an image for a command that only reads it and prints to stdout,
+/// then confine the process as the servers are (docs/semantics.md, "A
+/// hostile image"): parsing a crafted image can then reach nothing else.
+fn open_confined(image: &Path) -> Result<Filesystem, String> {
+    let fs = open(image, true)?;
+    if !NO_CONFINE.get().copied().unwrap_or(false) {
+        folio_cli::confine::confine(&folio_cli::confine::Policy::default());
+    }
+    // Debug builds: show the tests what a compromised command could do.
+    #[cfg(debug_assertions)]
+    if std::env::var_os("FOLIO_DEBUG_ESCAPE").is_some() {
+        eprintln!(
+            "escape probe: {}",
+            String::from_utf8_lossy(&folio_fuse::escape_probe())
+        );
+    }
+    Ok(fs)
 }
 
 /// `--ignore-lock`, set once in `main`.
@@ -585,7 +611,7 @@ fn run(cli: Cli) -> CliResult {
             Ok(())
         }
         Cmd::Info { image } => {
-            let fs = open(&image, true)?;
+            let fs = open_confined(&image)?;
             show::info(&fs);
             Ok(())
         }
@@ -595,16 +621,16 @@ fn run(cli: Cli) -> CliResult {
             long,
             all,
         } => {
-            let mut fs = open(&image, true)?;
+            let mut fs = open_confined(&image)?;
             show::ls(&mut fs, &path, long, all)
         }
         Cmd::Stat { image, path } => {
-            let mut fs = open(&image, true)?;
+            let mut fs = open_confined(&image)?;
             let ino = ctx(fs.resolve(&path), &path)?;
             show::stat(&mut fs, &path, ino)
         }
         Cmd::Cat { image, path } => {
-            let mut fs = open(&image, true)?;
+            let mut fs = open_confined(&image)?;
             show::cat(&mut fs, &path)
         }
         Cmd::Put {
@@ -802,7 +828,7 @@ fn run(cli: Cli) -> CliResult {
             force: _,
         } => {
             // e2fsck's exit codes: 8 for an operational error.
-            let checked = open(&image, true).and_then(|fs| ctx(fs.check_counts(), "check"));
+            let checked = open_confined(&image).and_then(|fs| ctx(fs.check_counts(), "check"));
             let problems = match checked {
                 Ok(p) => p,
                 Err(e) => {
@@ -932,6 +958,7 @@ fn main() -> ExitCode {
         None => Cli::parse(),
     };
     let _ = IGNORE_LOCK.set(cli.ignore_lock);
+    let _ = NO_CONFINE.set(cli.no_confine);
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

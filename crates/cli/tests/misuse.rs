@@ -509,3 +509,35 @@ fn rewinddir_sees_new_entries() {
     assert_eq!(String::from_utf8_lossy(&out.stdout), "3 1003");
     e2fsck_clean(&img);
 }
+
+/// The commands that only read an image confine themselves once it is
+/// open (issue 17): asked through the debug-build probe, `ls` can neither
+/// open a host file nor run a program; with `--no-confine` it can.
+#[test]
+fn read_only_commands_are_confined() {
+    let dir = common::scratch("misuse", "confine");
+    let img = dir.join("img");
+    common::ok(&[&"mkfs", &"-q", &img, &"--size", &"16M"]);
+    for (extra, want) in [
+        (None, "open=errno1 exec=errno1"),
+        (Some("--no-confine"), "open=ok exec=ok"),
+    ] {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_folio"));
+        c.env("FOLIO_DEBUG_ESCAPE", "1")
+            .arg("ls")
+            .arg(&img)
+            .arg("/");
+        if let Some(e) = extra {
+            c.arg(e);
+        }
+        let o = c.output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert!(String::from_utf8_lossy(&o.stdout).contains("lost+found"));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            err.contains(&format!("escape probe: {want}")),
+            "{extra:?}: {err}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -829,7 +829,7 @@ impl fuser::Filesystem for FolioFuse {
 pub const ESCAPE_PROBE: &[u8] = b"user.folio.debug.escape";
 
 #[cfg(debug_assertions)]
-fn escape_probe() -> Vec<u8> {
+pub fn escape_probe() -> Vec<u8> {
     let how = |r: std::io::Result<()>| match r {
         Ok(()) => "ok".to_string(),
         Err(e) => e
