@@ -32,6 +32,9 @@ struct Opts {
     /// Confine the server once mounted (`-o noconfine` turns it off, for
     /// debugging); see `confine.rs`.
     confine: bool,
+    /// `-o fakeroot` (as fuse2fs offers): the mounting user stands for
+    /// root in the image (see `FolioFuse::with_fakeroot`).
+    fakeroot: bool,
 }
 
 /// The mount's page-cache budget without `cache_size=`: 1/16 of the
@@ -76,6 +79,7 @@ fn parse_opts(list: &[String], image: &Path) -> Result<Opts, String> {
         cache_bytes: None,
         norecovery: false,
         confine: true,
+        fakeroot: false,
     };
     let mut fsname = None;
     let mut subtype = None;
@@ -94,6 +98,7 @@ fn parse_opts(list: &[String], image: &Path) -> Result<Opts, String> {
             ("norecovery" | "noload", None) => o.norecovery = true,
             ("confine", None) => o.confine = true,
             ("noconfine", None) => o.confine = false,
+            ("fakeroot", None) => o.fakeroot = true,
             ("rw", None) => o.read_only = false,
             ("allow_other", None) => o.acl = SessionACL::All,
             ("allow_root", None) => o.acl = SessionACL::RootAndOwner,
@@ -365,7 +370,12 @@ pub fn mount_foreground(
     config.mount_options = opts.mount;
     config.acl = opts.acl;
     config.n_threads = Some(threads.max(1));
-    let fuse = FolioFuse::new(shared.clone());
+    let mut fuse = FolioFuse::new(shared.clone());
+    if opts.fakeroot {
+        // SAFETY: getuid/getgid only return this process's ids.
+        let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+        fuse = fuse.with_fakeroot(uid, gid);
+    }
     let notifier = fuse.notifier_slot();
     let mut session = fuser::Session::new(fuse, mountpoint, &config)
         .map_err(|e| format!("{}: mount failed: {e}", mountpoint.display()))?;

@@ -672,6 +672,17 @@ fn folio_mount(img: &Path, mnt: &Path) {
 }
 
 /// `folio umount MNT`, which must succeed.
+fn folio_ls_l(img: &Path) -> String {
+    let o = Command::new(env!("CARGO_BIN_EXE_folio"))
+        .arg("ls")
+        .arg("-l")
+        .arg(img)
+        .arg("/")
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
 fn folio_umount(mnt: &Path) {
     assert!(Command::new(env!("CARGO_BIN_EXE_folio"))
         .arg("umount")
@@ -964,13 +975,48 @@ fn an_ordinary_user_mounts_their_own_image() {
     folio_mkfs(&root_img, "64M");
     set_dev(0o666);
     let o = as_user(&[&"mount", &root_img, &mnt]);
-    set_dev(dev_mode & 0o7777);
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
         err.contains("cannot open for writing") && err.contains("-o ro"),
         "{err}"
     );
+    // The user's copy of an image whose root directory root owns: without
+    // fakeroot the user cannot write into /, with it (as fuse2fs) they can.
+    std::os::unix::fs::chown(&root_img, Some(65534), Some(65534)).unwrap();
+    let mut wrote = Vec::new();
+    for opts in ["rw", "fakeroot"] {
+        let o = as_user(&[&"mount", &"-o", &opts, &root_img, &mnt]);
+        assert!(
+            o.status.success(),
+            "{opts}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let sh = Command::new("setpriv")
+            .args(setpriv)
+            .args(["sh", "-c", "echo x > \"$1\"/in-root", "sh"])
+            .arg(&mnt)
+            .output()
+            .unwrap();
+        wrote.push(sh.status.success());
+        let o = as_user(&[&"umount", &mnt]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    set_dev(dev_mode & 0o7777);
+    assert_eq!(
+        wrote,
+        [false, true],
+        "writes into a root-owned / without and with fakeroot"
+    );
+    assert!(e2fsck_clean(&root_img));
+    // What the user made under fakeroot is root's in the image.
+    let ls = folio_ls_l(&root_img);
+    let line = ls
+        .lines()
+        .find(|l| l.ends_with(" in-root"))
+        .unwrap_or_default();
+    let ids: Vec<&str> = line.split_whitespace().skip(2).take(2).collect();
+    assert_eq!(ids, ["0", "0"], "{ls}");
     let _ = fs::remove_dir_all(&dir);
 }
 

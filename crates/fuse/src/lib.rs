@@ -49,6 +49,11 @@ pub struct FolioFuse {
     /// Set by the mounter once the session exists: lets a request tell the
     /// kernel that attributes it caches have changed behind its back.
     notifier: Arc<OnceLock<fuser::Notifier>>,
+    /// `-o fakeroot`: the mounting user's (uid, gid), which stand for
+    /// root's in the image: files root owns are shown as theirs, and what
+    /// they create or chown to themselves is stored as root's (as
+    /// fakeroot(1) does for a build tree).
+    fakeroot: Option<(u32, u32)>,
 }
 
 fn to_fuse(ino: u32) -> INodeNo {
@@ -135,6 +140,35 @@ impl FolioFuse {
             dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             notifier: Arc::new(OnceLock::new()),
+            fakeroot: None,
+        }
+    }
+
+    /// Map the user `uid`:`gid` to root in the image (`-o fakeroot`).
+    pub fn with_fakeroot(mut self, uid: u32, gid: u32) -> Self {
+        self.fakeroot = Some((uid, gid));
+        self
+    }
+
+    /// An id of the image as the kernel is shown it.
+    fn shown(&self, uid: u32, gid: u32) -> (u32, u32) {
+        match self.fakeroot {
+            Some((fu, fg)) => (
+                if uid == 0 { fu } else { uid },
+                if gid == 0 { fg } else { gid },
+            ),
+            None => (uid, gid),
+        }
+    }
+
+    /// An id the kernel sent, as stored in the image.
+    fn stored(&self, uid: u32, gid: u32) -> (u32, u32) {
+        match self.fakeroot {
+            Some((fu, fg)) => (
+                if uid == fu { 0 } else { uid },
+                if gid == fg { 0 } else { gid },
+            ),
+            None => (uid, gid),
         }
     }
 
@@ -169,8 +203,8 @@ impl FolioFuse {
             kind: kind(st.file_type),
             perm: st.mode & 0o7777,
             nlink: u32::from(st.nlink),
-            uid: st.uid,
-            gid: st.gid,
+            uid: self.shown(st.uid, st.gid).0,
+            gid: self.shown(st.uid, st.gid).1,
             rdev: makedev(st.rdev),
             blksize: self.block_size,
             flags: 0,
@@ -187,19 +221,18 @@ impl FolioFuse {
     /// The caller, for the privilege-dropping rules. The kernel tells a
     /// FUSE server only uid and gid: root stands for CAP_FSETID and the
     /// supplementary groups are not seen.
-    fn caller(req: &Request) -> Caller {
+    fn caller(&self, req: &Request) -> Caller {
+        let (uid, gid) = self.stored(req.uid(), req.gid());
         Caller {
-            uid: req.uid(),
-            gid: req.gid(),
-            privileged: req.uid() == 0,
+            uid,
+            gid,
+            privileged: uid == 0,
         }
     }
 
-    fn owner(req: &Request) -> Owner {
-        Owner {
-            uid: req.uid(),
-            gid: req.gid(),
-        }
+    fn owner(&self, req: &Request) -> Owner {
+        let (uid, gid) = self.stored(req.uid(), req.gid());
+        Owner { uid, gid }
     }
 }
 
@@ -304,8 +337,8 @@ impl fuser::Filesystem for FolioFuse {
         };
         let attr = SetAttr {
             mode: mode.map(|m| (m & 0o7777) as u16),
-            uid,
-            gid,
+            uid: uid.map(|u| self.stored(u, u32::MAX).0),
+            gid: gid.map(|g| self.stored(u32::MAX, g).1),
             size,
             atime: atime.map(t),
             mtime: mtime.map(t),
@@ -313,7 +346,7 @@ impl fuser::Filesystem for FolioFuse {
             crtime: crtime.map(timespec),
             // FUSE_HANDLE_KILLPRIV_V2: a truncate or chown drops setuid,
             // setgid and capabilities here, not in the kernel.
-            drop_privs: Some(Self::caller(req)),
+            drop_privs: Some(self.caller(req)),
         };
         match self.with(|fs| fs.setattr(from_fuse(ino), &attr)) {
             Ok(st) => reply.attr(&TTL, &self.attr(&st)),
@@ -345,7 +378,7 @@ impl fuser::Filesystem for FolioFuse {
                 name.as_bytes(),
                 m,
                 splitdev(rdev),
-                Self::owner(req),
+                self.owner(req),
             )
         }) {
             Ok(ino) => self.entry(ino, reply),
@@ -363,7 +396,7 @@ impl fuser::Filesystem for FolioFuse {
         reply: ReplyEntry,
     ) {
         let perm = ((mode & !umask) & 0o7777) as u16;
-        match self.with(|fs| fs.mkdir(from_fuse(parent), name.as_bytes(), perm, Self::owner(req))) {
+        match self.with(|fs| fs.mkdir(from_fuse(parent), name.as_bytes(), perm, self.owner(req))) {
             Ok(ino) => self.entry(ino, reply),
             Err(e) => reply.error(e),
         }
@@ -393,7 +426,7 @@ impl fuser::Filesystem for FolioFuse {
     ) {
         let t = target.as_os_str().as_bytes();
         match self
-            .with(|fs| fs.symlink(from_fuse(parent), link_name.as_bytes(), t, Self::owner(req)))
+            .with(|fs| fs.symlink(from_fuse(parent), link_name.as_bytes(), t, self.owner(req)))
         {
             Ok(ino) => self.entry(ino, reply),
             Err(e) => reply.error(e),
@@ -416,7 +449,7 @@ impl fuser::Filesystem for FolioFuse {
             exchange: flags.contains(RenameFlags::RENAME_EXCHANGE),
             whiteout: flags
                 .contains(RenameFlags::RENAME_WHITEOUT)
-                .then(|| Self::owner(req)),
+                .then(|| self.owner(req)),
         };
         match self.with(|fs| {
             fs.rename(
@@ -509,7 +542,7 @@ impl fuser::Filesystem for FolioFuse {
         // capabilities); capabilities go on every write.
         let caller = Caller {
             privileged: !write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID),
-            ..Self::caller(req)
+            ..self.caller(req)
         };
         let ino = from_fuse(ino);
         match self.with(|fs| {
@@ -764,7 +797,7 @@ impl fuser::Filesystem for FolioFuse {
                 name.as_bytes(),
                 of,
                 perm,
-                Self::owner(req),
+                self.owner(req),
             )?;
             fs.open_ref(ino);
             fs.stat(ino)
