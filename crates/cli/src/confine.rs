@@ -33,6 +33,10 @@ pub struct Policy {
     /// Removing files (not directories) beneath this directory: the
     /// export's Unix socket, removed at exit.
     pub remove_in: Option<PathBuf>,
+    /// Making and writing files, directories and symlinks beneath this
+    /// directory (`folio get`'s destination), with the system calls that
+    /// takes (open, mkdir, symlink, chmod, chown, utimes, xattrs).
+    pub write_beneath: Option<PathBuf>,
 }
 
 /// What was enforced.
@@ -67,7 +71,7 @@ pub fn confine(policy: &Policy) -> Status {
         Ok(Some(note)) => st.notes.push(note),
         Err(e) => st.notes.push(format!("Landlock: {e}")),
     }
-    match seccomp() {
+    match seccomp(policy.write_beneath.is_some()) {
         Ok(()) => st.seccomp = true,
         Err(e) => st.notes.push(format!("seccomp: {e}")),
     }
@@ -126,6 +130,12 @@ fn landlock(policy: &Policy) -> Result<Option<String>, landlock::RulesetError> {
     if let Some(dir) = &policy.remove_in {
         ruleset = ruleset.add_rules(path_beneath_rules([dir], AccessFs::RemoveFile))?;
     }
+    if let Some(dir) = &policy.write_beneath {
+        // Everything but running programs and making device nodes.
+        let rights = AccessFs::from_all(abi)
+            & !(AccessFs::Execute | AccessFs::MakeChar | AccessFs::MakeBlock);
+        ruleset = ruleset.add_rules(path_beneath_rules([dir], rights))?;
+    }
     let status = ruleset.restrict_self()?;
     Ok(match status.ruleset {
         RulesetStatus::FullyEnforced => None,
@@ -136,8 +146,9 @@ fn landlock(policy: &Policy) -> Result<Option<String>, landlock::RulesetError> {
     })
 }
 
-/// The system calls a confined server makes.
-fn allowed_syscalls() -> Vec<libc::c_long> {
+/// The system calls a confined process makes; with `host_writes`, also
+/// those that make and write a tree of host files (Landlock says where).
+fn allowed_syscalls(host_writes: bool) -> Vec<libc::c_long> {
     let mut v = vec![
         // I/O on descriptors already open.
         libc::SYS_read,
@@ -218,15 +229,44 @@ fn allowed_syscalls() -> Vec<libc::c_long> {
     ];
     #[cfg(target_arch = "x86_64")]
     v.extend([libc::SYS_poll, libc::SYS_unlink, libc::SYS_arch_prctl]);
+    if host_writes {
+        v.extend([
+            libc::SYS_openat,
+            libc::SYS_mkdirat,
+            libc::SYS_symlinkat,
+            libc::SYS_linkat,
+            libc::SYS_fchmod,
+            libc::SYS_fchmodat,
+            libc::SYS_fchown,
+            libc::SYS_fchownat,
+            libc::SYS_utimensat,
+            libc::SYS_ftruncate,
+            libc::SYS_setxattr,
+            libc::SYS_lsetxattr,
+            libc::SYS_fsetxattr,
+            libc::SYS_getdents64,
+        ]);
+        #[cfg(target_arch = "x86_64")]
+        v.extend([
+            libc::SYS_open,
+            libc::SYS_mkdir,
+            libc::SYS_symlink,
+            libc::SYS_link,
+            libc::SYS_chmod,
+            libc::SYS_chown,
+            libc::SYS_lchown,
+            libc::SYS_rmdir,
+        ]);
+    }
     v
 }
 
-fn seccomp() -> Result<(), String> {
+fn seccomp(host_writes: bool) -> Result<(), String> {
     use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
     let arch = TargetArch::try_from(std::env::consts::ARCH).map_err(|e| e.to_string())?;
     // c_long is i64 here but not on every target.
     #[allow(clippy::useless_conversion)]
-    let rules = allowed_syscalls()
+    let rules = allowed_syscalls(host_writes)
         .into_iter()
         .map(|nr| (i64::from(nr), Vec::new()))
         .collect();

@@ -294,7 +294,10 @@ pub fn serve(fs: Filesystem, args: &ExportArgs) -> Result<i32, String> {
             }),
             Listen::Tcp(_) => None,
         };
-        crate::confine::confine(&crate::confine::Policy { remove_in });
+        crate::confine::confine(&crate::confine::Policy {
+            remove_in,
+            ..Default::default()
+        });
     }
     {
         let stop = stop.clone();

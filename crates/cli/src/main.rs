@@ -661,6 +661,29 @@ fn run(cli: Cli) -> CliResult {
             transform: None,
         } => {
             let mut fs = open(&image, true)?;
+            if !NO_CONFINE.get().copied().unwrap_or(false) {
+                // Confined too, but for making the tree where it goes:
+                // inside DEST if it is a directory, else beside it.
+                let beneath = if dest.is_dir() {
+                    dest.clone()
+                } else {
+                    match dest.parent() {
+                        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+                        _ => PathBuf::from("."),
+                    }
+                };
+                folio_cli::confine::confine(&folio_cli::confine::Policy {
+                    write_beneath: Some(beneath),
+                    ..Default::default()
+                });
+                #[cfg(debug_assertions)]
+                if std::env::var_os("FOLIO_DEBUG_ESCAPE").is_some() {
+                    eprintln!(
+                        "escape probe: {}",
+                        String::from_utf8_lossy(&folio_fuse::escape_probe())
+                    );
+                }
+            }
             copy::get(&mut fs, &source, &dest)
         }
         Cmd::Rm {

@@ -539,5 +539,28 @@ fn read_only_commands_are_confined() {
             "{extra:?}: {err}"
         );
     }
+    // `get` is confined too, but may write its output tree: the copy
+    // lands, while opening a host file elsewhere (Landlock: EACCES) and
+    // running a program (seccomp: EPERM) fail.
+    let src = dir.join("in.txt");
+    std::fs::write(&src, b"payload").unwrap();
+    common::ok(&[&"put", &img, &src, &"/in.txt"]);
+    let out = dir.join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_folio"))
+        .env("FOLIO_DEBUG_ESCAPE", "1")
+        .arg("get")
+        .arg(&img)
+        .arg("/")
+        .arg(out.join("tree"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(std::fs::read(out.join("tree/in.txt")).unwrap(), b"payload");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("escape probe: open=errno13 exec=errno1"),
+        "{err}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
