@@ -370,7 +370,7 @@ pub fn mount_foreground(
     config.mount_options = opts.mount;
     config.acl = opts.acl;
     config.n_threads = Some(threads.max(1));
-    let mut fuse = FolioFuse::new(shared.clone());
+    let mut fuse = FolioFuse::new(shared.clone()).with_workers(threads.max(1));
     if opts.fakeroot {
         // SAFETY: getuid/getgid only return this process's ids.
         let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };

@@ -54,6 +54,8 @@ pub struct FolioFuse {
     /// they create or chown to themselves is stored as root's (as
     /// fakeroot(1) does for a build tree).
     fakeroot: Option<(u32, u32)>,
+    /// Threads serving requests (see `with_workers`).
+    workers: usize,
 }
 
 fn to_fuse(ino: u32) -> INodeNo {
@@ -141,7 +143,15 @@ impl FolioFuse {
             next_fh: AtomicU64::new(1),
             notifier: Arc::new(OnceLock::new()),
             fakeroot: None,
+            workers: 1,
         }
+    }
+
+    /// How many threads serve requests (more than one lets an lseek wait
+    /// for the kernel's writeback of the file, which others serve).
+    pub fn with_workers(mut self, n: usize) -> Self {
+        self.workers = n;
+        self
     }
 
     /// Map the user `uid`:`gid` to root in the image (`-o fakeroot`).
@@ -830,6 +840,18 @@ impl fuser::Filesystem for FolioFuse {
         };
         if offset < 0 {
             return reply.error(Errno::ENXIO);
+        }
+        // With the writeback cache the kernel may hold data for this file
+        // that folio has not seen, and it does not write it back before
+        // asking (FUSE_LSEEK): answered from folio's map alone, SEEK_DATA
+        // would call fresh data a hole and `cp` would skip it. Invalidating
+        // the file's pages makes the kernel write the dirty ones back
+        // first (launder_folio: WRITE requests, served by the other
+        // workers while this one waits), then the map is complete.
+        if self.workers > 1 {
+            if let Some(n) = self.notifier.get() {
+                let _ = n.inval_inode(ino, 0, 0);
+            }
         }
         match self.with(|fs| fs.seek_data_hole(from_fuse(ino), offset as u64, data)) {
             Ok(p) => reply.offset(p as i64),
