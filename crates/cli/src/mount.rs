@@ -420,17 +420,9 @@ pub fn mount_foreground(
         }
         // (With auto_unmount, fuser's own unmount leaves the work to the
         // fusermount3 helper, so ask for it explicitly.)
-        let done = Command::new("fusermount3")
-            .arg("-u")
-            .arg(mountpoint)
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false)
-            || unmounter.unmount().is_ok() && !is_mounted(mountpoint);
-        if !done {
-            eprintln!("folio: unmount failed; detaching lazily");
-            let _ = Command::new("umount").arg("-l").arg(mountpoint).status();
-        }
+        unmount_now(mountpoint, || {
+            unmounter.unmount().is_ok() && !is_mounted(mountpoint)
+        });
     }
     // The session has ended (its handlers are gone); stop the flusher, and
     // the filesystem is ours alone to close.
@@ -489,6 +481,21 @@ impl Drop for UnmountHelper {
     }
 }
 
+/// Unmount `mountpoint`: `fusermount3 -u`, else `other`; if both fail,
+/// detach it lazily (`umount -l`).
+fn unmount_now(mountpoint: &Path, other: impl FnOnce() -> bool) {
+    let done = Command::new("fusermount3")
+        .arg("-u")
+        .arg(mountpoint)
+        .status()
+        .is_ok_and(|s| s.success())
+        || other();
+    if !done {
+        eprintln!("folio: unmount failed; detaching lazily");
+        let _ = Command::new("umount").arg("-l").arg(mountpoint).status();
+    }
+}
+
 /// `folio unmount-helper MOUNTPOINT` (internal): unmount MOUNTPOINT each
 /// time a byte arrives on stdin; exit at its end.
 pub fn unmount_helper(mountpoint: &Path) -> Result<(), String> {
@@ -496,20 +503,12 @@ pub fn unmount_helper(mountpoint: &Path) -> Result<(), String> {
     let mut stdin = std::io::stdin().lock();
     let mut b = [0u8; 1];
     while matches!(stdin.read(&mut b), Ok(1)) {
-        let done = Command::new("fusermount3")
-            .arg("-u")
-            .arg(mountpoint)
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false)
-            || Command::new("umount")
+        unmount_now(mountpoint, || {
+            Command::new("umount")
                 .arg(mountpoint)
                 .status()
-                .is_ok_and(|s| s.success());
-        if !done {
-            eprintln!("folio: unmount failed; detaching lazily");
-            let _ = Command::new("umount").arg("-l").arg(mountpoint).status();
-        }
+                .is_ok_and(|s| s.success())
+        });
     }
     Ok(())
 }
