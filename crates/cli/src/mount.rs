@@ -693,7 +693,7 @@ pub fn umount(mountpoint: &Path, lazy: bool) -> Result<(), String> {
 /// The source (fsname) of a fuse.folio mount, if `dir` is one.
 /// The folio processes serving a mount of `source`: their command line
 /// is `folio mount SOURCE ...` and they hold /dev/fuse open.
-fn mount_servers_of(source: &Path) -> Vec<u32> {
+pub fn mount_servers_of(source: &Path) -> Vec<u32> {
     let Ok(procs) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };

@@ -610,6 +610,9 @@ fn folio_uses_images_on_qemu_nbd_and_nbdkit() {
             "{err}"
         );
     }
+    // What the killed server's file holds recovers clean.
+    ok(&[&"recover", &file]);
+    e2fsck_clean(&file);
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -562,5 +562,6 @@ fn read_only_commands_are_confined() {
         err.contains("escape probe: open=errno13 exec=errno1"),
         "{err}"
     );
+    e2fsck_clean(&img);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -695,6 +695,44 @@ fn folio_mount(img: &Path, mnt: &Path) {
 }
 
 /// `folio umount MNT`, which must succeed.
+/// `folio mount IMG MNT -f [extra]` as a child, once the mount is there.
+fn mount_foreground(img: &Path, mnt: &Path, extra: &[&str]) -> std::process::Child {
+    let child = Command::new(env!("CARGO_BIN_EXE_folio"))
+        .arg("mount")
+        .arg(img)
+        .arg(mnt)
+        .arg("-f")
+        .args(extra)
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while !fs::read_to_string("/proc/self/mounts")
+        .unwrap()
+        .contains(mnt.to_str().unwrap())
+    {
+        assert!(
+            start.elapsed().as_secs() < 20,
+            "foreground mount did not appear"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child
+}
+
+/// SIGTERM to a foreground mount: it exits 0 and the mount is gone.
+fn sigterm_unmounts(mut child: std::process::Child, mnt: &Path) {
+    // SAFETY: signalling a child process we own.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    assert!(status.success(), "SIGTERM exit: {status}");
+    assert!(
+        !fs::read_to_string("/proc/self/mounts")
+            .unwrap()
+            .contains(mnt.to_str().unwrap()),
+        "unmounted"
+    );
+}
+
 fn folio_ls_l(img: &Path) -> String {
     let o = Command::new(env!("CARGO_BIN_EXE_folio"))
         .arg("ls")
@@ -832,35 +870,9 @@ fn mount_helper_and_signals() {
     fs::write(mnt.join("via-helper"), b"ok").unwrap();
     folio_umount(&mnt);
     // Foreground mount; SIGTERM unmounts cleanly and syncs.
-    let mut child = Command::new(folio)
-        .arg("mount")
-        .arg(&img)
-        .arg(&mnt)
-        .arg("-f")
-        .spawn()
-        .unwrap();
-    let start = std::time::Instant::now();
-    while !fs::read_to_string("/proc/self/mounts")
-        .unwrap()
-        .contains(mnt.to_str().unwrap())
-    {
-        assert!(
-            start.elapsed().as_secs() < 20,
-            "foreground mount did not appear"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    let child = mount_foreground(&img, &mnt, &[]);
     fs::write(mnt.join("before-sigterm"), b"kept").unwrap();
-    // SAFETY: signalling a child process we own.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let status = child.wait().unwrap();
-    assert!(status.success(), "SIGTERM exit: {status}");
-    assert!(
-        !fs::read_to_string("/proc/self/mounts")
-            .unwrap()
-            .contains(mnt.to_str().unwrap()),
-        "unmounted"
-    );
+    sigterm_unmounts(child, &mnt);
     assert!(e2fsck_clean(&img));
     let out = folio_cat(&img, "/before-sigterm");
     assert_eq!(out.stdout, b"kept");
@@ -944,17 +956,8 @@ fn an_ordinary_user_mounts_their_own_image() {
             String::from_utf8_lossy(&sh.stderr)
         );
         // The server runs as the user, confined.
-        let server = fs::read_dir("/proc")
-            .unwrap()
-            .flatten()
-            .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-            .find(|pid| {
-                fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
-                    let args: Vec<&[u8]> = c.split(|&b| b == 0).collect();
-                    args.contains(&b"mount".as_slice())
-                        && args.contains(&img.as_os_str().as_bytes())
-                })
-            })
+        let server = *folio_cli::mount::mount_servers_of(&img)
+            .first()
             .expect("the mount server");
         assert_eq!(
             folio_cli::confine::proc_status(server),
@@ -1055,22 +1058,9 @@ fn a_running_mount_is_confined() {
         return;
     }
     let (dir, img, mnt) = fresh_image("confine", "64M");
-    let folio = env!("CARGO_BIN_EXE_folio");
     for confined in [true, false] {
-        let mut cmd = Command::new(folio);
-        cmd.arg("mount").arg(&img).arg(&mnt).arg("-f");
-        if !confined {
-            cmd.args(["-o", "noconfine"]);
-        }
-        let mut child = cmd.spawn().unwrap();
-        let start = std::time::Instant::now();
-        while !fs::read_to_string("/proc/self/mounts")
-            .unwrap()
-            .contains(mnt.to_str().unwrap())
-        {
-            assert!(start.elapsed().as_secs() < 20, "mount did not appear");
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
+        let opts: &[&str] = if confined { &[] } else { &["-o", "noconfine"] };
+        let child = mount_foreground(&img, &mnt, opts);
         let f = mnt.join(format!("f-{confined}"));
         fs::write(&f, b"data").unwrap();
         let (no_caps, nnp, seccomp) = folio_cli::confine::proc_status(child.id()).unwrap();
@@ -1086,16 +1076,7 @@ fn a_running_mount_is_confined() {
             assert_eq!(probe, "open=ok exec=ok");
         }
         assert_eq!(fs::read(&f).unwrap(), b"data");
-        // SAFETY: signalling a child process we own.
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        let status = child.wait().unwrap();
-        assert!(status.success(), "SIGTERM exit: {status}");
-        assert!(
-            !fs::read_to_string("/proc/self/mounts")
-                .unwrap()
-                .contains(mnt.to_str().unwrap()),
-            "unmounted"
-        );
+        sigterm_unmounts(child, &mnt);
         assert!(e2fsck_clean(&img));
     }
     let _ = fs::remove_dir_all(&dir);

@@ -167,7 +167,8 @@ impl NbdDevice {
     /// the server allows.
     pub fn connect(uri: &NbdUri, read_only: bool) -> io::Result<NbdDevice> {
         let name = uri.to_string();
-        let ctx = |e: io::Error| io::Error::new(e.kind(), format!("{name}: {e}"));
+        // The caller names the URI; say which side failed.
+        let ctx = |e: io::Error| io::Error::new(e.kind(), format!("NBD server: {e}"));
         let stream = match &uri.at {
             Endpoint::Tcp(a) => {
                 let s = TcpStream::connect(a.as_str()).map_err(ctx)?;

@@ -207,6 +207,11 @@ pub fn be32(b: &[u8]) -> u32 {
     u32::from_be_bytes([b[0], b[1], b[2], b[3]])
 }
 
+/// `v` as the wire has it (no allocation: used per data chunk).
+pub fn be64_bytes(v: u64) -> [u8; 8] {
+    v.to_be_bytes()
+}
+
 pub fn be64(b: &[u8]) -> u64 {
     let mut a = [0u8; 8];
     a.copy_from_slice(&b[..8]);

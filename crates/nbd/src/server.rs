@@ -729,14 +729,6 @@ impl Server {
     }
 }
 
-fn be64_bytes(v: u64) -> [u8; 8] {
-    let mut o = Out::default();
-    o.u64(v);
-    let mut b = [0u8; 8];
-    b.copy_from_slice(&o.0);
-    b
-}
-
 fn opt_reply(w: &mut impl Write, opt: u32, kind: u32, data: &[u8]) -> io::Result<()> {
     let mut o = Out::default();
     o.u64(REPLY_MAGIC)
