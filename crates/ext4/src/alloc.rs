@@ -138,6 +138,13 @@ impl Core {
         Some(self.group_first_block(g) + first as u64)
     }
 
+    /// Set the free-blocks count (the superblock's and the shared
+    /// accounting's).
+    pub(crate) fn set_free_blocks(&mut self, n: u64) {
+        self.sb.set_free_blocks_count(n);
+        self.inodes.space.set_free(n);
+    }
+
     /// Allocate up to `want` contiguous blocks, at or after `goal` if
     /// possible. Returns (first block, count ≥ 1).
     pub(crate) fn alloc_blocks(&mut self, goal: u64, want: u32) -> Result<(u64, u32)> {
@@ -158,15 +165,17 @@ impl Core {
         assert!(want > 0);
         // Blocks reserved for delayed allocations are spoken for: only
         // their own writeback may take them.
-        let want = if self.alloc_from_reserve {
-            want
+        // Anything else claims its blocks first, so that a reservation
+        // made meanwhile without the core lock cannot take them too.
+        let claimed = if self.alloc_from_reserve {
+            0
         } else {
-            let room = self.unclaimed_blocks();
-            if room == 0 {
-                return Err(Error::NoSpace);
+            match self.inodes.space.reserve_upto(u64::from(want)) {
+                0 => return Err(Error::NoSpace),
+                k => k,
             }
-            want.min(u32::try_from(room).unwrap_or(u32::MAX))
         };
+        let want = if claimed > 0 { claimed as u32 } else { want };
         let mut fallback = fallback;
         let in_fs = |b: u64| b >= self.geo.first_data_block && b < self.geo.blocks_count;
         let start = match (in_fs(goal), fallback.take()) {
@@ -177,7 +186,9 @@ impl Core {
             (false, Some(f)) if in_fs(f) => f,
             (false, _) => self.geo.first_data_block,
         };
-        self.alloc_from(start, &mut fallback, want)
+        let r = self.alloc_from(start, &mut fallback, want);
+        self.inodes.space.unreserve(claimed);
+        r
     }
 
     /// First fit from `goal`. If the goal block itself is taken and there
@@ -252,7 +263,7 @@ impl Core {
             gd.set_free_blocks(free);
             self.mark_group_dirty(g);
             let f = self.sb.free_blocks_count();
-            self.sb.set_free_blocks_count(f.saturating_sub(len as u64));
+            self.set_free_blocks(f.saturating_sub(len as u64));
             return Ok((self.group_first_block(g) + first as u64, len as u32));
         }
         Err(Error::NoSpace)
@@ -292,6 +303,7 @@ impl Core {
                     // still uses the block: no reuse, and a checkpoint
                     // still writes its committed copy home (from the log).
                     self.pinned.insert(x);
+                    self.inodes.space.set_pinned(self.pinned.len() as u64);
                     if j.is_logged(x) {
                         self.revokes.push(x);
                     }
@@ -310,7 +322,7 @@ impl Core {
             gd.set_free_blocks(free as u32);
             self.mark_group_dirty(g);
             let f = self.sb.free_blocks_count();
-            self.sb.set_free_blocks_count(f + n);
+            self.set_free_blocks(f + n);
             b = chunk_end;
         }
         Ok(())

@@ -279,7 +279,11 @@ impl Filesystem {
     /// The lock-free part of `read`: `None` unless every byte asked for
     /// (up to the size) is uptodate in the cache.
     fn read_cached(&self, ino: u32, offset: u64, buf: &mut [u8]) -> Option<usize> {
-        let size = self.inodes.get(ino)?.size();
+        let info = self.inodes.get(ino)?;
+        if !info.regular() {
+            return None;
+        }
+        let size = info.size();
         self.pc
             .existing(u64::from(ino))?
             .read_cached(size, offset, buf)
@@ -461,7 +465,7 @@ impl Filesystem {
         if len == 0 || !self.inodes.writable() {
             return not_here;
         }
-        let Some(info) = self.inodes.get(ino) else {
+        let Some(info) = self.inodes.get(ino).filter(|i| i.regular()) else {
             return not_here;
         };
         let Some(end) = offset.checked_add(len as u64) else {

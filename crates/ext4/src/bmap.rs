@@ -276,8 +276,12 @@ impl Core {
         let spb = u64::from(self.geo.block_size / 512);
         let delta = needed as i64 - old_blocks.len() as i64;
         self.add_i_blocks(inode, delta * spb as i64)?;
-        self.extent_cache
-            .insert(inode.ino, crate::extent_tree::ExtentMap::from_sorted(list));
+        self.inodes.make_room_for_map(inode.ino);
+        let obj = self.inodes.obj(inode.ino);
+        self.inodes.install_map(
+            &mut obj.data(),
+            crate::extent_tree::ExtentMap::from_sorted(list),
+        );
         Ok(())
     }
 
@@ -366,21 +370,22 @@ impl Core {
     ) -> Result<(Mapping, u64)> {
         let max = max.max(1);
         if Self::uses_extents(inode) {
-            let map = self.ext_map(inode)?;
-            if let Some(e) = map.containing(lblk) {
-                let off = lblk - u64::from(e.lblk);
-                return Ok((
-                    Mapping::Mapped {
-                        pblk: e.pblk + off,
-                        unwritten: e.unwritten,
-                    },
-                    (u64::from(e.len) - off).min(max),
-                ));
-            }
-            let gap = map
-                .after(lblk)
-                .map_or(max, |e| (u64::from(e.lblk) - lblk).min(max));
-            return Ok((Mapping::Hole, gap));
+            return self.with_ext(inode, |map| {
+                if let Some(e) = map.containing(lblk) {
+                    let off = lblk - u64::from(e.lblk);
+                    return (
+                        Mapping::Mapped {
+                            pblk: e.pblk + off,
+                            unwritten: e.unwritten,
+                        },
+                        (u64::from(e.len) - off).min(max),
+                    );
+                }
+                let gap = map
+                    .after(lblk)
+                    .map_or(max, |e| (u64::from(e.lblk) - lblk).min(max));
+                (Mapping::Hole, gap)
+            });
         }
         let first = self.ind_lookup(inode, lblk)?;
         let mut n = 1;
@@ -548,15 +553,12 @@ impl Core {
         if size_blocks >= LARGE_FILE_BYTES / bs {
             // A large file keeps to its line, whatever its neighbours do
             // (one displaced block must not drag the next ones after it).
-            let line = match self.ext_map(inode)?.line {
+            let line = match self.with_ext(inode, |m| m.line)? {
                 Some(l) => l,
                 None => {
                     // The line starts past room for the tree's own blocks.
                     let l = self.empty_file_base(inode) + tree_room(size_blocks);
-                    self.ext_load(inode)?;
-                    if let Some(m) = self.extent_cache.get_mut(&inode.ino) {
-                        m.line = Some(l);
-                    }
+                    self.with_ext(inode, |m| m.line = Some(l))?;
                     l
                 }
             };
@@ -568,14 +570,15 @@ impl Core {
                 (f0 < self.geo.blocks_count).then(|| f0 + lblk % (self.geo.blocks_count - f0));
             return Ok((clamp(line.saturating_add(lblk), self), fallback));
         }
-        let map = self.ext_map(inode)?;
-        let goal = if let Some(e) = map.at_or_before(lblk) {
-            e.pblk + (lblk - u64::from(e.lblk))
-        } else if let Some(e) = map.after(lblk) {
-            e.pblk.saturating_sub(u64::from(e.lblk) - lblk)
-        } else {
-            base + lblk
-        };
+        let goal = self.with_ext(inode, |map| {
+            if let Some(e) = map.at_or_before(lblk) {
+                e.pblk + (lblk - u64::from(e.lblk))
+            } else if let Some(e) = map.after(lblk) {
+                e.pblk.saturating_sub(u64::from(e.lblk) - lblk)
+            } else {
+                base + lblk
+            }
+        })?;
         Ok((clamp(goal, self), None))
     }
 
@@ -586,7 +589,11 @@ impl Core {
         let base = self.inode_goal(inode);
         let bs = u64::from(self.geo.block_size);
         let size_blocks = inode.size().div_ceil(bs);
-        match self.extent_cache.get(&inode.ino).and_then(|m| m.line) {
+        let line = self
+            .inodes
+            .get(inode.ino)
+            .and_then(|o| o.data().extents.as_ref().and_then(|m| m.line));
+        match line {
             Some(l) if size_blocks >= LARGE_FILE_BYTES / bs => {
                 l.saturating_sub(tree_room(size_blocks)).max(base.min(l))
             }
@@ -907,8 +914,8 @@ impl Core {
             return self.block_runs(ino);
         }
         let mut runs = self.block_runs_nosync(ino)?;
-        if let Some(da) = self.delalloc.get(&ino) {
-            for (&s, &l) in &da.runs {
+        if let Some(obj) = self.inodes.get(ino) {
+            for (&s, &l) in &obj.data().delalloc.runs {
                 runs.push(BlockRun {
                     lblk: s,
                     pblk: 0,
@@ -927,17 +934,17 @@ impl Core {
         let bs = u64::from(self.geo.block_size);
         let end = inode.size().div_ceil(bs);
         if Self::uses_extents(&inode) {
-            return Ok(self
-                .ext_map(&inode)?
-                .iter()
-                .map(|e| BlockRun {
-                    lblk: u64::from(e.lblk),
-                    pblk: e.pblk,
-                    len: u64::from(e.len),
-                    unwritten: e.unwritten,
-                    delalloc: false,
-                })
-                .collect());
+            return self.with_ext(&inode, |m| {
+                m.iter()
+                    .map(|e| BlockRun {
+                        lblk: u64::from(e.lblk),
+                        pblk: e.pblk,
+                        len: u64::from(e.len),
+                        unwritten: e.unwritten,
+                        delalloc: false,
+                    })
+                    .collect()
+            });
         }
         let mut out = Vec::new();
         let mut l = 0;

@@ -133,6 +133,36 @@ impl WritebackCursor {
     }
 }
 
+/// Re-derive the mapping-block allowance of delayed runs `da` of `inode`
+/// after their blocks changed; fails (changing nothing) if it would grow
+/// and `only_if_fits` and it does not fit.
+pub(crate) fn set_meta(
+    fs: &Core,
+    inode: &Inode,
+    da: &mut Delalloc,
+    only_if_fits: bool,
+) -> Result<()> {
+    let want = if da.blocks == 0 {
+        0
+    } else {
+        meta_for(fs, inode, da.blocks)
+    };
+    let have = da.meta;
+    if want > have {
+        if only_if_fits {
+            if !fs.inodes.space.reserve(want - have) {
+                return Err(Error::NoSpace);
+            }
+        } else {
+            fs.inodes.space.reserve_anyway(want - have);
+        }
+    } else {
+        fs.inodes.space.unreserve(have - want);
+    }
+    da.meta = want;
+    Ok(())
+}
+
 /// Worst-case mapping blocks needed to map `d` more blocks into a file
 /// whose map is `inode`'s: a new leaf for every half-full leaf's worth of
 /// extents, plus one split per level and a new root level.
@@ -164,45 +194,20 @@ impl Core {
 
     /// Blocks reserved for delayed allocation, data and mapping, in total.
     pub(crate) fn reserved_blocks(&self) -> u64 {
-        self.resv_total
+        self.inodes.space.reserved()
     }
 
     /// Delayed-allocation blocks of `ino` (for st_blocks, like ext4).
     pub(crate) fn delalloc_blocks(&self, ino: u32) -> u64 {
-        self.delalloc.get(&ino).map_or(0, |d| d.blocks)
-    }
-
-    /// Free blocks nobody has claimed: not reserved, not pinned.
-    pub(crate) fn unclaimed_blocks(&self) -> u64 {
-        self.sb
-            .free_blocks_count()
-            .saturating_sub(self.pinned.len() as u64)
-            .saturating_sub(self.resv_total)
+        self.inodes.get(ino).map_or(0, |i| i.data().delalloc.blocks)
     }
 
     /// Re-derive `ino`'s mapping-block allowance after its delayed blocks
     /// changed; fails (changing nothing) if it would not fit.
     fn set_meta_reservation(&mut self, inode: &Inode, grow_ok_only_if_fits: bool) -> Result<()> {
-        let ino = inode.ino;
-        let d = self.delalloc.get(&ino).map_or(0, |d| d.blocks);
-        let want = meta_for(self, inode, d);
-        let have = self.delalloc.get(&ino).map_or(0, |d| d.meta);
-        if want > have {
-            if grow_ok_only_if_fits && self.unclaimed_blocks() < want - have {
-                return Err(Error::NoSpace);
-            }
-            self.resv_total += want - have;
-        } else {
-            self.resv_total -= have - want;
-        }
-        if let Some(da) = self.delalloc.get_mut(&ino) {
-            da.meta = want;
-            if da.blocks == 0 {
-                self.resv_total -= da.meta;
-                self.delalloc.remove(&ino);
-            }
-        }
-        Ok(())
+        let obj = self.inodes.obj(inode.ino);
+        let mut d = obj.data();
+        set_meta(self, inode, &mut d.delalloc, grow_ok_only_if_fits)
     }
 
     /// Reserve the holes of `[lblk, lblk+n)` that are neither mapped nor
@@ -212,21 +217,19 @@ impl Core {
         let mut holes = Vec::new();
         let mut cur = lblk;
         let end = lblk + n;
+        let obj = self.inodes.obj(inode.ino);
         while cur < end {
             let (m, k) = self.map_block(inode, cur, end - cur)?;
             if m == Mapping::Hole {
                 // Split the hole around existing reservations.
+                let d = obj.data();
                 let mut p = cur;
                 while p < cur + k {
-                    let da = self.delalloc.get(&inode.ino);
-                    if let Some((s, l)) = da.and_then(|d| d.run_at(p)) {
+                    if let Some((s, l)) = d.delalloc.run_at(p) {
                         p = (s + l).min(cur + k);
                         continue;
                     }
-                    let next = da
-                        .and_then(|d| d.next_start(p))
-                        .unwrap_or(u64::MAX)
-                        .min(cur + k);
+                    let next = d.delalloc.next_start(p).unwrap_or(u64::MAX).min(cur + k);
                     holes.push((p, next - p));
                     p = next;
                 }
@@ -235,21 +238,18 @@ impl Core {
         }
         let wanted = !holes.is_empty();
         let mut got = Vec::new();
+        let mut d = obj.data();
         for (s, l) in holes {
-            let room = self.unclaimed_blocks();
-            let take = l.min(room);
+            let take = self.inodes.space.reserve_upto(l);
             if take == 0 {
                 break;
             }
-            let da = self.delalloc.entry(inode.ino).or_default();
-            da.insert(s, take);
-            self.resv_total += take;
-            if self.set_meta_reservation(inode, true).is_err() {
+            d.delalloc.insert(s, take);
+            if set_meta(self, inode, &mut d.delalloc, true).is_err() {
                 // Not even the mapping allowance fits: undo this run.
-                let da = self.delalloc.entry(inode.ino).or_default();
-                da.remove(s, take);
-                self.resv_total -= take;
-                self.set_meta_reservation(inode, false)?;
+                d.delalloc.remove(s, take);
+                self.inodes.space.unreserve(take);
+                set_meta(self, inode, &mut d.delalloc, false)?;
                 break;
             }
             got.push((s, take));
@@ -257,6 +257,7 @@ impl Core {
                 break;
             }
         }
+        drop(d);
         if got.is_empty() && wanted {
             return Err(Error::NoSpace);
         }
@@ -265,13 +266,17 @@ impl Core {
 
     /// Drop reservations of `[lblk, lblk+n)` of `ino`.
     pub(crate) fn unreserve(&mut self, ino: u32, lblk: u64, n: u64) -> Result<()> {
-        let Some(da) = self.delalloc.get_mut(&ino) else {
+        let Some(obj) = self.inodes.get(ino) else {
             return Ok(());
         };
-        let removed = da.remove(lblk, n);
-        self.resv_total -= removed;
+        let removed = obj.data().delalloc.remove(lblk, n);
+        self.inodes.space.unreserve(removed);
+        if removed == 0 && obj.data().delalloc.meta == 0 {
+            return Ok(());
+        }
         let inode = self.read_inode(ino)?;
-        self.set_meta_reservation(&inode, false)
+        let mut d = obj.data();
+        set_meta(self, &inode, &mut d.delalloc, false)
     }
 
     /// The allocation API: reserve, allocate or deallocate blocks
@@ -288,7 +293,7 @@ impl Core {
             Some(e) if e <= self.max_file_blocks(&inode) => {}
             _ => return Err(Error::FileTooBig),
         }
-        if op != AllocOp::Reserve && self.pinned_maps.contains(&ino) {
+        if op != AllocOp::Reserve && self.map_pinned(ino) {
             return Err(Error::Busy);
         }
         match op {
@@ -344,13 +349,10 @@ impl Core {
         while cur < lblk + n {
             let (m, k) = self.map_block(inode, cur, lblk + n - cur)?;
             if m == Mapping::Hole {
+                let obj = self.inodes.obj(inode.ino);
+                let d = obj.data();
                 for b in cur..cur + k {
-                    if self
-                        .delalloc
-                        .get(&inode.ino)
-                        .and_then(|d| d.run_at(b))
-                        .is_none()
-                    {
+                    if d.delalloc.run_at(b).is_none() {
                         holes += 1;
                     }
                 }
@@ -421,11 +423,9 @@ impl Core {
     /// Writeback of delayed run at `lblk`: give it real blocks.
     fn writeback_allocate(&mut self, ino: u32, lblk: u64, n: u64) -> Result<()> {
         let mut inode = self.read_inode(ino)?;
-        let (s, l) = self
-            .delalloc
-            .get(&ino)
-            .and_then(|d| d.run_at(lblk))
-            .ok_or_else(|| Error::corrupted("writeback of an unreserved block", 0))?;
+        let obj = self.inodes.obj(ino);
+        let run = obj.data().delalloc.run_at(lblk);
+        let (s, l) = run.ok_or_else(|| Error::corrupted("writeback of an unreserved block", 0))?;
         let k = n.min(s + l - lblk);
         // The data blocks come out of the reservation: release it first so
         // the allocation below may use them; the mapping allowance stays
@@ -442,10 +442,8 @@ impl Core {
         let r = self.alloc_run(&mut inode, lblk, k, false, false);
         self.alloc_from_reserve = was;
         let (_, got) = r?;
-        if let Some(da) = self.delalloc.get_mut(&ino) {
-            let removed = da.remove(lblk, got);
-            self.resv_total -= removed;
-        }
+        let removed = obj.data().delalloc.remove(lblk, got);
+        self.inodes.space.unreserve(removed);
         self.write_inode(&mut inode)?;
         self.set_meta_reservation(&inode, false)
     }
@@ -476,10 +474,11 @@ impl Core {
             self.ind_free_range(&mut inode, lblk, lblk + n)?;
         }
         self.write_inode(&mut inode)?;
-        let da = self.delalloc.entry(ino).or_default();
-        da.insert(lblk, n);
-        self.resv_total += n;
-        self.set_meta_reservation(&inode, false)
+        let obj = self.inodes.obj(ino);
+        let mut d = obj.data();
+        d.delalloc.insert(lblk, n);
+        self.inodes.space.reserve_anyway(n);
+        set_meta(self, &inode, &mut d.delalloc, false)
     }
 
     /// Describe the file at `lblk` for `n` blocks.
@@ -497,7 +496,9 @@ impl Core {
                 k,
             ),
             Mapping::Hole => {
-                let da = self.delalloc.get(&inode.ino);
+                let obj = self.inodes.get(inode.ino);
+                let d = obj.as_ref().map(|o| o.data());
+                let da = d.as_ref().map(|d| &d.delalloc);
                 match da.and_then(|d| d.run_at(lblk)) {
                     Some((s, l)) => (IomapKind::Delalloc, 0, (s + l - lblk).min(k)),
                     None => {
@@ -690,11 +691,7 @@ impl Core {
         let bs = u64::from(self.geo.block_size);
         // Lock-free readers check the size before the cache: lower it
         // first (see `inodes`).
-        if size == 0 {
-            self.inodes.forget(ino);
-        } else {
-            self.inodes.shrink(ino, size);
-        }
+        self.inodes.shrink(ino, size);
         if let Some(m) = self.pc.existing(u64::from(ino)) {
             m.truncate(size);
             if size == 0 {

@@ -42,8 +42,6 @@ use crate::fs::Core;
 
 /// Entries in the root node inside the inode.
 pub(crate) const ROOT_MAX: u16 = 4;
-/// Inodes whose extent maps are kept.
-const EXTENT_CACHE_MAX: usize = 4096;
 /// Most tree blocks a file may have (a bound on hostile trees).
 const TREE_BLOCKS_MAX: usize = 1 << 20;
 
@@ -218,7 +216,7 @@ impl Core {
             .has_ro_compat(crate::format::superblock::ro_compat::HUGE_FILE);
         let spb = u64::from(self.geo.block_size / 512);
         let total = inode.blocks_512(huge, self.geo.block_size) / spb;
-        let data = self.ext_map(inode)?.mapped_blocks();
+        let data = self.with_ext(inode, |m| m.mapped_blocks())?;
         Ok(total.saturating_sub(data))
     }
 
@@ -381,36 +379,41 @@ impl Core {
         Ok((extents, blocks))
     }
 
-    /// Load `inode`'s extent map if it is not cached.
-    pub(crate) fn ext_load(&mut self, inode: &Inode) -> Result<()> {
-        if self.extent_cache.contains_key(&inode.ino) {
-            return Ok(());
-        }
-        let (list, _) = self.read_extent_tree(inode)?;
-        if self.extent_cache.len() >= EXTENT_CACHE_MAX {
-            // Small maps (root only) cost nothing to reload: drop those
-            // first, everything if that is not enough.
-            self.extent_cache
-                .retain(|_, m| m.len() > usize::from(ROOT_MAX));
-            if self.extent_cache.len() >= EXTENT_CACHE_MAX / 2 {
-                self.extent_cache.clear();
+    /// Run `f` on `inode`'s extent map (in its inode object, under the
+    /// inode's data lock), loading the map first if it is not there.
+    pub(crate) fn with_ext<R>(
+        &mut self,
+        inode: &Inode,
+        f: impl FnOnce(&mut ExtentMap) -> R,
+    ) -> Result<R> {
+        let obj = self.inodes.obj(inode.ino);
+        if obj.data().extents.is_none() {
+            let (list, _) = self.read_extent_tree(inode)?;
+            self.inodes.make_room_for_map(inode.ino);
+            let mut d = obj.data();
+            if d.extents.is_none() {
+                self.inodes
+                    .install_map(&mut d, ExtentMap::from_sorted(list));
             }
         }
-        self.extent_cache
-            .insert(inode.ino, ExtentMap::from_sorted(list));
-        Ok(())
+        let mut d = obj.data();
+        // Only a freed inode loses its map while someone holds its object.
+        let map = d
+            .extents
+            .as_mut()
+            .ok_or_else(|| Error::corrupted(format!("inode {} was freed in use", inode.ino), 0))?;
+        Ok(f(map))
     }
 
-    /// The extent map of an extent-mapped inode.
-    pub(crate) fn ext_map(&mut self, inode: &Inode) -> Result<&ExtentMap> {
-        self.ext_load(inode)?;
-        Ok(&self.extent_cache[&inode.ino])
+    /// Load `inode`'s extent map if it is not loaded.
+    pub(crate) fn ext_load(&mut self, inode: &Inode) -> Result<()> {
+        self.with_ext(inode, |_| ())
     }
 
     /// Every extent of the file, copied (for operations that rewrite the
     /// whole map anyway: collapse and insert range).
     pub(crate) fn extent_list(&mut self, inode: &Inode) -> Result<Vec<Extent>> {
-        Ok(self.ext_map(inode)?.iter().copied().collect())
+        self.with_ext(inode, |m| m.iter().copied().collect())
     }
 
     /// Descend from the root to the leaf that covers `lblk` (the last one
@@ -589,13 +592,15 @@ impl Core {
             if path.leaf != old {
                 let appending =
                     next.is_none() && path.leaf.last().map(|e| e.lblk) > old.last().map(|e| e.lblk);
-                if let Some(m) = self.extent_cache.get_mut(&inode.ino) {
-                    m.apply_diff(&old, &path.leaf);
+                if let Some(o) = self.inodes.get(inode.ino) {
+                    if let Some(m) = o.data().extents.as_mut() {
+                        m.apply_diff(&old, &path.leaf);
+                    }
                 }
                 if let Err(e) = self.ext_store(inode, path, appending) {
                     // The map may now say more than the tree: read it
                     // again next time.
-                    self.extent_cache.remove(&inode.ino);
+                    self.inodes.drop_map(inode.ino);
                     return Err(e);
                 }
             }
@@ -852,7 +857,7 @@ impl Core {
         if from >= to {
             return Ok(Vec::new());
         }
-        if self.ext_map(inode)?.overlapping(from, to).next().is_none() {
+        if !self.with_ext(inode, |m| m.overlapping(from, to).next().is_some())? {
             return Ok(Vec::new());
         }
         self.ext_edit(inode, from, to, Edit::Remove)
@@ -869,11 +874,7 @@ impl Core {
         if from >= to {
             return Ok(Vec::new());
         }
-        if !self
-            .ext_map(inode)?
-            .overlapping(from, to)
-            .any(|e| e.unwritten)
-        {
+        if !self.with_ext(inode, |m| m.overlapping(from, to).any(|e| e.unwritten))? {
             return Ok(Vec::new());
         }
         self.ext_edit(inode, from, to, Edit::Written)

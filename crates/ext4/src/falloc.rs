@@ -49,7 +49,7 @@ impl Core {
         if len == 0 || offset > i64::MAX as u64 || len > i64::MAX as u64 {
             return Err(Error::Invalid("fallocate offset or length".into()));
         }
-        if self.pinned_maps.contains(&ino) {
+        if self.map_pinned(ino) {
             return Err(Error::Busy);
         }
         // Work on the device directly below: write back and drop the

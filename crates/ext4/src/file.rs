@@ -156,7 +156,7 @@ impl Core {
         if end > self.max_file_size(&inode) {
             return Err(Error::FileTooBig);
         }
-        if self.pinned_maps.contains(&ino) {
+        if self.map_pinned(ino) {
             return Err(Error::Busy);
         }
         if data.is_empty() {
@@ -234,7 +234,7 @@ impl Core {
             l += n;
         }
         self.sync()?;
-        self.pinned_maps.insert(ino);
+        self.inodes.obj(ino).data().pinned = true;
         Ok(runs)
     }
 
@@ -242,10 +242,19 @@ impl Core {
     /// to the blocks meanwhile is what the file now holds; the cache was
     /// dropped at pin time and stays coherent.
     pub fn unpin_mapping(&mut self, ino: u32) -> Result<()> {
-        if !self.pinned_maps.remove(&ino) {
+        let was = self
+            .inodes
+            .get(ino)
+            .is_some_and(|o| std::mem::take(&mut o.data().pinned));
+        if !was {
             return Err(Error::Invalid("the mapping is not pinned".into()));
         }
         self.flush_range(ino, 0, u64::MAX)
+    }
+
+    /// Whether `ino`'s block map is pinned (`pin_mapping`).
+    pub(crate) fn map_pinned(&self, ino: u32) -> bool {
+        self.inodes.get(ino).is_some_and(|o| o.data().pinned)
     }
 
     /// Set the large_file feature once a file passes 2 GiB.
@@ -272,7 +281,7 @@ impl Core {
         if size > self.max_file_size(inode) {
             return Err(Error::FileTooBig);
         }
-        if self.pinned_maps.contains(&inode.ino) {
+        if self.map_pinned(inode.ino) {
             return Err(Error::TextBusy);
         }
         let bs = u64::from(self.geo.block_size);

@@ -148,10 +148,9 @@ pub(crate) struct Core {
     pub(crate) sb_dirty: bool,
     pub(crate) csum_seed: u32,
     pub(crate) read_only: Option<String>,
-    /// Parsed extent lists of recently used inodes.
-    pub(crate) extent_cache: HashMap<u32, crate::extent_tree::ExtentMap>,
-    /// In-memory inode objects, shared with `Filesystem` (read without
-    /// the core lock; the core keeps them exact).
+    /// In-memory inode objects (their extent maps, delayed allocations,
+    /// open references, pins and lock-free fields), shared with
+    /// `Filesystem`, and the free-space accounting threads share.
     pub(crate) inodes: Arc<crate::inodes::InodeTable>,
     pub(crate) generation_seed: u32,
     pub(crate) bytes_written: u64,
@@ -178,21 +177,13 @@ pub(crate) struct Core {
     /// needs_recovery is set on disk (we have started writing).
     pub(crate) recover_on_disk: bool,
     pub(crate) last_recovery: Option<folio_journal::RecoveryReport>,
-    /// Open references by inode (see `open_ref`).
-    pub(crate) open_refs: HashMap<u32, u32>,
     /// File data cache.
     pub(crate) pc: Arc<folio_pagecache::PageCache>,
-    /// Delayed allocations by inode.
-    pub(crate) delalloc: HashMap<u32, crate::data::Delalloc>,
-    /// Blocks reserved by all delayed allocations (data and mapping).
-    pub(crate) resv_total: u64,
     /// Reservations made by the buffered write in progress (given back
     /// by its `end` if the copy stops short).
     pub(crate) inflight: Vec<(u64, u64)>,
     /// Allocations may use reserved blocks (writeback of delayed data).
     pub(crate) alloc_from_reserve: bool,
-    /// Inodes whose block map is pinned (`pin_mapping`).
-    pub(crate) pinned_maps: std::collections::HashSet<u32>,
     /// The image file's flock, held while open (`open_path`).
     pub(crate) image_lock: Option<std::fs::File>,
     /// `close` ran, or `abandon` asked for nothing more to be written:
@@ -337,7 +328,7 @@ impl Core {
             groups.push(gd);
         }
         let now = crate::format::Timespec::now();
-        Ok(Core {
+        let core = Core {
             cache,
             generation_seed: (now.nsec ^ (now.sec as u32)).wrapping_mul(2_654_435_761) | 1,
             sb,
@@ -347,7 +338,6 @@ impl Core {
             sb_dirty: false,
             csum_seed,
             read_only,
-            extent_cache: HashMap::new(),
             inodes: Arc::default(),
             bytes_written: 0,
             dir_spread: true,
@@ -360,17 +350,15 @@ impl Core {
             tracker,
             recover_on_disk: false,
             last_recovery: None,
-            open_refs: HashMap::new(),
             pc: Arc::new(folio_pagecache::PageCache::new(opts.page_cache.clone())),
-            delalloc: HashMap::new(),
-            resv_total: 0,
             inflight: Vec::new(),
             alloc_from_reserve: false,
-            pinned_maps: std::collections::HashSet::new(),
             image_lock: None,
             closed: false,
             aborted: None,
-        })
+        };
+        core.inodes.space.set_free(core.sb.free_blocks_count());
+        Ok(core)
     }
 
     /// Validate the superblock's geometry before any layout math uses it.
@@ -674,7 +662,7 @@ impl Core {
                 self.inodes.set_plain(inode.ino, false);
             }
         } else {
-            self.inodes.forget(inode.ino);
+            self.inodes.unnote(inode.ino);
         }
         Ok(())
     }

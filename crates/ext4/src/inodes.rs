@@ -1,12 +1,18 @@
-//! In-memory inode objects, the part of each that is read without the
-//! core lock (the role of the kernel's `ext4_inode_info`, begun).
+//! In-memory inode objects: the role of the kernel's `ext4_inode_info`.
 //!
-//! Today an [`InodeInfo`] holds a regular file's size and the
-//! millisecond of its mtime as the core last set them, so that a read of
-//! data the page cache holds, and an overwrite of data that is already
-//! dirty in it, need neither the core lock nor the inode block
-//! (`Filesystem::read`, `Filesystem::write_with`). The core keeps them
-//! exact:
+//! An [`InodeInfo`] is the filesystem's in-memory state of one inode,
+//! shared by the threads that work on it:
+//! - lock-free fields: a regular file's size and the millisecond of its
+//!   mtime as the core last set them (so that a read of data the page
+//!   cache holds, and an overwrite of data already dirty in it, need
+//!   neither the core lock nor the inode block), the "nothing to drop on
+//!   write" flag, and the open references;
+//! - its block-map state behind the inode's *data lock* (the role of
+//!   `i_data_sem`, [`InodeInfo::data`]): the extent map (the extent status
+//!   tree's role), the delayed-allocation runs and their reservations,
+//!   and whether the map is pinned.
+//!
+//! The core keeps the lock-free fields exact:
 //! - every inode write (`Core::write_inode`) and every read through the
 //!   core stores the size;
 //! - a truncation lowers it *before* the cache is cut (as Linux's
@@ -14,35 +20,108 @@
 //!   reader that finds a folio still cached beyond the new size has
 //!   already read the old size: its read is one that ran before the
 //!   truncation;
-//! - a freed inode's entry goes.
+//! - a freed inode's object goes.
 //!
-//! The table is a cache: an inode without an entry is read through the
-//! core, which adds one. It is bounded (`MAX_ENTRIES`): past that it is
-//! emptied and refills with the inodes in use.
+//! The table is a cache of what can be rebuilt: an object that holds no
+//! state of its own (no open reference, no delayed allocation, no pin, no
+//! other holder) can go, and is made again, from the inode and its tree,
+//! when next needed. Past [`MAX_ENTRIES`] objects the idle ones go; past
+//! [`MAX_MAPS`] loaded extent maps the idle ones' maps go, small ones
+//! (which cost one inode read to rebuild) first.
+//!
+//! Free-space accounting that threads share ([`Space`]) lives here too:
+//! the free blocks, the blocks freed by the running transaction, and the
+//! blocks reserved by delayed allocations, under one small lock, so that
+//! a reservation and an allocation can never both take the last block.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
-/// Entries kept before the table is emptied.
+use folio_pagecache::lockdep::{Held, Level};
+
+use crate::data::Delalloc;
+use crate::extent_tree::ExtentMap;
+
+/// Objects kept before idle ones are dropped.
 const MAX_ENTRIES: usize = 1 << 16;
+/// Loaded extent maps kept before idle ones are dropped.
+pub(crate) const MAX_MAPS: usize = 4096;
+/// Extents in an inode's root (a map this small costs nothing to reload).
+const ROOT_EXTENTS: usize = 4;
 
-/// The lock-free part of one regular file's state.
+/// One inode's in-memory state.
 #[derive(Debug)]
 pub(crate) struct InodeInfo {
+    ino: u32,
     size: AtomicU64,
     /// The file's mtime in milliseconds since the epoch (a lock-free
     /// overwrite within the same millisecond leaves the inode alone, as
     /// the kernel's `file_update_time` does within one clock tick).
     mtime_ms: AtomicU64,
+    /// `size` and `mtime_ms` are a live regular file's, as the core last
+    /// saw them (lock-free paths serve only such inodes).
+    regular: AtomicBool,
     /// The core found nothing a write must drop (no setuid/setgid bit, no
     /// security.capability) and nothing has changed mode bits or
     /// attributes since: a write through the mount needs no core lock to
     /// learn that.
     plain: AtomicBool,
+    /// Open references (`open_ref`): an unlinked inode lives until the
+    /// last one goes.
+    open_refs: AtomicU32,
+    data: Mutex<InodeData>,
+}
+
+/// Block-map state of one inode, under its data lock.
+#[derive(Debug, Default)]
+pub(crate) struct InodeData {
+    /// The extent map, once loaded (extent-mapped inodes).
+    pub(crate) extents: Option<ExtentMap>,
+    /// Delayed-allocation runs and their reservations.
+    pub(crate) delalloc: Delalloc,
+    /// The block map is pinned (`pin_mapping`).
+    pub(crate) pinned: bool,
+}
+
+impl InodeData {
+    /// Nothing here that could not be rebuilt from disk.
+    fn idle(&self) -> bool {
+        self.delalloc.blocks == 0 && self.delalloc.meta == 0 && !self.pinned
+    }
+}
+
+/// An inode's data lock, held (level `InodeData` in the lock order).
+pub(crate) struct DataGuard<'a> {
+    g: MutexGuard<'a, InodeData>,
+    _order: Held,
+}
+
+impl std::ops::Deref for DataGuard<'_> {
+    type Target = InodeData;
+    fn deref(&self) -> &InodeData {
+        &self.g
+    }
+}
+
+impl std::ops::DerefMut for DataGuard<'_> {
+    fn deref_mut(&mut self) -> &mut InodeData {
+        &mut self.g
+    }
 }
 
 impl InodeInfo {
+    fn new(ino: u32) -> Self {
+        InodeInfo {
+            ino,
+            size: AtomicU64::new(0),
+            mtime_ms: AtomicU64::new(0),
+            regular: AtomicBool::new(false),
+            plain: AtomicBool::new(false),
+            open_refs: AtomicU32::new(0),
+            data: Mutex::new(InodeData::default()),
+        }
+    }
     pub(crate) fn size(&self) -> u64 {
         self.size.load(Ordering::Acquire)
     }
@@ -52,26 +131,122 @@ impl InodeInfo {
     pub(crate) fn plain(&self) -> bool {
         self.plain.load(Ordering::Acquire)
     }
+    /// A live regular file whose size and mtime the core has noted.
+    pub(crate) fn regular(&self) -> bool {
+        self.regular.load(Ordering::Acquire)
+    }
+    pub(crate) fn open_refs(&self) -> u32 {
+        self.open_refs.load(Ordering::Acquire)
+    }
+    /// Take the inode's data lock (its block-map state).
+    pub(crate) fn data(&self) -> DataGuard<'_> {
+        let order = Held::take(Level::InodeData, u64::from(self.ino));
+        DataGuard {
+            // A panic under the lock leaves a map the core treats as a
+            // cache: the filesystem turns read-only (CoreGuard) anyway.
+            g: self.data.lock().unwrap_or_else(|e| e.into_inner()),
+            _order: order,
+        }
+    }
 }
 
-/// Inode objects by inode number, and the counters lock-free writers keep.
+/// Free-space accounting shared by the core and lock-free writers.
+#[derive(Debug, Default)]
+pub(crate) struct Space {
+    m: Mutex<SpaceState>,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct SpaceState {
+    /// Free blocks (the superblock's count, kept exact by the core).
+    free: u64,
+    /// Blocks freed by the running transaction (not reusable before it
+    /// commits).
+    pinned: u64,
+    /// Blocks reserved: delayed allocations (data and worst-case mapping
+    /// blocks) and allocations in progress.
+    reserved: u64,
+}
+
+impl SpaceState {
+    fn unclaimed(&self) -> u64 {
+        self.free
+            .saturating_sub(self.pinned)
+            .saturating_sub(self.reserved)
+    }
+}
+
+impl Space {
+    fn state(&self) -> MutexGuard<'_, SpaceState> {
+        self.m.lock().unwrap_or_else(|e| e.into_inner())
+    }
+    /// Free blocks nobody has claimed: not reserved, not pinned.
+    #[cfg(test)]
+    fn unclaimed(&self) -> u64 {
+        self.state().unclaimed()
+    }
+    /// Blocks reserved in total.
+    pub(crate) fn reserved(&self) -> u64 {
+        self.state().reserved
+    }
+    /// Reserve up to `n` blocks; returns how many (0 when full).
+    pub(crate) fn reserve_upto(&self, n: u64) -> u64 {
+        let mut s = self.state();
+        let k = n.min(s.unclaimed());
+        s.reserved += k;
+        k
+    }
+    /// Reserve exactly `n` blocks if they fit.
+    pub(crate) fn reserve(&self, n: u64) -> bool {
+        let mut s = self.state();
+        if s.unclaimed() < n {
+            return false;
+        }
+        s.reserved += n;
+        true
+    }
+    /// Reserve `n` blocks whether or not they fit (a worst-case allowance
+    /// recomputed after a change that may need it).
+    pub(crate) fn reserve_anyway(&self, n: u64) {
+        self.state().reserved += n;
+    }
+    pub(crate) fn unreserve(&self, n: u64) {
+        let mut s = self.state();
+        debug_assert!(s.reserved >= n, "unreserving more than is reserved");
+        s.reserved = s.reserved.saturating_sub(n);
+    }
+    pub(crate) fn set_free(&self, free: u64) {
+        self.state().free = free;
+    }
+    pub(crate) fn set_pinned(&self, pinned: u64) {
+        self.state().pinned = pinned;
+    }
+}
+
+/// Inode objects by inode number, and what threads share beside them.
 #[derive(Debug)]
 pub(crate) struct InodeTable {
     map: RwLock<HashMap<u32, Arc<InodeInfo>>>,
+    /// Objects holding a loaded extent map.
+    maps: AtomicUsize,
     /// Cleared when the filesystem stops taking writes (a panic under the
     /// core lock): lock-free writers check it.
     writable: AtomicBool,
     /// Bytes written by lock-free writers since the core last took them
     /// (for the superblock's lifetime-writes counter).
     written: AtomicU64,
+    /// Free-space accounting.
+    pub(crate) space: Space,
 }
 
 impl Default for InodeTable {
     fn default() -> Self {
         InodeTable {
             map: RwLock::default(),
+            maps: AtomicUsize::new(0),
             writable: AtomicBool::new(true),
             written: AtomicU64::new(0),
+            space: Space::default(),
         }
     }
 }
@@ -82,7 +257,7 @@ pub(crate) fn millis(t: crate::format::Timespec) -> u64 {
 }
 
 impl InodeTable {
-    /// The object of `ino`, if the core has seen it.
+    /// The object of `ino`, if there is one.
     pub(crate) fn get(&self, ino: u32) -> Option<Arc<InodeInfo>> {
         self.map
             .read()
@@ -91,28 +266,56 @@ impl InodeTable {
             .cloned()
     }
 
-    /// The core read or wrote regular file `ino` with this size and mtime
-    /// (milliseconds).
-    pub(crate) fn note(&self, ino: u32, size: u64, mtime_ms: u64) {
-        let set = |i: &InodeInfo| {
-            i.size.store(size, Ordering::Release);
-            i.mtime_ms.store(mtime_ms, Ordering::Release);
-        };
+    /// The object of `ino`, made if there is none.
+    pub(crate) fn obj(&self, ino: u32) -> Arc<InodeInfo> {
         if let Some(i) = self.get(ino) {
-            set(&i);
-            return;
+            return i;
         }
         let mut map = self.map.write().unwrap_or_else(|e| e.into_inner());
         if map.len() >= MAX_ENTRIES {
-            map.clear();
+            self.drop_idle(&mut map);
         }
-        set(map.entry(ino).or_insert_with(|| {
-            Arc::new(InodeInfo {
-                size: AtomicU64::new(size),
-                mtime_ms: AtomicU64::new(mtime_ms),
-                plain: AtomicBool::new(false),
-            })
-        }));
+        Arc::clone(
+            map.entry(ino)
+                .or_insert_with(|| Arc::new(InodeInfo::new(ino))),
+        )
+    }
+
+    /// Drop the objects that hold nothing that cannot be rebuilt.
+    fn drop_idle(&self, map: &mut HashMap<u32, Arc<InodeInfo>>) {
+        let mut dropped_maps = 0;
+        map.retain(|_, i| {
+            // Held elsewhere (a lock-free reader or writer, a core path
+            // in the middle of using it): keep.
+            if Arc::strong_count(i) > 1 || i.open_refs() > 0 {
+                return true;
+            }
+            match i.data.try_lock() {
+                Ok(d) if d.idle() => {
+                    dropped_maps += usize::from(d.extents.is_some());
+                    false
+                }
+                _ => true,
+            }
+        });
+        self.maps.fetch_sub(dropped_maps, Ordering::AcqRel);
+    }
+
+    /// The core read or wrote live regular file `ino` with this size and
+    /// mtime (milliseconds).
+    pub(crate) fn note(&self, ino: u32, size: u64, mtime_ms: u64) {
+        let i = self.obj(ino);
+        i.size.store(size, Ordering::Release);
+        i.mtime_ms.store(mtime_ms, Ordering::Release);
+        i.regular.store(true, Ordering::Release);
+    }
+
+    /// `ino` is no longer a live regular file (unlinked, or not regular):
+    /// lock-free paths leave it to the core.
+    pub(crate) fn unnote(&self, ino: u32) {
+        if let Some(i) = self.get(ino) {
+            i.regular.store(false, Ordering::Release);
+        }
     }
 
     /// Whether a write to `ino` has privileges to drop (see
@@ -148,12 +351,101 @@ impl InodeTable {
         }
     }
 
-    /// `ino` is gone (freed, or its cache dropped entirely).
+    /// `ino` is freed: its object goes, whoever still holds it.
     pub(crate) fn forget(&self, ino: u32) {
-        self.map
+        let gone = self
+            .map
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&ino);
+        if let Some(i) = gone {
+            i.regular.store(false, Ordering::Release);
+            if i.data().extents.take().is_some() {
+                self.maps.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+    }
+
+    /// Count one more open reference to `ino`.
+    pub(crate) fn open_ref(&self, ino: u32) {
+        self.obj(ino).open_refs.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Drop an open reference; true if it was the last. False, changing
+    /// nothing, if `ino` had none.
+    pub(crate) fn close_ref(&self, ino: u32) -> bool {
+        let Some(i) = self.get(ino) else {
+            return false;
+        };
+        let r = i
+            .open_refs
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+        r == Ok(1)
+    }
+
+    /// Whether `ino` is open.
+    pub(crate) fn is_open(&self, ino: u32) -> bool {
+        self.get(ino).is_some_and(|i| i.open_refs() > 0)
+    }
+
+    /// Make room for one more loaded extent map (for `keep`): past
+    /// [`MAX_MAPS`], idle objects' maps go. Call without holding any
+    /// inode's data lock.
+    pub(crate) fn make_room_for_map(&self, keep: u32) {
+        if self.maps.load(Ordering::Acquire) >= MAX_MAPS {
+            self.drop_maps(keep);
+        }
+    }
+
+    /// Install `map` as the extent map of the object whose data `d` is.
+    pub(crate) fn install_map(&self, d: &mut InodeData, map: ExtentMap) {
+        if d.extents.is_none() {
+            self.maps.fetch_add(1, Ordering::AcqRel);
+        }
+        d.extents = Some(map);
+    }
+
+    /// Forget `ino`'s extent map (it may no longer match the tree).
+    pub(crate) fn drop_map(&self, ino: u32) {
+        if let Some(i) = self.get(ino) {
+            if i.data().extents.take().is_some() {
+                self.maps.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+    }
+
+    /// Drop loaded maps of idle objects other than `keep`: small ones
+    /// first, then all of them if that was not enough.
+    fn drop_maps(&self, keep: u32) {
+        let all: Vec<Arc<InodeInfo>> = self
+            .map
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .filter(|i| i.ino != keep)
+            .cloned()
+            .collect();
+        for pass in 0..2 {
+            for i in &all {
+                // Busy (its data lock held): leave it.
+                let Ok(mut d) = i.data.try_lock() else {
+                    continue;
+                };
+                let small = d.extents.as_ref().is_some_and(|m| m.len() <= ROOT_EXTENTS);
+                if (pass == 1 || small) && d.extents.take().is_some() {
+                    self.maps.fetch_sub(1, Ordering::AcqRel);
+                }
+            }
+            if self.maps.load(Ordering::Acquire) < MAX_MAPS / 2 {
+                break;
+            }
+        }
+    }
+
+    /// Loaded extent maps (for tests).
+    #[cfg(test)]
+    pub(crate) fn maps_loaded(&self) -> usize {
+        self.maps.load(Ordering::Acquire)
     }
 }
 
@@ -167,13 +459,60 @@ mod tests {
         assert!(t.get(12).is_none());
         t.note(12, 8192, 7);
         let i = t.get(12).expect("noted");
+        assert!(i.regular());
         t.shrink(12, 100);
         assert_eq!(i.size(), 100, "the object a reader holds sees the cut");
         t.shrink(12, 5000);
         assert_eq!(i.size(), 100, "shrink never grows");
         t.note(12, 5000, 9);
         assert_eq!((i.size(), i.mtime_ms()), (5000, 9));
+        t.unnote(12);
+        assert!(!i.regular(), "an unlinked file is left to the core");
         t.forget(12);
         assert!(t.get(12).is_none());
+    }
+
+    #[test]
+    fn open_references_count_down_to_the_last() {
+        let t = InodeTable::default();
+        assert!(!t.close_ref(5), "no reference to drop");
+        t.open_ref(5);
+        t.open_ref(5);
+        assert!(t.is_open(5));
+        assert!(!t.close_ref(5));
+        assert!(t.close_ref(5), "the last one");
+        assert!(!t.is_open(5));
+        assert!(!t.close_ref(5), "never below zero");
+    }
+
+    #[test]
+    fn idle_objects_go_and_busy_ones_stay() {
+        let t = InodeTable::default();
+        let mut map = HashMap::new();
+        for ino in 1..=4u32 {
+            map.insert(ino, Arc::new(InodeInfo::new(ino)));
+        }
+        map[&1].open_refs.store(1, Ordering::Release);
+        map[&2].data().delalloc.blocks = 3;
+        let held = Arc::clone(&map[&3]);
+        t.drop_idle(&mut map);
+        let mut left: Vec<u32> = map.keys().copied().collect();
+        left.sort_unstable();
+        assert_eq!(left, vec![1, 2, 3], "open, delayed and held objects stay");
+        drop(held);
+    }
+
+    #[test]
+    fn space_never_promises_a_block_twice() {
+        let s = Space::default();
+        s.set_free(10);
+        s.set_pinned(2);
+        assert_eq!(s.unclaimed(), 8);
+        assert_eq!(s.reserve_upto(5), 5);
+        assert!(!s.reserve(4), "only 3 left");
+        assert!(s.reserve(3));
+        assert_eq!(s.reserve_upto(1), 0);
+        s.unreserve(8);
+        assert_eq!(s.unclaimed(), 8);
     }
 }

@@ -415,7 +415,7 @@ impl Core {
         let inodes: u64 = self.groups.iter().map(|g| u64::from(g.free_inodes())).sum();
         if blocks != self.sb.free_blocks_count() || inodes != u64::from(self.sb.free_inodes_count())
         {
-            self.sb.set_free_blocks_count(blocks);
+            self.set_free_blocks(blocks);
             self.sb.set_free_inodes_count(inodes as u32);
             self.sb_dirty = true;
         }
@@ -535,6 +535,7 @@ impl Core {
         self.revokes.clear();
         self.cache.mark_committed();
         self.pinned.clear();
+        self.inodes.space.set_pinned(0);
         self.txn_changes.clear();
         Ok(())
     }
@@ -692,7 +693,7 @@ impl Core {
         let r = f(self);
         self.journal_stop(h)?;
         match r {
-            Err(Error::NoSpace) if !self.pinned.is_empty() || self.resv_total > 0 => {
+            Err(Error::NoSpace) if !self.pinned.is_empty() || self.reserved_blocks() > 0 => {
                 self.sync()?;
                 let h = self.journal_start(credits)?;
                 let r = f(self);
@@ -745,11 +746,13 @@ impl Core {
         let blocks = inode.size().div_ceil(bs);
         let groups = u64::from(self.geo.group_count);
         let bpg = u64::from(self.geo.blocks_per_group);
-        let spans = match self.ext_map(&inode) {
-            Ok(map) if Self::uses_extents(&inode) => {
-                map.iter().map(|e| u64::from(e.len) / bpg + 2).sum::<u64>()
-            }
-            _ => blocks + 1,
+        let spans = match Self::uses_extents(&inode) {
+            true => self
+                .with_ext(&inode, |m| {
+                    m.iter().map(|e| u64::from(e.len) / bpg + 2).sum::<u64>()
+                })
+                .unwrap_or(blocks + 1),
+            false => blocks + 1,
         };
         let map = if Self::uses_extents(&inode) {
             // Every tree block, and one split (a punch inside an extent).

@@ -211,7 +211,8 @@ impl Core {
         if matches!(ft, FileType::CharDev | FileType::BlockDev) {
             inode.set_rdev(rdev.0, rdev.1);
         }
-        self.extent_cache.remove(&ino);
+        // A new life for the number: no state of an earlier one.
+        self.inodes.forget(ino);
         Ok(inode)
     }
 
@@ -344,7 +345,7 @@ impl Core {
             Err(Error::NotFound | Error::Invalid(_)) => return Err(Error::Stale),
             Err(e) => return Err(e),
         };
-        let open = self.open_refs.get(&ino).is_some_and(|&n| n > 0);
+        let open = self.inodes.is_open(ino);
         if st.mode == 0 || (st.nlink == 0 && !open) {
             return Err(Error::Stale);
         }
@@ -668,7 +669,7 @@ impl Core {
         inode.set_dtime(Timespec::now().sec as u32);
         self.write_inode(inode)?;
         self.free_inode(inode.ino, is_dir)?;
-        self.extent_cache.remove(&inode.ino);
+        self.inodes.forget(inode.ino);
         Ok(())
     }
 
@@ -676,7 +677,7 @@ impl Core {
         let mut inode = self.read_inode(ino)?;
         let l = inode.links();
         if inode.is_dir() || l <= 1 {
-            if self.open_refs.contains_key(&ino) {
+            if self.inodes.is_open(ino) {
                 // Still open: keep it on the orphan list until the last
                 // close (a crash meanwhile frees it at recovery).
                 return self.orphan_add(&mut inode);
@@ -693,20 +694,15 @@ impl Core {
     /// name goes while it is open stays readable and writable until
     /// [`Self::close_ref`] drops the last reference.
     pub fn open_ref(&mut self, ino: u32) {
-        *self.open_refs.entry(ino).or_insert(0) += 1;
+        self.inodes.open_ref(ino);
     }
 
     /// Drop a reference taken by [`Self::open_ref`]; the last one frees an
     /// inode that has no names left.
     pub fn close_ref(&mut self, ino: u32) -> Result<()> {
-        let Some(n) = self.open_refs.get_mut(&ino) else {
-            return Ok(());
-        };
-        *n -= 1;
-        if *n > 0 {
+        if !self.inodes.close_ref(ino) {
             return Ok(());
         }
-        self.open_refs.remove(&ino);
         let mut inode = self.read_inode(ino)?;
         if inode.links() == 0 && inode.mode() != 0 && self.read_only.is_none() {
             let c = self.namespace_credits() + self.free_credits(ino);

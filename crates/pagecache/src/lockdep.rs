@@ -2,8 +2,9 @@
 //!
 //! folio's lock order, outermost first (docs/architecture.md):
 //!
-//! freeze > inode > core > mapping invalidation > transaction start >
-//! folio locks in ascending index order > allocator
+//! freeze > inodes in ascending number order > core > mapping
+//! invalidation > transaction start > folio locks in ascending index
+//! order > an inode's data lock > allocator
 //!
 //! Each thread keeps the list of what it holds. Taking a lock of a level
 //! at or above one already held (or a folio at or below a held folio's
@@ -17,7 +18,8 @@
 pub enum Level {
     /// A filesystem freeze (none yet: reserved for the order).
     Freeze,
-    /// An inode.
+    /// An inode (its i_rwsem); the key is the inode number, several only
+    /// in ascending order.
     Inode,
     /// The filesystem's core lock (its metadata state; `folio_ext4::api`).
     Core,
@@ -27,6 +29,10 @@ pub enum Level {
     Transaction,
     /// A folio lock; the key is the folio's index.
     Folio,
+    /// An inode's data lock (its block-map state: extent map, delayed
+    /// allocations; the role of ext4's `i_data_sem`); the key is the inode
+    /// number. One at a time.
+    InodeData,
     /// The block allocator.
     Allocator,
 }
@@ -45,12 +51,13 @@ mod imp {
             let mut h = h.borrow_mut();
             if checked {
                 for &(l, k) in h.iter() {
-                    let ok = l < level || (l == Level::Folio && level == Level::Folio && k < key);
+                    let ascending = matches!(level, Level::Folio | Level::Inode);
+                    let ok = l < level || (ascending && l == level && k < key);
                     if !ok {
                         panic!(
                             "lock order violation: taking {level:?} {key} while holding {l:?} {k} \
-                             (order: freeze > inode > core > invalidate > transaction > folios ascending \
-                             > allocator)"
+                             (order: freeze > inodes ascending > core > invalidate > transaction > folios \
+                             ascending > inode data > allocator)"
                         );
                     }
                 }
@@ -161,6 +168,26 @@ mod tests {
     fn descending_folio_locks_panic() {
         let _a = Held::take(Level::Folio, 5);
         let _b = Held::take(Level::Folio, 2);
+    }
+
+    #[test]
+    fn inodes_ascend_and_their_data_locks_do_not_nest() {
+        let _a = Held::take(Level::Inode, 12);
+        let _b = Held::take(Level::Inode, 40);
+        let _f = Held::take(Level::Folio, 1);
+        let _d = Held::take(Level::InodeData, 12);
+        check(Level::Allocator, 0);
+        let r = std::panic::catch_unwind(|| {
+            let _e = Held::take(Level::InodeData, 40);
+        });
+        assert!(r.is_err(), "a second data lock must panic");
+    }
+
+    #[test]
+    #[should_panic(expected = "taking Inode 7 while holding Inode 9")]
+    fn descending_inode_locks_panic() {
+        let _a = Held::take(Level::Inode, 9);
+        let _b = Held::take(Level::Inode, 7);
     }
 
     #[test]
