@@ -503,6 +503,26 @@ mod tests {
     }
 
     #[test]
+    fn loaded_maps_are_bounded_and_busy_ones_stay() {
+        let t = InodeTable::default();
+        for ino in 1..=MAX_MAPS as u32 {
+            let o = t.obj(ino);
+            t.install_map(&mut o.data(), ExtentMap::from_sorted(Vec::new()));
+        }
+        assert_eq!(t.maps_loaded(), MAX_MAPS);
+        let busy = t.obj(7);
+        let held = busy.data();
+        t.make_room_for_map(1);
+        assert!(t.maps_loaded() < MAX_MAPS / 2, "idle maps went");
+        assert!(held.extents.is_some(), "a map in use stays");
+        drop(held);
+        assert!(
+            t.obj(1).data().extents.is_some(),
+            "the one being loaded for stays"
+        );
+    }
+
+    #[test]
     fn space_never_promises_a_block_twice() {
         let s = Space::default();
         s.set_free(10);
