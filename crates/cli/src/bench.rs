@@ -240,6 +240,8 @@ fn run_in(work: &Path, size_mib: u64) -> Result<(), String> {
     let ino = fs
         .create(ROOT_INO, b"bench", 0o644, Owner::default())
         .map_err(|e| e.to_string())?;
+    // Open, as the kernel side's file is: writes take the lock-free path.
+    fs.open_ref(ino);
     let mut f = Folio { fs, ino };
     let folio = run_all(&mut f, size_mib)?;
     let stats = f.fs.page_cache().stats();
@@ -360,6 +362,7 @@ fn scaling_in(work: &Path, sizes_mib: &[u64], secs: f64) -> Result<(), String> {
         let ino = fs
             .create(ROOT_INO, b"bench", 0o644, Owner::default())
             .map_err(|e| e.to_string())?;
+        fs.open_ref(ino);
         let set = folio_ext4::SetAttr {
             size: Some(size),
             ..Default::default()

@@ -26,6 +26,9 @@ trait Par: Sync {
     type F: Send + Sync;
     fn mkdir(&self, dir: &str) -> Result<(), String>;
     fn create(&self, dir: &str, name: &str) -> Result<Self::F, String>;
+    /// Hold `f` open for the rest of the run, as a program writing it
+    /// would (the kernel side's files are open already).
+    fn hold_open(&self, _f: &Self::F) {}
     fn write_at(&self, f: &Self::F, off: u64, buf: &[u8]) -> Result<(), String>;
     fn read_at(&self, f: &Self::F, off: u64, buf: &mut [u8]) -> Result<(), String>;
     fn fsync(&self, f: &Self::F) -> Result<(), String>;
@@ -56,6 +59,9 @@ impl Par for FolioPar {
         self.0
             .create(d, name.as_bytes(), 0o644, Owner::default())
             .map_err(|e| e.to_string())
+    }
+    fn hold_open(&self, f: &u32) {
+        self.0.open_ref(*f);
     }
     fn write_at(&self, f: &u32, off: u64, buf: &[u8]) -> Result<(), String> {
         match self.0.write(*f, off, buf) {
@@ -154,6 +160,7 @@ fn rand_writes<P: Par>(
             .map(|t| {
                 s.spawn(move || -> Result<u64, String> {
                     let f = p.create(dir, &format!("w{t}"))?;
+                    p.hold_open(&f);
                     let buf = vec![t as u8 ^ 0x5a; 4096];
                     let mut rng = 0x9e37_79b9_7f4a_7c15u64 ^ u64::from(t + 1);
                     let mut n = 0u64;
@@ -226,11 +233,13 @@ fn latency<P: Par>(p: &P, mib: u64) -> Result<([f64; 3], [f64; 2], usize, f64), 
         p.create("lat", &format!("s{i}"))?;
     }
     let cached = p.create("lat", "cached")?;
+    p.hold_open(&cached);
     let mut buf = vec![0x33u8; 1 << 20];
     p.write_at(&cached, 0, &buf)?;
     p.fsync(&cached)?;
     p.read_at(&cached, 0, &mut buf)?;
     let big = p.create("lat", "big")?;
+    p.hold_open(&big);
     for i in 0..mib {
         p.write_at(&big, i << 20, &buf)?;
     }

@@ -64,12 +64,14 @@ use folio_journal::{JournalStats, RecoveryReport};
 /// with an `Arc`; every operation takes `&self`.
 pub struct Filesystem {
     core: CoreLock,
-    pc: Arc<PageCache>,
-    geo: Geometry,
+    pub(crate) pc: Arc<PageCache>,
+    pub(crate) geo: Geometry,
     /// The device, for flushes made without the core lock.
     tracker: Arc<FlushTracker>,
-    /// In-memory inode objects (sizes for lock-free cached reads).
-    inodes: Arc<InodeTable>,
+    /// The device as the core uses it, for lock-free writers' reads.
+    pub(crate) dev: Arc<dyn BlockDevice>,
+    /// In-memory inode objects and the shared free-space accounting.
+    pub(crate) inodes: Arc<InodeTable>,
 }
 
 /// The core lock: a mutex (the futex-based std one: it spins briefly and
@@ -180,12 +182,26 @@ macro_rules! forward {
     };
 }
 
+/// Forward `&self` methods whose first argument is an inode to the core,
+/// under that inode's lock and then the core lock.
+macro_rules! forward_locked {
+    ($( $(#[$m:meta])* fn $name:ident (&self, $ino:ident : u32 $(, $arg:ident : $ty:ty)*) -> $ret:ty; )*) => {
+        $(
+            $(#[$m])*
+            pub fn $name(&self, $ino: u32 $(, $arg: $ty)*) -> $ret {
+                self.locked($ino, || self.core().$name($ino $(, $arg)*))
+            }
+        )*
+    };
+}
+
 impl Filesystem {
     fn wrap(core: Core) -> Filesystem {
         Filesystem {
             pc: Arc::clone(&core.pc),
             geo: core.geo.clone(),
             tracker: Arc::clone(&core.tracker),
+            dev: Arc::clone(core.dev()),
             inodes: Arc::clone(&core.inodes),
             core: CoreLock::new(core),
         }
@@ -363,6 +379,13 @@ impl Filesystem {
         self.writeback_to(&mut c, self.pc.background_target())
     }
 
+    /// Bytes written since open without the core lock (buffered writes to
+    /// open files, overwrites of dirty cached data): how much of the
+    /// write traffic the concurrent paths carried.
+    pub fn lock_free_write_bytes(&self) -> u64 {
+        self.inodes.lock_free_bytes()
+    }
+
     /// The page cache holding this filesystem's file data.
     pub fn page_cache(&self) -> &Arc<PageCache> {
         &self.pc
@@ -403,9 +426,22 @@ impl Filesystem {
         len: usize,
         src: &mut dyn FnMut(&mut [u8]) -> std::io::Result<usize>,
     ) -> Result<usize> {
-        let (done, stopped) = self.write_cached(ino, offset, len, src)?;
+        let obj = self.inodes.obj(ino);
+        let _inode = obj.lock();
+        let (mut done, stopped) = self.write_cached(ino, offset, len, src)?;
         if stopped || done == len {
             return Ok(done);
+        }
+        match self.write_lockless(&obj, ino, offset + done as u64, len - done, src) {
+            Ok((n, stopped)) => {
+                done += n;
+                if stopped || done == len {
+                    self.throttle()?;
+                    return Ok(done);
+                }
+            }
+            Err(_) if done > 0 => return Ok(done),
+            Err(e) => return Err(e),
         }
         let mut c = self.core();
         let r = c.write_with(ino, offset + done as u64, len - done, src);
@@ -426,6 +462,49 @@ impl Filesystem {
         Ok(n)
     }
 
+    /// A writer that left dirty data behind: write back (in handles of
+    /// its own, yielding between batches) while over the dirty limit, and
+    /// reclaim clean folios while over the budget.
+    fn throttle(&self) -> Result<()> {
+        if self.pc.over_dirty_limit() {
+            let mut c = self.core();
+            self.writeback_to(&mut c, self.pc.background_target())?;
+        }
+        if self.pc.over_budget() {
+            self.pc.balance();
+        }
+        Ok(())
+    }
+
+    /// Run `f` holding `ino`'s inode lock (exclusively): for everything
+    /// that changes a file's size, times, mode or block map from above.
+    fn locked<R>(&self, ino: u32, f: impl FnOnce() -> R) -> R {
+        let obj = self.inodes.obj(ino);
+        let _inode = obj.lock();
+        f()
+    }
+
+    /// open(2) relative to a directory: O_CREAT, O_EXCL, O_TRUNC. The
+    /// truncation of an existing file runs under its inode lock.
+    pub fn openat(
+        &self,
+        parent: u32,
+        name: &[u8],
+        flags: OpenFlags,
+        perm: u16,
+        owner: Owner,
+    ) -> Result<u32> {
+        let plain = OpenFlags {
+            truncate: false,
+            ..flags
+        };
+        let ino = self.core().openat(parent, name, plain, perm, owner)?;
+        if flags.truncate {
+            self.locked(ino, || self.core().truncate_opened(ino))?;
+        }
+        Ok(ino)
+    }
+
     /// Clear setuid/setgid (and file capabilities) before a write by
     /// `caller`; whether the mode changed. A file the core has already
     /// found with nothing to drop (and whose mode bits and attributes have
@@ -435,7 +514,7 @@ impl Filesystem {
         if self.inodes.get(ino).is_some_and(|i| i.plain()) {
             return Ok(false);
         }
-        self.core().drop_privs_for_write(ino, caller)
+        self.locked(ino, || self.core().drop_privs_for_write(ino, caller))
     }
 
     /// The lock-free part of `write_with`: overwrite, folio by folio,
@@ -518,6 +597,24 @@ impl Filesystem {
         Ok((done, stopped))
     }
 
+    forward_locked! {
+        fn link(&self, ino: u32, new_parent: u32, new_name: &[u8]) -> Result<()>;
+        /// Drop an open reference; the last one frees an unlinked inode.
+        fn close_ref(&self, ino: u32) -> Result<()>;
+        fn setattr(&self, ino: u32, attr: &SetAttr) -> Result<Stat>;
+        fn set_xattr(&self, ino: u32, name: &[u8], value: &[u8], mode: XattrMode) -> Result<()>;
+        fn remove_xattr(&self, ino: u32, name: &[u8]) -> Result<()>;
+        /// O_DIRECT write: straight to the device, blocks allocated now.
+        fn write_direct(&self, ino: u32, offset: u64, data: &[u8]) -> Result<usize>;
+        /// Allocate a file fully and pin its block map: (logical, physical, blocks) runs.
+        fn pin_mapping(&self, ino: u32) -> Result<Vec<(u64, u64, u64)>>;
+        fn unpin_mapping(&self, ino: u32) -> Result<()>;
+        /// fallocate(2) with Linux's mode flags.
+        fn fallocate(&self, ino: u32, mode: u32, offset: u64, len: u64) -> Result<()>;
+        /// The allocation interface: reserve, allocate or deallocate blocks.
+        fn allocate_interval(&self, ino: u32, op: AllocOp, lblk: u64, n: u64) -> Result<()>;
+    }
+
     forward! {
         /// Metadata buffer cache (hits, misses) since open.
         fn cache_stats(&self) -> (u64, u64);
@@ -544,35 +641,20 @@ impl Filesystem {
         /// The inode a file handle names, or `Error::Stale` (see the core's).
         fn stat_by_handle(&self, ino: u32, generation: Option<u32>) -> Result<Stat>;
         fn mknod(&self, parent: u32, name: &[u8], mode: u16, rdev: (u32, u32), owner: Owner) -> Result<u32>;
-        /// open(2) relative to a directory: O_CREAT, O_EXCL, O_TRUNC.
-        fn openat(&self, parent: u32, name: &[u8], flags: OpenFlags, perm: u16, owner: Owner) -> Result<u32>;
         fn create(&self, parent: u32, name: &[u8], perm: u16, owner: Owner) -> Result<u32>;
         fn mkdir(&self, parent: u32, name: &[u8], perm: u16, owner: Owner) -> Result<u32>;
         fn symlink(&self, parent: u32, name: &[u8], target: &[u8], owner: Owner) -> Result<u32>;
         fn readlink(&self, ino: u32) -> Result<Vec<u8>>;
-        fn link(&self, ino: u32, new_parent: u32, new_name: &[u8]) -> Result<()>;
         /// Count an open reference (an unlinked inode lives until the last).
         fn open_ref(&self, ino: u32) -> ();
-        /// Drop an open reference; the last one frees an unlinked inode.
-        fn close_ref(&self, ino: u32) -> Result<()>;
         fn unlink(&self, parent: u32, name: &[u8]) -> Result<()>;
         fn rmdir(&self, parent: u32, name: &[u8]) -> Result<()>;
         fn rename(&self, parent: u32, name: &[u8], new_parent: u32, new_name: &[u8], flags: RenameFlags) -> Result<()>;
-        fn setattr(&self, ino: u32, attr: &SetAttr) -> Result<Stat>;
         fn statfs(&self) -> StatFs;
         fn get_xattr(&self, ino: u32, name: &[u8]) -> Result<Vec<u8>>;
         fn list_xattr(&self, ino: u32) -> Result<Vec<Vec<u8>>>;
-        fn set_xattr(&self, ino: u32, name: &[u8], value: &[u8], mode: XattrMode) -> Result<()>;
-        fn remove_xattr(&self, ino: u32, name: &[u8]) -> Result<()>;
-        /// O_DIRECT write: straight to the device, blocks allocated now.
-        fn write_direct(&self, ino: u32, offset: u64, data: &[u8]) -> Result<usize>;
         /// O_DIRECT read.
         fn read_direct(&self, ino: u32, offset: u64, buf: &mut [u8]) -> Result<usize>;
-        /// Allocate a file fully and pin its block map: (logical, physical, blocks) runs.
-        fn pin_mapping(&self, ino: u32) -> Result<Vec<(u64, u64, u64)>>;
-        fn unpin_mapping(&self, ino: u32) -> Result<()>;
-        /// fallocate(2) with Linux's mode flags.
-        fn fallocate(&self, ino: u32, mode: u32, offset: u64, len: u64) -> Result<()>;
         /// lseek(2) SEEK_DATA (`data`) or SEEK_HOLE.
         fn seek_data_hole(&self, ino: u32, offset: u64, data: bool) -> Result<u64>;
         /// Every mapped run of the file.
@@ -583,8 +665,6 @@ impl Filesystem {
         fn mapping_blocks(&self, ino: u32) -> Result<Vec<u64>>;
         /// Depth of the file's extent tree (None for block-mapped files).
         fn extent_depth(&self, ino: u32) -> Result<Option<u16>>;
-        /// The allocation interface: reserve, allocate or deallocate blocks.
-        fn allocate_interval(&self, ino: u32, op: AllocOp, lblk: u64, n: u64) -> Result<()>;
         /// Drop clean cached data; returns the bytes freed.
         fn drop_caches(&self) -> u64;
         fn read_dir(&self, ino: u32) -> Result<Vec<DirEntry>>;

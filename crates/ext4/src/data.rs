@@ -32,6 +32,7 @@ use crate::bmap::Mapping;
 use crate::error::{Error, Result};
 use crate::format::inode::Inode;
 use crate::fs::Core;
+use crate::inodes::{Shape, Space};
 
 /// What [`crate::Filesystem::allocate_interval`] does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -58,12 +59,12 @@ pub(crate) struct Delalloc {
 
 impl Delalloc {
     /// The reserved run containing `lblk`, as (start, len).
-    fn run_at(&self, lblk: u64) -> Option<(u64, u64)> {
+    pub(crate) fn run_at(&self, lblk: u64) -> Option<(u64, u64)> {
         let (&s, &l) = self.runs.range(..=lblk).next_back()?;
         (lblk < s + l).then_some((s, l))
     }
     /// First reserved block at or after `lblk`.
-    fn next_start(&self, lblk: u64) -> Option<u64> {
+    pub(crate) fn next_start(&self, lblk: u64) -> Option<u64> {
         if let Some((s, _)) = self.run_at(lblk) {
             return Some(s.max(lblk));
         }
@@ -133,48 +134,43 @@ impl WritebackCursor {
     }
 }
 
-/// Re-derive the mapping-block allowance of delayed runs `da` of `inode`
-/// after their blocks changed; fails (changing nothing) if it would grow
-/// and `only_if_fits` and it does not fit.
+/// Re-derive the mapping-block allowance of delayed runs `da` of a file
+/// whose map has `shape` after their blocks changed; fails (changing
+/// nothing) if it would grow and `only_if_fits` and it does not fit.
 pub(crate) fn set_meta(
-    fs: &Core,
-    inode: &Inode,
+    space: &Space,
+    bs: u64,
+    shape: Shape,
     da: &mut Delalloc,
     only_if_fits: bool,
 ) -> Result<()> {
-    let want = if da.blocks == 0 {
-        0
-    } else {
-        meta_for(fs, inode, da.blocks)
-    };
+    let want = meta_for(bs, shape, da.blocks);
     let have = da.meta;
     if want > have {
         if only_if_fits {
-            if !fs.inodes.space.reserve(want - have) {
+            if !space.reserve(want - have) {
                 return Err(Error::NoSpace);
             }
         } else {
-            fs.inodes.space.reserve_anyway(want - have);
+            space.reserve_anyway(want - have);
         }
     } else {
-        fs.inodes.space.unreserve(have - want);
+        space.unreserve(have - want);
     }
     da.meta = want;
     Ok(())
 }
 
 /// Worst-case mapping blocks needed to map `d` more blocks into a file
-/// whose map is `inode`'s: a new leaf for every half-full leaf's worth of
+/// whose map has `shape`: a new leaf for every half-full leaf's worth of
 /// extents, plus one split per level and a new root level.
-fn meta_for(fs: &Core, inode: &Inode, d: u64) -> u64 {
+fn meta_for(bs: u64, shape: Shape, d: u64) -> u64 {
     if d == 0 {
         return 0;
     }
-    let bs = u64::from(fs.geo.block_size);
-    if Core::uses_extents(inode) {
+    if shape.extents {
         let per_leaf = (bs - 12) / 12 / 2;
-        let depth = u64::from(crate::format::get16(inode.i_block(), 6).unwrap_or(0));
-        let entries = u64::from(crate::format::get16(inode.i_block(), 2).unwrap_or(0));
+        let (depth, entries) = (u64::from(shape.depth), u64::from(shape.entries));
         if depth == 0 && entries + d <= 4 {
             return 0;
         }
@@ -183,6 +179,66 @@ fn meta_for(fs: &Core, inode: &Inode, d: u64) -> u64 {
         let ppb = bs / 4;
         d.div_ceil(ppb) + 3
     }
+}
+
+/// Reserve the runs `holes` (logical, in order) as delayed allocations
+/// in `da`, as far as space allows, with their mapping allowance; returns
+/// the runs reserved (a prefix of `holes`, the last one maybe cut).
+pub(crate) fn reserve_runs(
+    space: &Space,
+    bs: u64,
+    shape: Shape,
+    da: &mut Delalloc,
+    holes: &[(u64, u64)],
+) -> Result<Vec<(u64, u64)>> {
+    let mut got = Vec::new();
+    for &(s, l) in holes {
+        let take = space.reserve_upto(l);
+        if take == 0 {
+            break;
+        }
+        da.insert(s, take);
+        if set_meta(space, bs, shape, da, true).is_err() {
+            // Not even the mapping allowance fits: undo this run.
+            da.remove(s, take);
+            space.unreserve(take);
+            set_meta(space, bs, shape, da, false)?;
+            break;
+        }
+        got.push((s, take));
+        if take < l {
+            break;
+        }
+    }
+    Ok(got)
+}
+
+/// Give back the parts of the reservations `inflight` (made by one
+/// buffered write) from block `keep` to block `stop`: the copy did not
+/// reach them. Parts past `stop` belong to the next step of the same
+/// write and stay in `inflight`.
+pub(crate) fn give_back(
+    space: &Space,
+    bs: u64,
+    shape: Shape,
+    da: &mut Delalloc,
+    inflight: &mut Vec<(u64, u64)>,
+    keep: u64,
+    stop: u64,
+) -> Result<()> {
+    for (s, l) in std::mem::take(inflight) {
+        let a = s.max(keep);
+        let b = (s + l).min(stop);
+        if a < b {
+            let removed = da.remove(a, b - a);
+            space.unreserve(removed);
+        }
+        if s + l > stop {
+            let from = s.max(stop);
+            inflight.push((from, s + l - from));
+        }
+    }
+    set_meta(space, bs, shape, da, false)
 }
 
 impl Core {
@@ -207,7 +263,13 @@ impl Core {
     fn set_meta_reservation(&mut self, inode: &Inode, grow_ok_only_if_fits: bool) -> Result<()> {
         let obj = self.inodes.obj(inode.ino);
         let mut d = obj.data();
-        set_meta(self, inode, &mut d.delalloc, grow_ok_only_if_fits)
+        set_meta(
+            &self.inodes.space,
+            u64::from(self.geo.block_size),
+            Self::shape_of(inode),
+            &mut d.delalloc,
+            grow_ok_only_if_fits,
+        )
     }
 
     /// Reserve the holes of `[lblk, lblk+n)` that are neither mapped nor
@@ -237,27 +299,13 @@ impl Core {
             cur += k;
         }
         let wanted = !holes.is_empty();
-        let mut got = Vec::new();
-        let mut d = obj.data();
-        for (s, l) in holes {
-            let take = self.inodes.space.reserve_upto(l);
-            if take == 0 {
-                break;
-            }
-            d.delalloc.insert(s, take);
-            if set_meta(self, inode, &mut d.delalloc, true).is_err() {
-                // Not even the mapping allowance fits: undo this run.
-                d.delalloc.remove(s, take);
-                self.inodes.space.unreserve(take);
-                set_meta(self, inode, &mut d.delalloc, false)?;
-                break;
-            }
-            got.push((s, take));
-            if take < l {
-                break;
-            }
-        }
-        drop(d);
+        let got = reserve_runs(
+            &self.inodes.space,
+            u64::from(self.geo.block_size),
+            Self::shape_of(inode),
+            &mut obj.data().delalloc,
+            &holes,
+        )?;
         if got.is_empty() && wanted {
             return Err(Error::NoSpace);
         }
@@ -276,7 +324,13 @@ impl Core {
         }
         let inode = self.read_inode(ino)?;
         let mut d = obj.data();
-        set_meta(self, &inode, &mut d.delalloc, false)
+        set_meta(
+            &self.inodes.space,
+            u64::from(self.geo.block_size),
+            Self::shape_of(&inode),
+            &mut d.delalloc,
+            false,
+        )
     }
 
     /// The allocation API: reserve, allocate or deallocate blocks
@@ -478,7 +532,13 @@ impl Core {
         let mut d = obj.data();
         d.delalloc.insert(lblk, n);
         self.inodes.space.reserve_anyway(n);
-        set_meta(self, &inode, &mut d.delalloc, false)
+        set_meta(
+            &self.inodes.space,
+            u64::from(self.geo.block_size),
+            Self::shape_of(&inode),
+            &mut d.delalloc,
+            false,
+        )
     }
 
     /// Describe the file at `lblk` for `n` blocks.
@@ -587,21 +647,23 @@ impl Core {
             // Give back what this write reserved and did not use.
             let keep = (pos + done).div_ceil(bs);
             let stop = (pos + len).div_ceil(bs);
-            let inflight = std::mem::take(&mut self.inflight);
-            for (s, l) in inflight {
-                let a = s.max(keep);
-                let b = (s + l).min(stop);
-                if a < b {
-                    self.unreserve(ino, a, b - a)?;
-                }
-                // Parts before `keep` are used; parts after `stop` belong
-                // to the next step of the same write.
-                if s + l > stop {
-                    let from = s.max(stop);
-                    self.inflight.push((from, s + l - from));
-                }
+            if self.inflight.is_empty() {
+                return Ok(());
             }
-            return Ok(());
+            let inode = self.read_inode(ino)?;
+            let obj = self.inodes.obj(ino);
+            let mut inflight = std::mem::take(&mut self.inflight);
+            let r = give_back(
+                &self.inodes.space,
+                bs,
+                Self::shape_of(&inode),
+                &mut obj.data().delalloc,
+                &mut inflight,
+                keep,
+                stop,
+            );
+            self.inflight = inflight;
+            return r;
         }
         if fl & (flags::WRITEBACK | flags::DIRECT) != 0 {
             let lblk = pos / bs;

@@ -62,8 +62,7 @@ impl Core {
     pub fn read(&mut self, ino: u32, offset: u64, buf: &mut [u8]) -> Result<usize> {
         let inode = self.regular(ino)?;
         if inode.links() > 0 {
-            let mtime = crate::inodes::millis(inode.mtime());
-            self.inodes.note(ino, inode.size(), mtime);
+            self.inodes.note(ino, self.file_note(&inode));
         }
         self.read_data(&inode, offset, buf)
     }
@@ -263,6 +262,9 @@ impl Core {
             let f = self.sb.feature_ro_compat() | ro_compat::LARGE_FILE;
             self.sb.set_feature_ro_compat(f);
             self.sb_dirty = true;
+        }
+        if self.sb.has_ro_compat(ro_compat::LARGE_FILE) {
+            self.inodes.set_large_file();
         }
     }
 

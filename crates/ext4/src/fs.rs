@@ -358,6 +358,9 @@ impl Core {
             aborted: None,
         };
         core.inodes.space.set_free(core.sb.free_blocks_count());
+        if core.sb.has_ro_compat(ro_compat::LARGE_FILE) {
+            core.inodes.set_large_file();
+        }
         Ok(core)
     }
 
@@ -617,7 +620,7 @@ impl Core {
             });
         }
         let b = self.cache.read(blk)?;
-        let inode = Inode {
+        let mut inode = Inode {
             ino,
             raw: b[off..off + isz].to_vec(),
         };
@@ -635,34 +638,116 @@ impl Core {
                 });
             }
         }
+        // What lock-free writers changed and the block does not show yet.
+        if let Some(o) = self.inodes.get(ino) {
+            o.overlay(&mut inode);
+        }
         Ok(inode)
+    }
+
+    /// What the inode objects keep of a live regular file.
+    pub(crate) fn file_note(&self, inode: &Inode) -> crate::inodes::FileNote {
+        crate::inodes::FileNote {
+            size: inode.size(),
+            mtime_ms: crate::inodes::millis(inode.mtime()),
+            max_size: self.max_file_size(inode),
+            shape: Self::shape_of(inode),
+        }
+    }
+
+    /// The shape of `inode`'s block map (for worst-case reservations).
+    pub(crate) fn shape_of(inode: &Inode) -> crate::inodes::Shape {
+        let extents = Self::uses_extents(inode);
+        crate::inodes::Shape {
+            extents,
+            depth: if extents {
+                crate::format::get16(inode.i_block(), 6).unwrap_or(0)
+            } else {
+                0
+            },
+            entries: if extents {
+                crate::format::get16(inode.i_block(), 2).unwrap_or(0)
+            } else {
+                0
+            },
+        }
     }
 
     /// Write `inode` back (checksum updated).
     pub fn write_inode(&mut self, inode: &mut Inode) -> Result<()> {
         self.check_writable()?;
         let (blk, off) = self.inode_location(inode.ino)?;
-        if self.has_csum() {
-            inode.update_checksum(self.csum_seed);
-        }
         let isz = self.geo.inode_size as usize;
         assert_eq!(
             inode.raw.len(),
             isz,
             "inode buffer has the filesystem's inode size"
         );
+        let obj = self.inodes.get(inode.ino);
+        // Held until the block has the inode, so no lock-free writer
+        // changes the object in between.
+        let mut ahead = obj.as_ref().map(|o| o.ahead());
+        if let (Some(o), Some(a)) = (&obj, ahead.as_mut()) {
+            if a.dirty {
+                // Without the inode lock this is writeback (or a namespace
+                // change) working from a copy that may predate a lock-free
+                // write: the object's size and times are newer. Under the
+                // inode lock no lock-free writer runs, so the copy, read
+                // with them folded in, is the truth.
+                if !o.locked_by_me() {
+                    inode.set_size(a.size);
+                    inode.set_mtime(a.time);
+                    inode.set_ctime(a.time.max(inode.ctime()));
+                }
+                a.dirty = false;
+            }
+        }
+        if self.has_csum() {
+            inode.update_checksum(self.csum_seed);
+        }
         let b = self.cache.modify(blk)?;
         let datasync = !same_but_times(&b[off..off + isz], &inode.raw);
         b[off..off + isz].copy_from_slice(&inode.raw);
+        drop(ahead);
         self.note_inode_change(inode.ino, datasync);
+        if inode.is_reg() {
+            self.note_large_file(inode.size());
+        }
         if inode.is_reg() && inode.links() > 0 {
-            let mtime = crate::inodes::millis(inode.mtime());
-            self.inodes.note(inode.ino, inode.size(), mtime);
+            self.inodes.note(inode.ino, self.file_note(inode));
             if inode.mode() & 0o6000 != 0 {
                 self.inodes.set_plain(inode.ino, false);
             }
         } else {
             self.inodes.unnote(inode.ino);
+        }
+        Ok(())
+    }
+
+    /// Write the inodes whose size or times lock-free writers moved ahead
+    /// of their blocks (`only`: just that one) into the blocks, in handles
+    /// of a bounded size.
+    pub(crate) fn flush_ahead(&mut self, only: Option<u32>) -> Result<()> {
+        let inos = match only {
+            Some(ino) => match self.inodes.get(ino) {
+                Some(o) if o.ahead().dirty => vec![ino],
+                _ => return Ok(()),
+            },
+            None => self.inodes.ahead_inodes(),
+        };
+        for chunk in inos.chunks(64) {
+            let h = self.journal_start(chunk.len() + self.namespace_credits())?;
+            let mut r = Ok(());
+            for &ino in chunk {
+                r = self
+                    .read_inode(ino)
+                    .and_then(|mut inode| self.write_inode(&mut inode));
+                if r.is_err() {
+                    break;
+                }
+            }
+            self.journal_stop(h)?;
+            r?;
         }
         Ok(())
     }
@@ -749,6 +834,7 @@ impl Core {
         // allocations get their blocks) before the metadata that maps it
         // commits.
         self.writeback_all()?;
+        self.flush_ahead(None)?;
         if self.journal.is_some() {
             return self.sync_journalled();
         }

@@ -20,7 +20,7 @@
 //!   reader that finds a folio still cached beyond the new size has
 //!   already read the old size: its read is one that ran before the
 //!   truncation;
-//! - a freed inode's object goes.
+//! - a freed inode's object forgets its state (`reset`).
 //!
 //! The table is a cache of what can be rebuilt: an object that holds no
 //! state of its own (no open reference, no delayed allocation, no pin, no
@@ -36,12 +36,14 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockWriteGuard};
 
 use folio_pagecache::lockdep::{Held, Level};
 
 use crate::data::Delalloc;
 use crate::extent_tree::ExtentMap;
+use crate::format::inode::Inode;
+use crate::format::Timespec;
 
 /// Objects kept before idle ones are dropped.
 const MAX_ENTRIES: usize = 1 << 16;
@@ -68,9 +70,91 @@ pub(crate) struct InodeInfo {
     /// learn that.
     plain: AtomicBool,
     /// Open references (`open_ref`): an unlinked inode lives until the
-    /// last one goes.
+    /// last one goes. Dropped only under the inode lock.
     open_refs: AtomicU32,
+    /// The largest size the file's map allows (noted with the size).
+    max_size: AtomicU64,
+    /// The shape of the file's map (noted with the size), for worst-case
+    /// mapping reservations: see [`Shape`].
+    shape: AtomicU64,
+    /// The inode lock (the role of `i_rwsem`): held exclusively by
+    /// anything that changes the file's size, times, mode or block map
+    /// from above (writes, truncation, fallocate, direct writes, attribute
+    /// changes, the last close). Writeback does not take it.
+    rwsem: RwLock<()>,
+    /// The thread holding `rwsem` exclusively (a token from
+    /// [`thread_token`]), 0 when none.
+    owner: AtomicU64,
+    /// Size and times set by lock-free writers and not yet in the inode
+    /// block (a leaf lock: nothing is taken inside it).
+    ahead: Mutex<Ahead>,
     data: Mutex<InodeData>,
+}
+
+/// What lock-free writers changed in an inode that its on-disk copy does
+/// not show yet (the inode is "dirty" in the kernel's sense). The core
+/// folds it into every read of the inode, and into every write of the
+/// inode made without the inode lock (writeback), so nothing is lost
+/// whichever comes first; sync and fsync write it out.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct Ahead {
+    pub(crate) dirty: bool,
+    pub(crate) size: u64,
+    /// The new mtime and ctime.
+    pub(crate) time: Timespec,
+}
+
+/// The shape of an inode's block map, for worst-case reservations.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Shape {
+    pub(crate) extents: bool,
+    pub(crate) depth: u16,
+    /// Entries in the root.
+    pub(crate) entries: u16,
+}
+
+impl Shape {
+    fn pack(self) -> u64 {
+        (u64::from(self.extents) << 32) | (u64::from(self.depth) << 16) | u64::from(self.entries)
+    }
+    fn unpack(v: u64) -> Self {
+        Shape {
+            extents: v >> 32 != 0,
+            depth: (v >> 16) as u16,
+            entries: v as u16,
+        }
+    }
+}
+
+/// What the core notes of a live regular file when it reads or writes it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct FileNote {
+    pub(crate) size: u64,
+    pub(crate) mtime_ms: u64,
+    pub(crate) max_size: u64,
+    pub(crate) shape: Shape,
+}
+
+/// A small number naming the calling thread (never 0).
+pub(crate) fn thread_token() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    thread_local! {
+        static TOKEN: u64 = NEXT.fetch_add(1, Ordering::Relaxed);
+    }
+    TOKEN.with(|t| *t)
+}
+
+/// An inode lock held exclusively.
+pub(crate) struct InodeLock<'a> {
+    info: &'a InodeInfo,
+    _g: RwLockWriteGuard<'a, ()>,
+    _order: Held,
+}
+
+impl Drop for InodeLock<'_> {
+    fn drop(&mut self) {
+        self.info.owner.store(0, Ordering::Release);
+    }
 }
 
 /// Block-map state of one inode, under its data lock.
@@ -119,8 +203,78 @@ impl InodeInfo {
             regular: AtomicBool::new(false),
             plain: AtomicBool::new(false),
             open_refs: AtomicU32::new(0),
+            max_size: AtomicU64::new(0),
+            shape: AtomicU64::new(0),
+            rwsem: RwLock::new(()),
+            owner: AtomicU64::new(0),
+            ahead: Mutex::new(Ahead::default()),
             data: Mutex::new(InodeData::default()),
         }
+    }
+
+    /// Take the inode lock exclusively (level `Inode`, keyed by number).
+    pub(crate) fn lock(&self) -> InodeLock<'_> {
+        let order = Held::take(Level::Inode, u64::from(self.ino));
+        let g = self.rwsem.write().unwrap_or_else(|e| e.into_inner());
+        self.owner.store(thread_token(), Ordering::Release);
+        InodeLock {
+            info: self,
+            _g: g,
+            _order: order,
+        }
+    }
+
+    /// Whether the calling thread holds the inode lock.
+    pub(crate) fn locked_by_me(&self) -> bool {
+        self.owner.load(Ordering::Acquire) == thread_token()
+    }
+
+    pub(crate) fn max_size(&self) -> u64 {
+        self.max_size.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn shape(&self) -> Shape {
+        Shape::unpack(self.shape.load(Ordering::Acquire))
+    }
+
+    pub(crate) fn ahead(&self) -> MutexGuard<'_, Ahead> {
+        self.ahead.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Fold what lock-free writers changed into `inode` as read from its
+    /// block.
+    pub(crate) fn overlay(&self, inode: &mut Inode) {
+        let a = self.ahead();
+        if a.dirty {
+            inode.set_size(a.size);
+            inode.set_mtime(a.time);
+            inode.set_ctime(a.time.max(inode.ctime()));
+        }
+    }
+
+    /// A lock-free writer wrote up to byte `end` at time `now`: raise the
+    /// size and set the times in memory (the inode block follows at the
+    /// next sync, fsync or write of the inode). Call holding the inode
+    /// lock, after the data is in the cache.
+    pub(crate) fn advance(&self, end: u64, now: Timespec) {
+        let mut a = self.ahead();
+        let size = self.size().max(end);
+        let now_ms = millis(now);
+        if size == self.size() && now_ms == self.mtime_ms() {
+            return;
+        }
+        *a = Ahead {
+            dirty: true,
+            size,
+            time: now,
+        };
+        self.mtime_ms.store(now_ms, Ordering::Release);
+        self.size.store(size, Ordering::Release);
+    }
+
+    /// Forget what lock-free writers changed (the inode is being freed).
+    pub(crate) fn discard_ahead(&self) {
+        self.ahead().dirty = false;
     }
     pub(crate) fn size(&self) -> u64 {
         self.size.load(Ordering::Acquire)
@@ -235,8 +389,13 @@ pub(crate) struct InodeTable {
     /// Bytes written by lock-free writers since the core last took them
     /// (for the superblock's lifetime-writes counter).
     written: AtomicU64,
+    /// Bytes written by lock-free writers since open (never reset).
+    lock_free_bytes: AtomicU64,
     /// Free-space accounting.
     pub(crate) space: Space,
+    /// The image has the large_file feature (files may pass 2 GiB
+    /// without a superblock change).
+    large_file: AtomicBool,
 }
 
 impl Default for InodeTable {
@@ -246,7 +405,9 @@ impl Default for InodeTable {
             maps: AtomicUsize::new(0),
             writable: AtomicBool::new(true),
             written: AtomicU64::new(0),
+            lock_free_bytes: AtomicU64::new(0),
             space: Space::default(),
+            large_file: AtomicBool::new(false),
         }
     }
 }
@@ -286,8 +447,12 @@ impl InodeTable {
         let mut dropped_maps = 0;
         map.retain(|_, i| {
             // Held elsewhere (a lock-free reader or writer, a core path
-            // in the middle of using it): keep.
+            // in the middle of using it), open, or ahead of its block:
+            // keep.
             if Arc::strong_count(i) > 1 || i.open_refs() > 0 {
+                return true;
+            }
+            if i.ahead.try_lock().map_or(true, |a| a.dirty) {
                 return true;
             }
             match i.data.try_lock() {
@@ -301,10 +466,19 @@ impl InodeTable {
         self.maps.fetch_sub(dropped_maps, Ordering::AcqRel);
     }
 
-    /// The core read or wrote live regular file `ino` with this size and
-    /// mtime (milliseconds).
-    pub(crate) fn note(&self, ino: u32, size: u64, mtime_ms: u64) {
+    /// The core read or wrote live regular file `ino` and found this.
+    /// What lock-free writers put ahead of the block wins: a core read
+    /// that began before a lock-free write must not take its size back.
+    pub(crate) fn note(&self, ino: u32, n: FileNote) {
         let i = self.obj(ino);
+        let a = i.ahead();
+        let (size, mtime_ms) = if a.dirty {
+            (a.size, millis(a.time))
+        } else {
+            (n.size, n.mtime_ms)
+        };
+        i.max_size.store(n.max_size, Ordering::Release);
+        i.shape.store(n.shape.pack(), Ordering::Release);
         i.size.store(size, Ordering::Release);
         i.mtime_ms.store(mtime_ms, Ordering::Release);
         i.regular.store(true, Ordering::Release);
@@ -326,6 +500,14 @@ impl InodeTable {
         }
     }
 
+    pub(crate) fn large_file(&self) -> bool {
+        self.large_file.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn set_large_file(&self) {
+        self.large_file.store(true, Ordering::Release);
+    }
+
     pub(crate) fn writable(&self) -> bool {
         self.writable.load(Ordering::Acquire)
     }
@@ -337,6 +519,12 @@ impl InodeTable {
     /// A lock-free writer wrote `n` bytes.
     pub(crate) fn add_written(&self, n: u64) {
         self.written.fetch_add(n, Ordering::Relaxed);
+        self.lock_free_bytes.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Bytes written by lock-free writers since open.
+    pub(crate) fn lock_free_bytes(&self) -> u64 {
+        self.lock_free_bytes.load(Ordering::Relaxed)
     }
 
     /// The bytes lock-free writers wrote since the last call.
@@ -351,18 +539,24 @@ impl InodeTable {
         }
     }
 
-    /// `ino` is freed: its object goes, whoever still holds it.
-    pub(crate) fn forget(&self, ino: u32) {
-        let gone = self
-            .map
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&ino);
-        if let Some(i) = gone {
-            i.regular.store(false, Ordering::Release);
-            if i.data().extents.take().is_some() {
-                self.maps.fetch_sub(1, Ordering::AcqRel);
-            }
+    /// `ino` is freed, or starts a new life: its object forgets the old
+    /// one's state. The object itself stays (one object per number, so
+    /// that a thread still holding its inode lock excludes whoever works
+    /// on the number next); it goes with the idle ones.
+    pub(crate) fn reset(&self, ino: u32) {
+        let Some(i) = self.get(ino) else {
+            return;
+        };
+        i.regular.store(false, Ordering::Release);
+        i.plain.store(false, Ordering::Release);
+        *i.ahead() = Ahead::default();
+        i.size.store(0, Ordering::Release);
+        i.mtime_ms.store(0, Ordering::Release);
+        let mut d = i.data();
+        debug_assert!(d.delalloc.blocks == 0, "a freed inode kept delayed blocks");
+        d.pinned = false;
+        if d.extents.take().is_some() {
+            self.maps.fetch_sub(1, Ordering::AcqRel);
         }
     }
 
@@ -442,6 +636,20 @@ impl InodeTable {
         }
     }
 
+    /// Inodes whose in-memory size or times are ahead of their block.
+    pub(crate) fn ahead_inodes(&self) -> Vec<u32> {
+        let mut v: Vec<u32> = self
+            .map
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .filter(|i| i.ahead().dirty)
+            .map(|i| i.ino)
+            .collect();
+        v.sort_unstable();
+        v
+    }
+
     /// Loaded extent maps (for tests).
     #[cfg(test)]
     pub(crate) fn maps_loaded(&self) -> usize {
@@ -457,19 +665,32 @@ mod tests {
     fn sizes_are_noted_lowered_and_forgotten() {
         let t = InodeTable::default();
         assert!(t.get(12).is_none());
-        t.note(12, 8192, 7);
+        let note = |size, mtime_ms| FileNote {
+            size,
+            mtime_ms,
+            max_size: 1 << 40,
+            shape: Shape::default(),
+        };
+        t.note(12, note(8192, 7));
         let i = t.get(12).expect("noted");
         assert!(i.regular());
         t.shrink(12, 100);
         assert_eq!(i.size(), 100, "the object a reader holds sees the cut");
         t.shrink(12, 5000);
         assert_eq!(i.size(), 100, "shrink never grows");
-        t.note(12, 5000, 9);
+        t.note(12, note(5000, 9));
         assert_eq!((i.size(), i.mtime_ms()), (5000, 9));
         t.unnote(12);
         assert!(!i.regular(), "an unlinked file is left to the core");
-        t.forget(12);
-        assert!(t.get(12).is_none());
+        i.advance(9000, Timespec { sec: 5, nsec: 0 });
+        t.reset(12);
+        let again = t.get(12).expect("the object stays for its number");
+        assert!(Arc::ptr_eq(&i, &again));
+        assert_eq!(
+            (i.size(), i.ahead().dirty),
+            (0, false),
+            "nothing of the old life"
+        );
     }
 
     #[test]

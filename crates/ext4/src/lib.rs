@@ -22,6 +22,7 @@ pub mod format;
 pub mod fs;
 pub(crate) mod inodes;
 pub mod journaling;
+pub(crate) mod lockless;
 pub mod mkfs;
 pub mod ops;
 pub mod xattrs;

@@ -212,7 +212,7 @@ impl Core {
             inode.set_rdev(rdev.0, rdev.1);
         }
         // A new life for the number: no state of an earlier one.
-        self.inodes.forget(ino);
+        self.inodes.reset(ino);
         Ok(inode)
     }
 
@@ -460,6 +460,24 @@ impl Core {
         Ok(ino)
     }
 
+    /// The O_TRUNC part of an open of `ino` (run under its inode lock):
+    /// an existing regular file with data is cut to 0; a directory is
+    /// EISDIR.
+    pub(crate) fn truncate_opened(&mut self, ino: u32) -> Result<()> {
+        let c = self.namespace_credits() + self.free_credits(ino);
+        self.retry_nospc(c, |fs| {
+            let mut inode = fs.read_inode(ino)?;
+            if inode.is_dir() {
+                return Err(Error::IsDir);
+            }
+            if inode.is_reg() && inode.size() != 0 && inode.links() > 0 {
+                fs.set_size(&mut inode, 0)?;
+                fs.write_inode(&mut inode)?;
+            }
+            Ok(())
+        })
+    }
+
     /// Create a regular file.
     pub fn create(&mut self, parent: u32, name: &[u8], perm: u16, owner: Owner) -> Result<u32> {
         self.mknod(parent, name, S_IFREG | (perm & 0o7777), (0, 0), owner)
@@ -663,13 +681,17 @@ impl Core {
             self.release_xattr_block(acl, refs)?;
             inode.set_file_acl(0);
         }
+        if let Some(o) = self.inodes.get(inode.ino) {
+            // Nothing a lock-free writer left in memory survives the inode.
+            o.discard_ahead();
+        }
         inode.set_links(0);
         inode.set_size(0);
         inode.set_blocks_512(0);
         inode.set_dtime(Timespec::now().sec as u32);
         self.write_inode(inode)?;
         self.free_inode(inode.ino, is_dir)?;
-        self.inodes.forget(inode.ino);
+        self.inodes.reset(inode.ino);
         Ok(())
     }
 
@@ -1129,6 +1151,7 @@ impl Core {
             return self.sync();
         }
         self.writeback_range(ino, 0, u64::MAX)?;
+        self.flush_ahead(Some(ino))?;
         let needs_commit = match self.txn_changes.get(&ino) {
             Some(&ds) => ds || !datasync,
             None => false,

@@ -732,10 +732,12 @@ fn unlinked_open_files_live_until_closed() {
 
 /// The lock-order checker sees the library's own levels: every operation
 /// takes the core lock, which no thread may take inside a journal handle
-/// or the allocator (the innermost level).
+/// or the allocator (the innermost level); an operation on a file from
+/// above (fallocate, setattr, a write) takes the file's inode lock first,
+/// which no thread may take inside the core lock or a handle.
 #[cfg(debug_assertions)]
 #[test]
-#[should_panic(expected = "lock order violation: taking Core 0 while holding Transaction")]
+#[should_panic(expected = "lock order violation: taking Inode")]
 fn fallocate_inside_a_transaction_breaks_the_lock_order() {
     use folio_ext4::lockdep::{Held, Level};
     let (_dev, fs) = mem_fs(32 << 20, MkfsOptions::default());
@@ -744,6 +746,19 @@ fn fallocate_inside_a_transaction_breaks_the_lock_order() {
         .unwrap();
     let _t = Held::take(Level::Transaction, 0);
     let _ = fs.fallocate(f, 0, 0, 4096);
+}
+
+#[cfg(debug_assertions)]
+#[test]
+#[should_panic(expected = "while holding Core 0")]
+fn an_inode_lock_inside_the_core_lock_breaks_the_lock_order() {
+    use folio_ext4::lockdep::{Held, Level};
+    let (_dev, fs) = mem_fs(32 << 20, MkfsOptions::default());
+    let f = fs
+        .create(ROOT_INO, b"f", 0o644, folio_ext4::Owner::default())
+        .unwrap();
+    let _c = Held::take(Level::Core, 0);
+    let _ = fs.write(f, 0, b"x");
 }
 
 #[cfg(debug_assertions)]
@@ -883,4 +898,77 @@ fn rename_whiteout_leaves_whiteouts() {
         libc::EINVAL
     );
     fsck_mem(&dev, fs, "whiteout");
+}
+
+/// Buffered writes to an open file run without the core lock (issue 12):
+/// the size and times they set live in the inode object until sync,
+/// fsync or a write of the inode carries them to its block; stat sees
+/// them at once, writeback in between loses none of them, and a reopen
+/// finds every byte.
+#[test]
+fn writes_to_an_open_file_go_lock_free_and_reach_the_disk() {
+    let (dev, fs) = mem_fs(32 << 20, MkfsOptions::default());
+    let f = fs
+        .create(ROOT_INO, b"f", 0o644, folio_ext4::Owner::default())
+        .unwrap();
+    fs.open_ref(f);
+    let mut model = Vec::new();
+    let mut rng = Rng::new(3);
+    for round in 0..40u64 {
+        let off = rng.below(1 << 20);
+        let len = 1 + rng.below(20_000) as usize;
+        let data = rng.bytes(len);
+        let before = fs.lock_free_write_bytes();
+        assert_eq!(fs.write(f, off, &data).unwrap(), data.len());
+        if round > 0 {
+            assert_eq!(
+                fs.lock_free_write_bytes() - before,
+                data.len() as u64,
+                "round {round}: the whole write went lock-free"
+            );
+        }
+        let end = off as usize + data.len();
+        if model.len() < end {
+            model.resize(end, 0);
+        }
+        model[off as usize..end].copy_from_slice(&data);
+        assert_eq!(
+            fs.stat(f).unwrap().size,
+            model.len() as u64,
+            "round {round}"
+        );
+        match round % 8 {
+            // Writeback (which writes the inode without its lock) in
+            // between: the size it writes must be the newest.
+            3 => fs.writeback_background().map(drop).unwrap(),
+            5 => fs.fsync(f, true).unwrap(),
+            _ => {}
+        }
+    }
+    // An overwrite of blocks already on disk changes only the mtime, which
+    // nothing but fsync carries to the inode block: a crash right after
+    // the fsync keeps it.
+    fs.write(f, 0, &model[..4096]).unwrap();
+    fs.fsync(f, false).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    let before = fs.lock_free_write_bytes();
+    fs.write(f, 0, &model[..4096]).unwrap();
+    assert_eq!(fs.lock_free_write_bytes() - before, 4096);
+    let st = fs.stat(f).unwrap();
+    fs.fsync(f, false).unwrap();
+    fs.abandon();
+    let fs = Filesystem::open(Arc::new(dev.clone()), OpenOptions::default()).unwrap();
+    let back = fs.stat(f).unwrap();
+    assert_eq!(
+        (back.size, back.mtime),
+        (st.size, st.mtime),
+        "fsync'd size and mtime"
+    );
+    fs.close().unwrap();
+    let fs = Filesystem::open(Arc::new(dev.clone()), OpenOptions::default()).unwrap();
+    assert_eq!(fs.stat(f).unwrap().size, model.len() as u64);
+    let mut back = vec![0u8; model.len()];
+    assert_eq!(fs.read(f, 0, &mut back).unwrap(), model.len());
+    assert!(back == model, "content after reopen");
+    fsck_mem(&dev, fs, "lock-free writes");
 }

@@ -50,6 +50,9 @@ struct Model {
     /// Subdirectories it made in the shared directory.
     dirs: BTreeSet<Vec<u8>>,
     slice: Vec<u8>,
+    /// Files it holds open (`open_ref`): their writes take the lock-free
+    /// path, racing writeback and the other threads' metadata work.
+    open: BTreeSet<u32>,
 }
 
 impl Model {
@@ -126,6 +129,10 @@ fn worker(sh: &Shared, t: u32, private: u32, seed: u64, ops: u64) -> Result<Mode
                     .map_err(|e| ctx(format!("create: {e}")))?;
                 m.names.insert((dir, name), ino);
                 m.data.insert(ino, Vec::new());
+                if rng.below(4) != 0 {
+                    fs.open_ref(ino);
+                    m.open.insert(ino);
+                }
             }
             12..=31 => {
                 let Some((_, _, ino)) = pick(&mut rng) else {
@@ -242,6 +249,11 @@ fn worker(sh: &Shared, t: u32, private: u32, seed: u64, ops: u64) -> Result<Mode
                 m.names.remove(&(dir, name));
                 if m.links(ino) == 0 {
                     m.data.remove(&ino);
+                    if m.open.remove(&ino) {
+                        // The last reference frees the unlinked file.
+                        fs.close_ref(ino)
+                            .map_err(|e| ctx(format!("close {ino}: {e}")))?;
+                    }
                 }
             }
             74..=77 => {
@@ -319,6 +331,10 @@ fn worker(sh: &Shared, t: u32, private: u32, seed: u64, ops: u64) -> Result<Mode
                 }
             }
         }
+    }
+    for &ino in &m.open {
+        fs.close_ref(ino)
+            .map_err(|e| format!("thread {t}: close {ino}: {e}"))?;
     }
     Ok(m)
 }
@@ -402,6 +418,7 @@ fn run(seed: u64, threads: u32, ops: u64) -> Result<(), String> {
     let big = fs
         .create(ROOT_INO, b"big", 0o644, owner())
         .map_err(|e| e.to_string())?;
+    fs.open_ref(big);
     let privs: Vec<u32> = (0..threads)
         .map(|t| fs.mkdir(ROOT_INO, format!("t{t}").as_bytes(), 0o755, owner()))
         .collect::<Result<_, _>>()
@@ -426,6 +443,10 @@ fn run(seed: u64, threads: u32, ops: u64) -> Result<(), String> {
             .collect::<Result<Vec<_>, String>>()
     })?;
     verify(&sh.fs, shared_dir, big, &privs, &models).map_err(|e| format!("after the run: {e}"))?;
+    sh.fs.close_ref(big).map_err(|e| e.to_string())?;
+    if sh.fs.lock_free_write_bytes() == 0 {
+        return Err("no write took the lock-free path".into());
+    }
     sh.fs.close().map_err(|e| format!("close: {e}"))?;
     let fs = Filesystem::open_path(&img, opts).map_err(|e| format!("reopen: {e}"))?;
     verify(&fs, shared_dir, big, &privs, &models).map_err(|e| format!("after reopen: {e}"))?;
@@ -484,6 +505,9 @@ fn cached_reads_and_overwrites_race_truncate_punch_and_rewrite() {
     opts.page_cache.budget_bytes = 1 << 20;
     let fs = Filesystem::open_path(&img, opts).unwrap();
     let ino = fs.create(ROOT_INO, b"f", 0o644, owner()).unwrap();
+    // Open: writes into new blocks and past the end take the lock-free
+    // path too.
+    fs.open_ref(ino);
     let done = std::sync::atomic::AtomicBool::new(false);
     std::thread::scope(|s| {
         for r in 0..3u64 {
@@ -558,6 +582,7 @@ fn cached_reads_and_overwrites_race_truncate_punch_and_rewrite() {
         }
         done.store(true, std::sync::atomic::Ordering::Release);
     });
+    fs.close_ref(ino).unwrap();
     fs.close().unwrap();
     if have_tool("e2fsck") {
         e2fsck(&img).unwrap();

@@ -138,6 +138,10 @@ fn run_workload(seed: u64, bs: u32, steps: usize, small_journal: bool) -> Worklo
     let trace = std::env::var_os("FOLIO_CRASH_TRACE").is_some();
     let mut next_tag = 1u8;
     let mut deepest = 0u16;
+    // Files are held open (as through the mount), so their writes take
+    // the lock-free path and their size and times reach the inode block
+    // through writeback, fsync and sync: tag → inode.
+    let mut open = BTreeMap::<u8, u32>::new();
     for step in 1..=steps {
         let mut rec = OpRec {
             event_start: dev.event_count(),
@@ -145,6 +149,7 @@ fn run_workload(seed: u64, bs: u32, steps: usize, small_journal: bool) -> Worklo
             ..Default::default()
         };
         let tags: Vec<u8> = m.files.keys().copied().collect();
+        let mut victims = Vec::new();
         let pick = |rng: &mut Rng| tags[rng.below(tags.len() as u64) as usize];
         match rng.below(100) {
             0..=14 if next_tag < 200 => {
@@ -153,7 +158,9 @@ fn run_workload(seed: u64, bs: u32, steps: usize, small_journal: bool) -> Worklo
                 next_tag += if next_tag + 1 == MARK { 2 } else { 1 };
                 let path = format!("{}/f{tag}", dir.trim_end_matches('/'));
                 let (p, n) = lookup_path(&mut fs, &path);
-                fs.create(p, &n, 0o644, ME).unwrap();
+                let ino = fs.create(p, &n, 0o644, ME).unwrap();
+                fs.open_ref(ino);
+                open.insert(tag, ino);
                 m.files.insert(tag, (path, Vec::new()));
                 rec.changed.push(tag);
             }
@@ -202,6 +209,7 @@ fn run_workload(seed: u64, bs: u32, steps: usize, small_journal: bool) -> Worklo
                     let p = m.files[&victim].0.clone();
                     m.files.remove(&victim);
                     rec.changed.push(victim);
+                    victims.push(victim);
                     p
                 } else {
                     let dir = &m.dirs[rng.below(m.dirs.len() as u64) as usize];
@@ -210,6 +218,10 @@ fn run_workload(seed: u64, bs: u32, steps: usize, small_journal: bool) -> Worklo
                 let (p, n) = lookup_path(&mut fs, &from);
                 let (q, o) = lookup_path(&mut fs, &to);
                 fs.rename(p, &n, q, &o, RenameFlags::default()).unwrap();
+                for v in victims.drain(..) {
+                    // The replaced file's last reference frees it.
+                    fs.close_ref(open.remove(&v).unwrap()).unwrap();
+                }
                 m.files.get_mut(&tag).unwrap().0 = to.clone();
                 rec.renamed = Some((tag, to));
             }
@@ -217,6 +229,7 @@ fn run_workload(seed: u64, bs: u32, steps: usize, small_journal: bool) -> Worklo
                 let tag = pick(&mut rng);
                 let (p, n) = lookup_path(&mut fs, &m.files[&tag].0);
                 fs.unlink(p, &n).unwrap();
+                fs.close_ref(open.remove(&tag).unwrap()).unwrap();
                 m.files.remove(&tag);
                 rec.changed.push(tag);
             }
@@ -350,6 +363,10 @@ fn run_workload(seed: u64, bs: u32, steps: usize, small_journal: bool) -> Worklo
         }
         ops.push(rec);
     }
+    assert!(
+        fs.lock_free_write_bytes() > 0,
+        "seed {seed}: no write took the lock-free path"
+    );
     // The process dies here: no close.
     let journal = fs.journal_stats().expect("journalled");
     let (handles, over) = fs.handle_stats();
