@@ -386,6 +386,184 @@ fn run_workload(seed: u64, bs: u32, steps: usize, small_journal: bool) -> Worklo
     }
 }
 
+/// Threads of a threaded workload.
+const THREADS: u8 = 3;
+
+/// The workload from `THREADS` threads on one filesystem, so that
+/// transactions hold interleaved handles and lock-free writes race
+/// other threads' commits, fsyncs and writeback. Each thread works in a
+/// directory of its own, on files whose tags are its own (tag ≡ thread
+/// mod `THREADS`): every file's history is one thread's sequence, while
+/// the device sees all threads' writes interleaved. Steps are numbered in
+/// the order operations start (one counter for all threads), so "touched
+/// after its fsync" keeps its meaning; there are no sync checkpoints
+/// (what a sync covers is not one thread's to say), so checks 2b
+/// (fsync'd files), 3 (no stale bytes) and 1 (e2fsck) carry the test.
+fn run_threaded_workload(seed: u64, bs: u32, steps: usize) -> Workload {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Mutex;
+    let base = base_image(bs, false);
+    let dev = CrashDevice::new(base.clone());
+    let fs = Filesystem::open(Arc::new(dev.clone()), OpenOptions::default()).unwrap();
+    let dirs: Vec<u32> = (0..THREADS)
+        .map(|t| {
+            fs.mkdir(ROOT_INO, format!("t{t}").as_bytes(), 0o755, ME)
+                .unwrap()
+        })
+        .collect();
+    let step_no = AtomicUsize::new(0);
+    let ops = Mutex::new(Vec::new());
+    let fsynced = Mutex::new(Vec::new());
+    std::thread::scope(|s| {
+        for t in 0..THREADS {
+            let (fs, dev, step_no, ops, fsynced) = (&fs, &dev, &step_no, &ops, &fsynced);
+            let dir = dirs[usize::from(t)];
+            s.spawn(move || {
+                let mut rng = Rng::new(seed ^ (u64::from(t) + 1) * 0x9E37_79B9);
+                // tag → (name, content, inode held open)
+                let mut files = BTreeMap::<u8, (Vec<u8>, Vec<u8>, u32)>::new();
+                let mut next_tag = t + 1;
+                for k in 0..steps {
+                    let mut rec = OpRec {
+                        event_start: dev.event_count(),
+                        step: step_no.fetch_add(1, Ordering::AcqRel) + 1,
+                        ..Default::default()
+                    };
+                    let tags: Vec<u8> = files.keys().copied().collect();
+                    let pick = |rng: &mut Rng| tags[rng.below(tags.len() as u64) as usize];
+                    match rng.below(100) {
+                        0..=14 if next_tag < 200 => {
+                            let tag = next_tag;
+                            next_tag += THREADS;
+                            if next_tag == MARK {
+                                next_tag += THREADS;
+                            }
+                            let name = format!("f{tag}").into_bytes();
+                            let ino = fs.create(dir, &name, 0o644, ME).unwrap();
+                            fs.open_ref(ino);
+                            files.insert(tag, (name, Vec::new(), ino));
+                            rec.changed.push(tag);
+                        }
+                        15..=54 if !tags.is_empty() => {
+                            let tag = pick(&mut rng);
+                            let (_, content, ino) = files.get_mut(&tag).unwrap();
+                            let off = if rng.below(3) == 0 {
+                                content.len()
+                            } else {
+                                rng.below(40_000) as usize
+                            };
+                            let len = 1 + rng.below(6000) as usize;
+                            fs.write(*ino, off as u64, &vec![tag; len]).unwrap();
+                            if content.len() < off + len {
+                                content.resize(off + len, 0);
+                            }
+                            content[off..off + len].fill(tag);
+                            rec.changed.push(tag);
+                        }
+                        55..=62 if !tags.is_empty() => {
+                            let tag = pick(&mut rng);
+                            let (_, content, ino) = files.get_mut(&tag).unwrap();
+                            let size = rng.below(50_000) as usize;
+                            let set = SetAttr {
+                                size: Some(size as u64),
+                                ..Default::default()
+                            };
+                            fs.setattr(*ino, &set).unwrap();
+                            content.resize(size, 0);
+                            rec.changed.push(tag);
+                        }
+                        63..=68 if !tags.is_empty() => {
+                            let tag = pick(&mut rng);
+                            let (name, _, _) = files.get_mut(&tag).unwrap();
+                            let new = format!("r{tag}-{k}").into_bytes();
+                            fs.rename(dir, name, dir, &new, RenameFlags::default())
+                                .unwrap();
+                            *name = new.clone();
+                            let path = format!("/t{t}/{}", String::from_utf8_lossy(&new));
+                            rec.renamed = Some((tag, path));
+                        }
+                        69..=73 if !tags.is_empty() => {
+                            let tag = pick(&mut rng);
+                            let (name, _, ino) = files.remove(&tag).unwrap();
+                            fs.unlink(dir, &name).unwrap();
+                            fs.close_ref(ino).unwrap();
+                            rec.changed.push(tag);
+                        }
+                        74..=79 if !tags.is_empty() => {
+                            use folio_ext4::falloc::*;
+                            let tag = pick(&mut rng);
+                            let (_, content, ino) = files.get_mut(&tag).unwrap();
+                            let mode = [
+                                0,
+                                FALLOC_FL_KEEP_SIZE,
+                                FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                                FALLOC_FL_ZERO_RANGE,
+                            ][rng.below(4) as usize];
+                            let (off, len) =
+                                (rng.below(40_000) as usize, 1 + rng.below(12_000) as usize);
+                            fs.fallocate(*ino, mode, off as u64, len as u64).unwrap();
+                            if mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE) != 0 {
+                                let stop = (off + len).min(content.len());
+                                if off < stop {
+                                    content[off..stop].fill(0);
+                                }
+                            }
+                            if mode & FALLOC_FL_KEEP_SIZE == 0 && off + len > content.len() {
+                                content.resize(off + len, 0);
+                            }
+                            rec.changed.push(tag);
+                        }
+                        80..=96 if !tags.is_empty() => {
+                            let tag = pick(&mut rng);
+                            let (name, content, ino) = files[&tag].clone();
+                            fs.fsync(ino, rng.below(2) == 0).unwrap();
+                            fsynced.lock().unwrap().push(Fsynced {
+                                event: dev.event_count(),
+                                step: rec.step,
+                                tag,
+                                path: format!("/t{t}/{}", String::from_utf8_lossy(&name)),
+                                content,
+                            });
+                        }
+                        _ => fs.sync().unwrap(),
+                    }
+                    ops.lock().unwrap().push(rec);
+                }
+            });
+        }
+    });
+    assert!(
+        fs.lock_free_write_bytes() > 0,
+        "seed {seed}: no write took the lock-free path"
+    );
+    let journal = fs.journal_stats().expect("journalled");
+    let (handles, over) = fs.handle_stats();
+    assert_eq!(
+        over, 0,
+        "seed {seed}: {over} of {handles} handles overran their credits"
+    );
+    // The process dies here: no close.
+    fs.abandon();
+    let mut ops = ops.into_inner().unwrap();
+    ops.sort_by_key(|o: &OpRec| o.step);
+    Workload {
+        base,
+        events: dev.events(),
+        checkpoints: vec![Checkpoint {
+            event: 0,
+            step: 0,
+            model: Model {
+                dirs: vec!["/".into()],
+                ..Default::default()
+            },
+        }],
+        ops,
+        fsynced: fsynced.into_inner().unwrap(),
+        journal,
+        deepest: 0,
+    }
+}
+
 /// Files of a recovered image: path → content.
 fn files_of(fs: &mut Filesystem) -> folio_ext4::Result<BTreeMap<String, Vec<u8>>> {
     let mut out = BTreeMap::new();
@@ -650,7 +828,12 @@ fn crash_states(seed: u64, bs: u32, scratch: &std::path::Path) -> Tally {
     // Every other pair of workloads runs on the smallest journal.
     let small_journal = seed % 4 >= 2;
     let steps = if small_journal { 420 } else { 160 };
-    let w = run_workload(seed, bs, steps, small_journal);
+    // Every fourth workload (seeds 1, 5, 9, ...) runs from threads.
+    let w = if seed % 4 == 1 {
+        run_threaded_workload(seed, bs, steps / usize::from(THREADS) + 20)
+    } else {
+        run_workload(seed, bs, steps, small_journal)
+    };
     let mut rng = Rng::new(seed ^ 0x5EED);
     let cuts: usize = env_num("FOLIO_CRASH_CUTS").unwrap_or(20);
     let mut clean = Verdicts::new();
