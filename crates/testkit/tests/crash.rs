@@ -419,7 +419,7 @@ fn run_threaded_workload(seed: u64, bs: u32, steps: usize) -> Workload {
             let (fs, dev, step_no, ops, fsynced) = (&fs, &dev, &step_no, &ops, &fsynced);
             let dir = dirs[usize::from(t)];
             s.spawn(move || {
-                let mut rng = Rng::new(seed ^ (u64::from(t) + 1) * 0x9E37_79B9);
+                let mut rng = Rng::new(seed ^ ((u64::from(t) + 1) * 0x9E37_79B9));
                 // tag → (name, content, inode held open)
                 let mut files = BTreeMap::<u8, (Vec<u8>, Vec<u8>, u32)>::new();
                 let mut next_tag = t + 1;
