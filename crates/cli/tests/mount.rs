@@ -72,6 +72,184 @@ fn renameat2(a: &Path, b: &Path, flags: u32) -> i32 {
 }
 
 /// The behaviour suite. Returns the list of deviations (empty = pass).
+/// A POSIX ACL in the VFS xattr encoding (entries in canonical order).
+fn acl_bytes(entries: &[(u16, u16, u32)]) -> Vec<u8> {
+    let mut v = 2u32.to_le_bytes().to_vec();
+    for &(tag, perm, id) in entries {
+        v.extend_from_slice(&tag.to_le_bytes());
+        v.extend_from_slice(&perm.to_le_bytes());
+        let id = if tag == 2 || tag == 8 { id } else { u32::MAX };
+        v.extend_from_slice(&id.to_le_bytes());
+    }
+    v
+}
+
+/// The POSIX ACL rules a program sees (issue 15 point 3): an ACL equal
+/// to the mode is only the mode; chmod moves the ACL; default ACLs mask
+/// new inodes instead of the umask and pass on to subdirectories, also
+/// under setgid directories; setting an ACL clears setgid for a caller
+/// outside the file's group.
+fn acl_rules(d: &Path, check: &mut impl FnMut(bool, &str)) {
+    const ACCESS: &[u8] = b"system.posix_acl_access";
+    const DEFAULT: &[u8] = b"system.posix_acl_default";
+    let mode = |p: &Path| fs::symlink_metadata(p).map_or(0, |m| m.permissions().mode() & 0o7777);
+    let sh = |cmd: &str| {
+        Command::new("sh")
+            .arg("-c")
+            .arg(cmd)
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    // chacl u::r--,g::rwx,o::rw-: nothing but the mode.
+    let f = d.join("acl_equiv");
+    fs::write(&f, b"x").unwrap();
+    check(
+        hostxattr::set(
+            &f,
+            ACCESS,
+            &acl_bytes(&[(1, 4, 0), (4, 7, 0), (0x20, 6, 0)]),
+        )
+        .is_ok(),
+        "set an ACL equal to a mode",
+    );
+    check(mode(&f) == 0o476, "an ACL equal to a mode sets that mode");
+    check(
+        hostxattr::get(&f, ACCESS).is_err(),
+        "an ACL equal to a mode is not stored",
+    );
+    // chmod of a file with an ACL updates its owner, mask and other.
+    let f = d.join("acl_chmod");
+    fs::write(&f, b"x").unwrap();
+    let named = [
+        (1, 6, 0),
+        (2, 4, 1234),
+        (4, 0, 0),
+        (0x10, 4, 0),
+        (0x20, 0, 0),
+    ];
+    check(
+        hostxattr::set(&f, ACCESS, &acl_bytes(&named)).is_ok(),
+        "set an ACL with a named user",
+    );
+    fs::set_permissions(&f, fs::Permissions::from_mode(0o751)).unwrap();
+    let want = acl_bytes(&[
+        (1, 7, 0),
+        (2, 4, 1234),
+        (4, 0, 0),
+        (0x10, 5, 0),
+        (0x20, 1, 0),
+    ]);
+    check(
+        hostxattr::get(&f, ACCESS).ok() == Some(want),
+        "chmod updates the ACL's owner, mask and other entries",
+    );
+    // A default ACL masks new files; the umask does not apply.
+    let dd = d.join("acl_default");
+    fs::create_dir(&dd).unwrap();
+    let default = acl_bytes(&[(1, 5, 0), (4, 4, 0), (0x20, 0, 0)]);
+    check(
+        hostxattr::set(&dd, DEFAULT, &default).is_ok(),
+        "set a default ACL",
+    );
+    let (f0, f1) = (dd.join("f0"), dd.join("f1"));
+    check(
+        sh(&format!(
+            "umask 0; : > {}; umask 722; : > {}",
+            f0.display(),
+            f1.display()
+        )),
+        "create under a default ACL",
+    );
+    check(
+        mode(&f0) == 0o440,
+        "a default ACL masks a new file (umask 0)",
+    );
+    check(
+        mode(&f1) == 0o440,
+        "a default ACL masks a new file (umask 722 ignored)",
+    );
+    // mkdir under a default ACL: masked, and the default passes on.
+    let dd = d.join("acl_default_dir");
+    fs::create_dir(&dd).unwrap();
+    let default = acl_bytes(&[(1, 7, 0), (4, 7, 0), (0x20, 0, 0)]);
+    check(
+        hostxattr::set(&dd, DEFAULT, &default).is_ok(),
+        "set a default ACL (rwx)",
+    );
+    let sub = dd.join("sub");
+    check(
+        sh(&format!("umask 022; mkdir {}", sub.display())),
+        "mkdir under a default ACL",
+    );
+    check(
+        mode(&sub) == 0o770,
+        "a subdirectory gets group rwx and other none",
+    );
+    check(
+        hostxattr::get(&sub, DEFAULT).ok() == Some(default.clone()),
+        "a subdirectory inherits the default ACL",
+    );
+    check(
+        hostxattr::get(&sub, ACCESS).is_err(),
+        "an inherited ACL equal to the mode is not stored",
+    );
+    // Under a setgid directory with a default ACL.
+    let dd = d.join("acl_setgid");
+    fs::create_dir(&dd).unwrap();
+    fs::set_permissions(&dd, fs::Permissions::from_mode(0o2775)).unwrap();
+    let default = acl_bytes(&[(1, 7, 0), (4, 7, 0), (0x20, 5, 0)]);
+    check(
+        hostxattr::set(&dd, DEFAULT, &default).is_ok(),
+        "set a default ACL (setgid dir)",
+    );
+    let sub = dd.join("sub");
+    check(
+        sh(&format!("umask 022; mkdir {}", sub.display())),
+        "mkdir under setgid",
+    );
+    check(
+        mode(&sub) == 0o2775,
+        "a setgid directory's default ACL gives drwxrwsr-x",
+    );
+    // A caller outside the file's group setting an ACL loses setgid.
+    let f = d.join("acl_sgid");
+    fs::write(&f, b"x").unwrap();
+    std::os::unix::fs::chown(&f, Some(1234), Some(100)).unwrap();
+    fs::set_permissions(&f, fs::Permissions::from_mode(0o2755)).unwrap();
+    let acl = acl_bytes(&[(1, 7, 0), (4, 7, 0), (0x20, 7, 0)]);
+    let path = cpath(&f);
+    let name = std::ffi::CString::new(ACCESS).unwrap();
+    let set_as_user = {
+        use std::os::unix::process::CommandExt;
+        let mut c = Command::new("true");
+        c.uid(1234).gid(101);
+        // SAFETY: setxattr(2) is async-signal-safe; the buffers outlive
+        // the spawn, and the closure allocates nothing.
+        unsafe {
+            c.pre_exec(move || {
+                let r = libc::setxattr(
+                    path.as_ptr(),
+                    name.as_ptr(),
+                    acl.as_ptr().cast(),
+                    acl.len(),
+                    0,
+                );
+                if r == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            })
+        };
+        c.status().is_ok_and(|s| s.success())
+    };
+    check(set_as_user, "the owner sets an ACL on its setgid file");
+    check(
+        mode(&f) == 0o777,
+        "setting an ACL clears setgid for a caller outside the file's group",
+    );
+}
+
 fn posix_suite(root: &Path) -> Vec<String> {
     let mut bad = Vec::new();
     let mut check = |ok: bool, what: &str| {
@@ -452,6 +630,7 @@ fn posix_suite(root: &Path) -> Vec<String> {
         };
         check(as_user(&acl_file), "the ACL grants uid 1234 read access");
         check(!as_user(&plain), "without an ACL uid 1234 is refused");
+        acl_rules(&d, &mut check);
         // Setuid/setgid and file capabilities: which changes drop them
         // (Linux 6.x rules; folio applies them itself under
         // FUSE_HANDLE_KILLPRIV_V2). Each case: initial mode, a shell

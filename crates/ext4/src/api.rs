@@ -604,6 +604,9 @@ impl Filesystem {
         fn setattr(&self, ino: u32, attr: &SetAttr) -> Result<Stat>;
         fn set_xattr(&self, ino: u32, name: &[u8], value: &[u8], mode: XattrMode) -> Result<()>;
         fn remove_xattr(&self, ino: u32, name: &[u8]) -> Result<()>;
+        /// `set_xattr` by a caller (an access ACL clears setgid for a
+        /// caller outside the file's group).
+        fn set_xattr_by(&self, ino: u32, name: &[u8], value: &[u8], mode: XattrMode, caller: Option<Caller>) -> Result<()>;
         /// O_DIRECT write: straight to the device, blocks allocated now.
         fn write_direct(&self, ino: u32, offset: u64, data: &[u8]) -> Result<usize>;
         /// Allocate a file fully and pin its block map: (logical, physical, blocks) runs.

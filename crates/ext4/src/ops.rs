@@ -404,6 +404,10 @@ impl Core {
         }
         let mut inode = self.new_inode(&dir, mode, owner, rdev)?;
         inode.set_links(1);
+        if let Err(e) = self.inherit_acl(&dir, &mut inode) {
+            self.free_inode(inode.ino, false)?;
+            return Err(e);
+        }
         self.write_inode(&mut inode)?;
         if let Err(e) = self.dir_add(&mut dir, name, inode.ino, ft) {
             self.free_inode(inode.ino, false)?;
@@ -520,6 +524,10 @@ impl Core {
         self.inc_dir_links(&mut probe)?;
         let mut inode = self.new_inode(&pdir, S_IFDIR | (perm & 0o7777), owner, (0, 0))?;
         inode.set_links(2);
+        if let Err(e) = self.inherit_acl(&pdir, &mut inode) {
+            self.free_inode(inode.ino, true)?;
+            return Err(e);
+        }
         if let Err(e) = self.dir_init(&mut inode, parent) {
             self.free_inode(inode.ino, true)?;
             return Err(e);
@@ -1079,6 +1087,14 @@ impl Core {
         }
         if let Some(m) = attr.mode {
             inode.set_mode((inode.mode() & S_IFMT) | (m & 0o7777));
+            // An access ACL follows the new owner, group-class and other
+            // bits (the kernel's posix_acl_chmod).
+            if !inode.is_symlink() {
+                if let Some(mut acl) = self.acl_of(&inode, 2)? {
+                    crate::format::xattr::acl::chmod(&mut acl, m);
+                    self.put_acl(&mut inode, 2, Some(&acl))?;
+                }
+            }
         }
         if let Some(u) = attr.uid {
             inode.set_uid(u);

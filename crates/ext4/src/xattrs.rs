@@ -105,7 +105,10 @@ impl Core {
             .collect())
     }
 
-    /// Set attribute `name` of inode `ino` to `value`.
+    /// Set attribute `name` of inode `ino` to `value`. An access ACL
+    /// (`system.posix_acl_access`) also sets the permission bits it
+    /// implies, and is not stored at all when it says no more than they
+    /// do, as the kernel's `posix_acl_update_mode`.
     pub fn set_xattr(
         &mut self,
         ino: u32,
@@ -113,10 +116,107 @@ impl Core {
         value: &[u8],
         mode: XattrMode,
     ) -> Result<()> {
+        self.set_xattr_by(ino, name, value, mode, None)
+    }
+
+    /// [`Self::set_xattr`] by `caller`: setting an access ACL also clears
+    /// the setgid bit when the caller is neither in the file's group nor
+    /// privileged (`None`: the caller's VFS has done it).
+    pub fn set_xattr_by(
+        &mut self,
+        ino: u32,
+        name: &[u8],
+        value: &[u8],
+        mode: XattrMode,
+        caller: Option<crate::ops::Caller>,
+    ) -> Result<()> {
         // A capability may appear: writes must ask the core again.
         self.inodes.set_plain(ino, false);
         let c = self.namespace_credits();
-        self.retry_nospc(c, |fs| fs.set_xattr_impl(ino, name, value, mode))
+        self.retry_nospc(c, |fs| fs.set_xattr_impl(ino, name, value, mode, caller))
+    }
+
+    /// The POSIX ACL of `inode` at name index `index` (2: access, 3:
+    /// default), if it has one.
+    pub(crate) fn acl_of(
+        &mut self,
+        inode: &Inode,
+        index: u8,
+    ) -> Result<Option<Vec<crate::format::xattr::acl::Entry>>> {
+        use crate::format::xattr::acl;
+        let attrs = self.all_xattrs(inode)?;
+        let Some(x) = attrs.iter().find(|x| x.index == index && x.name.is_empty()) else {
+            return Ok(None);
+        };
+        acl::to_vfs(&x.value)
+            .and_then(|v| acl::entries(&v))
+            .map(Some)
+            .ok_or_else(|| Error::corrupted(format!("inode {}: malformed POSIX ACL", inode.ino), 0))
+    }
+
+    /// Store (or, with `None`, remove) the POSIX ACL at `index` of
+    /// `inode`; the caller writes the inode.
+    pub(crate) fn put_acl(
+        &mut self,
+        inode: &mut Inode,
+        index: u8,
+        entries: Option<&[crate::format::xattr::acl::Entry]>,
+    ) -> Result<()> {
+        use crate::format::xattr::acl;
+        let mut attrs = self.all_xattrs(inode)?;
+        attrs.retain(|x| !(x.index == index && x.name.is_empty()));
+        if let Some(e) = entries {
+            let value = acl::to_ext4(&acl::encode(e))
+                .ok_or_else(|| Error::Invalid("malformed POSIX ACL".into()))?;
+            attrs.push(Xattr {
+                index,
+                name: Vec::new(),
+                value,
+            });
+        }
+        self.store_xattrs(inode, attrs)
+    }
+
+    /// A new inode in directory `dir` inherits its default ACL, as the
+    /// kernel's `posix_acl_create`: the mode asked for is masked by the
+    /// ACL (the umask does not apply then: callers apply it only when the
+    /// directory has no default ACL), the ACL by the mode and stored as
+    /// the access ACL when it says more than the mode, and a directory
+    /// gets the default ACL too. The caller writes the inode.
+    pub(crate) fn inherit_acl(&mut self, dir: &Inode, inode: &mut Inode) -> Result<()> {
+        use crate::format::xattr::acl;
+        if inode.is_symlink() {
+            return Ok(());
+        }
+        let Some(default) = self.acl_of(dir, 3)? else {
+            return Ok(());
+        };
+        let mut access = default.clone();
+        let (bits, not_equiv) = acl::create_masq(&mut access, inode.mode() & 0o777);
+        inode.set_mode((inode.mode() & !0o777) | bits);
+        let mut attrs = Vec::new();
+        if not_equiv {
+            let v = acl::to_ext4(&acl::encode(&access))
+                .ok_or_else(|| Error::Invalid("malformed POSIX ACL".into()))?;
+            attrs.push(Xattr {
+                index: 2,
+                name: Vec::new(),
+                value: v,
+            });
+        }
+        if inode.is_dir() {
+            let v = acl::to_ext4(&acl::encode(&default))
+                .ok_or_else(|| Error::Invalid("malformed POSIX ACL".into()))?;
+            attrs.push(Xattr {
+                index: 3,
+                name: Vec::new(),
+                value: v,
+            });
+        }
+        if attrs.is_empty() {
+            return Ok(());
+        }
+        self.store_xattrs(inode, attrs)
     }
 
     fn set_xattr_impl(
@@ -125,6 +225,7 @@ impl Core {
         name: &[u8],
         value: &[u8],
         mode: XattrMode,
+        caller: Option<crate::ops::Caller>,
     ) -> Result<()> {
         self.check_writable()?;
         let (index, suffix) = Xattr::split_name(name)
@@ -132,11 +233,13 @@ impl Core {
         if suffix.len() > 255 {
             return Err(Error::Range);
         }
+        // An access ACL: the mode bits it implies, and whether it is to
+        // be stored at all.
         let acl_mode = if index == 2 {
-            Some(
-                crate::format::xattr::acl::mode_bits(value)
-                    .ok_or_else(|| Error::Invalid("malformed POSIX ACL".into()))?,
-            )
+            let e = crate::format::xattr::acl::entries(value)
+                .filter(|e| !e.is_empty())
+                .ok_or_else(|| Error::Invalid("malformed POSIX ACL".into()))?;
+            Some(crate::format::xattr::acl::equiv_mode(&e))
         } else {
             None
         };
@@ -163,14 +266,24 @@ impl Core {
             name: suffix,
             value: value.to_vec(),
         };
-        match pos {
-            Some(i) => attrs[i] = new,
-            None => attrs.push(new),
+        match (pos, acl_mode) {
+            // Nothing more than the mode: only the mode is kept.
+            (Some(i), Some((_, true))) => {
+                attrs.remove(i);
+            }
+            (None, Some((_, true))) => {}
+            (Some(i), _) => attrs[i] = new,
+            (None, _) => attrs.push(new),
         }
-        if let Some(bits) = acl_mode {
+        if let Some((bits, _)) = acl_mode {
             // An access ACL sets the group class to its mask, as in ext4:
             // the kernel's permission check consults the ACL through it.
-            inode.set_mode((inode.mode() & !0o777) | bits);
+            let mut m = (inode.mode() & !0o777) | bits;
+            // And a caller outside the file's group loses its setgid bit.
+            if caller.is_some_and(|c| !c.privileged && c.gid != inode.gid()) {
+                m &= !0o2000;
+            }
+            inode.set_mode(m);
         }
         self.store_xattrs(&mut inode, attrs)?;
         inode.set_ctime(Timespec::now());

@@ -231,6 +231,19 @@ impl FolioFuse {
     /// The caller, for the privilege-dropping rules. The kernel tells a
     /// FUSE server only uid and gid: root stands for CAP_FSETID and the
     /// supplementary groups are not seen.
+    /// The umask a new inode in `parent` gets: none under a default ACL,
+    /// which masks the mode instead (the library applies it), as the
+    /// kernel's `posix_acl_create`; the process's otherwise. The kernel
+    /// leaves both to folio (FUSE_DONT_MASK).
+    fn umask_under(&self, parent: INodeNo, umask: u32) -> u32 {
+        let default = self.with(|fs| fs.get_xattr(from_fuse(parent), b"system.posix_acl_default"));
+        if default.is_ok() {
+            0
+        } else {
+            umask
+        }
+    }
+
     fn caller(&self, req: &Request) -> Caller {
         let (uid, gid) = self.stored(req.uid(), req.gid());
         Caller {
@@ -278,6 +291,9 @@ impl fuser::Filesystem for FolioFuse {
             // VFS encoding the library serves) and keeps mode and ACL mask
             // in step.
             fuser::InitFlags::FUSE_POSIX_ACL,
+            // The umask is folio's to apply (`umask_under`): under a
+            // default ACL it must not be.
+            fuser::InitFlags::FUSE_DONT_MASK,
             // Dropping setuid/setgid and capabilities on write, truncate and
             // chown is ours (see `write` and `setattr`): the kernel then
             // stops asking for security.capability before every write.
@@ -381,6 +397,7 @@ impl fuser::Filesystem for FolioFuse {
         rdev: u32,
         reply: ReplyEntry,
     ) {
+        let umask = self.umask_under(parent, umask);
         let m = ((mode & !umask) & 0o7777) as u16 | (mode as u16 & S_IFMT);
         match self.with(|fs| {
             fs.mknod(
@@ -405,6 +422,7 @@ impl fuser::Filesystem for FolioFuse {
         umask: u32,
         reply: ReplyEntry,
     ) {
+        let umask = self.umask_under(parent, umask);
         let perm = ((mode & !umask) & 0o7777) as u16;
         match self.with(|fs| fs.mkdir(from_fuse(parent), name.as_bytes(), perm, self.owner(req))) {
             Ok(ino) => self.entry(ino, reply),
@@ -713,7 +731,7 @@ impl fuser::Filesystem for FolioFuse {
 
     fn setxattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         name: &OsStr,
         value: &[u8],
@@ -730,7 +748,14 @@ impl fuser::Filesystem for FolioFuse {
         };
         answer(
             reply,
-            self.with(|fs| fs.set_xattr(from_fuse(ino), name.as_bytes(), value, mode)),
+            self.with(|fs| {
+                // Setting an access ACL clears setgid for a caller outside
+                // the file's group (the kernel asks this of servers with
+                // FUSE_POSIX_ACL; fuser has no FUSE_SETXATTR_EXT to carry
+                // its verdict, so folio judges by the caller's group).
+                let by = Some(self.caller(req));
+                fs.set_xattr_by(from_fuse(ino), name.as_bytes(), value, mode, by)
+            }),
         )
     }
 
@@ -794,6 +819,7 @@ impl fuser::Filesystem for FolioFuse {
         flags: i32,
         reply: ReplyCreate,
     ) {
+        let umask = self.umask_under(parent, umask);
         let perm = ((mode & !umask) & 0o7777) as u16;
         let of = FOpen {
             create: true,

@@ -972,3 +972,94 @@ fn writes_to_an_open_file_go_lock_free_and_reach_the_disk() {
     assert!(back == model, "content after reopen");
     fsck_mem(&dev, fs, "lock-free writes");
 }
+
+/// POSIX ACL rules in the library (issue 15 point 3): a default ACL masks
+/// a new file's mode and passes to a new directory; an access ACL equal
+/// to the mode is stored as the mode only; chmod moves an access ACL; a
+/// caller outside the file's group setting an ACL loses setgid. The
+/// image is e2fsck clean (e2fsck checks the ACLs' encoding).
+#[test]
+fn acls_mask_new_inodes_follow_chmod_and_vanish_when_equal_to_the_mode() {
+    use folio_ext4::{Caller, XattrMode};
+    let (dev, fs) = mem_fs(32 << 20, MkfsOptions::default());
+    let acl = |entries: &[(u16, u16, u32)]| {
+        let mut v = 2u32.to_le_bytes().to_vec();
+        for &(tag, perm, id) in entries {
+            v.extend_from_slice(&tag.to_le_bytes());
+            v.extend_from_slice(&perm.to_le_bytes());
+            let id = if tag == 2 || tag == 8 { id } else { u32::MAX };
+            v.extend_from_slice(&id.to_le_bytes());
+        }
+        v
+    };
+    let me = folio_ext4::Owner::default();
+    let d = fs.mkdir(ROOT_INO, b"d", 0o755, me).unwrap();
+    let default = acl(&[
+        (1, 7, 0),
+        (2, 5, 1000),
+        (4, 5, 0),
+        (0x10, 7, 0),
+        (0x20, 0, 0),
+    ]);
+    fs.set_xattr(d, b"system.posix_acl_default", &default, XattrMode::Any)
+        .unwrap();
+    let f = fs.create(d, b"f", 0o640, me).unwrap();
+    assert_eq!(fs.stat(f).unwrap().mode & 0o7777, 0o640);
+    assert_eq!(
+        fs.get_xattr(f, b"system.posix_acl_access").unwrap(),
+        acl(&[
+            (1, 6, 0),
+            (2, 5, 1000),
+            (4, 5, 0),
+            (0x10, 4, 0),
+            (0x20, 0, 0)
+        ]),
+        "the default ACL masked by the mode"
+    );
+    assert!(fs.get_xattr(f, b"system.posix_acl_default").is_err());
+    let sub = fs.mkdir(d, b"sub", 0o777, me).unwrap();
+    assert_eq!(fs.stat(sub).unwrap().mode & 0o7777, 0o770);
+    assert_eq!(
+        fs.get_xattr(sub, b"system.posix_acl_default").unwrap(),
+        default
+    );
+    // chmod moves owner, mask and other.
+    let set = folio_ext4::SetAttr {
+        mode: Some(0o704),
+        ..Default::default()
+    };
+    fs.setattr(f, &set).unwrap();
+    assert_eq!(
+        fs.get_xattr(f, b"system.posix_acl_access").unwrap(),
+        acl(&[
+            (1, 7, 0),
+            (2, 5, 1000),
+            (4, 5, 0),
+            (0x10, 0, 0),
+            (0x20, 4, 0)
+        ])
+    );
+    // Equal to a mode: only the mode.
+    let g = fs.create(ROOT_INO, b"g", 0o2755, me).unwrap();
+    let plain = acl(&[(1, 4, 0), (4, 7, 0), (0x20, 6, 0)]);
+    let outsider = Caller {
+        uid: 1234,
+        gid: 101,
+        privileged: false,
+    };
+    fs.set_xattr_by(
+        g,
+        b"system.posix_acl_access",
+        &plain,
+        XattrMode::Any,
+        Some(outsider),
+    )
+    .unwrap();
+    assert_eq!(
+        fs.stat(g).unwrap().mode & 0o7777,
+        0o476,
+        "setgid cleared too"
+    );
+    assert!(fs.get_xattr(g, b"system.posix_acl_access").is_err());
+    fsck_mem(&dev, fs, "ACLs");
+}

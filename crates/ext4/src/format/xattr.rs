@@ -327,24 +327,6 @@ pub mod acl {
         Some(out)
     }
 
-    /// The permission bits an access ACL implies (as Linux's
-    /// posix_acl_update_mode): owner from USER_OBJ, group from MASK (or
-    /// GROUP_OBJ without a mask), other from OTHER.
-    pub fn mode_bits(vfs: &[u8]) -> Option<u16> {
-        let (mut user, mut group, mut mask, mut other) = (None, None, None, None);
-        for e in vfs.get(4..)?.chunks_exact(8) {
-            let perm = le16(e, 2)? & 7;
-            match le16(e, 0)? {
-                0x01 => user = Some(perm),
-                0x04 => group = Some(perm),
-                0x10 => mask = Some(perm),
-                0x20 => other = Some(perm),
-                _ => {}
-            }
-        }
-        Some(user? << 6 | mask.or(group)? << 3 | other?)
-    }
-
     /// VFS encoding → ext4 encoding; `None` if malformed.
     pub fn to_ext4(vfs: &[u8]) -> Option<Vec<u8>> {
         if le32(vfs, 0)? != VFS_VERSION || !(vfs.len() - 4).is_multiple_of(8) {
@@ -364,9 +346,202 @@ pub mod acl {
         Some(out)
     }
 
+    const USER_OBJ: u16 = 0x01;
+    const GROUP_OBJ: u16 = 0x04;
+    const MASK: u16 = 0x10;
+    const OTHER: u16 = 0x20;
+
+    /// One ACL entry: tag, permission bits (rwx), and the uid or gid of
+    /// a named entry.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct Entry {
+        pub tag: u16,
+        pub perm: u16,
+        pub id: u32,
+    }
+
+    /// The entries of a VFS-encoded ACL; `None` if malformed.
+    pub fn entries(vfs: &[u8]) -> Option<Vec<Entry>> {
+        if le32(vfs, 0)? != VFS_VERSION || !(vfs.len() - 4).is_multiple_of(8) {
+            return None;
+        }
+        vfs[4..]
+            .chunks_exact(8)
+            .map(|e| {
+                let tag = le16(e, 0)?;
+                KNOWN.contains(&tag).then_some(Entry {
+                    tag,
+                    perm: le16(e, 2)? & 7,
+                    id: le32(e, 4)?,
+                })
+            })
+            .collect()
+    }
+
+    /// The VFS encoding of `entries`.
+    pub fn encode(entries: &[Entry]) -> Vec<u8> {
+        let mut out = VFS_VERSION.to_le_bytes().to_vec();
+        for e in entries {
+            out.extend_from_slice(&e.tag.to_le_bytes());
+            out.extend_from_slice(&e.perm.to_le_bytes());
+            let id = if e.tag == USER || e.tag == GROUP {
+                e.id
+            } else {
+                u32::MAX
+            };
+            out.extend_from_slice(&id.to_le_bytes());
+        }
+        out
+    }
+
+    /// The permission bits an access ACL gives a file, and whether the
+    /// ACL says nothing more than they do (no named entries, no mask:
+    /// then no ACL is stored, only the mode), as Linux's
+    /// `posix_acl_equiv_mode`.
+    pub fn equiv_mode(entries: &[Entry]) -> (u16, bool) {
+        let mut mode = 0u16;
+        let mut equiv = true;
+        for e in entries {
+            match e.tag {
+                USER_OBJ => mode |= e.perm << 6,
+                GROUP_OBJ => mode |= e.perm << 3,
+                OTHER => mode |= e.perm,
+                MASK => {
+                    mode = (mode & !0o070) | (e.perm << 3);
+                    equiv = false;
+                }
+                _ => equiv = false,
+            }
+        }
+        // The mask may come before GROUP_OBJ in a caller's order: it wins.
+        if let Some(m) = entries.iter().find(|e| e.tag == MASK) {
+            mode = (mode & !0o070) | (m.perm << 3);
+        }
+        (mode, equiv)
+    }
+
+    /// A chmod of a file with an access ACL: the owner, group class (the
+    /// mask, or the owning group without one) and other entries take the
+    /// new mode's bits, as Linux's `posix_acl_chmod`.
+    pub fn chmod(entries: &mut [Entry], mode: u16) {
+        let has_mask = entries.iter().any(|e| e.tag == MASK);
+        for e in entries.iter_mut() {
+            match e.tag {
+                USER_OBJ => e.perm = (mode >> 6) & 7,
+                OTHER => e.perm = mode & 7,
+                MASK => e.perm = (mode >> 3) & 7,
+                GROUP_OBJ if !has_mask => e.perm = (mode >> 3) & 7,
+                _ => {}
+            }
+        }
+    }
+
+    /// A new inode in a directory whose default ACL is `entries`: the
+    /// ACL's owner, group class and other entries are masked by the
+    /// requested mode and the mode by them, as Linux's
+    /// `posix_acl_create_masq`. Returns the new permission bits and
+    /// whether the new access ACL says more than they do (it is stored
+    /// only then).
+    pub fn create_masq(entries: &mut [Entry], mode: u16) -> (u16, bool) {
+        let mut mode = mode & 0o777;
+        let mut not_equiv = false;
+        let has_mask = entries.iter().any(|e| e.tag == MASK);
+        for e in entries.iter_mut() {
+            match e.tag {
+                USER_OBJ => {
+                    e.perm &= (mode >> 6) & 7;
+                    mode &= (e.perm << 6) | !0o700;
+                }
+                OTHER => {
+                    e.perm &= mode & 7;
+                    mode &= e.perm | !0o007;
+                }
+                MASK => {
+                    e.perm &= (mode >> 3) & 7;
+                    mode &= (e.perm << 3) | !0o070;
+                    not_equiv = true;
+                }
+                GROUP_OBJ if !has_mask => {
+                    e.perm &= (mode >> 3) & 7;
+                    mode &= (e.perm << 3) | !0o070;
+                }
+                USER | GROUP => not_equiv = true,
+                _ => {}
+            }
+        }
+        (mode & 0o777, not_equiv)
+    }
+
     #[cfg(test)]
     mod tests {
         use super::*;
+
+        fn acl(list: &[(u16, u16, u32)]) -> Vec<Entry> {
+            list.iter()
+                .map(|&(tag, perm, id)| Entry {
+                    tag,
+                    perm,
+                    id: if tag == USER || tag == GROUP {
+                        id
+                    } else {
+                        u32::MAX
+                    },
+                })
+                .collect()
+        }
+
+        #[test]
+        fn an_acl_like_the_mode_is_only_the_mode() {
+            // chacl u::r--,g::rwx,o::rw-
+            let a = acl(&[(1, 4, 0), (4, 7, 0), (0x20, 6, 0)]);
+            assert_eq!(equiv_mode(&a), (0o476, true));
+            let b = acl(&[
+                (1, 6, 0),
+                (2, 4, 1234),
+                (4, 0, 0),
+                (0x10, 4, 0),
+                (0x20, 0, 0),
+            ]);
+            assert_eq!(
+                equiv_mode(&b),
+                (0o640, false),
+                "the mask is the group class"
+            );
+            let v = encode(&b);
+            assert_eq!(entries(&v).unwrap(), b);
+            assert_eq!(to_vfs(&to_ext4(&v).unwrap()).unwrap(), v);
+        }
+
+        #[test]
+        fn chmod_moves_owner_mask_and_other() {
+            let mut a = acl(&[(1, 4, 0), (2, 7, 9), (4, 7, 0), (0x10, 7, 0), (0x20, 6, 0)]);
+            chmod(&mut a, 0o640);
+            assert_eq!(
+                a,
+                acl(&[(1, 6, 0), (2, 7, 9), (4, 7, 0), (0x10, 4, 0), (0x20, 0, 0)])
+            );
+            let mut b = acl(&[(1, 4, 0), (4, 7, 0), (0x20, 6, 0)]);
+            chmod(&mut b, 0o751);
+            assert_eq!(b, acl(&[(1, 7, 0), (4, 5, 0), (0x20, 1, 0)]));
+        }
+
+        #[test]
+        fn a_default_acl_masks_the_new_mode_and_the_umask_does_not_apply() {
+            // setfacl -d u::r-x,g::r--,o::--- on a directory; touch (0666).
+            let mut d = acl(&[(1, 5, 0), (4, 4, 0), (0x20, 0, 0)]);
+            assert_eq!(create_masq(&mut d, 0o666), (0o440, false));
+            // setfacl -d --set u::rwx,g::rwx,o::- ; mkdir (0777).
+            let mut d = acl(&[(1, 7, 0), (4, 7, 0), (0x20, 0, 0)]);
+            assert_eq!(create_masq(&mut d, 0o777), (0o770, false));
+            assert_eq!(d, acl(&[(1, 7, 0), (4, 7, 0), (0x20, 0, 0)]));
+            // A named entry and a mask: the access ACL is kept, masked.
+            let mut d = acl(&[(1, 7, 0), (2, 7, 5), (4, 5, 0), (0x10, 7, 0), (0x20, 5, 0)]);
+            assert_eq!(create_masq(&mut d, 0o640), (0o640, true));
+            assert_eq!(
+                d,
+                acl(&[(1, 6, 0), (2, 7, 5), (4, 5, 0), (0x10, 4, 0), (0x20, 0, 0)])
+            );
+        }
 
         #[test]
         fn round_trip_and_reject_garbage() {
