@@ -250,6 +250,115 @@ fn acl_rules(d: &Path, check: &mut impl FnMut(bool, &str)) {
     );
 }
 
+/// chattr/lsattr (issue 15 point 10): immutable and append-only files and
+/// directories refuse what ext4 refuses, with EPERM.
+fn inode_flag_rules(d: &Path, check: &mut impl FnMut(bool, &str)) {
+    use std::io::Write;
+    let tool = |t: &str, args: &[&std::ffi::OsStr]| {
+        Command::new(t)
+            .args(args)
+            .output()
+            .map_or((false, String::new()), |o| {
+                (
+                    o.status.success(),
+                    String::from_utf8_lossy(&o.stdout).into_owned(),
+                )
+            })
+    };
+    let attr = |p: &Path| {
+        let (ok, out) = tool("lsattr", &["-d".as_ref(), p.as_os_str()]);
+        if ok {
+            out.split_whitespace().next().unwrap_or("").to_string()
+        } else {
+            String::new()
+        }
+    };
+    let chattr = |flag: &str, p: &Path| tool("chattr", &[flag.as_ref(), p.as_os_str()]).0;
+    let eperm = |r: std::io::Result<()>| r.is_err_and(|e| e.raw_os_error() == Some(libc::EPERM));
+    let f = d.join("immutable");
+    fs::write(&f, b"keep").unwrap();
+    check(chattr("+i", &f), "chattr +i");
+    check(attr(&f).contains('i'), "lsattr shows i");
+    check(
+        eperm(fs::OpenOptions::new().write(true).open(&f).map(drop)),
+        "an immutable file refuses an open for writing",
+    );
+    check(
+        eperm(fs::remove_file(&f)),
+        "an immutable file refuses unlink",
+    );
+    check(
+        eperm(fs::rename(&f, d.join("moved"))),
+        "an immutable file refuses rename",
+    );
+    check(
+        eperm(fs::hard_link(&f, d.join("linked"))),
+        "an immutable file refuses link",
+    );
+    check(
+        eperm(fs::set_permissions(&f, fs::Permissions::from_mode(0o600))),
+        "an immutable file refuses chmod",
+    );
+    check(
+        eperm(hostxattr::set(&f, b"user.x", b"1")),
+        "an immutable file refuses setxattr",
+    );
+    check(chattr("-i", &f), "chattr -i");
+    check(!attr(&f).contains('i'), "lsattr no longer shows i");
+    check(fs::remove_file(&f).is_ok(), "unlink once mutable again");
+    let f = d.join("append");
+    fs::write(&f, b"head").unwrap();
+    check(chattr("+a", &f), "chattr +a");
+    check(attr(&f).contains('a'), "lsattr shows a");
+    check(
+        eperm(fs::OpenOptions::new().write(true).open(&f).map(drop)),
+        "an append-only file refuses an open for writing without O_APPEND",
+    );
+    let appended = fs::OpenOptions::new()
+        .append(true)
+        .open(&f)
+        .and_then(|mut h| h.write_all(b"tail"));
+    check(appended.is_ok(), "an append-only file takes appends");
+    check(
+        eperm(
+            fs::OpenOptions::new()
+                .write(true)
+                .truncate(true)
+                .open(&f)
+                .map(drop),
+        ),
+        "an append-only file refuses O_TRUNC",
+    );
+    check(
+        eperm(fs::remove_file(&f)),
+        "an append-only file refuses unlink",
+    );
+    check(chattr("-a", &f), "chattr -a");
+    check(
+        fs::read(&f).ok().as_deref() == Some(&b"headtail"[..]),
+        "appended bytes kept",
+    );
+    let dd = d.join("append_dir");
+    fs::create_dir(&dd).unwrap();
+    fs::write(dd.join("old"), b"").unwrap();
+    check(chattr("+a", &dd), "chattr +a on a directory");
+    check(
+        fs::write(dd.join("new"), b"").is_ok(),
+        "an append-only directory takes new entries",
+    );
+    check(
+        eperm(fs::remove_file(dd.join("old"))),
+        "an append-only directory keeps its entries",
+    );
+    check(chattr("-a", &dd), "chattr -a on a directory");
+    check(chattr("+i", &dd), "chattr +i on a directory");
+    check(
+        eperm(fs::write(dd.join("newer"), b"").map(drop)),
+        "an immutable directory refuses new entries",
+    );
+    check(chattr("-i", &dd), "chattr -i on a directory");
+}
+
 fn posix_suite(root: &Path) -> Vec<String> {
     let mut bad = Vec::new();
     let mut check = |ok: bool, what: &str| {
@@ -631,6 +740,7 @@ fn posix_suite(root: &Path) -> Vec<String> {
         check(as_user(&acl_file), "the ACL grants uid 1234 read access");
         check(!as_user(&plain), "without an ACL uid 1234 is refused");
         acl_rules(&d, &mut check);
+        inode_flag_rules(&d, &mut check);
         // Setuid/setgid and file capabilities: which changes drop them
         // (Linux 6.x rules; folio applies them itself under
         // FUSE_HANDLE_KILLPRIV_V2). Each case: initial mode, a shell

@@ -544,7 +544,7 @@ impl Filesystem {
         if len == 0 || !self.inodes.writable() {
             return not_here;
         }
-        let Some(info) = self.inodes.get(ino).filter(|i| i.regular()) else {
+        let Some(info) = self.inodes.get(ino).filter(|i| i.writable_lock_free()) else {
             return not_here;
         };
         let Some(end) = offset.checked_add(len as u64) else {
@@ -604,6 +604,8 @@ impl Filesystem {
         fn setattr(&self, ino: u32, attr: &SetAttr) -> Result<Stat>;
         fn set_xattr(&self, ino: u32, name: &[u8], value: &[u8], mode: XattrMode) -> Result<()>;
         fn remove_xattr(&self, ino: u32, name: &[u8]) -> Result<()>;
+        /// chattr: set the inode's flags (FS_IOC_SETFLAGS; see the core's).
+        fn set_flags(&self, ino: u32, flags: u32) -> Result<()>;
         /// `set_xattr` by a caller (an access ACL clears setgid for a
         /// caller outside the file's group).
         fn set_xattr_by(&self, ino: u32, name: &[u8], value: &[u8], mode: XattrMode, caller: Option<Caller>) -> Result<()>;
@@ -648,6 +650,8 @@ impl Filesystem {
         fn mkdir(&self, parent: u32, name: &[u8], perm: u16, owner: Owner) -> Result<u32>;
         fn symlink(&self, parent: u32, name: &[u8], target: &[u8], owner: Owner) -> Result<u32>;
         fn readlink(&self, ino: u32) -> Result<Vec<u8>>;
+        /// lsattr: the inode's flags (FS_IOC_GETFLAGS).
+        fn get_flags(&self, ino: u32) -> Result<u32>;
         /// Count an open reference (an unlinked inode lives until the last).
         fn open_ref(&self, ino: u32) -> ();
         fn unlink(&self, parent: u32, name: &[u8]) -> Result<()>;

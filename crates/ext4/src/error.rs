@@ -61,6 +61,8 @@ pub enum Error {
     /// A file handle names an inode that no longer exists (or never did,
     /// or was reused: the generation differs), as NFS's ESTALE.
     Stale,
+    /// The file's flags forbid the change (immutable, append-only): EPERM.
+    NotPermitted(String),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -99,6 +101,7 @@ impl Error {
             Error::Unsupported(_) => libc::EOPNOTSUPP,
             Error::Locked(_) => libc::EBUSY,
             Error::Stale => libc::ESTALE,
+            Error::NotPermitted(_) => libc::EPERM,
         }
     }
 }
@@ -136,6 +139,7 @@ impl fmt::Display for Error {
             Error::Unsupported(s) => write!(f, "not supported: {s}"),
             Error::Locked(holder) => write!(f, "the image is in use by {holder}"),
             Error::Stale => write!(f, "stale file handle"),
+            Error::NotPermitted(why) => write!(f, "operation not permitted: {why}"),
         }
     }
 }

@@ -49,6 +49,10 @@ impl Core {
         if len == 0 || offset > i64::MAX as u64 || len > i64::MAX as u64 {
             return Err(Error::Invalid("fallocate offset or length".into()));
         }
+        // As vfs_fallocate: nothing on an immutable file, only plain
+        // preallocation beyond the data on an append-only one.
+        let flags_of = self.read_inode(ino)?;
+        crate::ops::check_changeable(&flags_of, mode & !FALLOC_FL_KEEP_SIZE == 0)?;
         if self.map_pinned(ino) {
             return Err(Error::Busy);
         }

@@ -102,6 +102,9 @@ impl Core {
     ) -> Result<usize> {
         self.check_writable()?;
         let inode = self.regular(ino)?;
+        // Append-only files are the mount's to police at open (O_APPEND):
+        // a write here may be the kernel's writeback of a page.
+        crate::ops::check_changeable(&inode, true)?;
         if len == 0 {
             return Ok(0);
         }
@@ -149,6 +152,7 @@ impl Core {
     fn write_direct_impl(&mut self, ino: u32, offset: u64, data: &[u8]) -> Result<usize> {
         self.check_writable()?;
         let inode = self.regular(ino)?;
+        crate::ops::check_changeable(&inode, true)?;
         let end = offset
             .checked_add(data.len() as u64)
             .ok_or(Error::FileTooBig)?;

@@ -648,6 +648,7 @@ impl Core {
     /// What the inode objects keep of a live regular file.
     pub(crate) fn file_note(&self, inode: &Inode) -> crate::inodes::FileNote {
         crate::inodes::FileNote {
+            immutable: inode.flags() & crate::format::inode::FL_IMMUTABLE != 0,
             size: inode.size(),
             mtime_ms: crate::inodes::millis(inode.mtime()),
             max_size: self.max_file_size(inode),

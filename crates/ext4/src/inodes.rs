@@ -72,6 +72,8 @@ pub(crate) struct InodeInfo {
     /// Open references (`open_ref`): an unlinked inode lives until the
     /// last one goes. Dropped only under the inode lock.
     open_refs: AtomicU32,
+    /// The file is immutable (chattr +i): no lock-free write.
+    immutable: AtomicBool,
     /// The largest size the file's map allows (noted with the size).
     max_size: AtomicU64,
     /// The shape of the file's map (noted with the size), for worst-case
@@ -129,6 +131,9 @@ impl Shape {
 /// What the core notes of a live regular file when it reads or writes it.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct FileNote {
+    /// chattr +i: lock-free writers leave the file to the core, which
+    /// refuses.
+    pub(crate) immutable: bool,
     pub(crate) size: u64,
     pub(crate) mtime_ms: u64,
     pub(crate) max_size: u64,
@@ -203,6 +208,7 @@ impl InodeInfo {
             regular: AtomicBool::new(false),
             plain: AtomicBool::new(false),
             open_refs: AtomicU32::new(0),
+            immutable: AtomicBool::new(false),
             max_size: AtomicU64::new(0),
             shape: AtomicU64::new(0),
             rwsem: RwLock::new(()),
@@ -288,6 +294,11 @@ impl InodeInfo {
     /// A live regular file whose size and mtime the core has noted.
     pub(crate) fn regular(&self) -> bool {
         self.regular.load(Ordering::Acquire)
+    }
+
+    /// Lock-free writers may write it: a live regular file, not immutable.
+    pub(crate) fn writable_lock_free(&self) -> bool {
+        self.regular() && !self.immutable.load(Ordering::Acquire)
     }
     pub(crate) fn open_refs(&self) -> u32 {
         self.open_refs.load(Ordering::Acquire)
@@ -477,6 +488,7 @@ impl InodeTable {
         } else {
             (n.size, n.mtime_ms)
         };
+        i.immutable.store(n.immutable, Ordering::Release);
         i.max_size.store(n.max_size, Ordering::Release);
         i.shape.store(n.shape.pack(), Ordering::Release);
         i.size.store(size, Ordering::Release);
@@ -666,6 +678,7 @@ mod tests {
         let t = InodeTable::default();
         assert!(t.get(12).is_none());
         let note = |size, mtime_ms| FileNote {
+            immutable: false,
             size,
             mtime_ms,
             max_size: 1 << 40,

@@ -188,7 +188,7 @@ impl Filesystem {
         let not_here = Ok((0, false));
         if len == 0
             || !self.inodes.writable()
-            || !obj.regular()
+            || !obj.writable_lock_free()
             || obj.open_refs() == 0
             || !obj.shape().extents
         {

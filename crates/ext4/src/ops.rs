@@ -6,8 +6,30 @@
 use crate::error::{Error, Result};
 use crate::format::extent::{write_node, Node};
 use crate::format::inode::{
-    FileType, Inode, FL_EXTENTS, ROOT_INO, S_IFDIR, S_IFLNK, S_IFMT, S_IFREG,
+    FileType, Inode, FL_APPEND, FL_EXTENTS, FL_FOLIO_SETTABLE, FL_IMMUTABLE, FL_USER_MODIFIABLE,
+    FL_USER_VISIBLE, ROOT_INO, S_IFDIR, S_IFLNK, S_IFMT, S_IFREG,
 };
+
+/// EPERM if `inode`'s flags forbid changing it, as the kernel's VFS
+/// checks IS_IMMUTABLE and IS_APPEND for ext4: immutable forbids every
+/// change; append-only every change but adding (data at the end, entries
+/// to a directory) when `adding`.
+pub(crate) fn check_changeable(inode: &Inode, adding: bool) -> Result<()> {
+    let f = inode.flags();
+    if f & FL_IMMUTABLE != 0 {
+        return Err(Error::NotPermitted(format!(
+            "inode {} is immutable",
+            inode.ino
+        )));
+    }
+    if f & FL_APPEND != 0 && !adding {
+        return Err(Error::NotPermitted(format!(
+            "inode {} is append-only",
+            inode.ino
+        )));
+    }
+    Ok(())
+}
 use crate::format::superblock::{incompat, ro_compat};
 use crate::format::Timespec;
 use crate::fs::{has_super, Core};
@@ -387,6 +409,7 @@ impl Core {
     ) -> Result<u32> {
         self.check_writable()?;
         let mut dir = self.dir_inode(parent)?;
+        check_changeable(&dir, true)?;
         self.check_new_name(&dir, name)?;
         let mode = if mode & S_IFMT == 0 {
             mode | S_IFREG
@@ -474,11 +497,46 @@ impl Core {
             if inode.is_dir() {
                 return Err(Error::IsDir);
             }
+            check_changeable(&inode, false)?;
             if inode.is_reg() && inode.size() != 0 && inode.links() > 0 {
                 fs.set_size(&mut inode, 0)?;
                 fs.write_inode(&mut inode)?;
             }
             Ok(())
+        })
+    }
+
+    /// The inode's flags as chattr/lsattr see them (FS_IOC_GETFLAGS).
+    pub fn get_flags(&mut self, ino: u32) -> Result<u32> {
+        Ok(self.read_inode(ino)?.flags() & FL_USER_VISIBLE)
+    }
+
+    /// Set the inode's flags (FS_IOC_SETFLAGS): the ones ext4 lets users
+    /// change take the values in `flags`, the others stay. Immutable and
+    /// append-only are enforced (EPERM); a change folio does not honour
+    /// (synchronous updates, data journalling, extent migration, casefold,
+    /// project inheritance) is refused (EOPNOTSUPP). Who may change
+    /// immutable and append-only (CAP_LINUX_IMMUTABLE) is the caller's to
+    /// check, as the VFS does before it asks the filesystem.
+    pub fn set_flags(&mut self, ino: u32, flags: u32) -> Result<()> {
+        let c = self.namespace_credits();
+        self.retry_nospc(c, |fs| {
+            fs.check_writable()?;
+            let mut inode = fs.read_inode(ino)?;
+            let old = inode.flags();
+            let change = (old ^ flags) & FL_USER_MODIFIABLE;
+            if change & !FL_FOLIO_SETTABLE != 0 {
+                return Err(Error::Unsupported(format!(
+                    "inode flags {:#x} (folio honours {FL_FOLIO_SETTABLE:#x})",
+                    change & !FL_FOLIO_SETTABLE
+                )));
+            }
+            if change == 0 {
+                return Ok(());
+            }
+            inode.set_flags((old & !FL_USER_MODIFIABLE) | (flags & FL_USER_MODIFIABLE));
+            inode.set_ctime(Timespec::now());
+            fs.write_inode(&mut inode)
         })
     }
 
@@ -519,6 +577,7 @@ impl Core {
     fn mkdir_impl(&mut self, parent: u32, name: &[u8], perm: u16, owner: Owner) -> Result<u32> {
         self.check_writable()?;
         let mut pdir = self.dir_inode(parent)?;
+        check_changeable(&pdir, true)?;
         self.check_new_name(&pdir, name)?;
         let mut probe = pdir.clone();
         self.inc_dir_links(&mut probe)?;
@@ -571,6 +630,7 @@ impl Core {
             return Err(Error::NameTooLong);
         }
         let mut dir = self.dir_inode(parent)?;
+        check_changeable(&dir, true)?;
         self.check_new_name(&dir, name)?;
         let mut inode = self.new_inode(&dir, S_IFLNK | 0o777, owner, (0, 0))?;
         inode.set_links(1);
@@ -660,7 +720,9 @@ impl Core {
         if inode.links() >= LINK_MAX {
             return Err(Error::TooManyLinks);
         }
+        check_changeable(&inode, false)?;
         let mut dir = self.dir_inode(new_parent)?;
+        check_changeable(&dir, true)?;
         self.check_new_name(&dir, new_name)?;
         self.dir_add(&mut dir, new_name, ino, inode.file_type())?;
         // dir_add wrote other inodes; re-read before changing this one.
@@ -797,9 +859,12 @@ impl Core {
         self.check_writable()?;
         let dir = self.dir_inode(parent)?;
         let (ino, _) = self.dir_lookup(&dir, name)?.ok_or(Error::NotFound)?;
-        if self.read_inode(ino)?.is_dir() {
+        let victim = self.read_inode(ino)?;
+        if victim.is_dir() {
             return Err(Error::IsDir);
         }
+        check_changeable(&dir, false)?;
+        check_changeable(&victim, false)?;
         self.dir_remove(&dir, name)?;
         self.touch_dir(parent)?;
         self.drop_link(ino)
@@ -836,6 +901,8 @@ impl Core {
         if !self.dir_is_empty(&victim)? {
             return Err(Error::NotEmpty);
         }
+        check_changeable(&dir, false)?;
+        check_changeable(&victim, false)?;
         self.dir_remove(&dir, name)?;
         let mut dir = self.read_inode(parent)?;
         Self::dec_dir_links(&mut dir);
@@ -918,6 +985,15 @@ impl Core {
         let s_is_dir = self.read_inode(sino)?.is_dir();
         if flags.noreplace && target.is_some() {
             return Err(Error::Exists);
+        }
+        check_changeable(&sdir, false)?;
+        check_changeable(&self.read_inode(sino)?, false)?;
+        match target {
+            Some((t, _)) => {
+                check_changeable(&ddir, false)?;
+                check_changeable(&self.read_inode(t)?, false)?;
+            }
+            None => check_changeable(&ddir, true)?,
         }
         if flags.exchange {
             let (tino, tft) = target.ok_or(Error::NotFound)?;
@@ -1071,6 +1147,19 @@ impl Core {
     fn setattr_impl(&mut self, ino: u32, attr: &SetAttr) -> Result<Stat> {
         self.check_writable()?;
         let mut inode = self.read_inode(ino)?;
+        // Mode, owner, size and times set by a caller (utimes; times that
+        // come with a ctime are the kernel's own writeback of times after
+        // writes, which ext4 makes on append-only files too) are changes
+        // an immutable or append-only file refuses.
+        let user_times = (attr.atime.is_some() || attr.mtime.is_some()) && attr.ctime.is_none();
+        if attr.mode.is_some()
+            || attr.uid.is_some()
+            || attr.gid.is_some()
+            || attr.size.is_some()
+            || user_times
+        {
+            check_changeable(&inode, false)?;
+        }
         if let Some(caller) = attr.drop_privs {
             let chown = attr.uid.is_some() || attr.gid.is_some();
             if chown || attr.size.is_some() {

@@ -252,6 +252,7 @@ impl Core {
             value
         };
         let mut inode = self.read_inode(ino)?;
+        crate::ops::check_changeable(&inode, false)?;
         let mut attrs = self.all_xattrs(&inode)?;
         let pos = attrs
             .iter()
@@ -301,6 +302,7 @@ impl Core {
         self.check_writable()?;
         let (index, suffix) = Xattr::split_name(name).ok_or(Error::NoAttr)?;
         let mut inode = self.read_inode(ino)?;
+        crate::ops::check_changeable(&inode, false)?;
         let mut attrs = self.all_xattrs(&inode)?;
         let pos = attrs
             .iter()

@@ -283,6 +283,71 @@ pub fn request_transport(config: &mut KernelConfig) {
     }
 }
 
+const FS_IOC_GETFLAGS: u32 = 0x8008_6601;
+const FS_IOC_SETFLAGS: u32 = 0x4008_6602;
+const FS_IOC32_GETFLAGS: u32 = 0x8004_6601;
+const FS_IOC32_SETFLAGS: u32 = 0x4004_6602;
+const FS_IOC_FSGETXATTR: u32 = 0x801c_581f;
+const FS_IOC_FSSETXATTR: u32 = 0x401c_5820;
+const FL_IMMUTABLE: u32 = 0x10;
+const FL_APPEND: u32 = 0x20;
+
+/// Inode flags ↔ the `fsxattr` flags that stand for them (FS_XFLAG_*):
+/// immutable, append-only, sync, no-atime, no-dump.
+const XFLAG_PAIRS: [(u32, u32); 5] = [
+    (0x10, 0x8),
+    (0x20, 0x10),
+    (0x8, 0x20),
+    (0x80, 0x40),
+    (0x40, 0x80),
+];
+
+fn xflags_of(flags: u32) -> u32 {
+    XFLAG_PAIRS
+        .iter()
+        .filter(|(f, _)| flags & f != 0)
+        .fold(0, |x, (_, xf)| x | xf)
+}
+
+fn flags_with_xflags(old: u32, xflags: u32) -> u32 {
+    XFLAG_PAIRS.iter().fold(
+        old,
+        |f, &(fl, xf)| {
+            if xflags & xf != 0 {
+                f | fl
+            } else {
+                f & !fl
+            }
+        },
+    )
+}
+
+fn answer_ioctl(reply: fuser::ReplyIoctl, r: Result<(), Errno>) {
+    match r {
+        Ok(()) => reply.ioctl(0, &[]),
+        Err(e) => reply.error(e),
+    }
+}
+
+/// What ext4's may_open refuses for a file's flags: any write (or
+/// O_TRUNC) of an immutable file; of an append-only one, a write without
+/// O_APPEND or an O_TRUNC.
+fn check_open_flags(inode_flags: u32, open: i32) -> folio_ext4::Result<()> {
+    let writing = open & libc::O_ACCMODE != libc::O_RDONLY;
+    let trunc = open & libc::O_TRUNC != 0;
+    if inode_flags & FL_IMMUTABLE != 0 && (writing || trunc) {
+        return Err(folio_ext4::Error::NotPermitted(
+            "the file is immutable".into(),
+        ));
+    }
+    if inode_flags & FL_APPEND != 0 && ((writing && open & libc::O_APPEND == 0) || trunc) {
+        return Err(folio_ext4::Error::NotPermitted(
+            "the file is append-only: open it with O_APPEND".into(),
+        ));
+    }
+    Ok(())
+}
+
 impl fuser::Filesystem for FolioFuse {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         request_transport(config);
@@ -294,6 +359,9 @@ impl fuser::Filesystem for FolioFuse {
             // The umask is folio's to apply (`umask_under`): under a
             // default ACL it must not be.
             fuser::InitFlags::FUSE_DONT_MASK,
+            // chattr/lsattr on directories too (the kernel's fileattr
+            // calls become FUSE_IOCTL requests; see `ioctl`).
+            fuser::InitFlags::FUSE_HAS_IOCTL_DIR,
             // Dropping setuid/setgid and capabilities on write, truncate and
             // chown is ours (see `write` and `setattr`): the kernel then
             // stops asking for security.capability before every write.
@@ -508,10 +576,11 @@ impl fuser::Filesystem for FolioFuse {
         }
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let ino = from_fuse(ino);
         match self.with(|fs| {
             fs.stat(ino)?;
+            check_open_flags(fs.get_flags(ino)?, flags.0)?;
             fs.open_ref(ino);
             Ok(())
         }) {
@@ -519,6 +588,64 @@ impl fuser::Filesystem for FolioFuse {
             // the file except through this mount.
             Ok(()) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
             Err(e) => reply.error(e),
+        }
+    }
+
+    /// FS_IOC_GETFLAGS/SETFLAGS (chattr, lsattr) and FS_IOC_FSGETXATTR/
+    /// FSSETXATTR (xfs_io's chattr and lsattr), which the kernel sends
+    /// for its fileattr calls with a 4-byte flags word or a `fsxattr`.
+    /// The kernel has checked ownership and CAP_LINUX_IMMUTABLE.
+    fn ioctl(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _flags: fuser::IoctlFlags,
+        cmd: u32,
+        in_data: &[u8],
+        out_size: u32,
+        reply: fuser::ReplyIoctl,
+    ) {
+        let ino = from_fuse(ino);
+        let word = |d: &[u8]| {
+            d.get(..4)
+                .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        };
+        match cmd {
+            FS_IOC_GETFLAGS | FS_IOC32_GETFLAGS => match self.with(|fs| fs.get_flags(ino)) {
+                Ok(f) => {
+                    let out = f.to_le_bytes();
+                    let n = (out_size as usize).min(4);
+                    reply.ioctl(0, &out[..n]);
+                }
+                Err(e) => reply.error(e),
+            },
+            FS_IOC_SETFLAGS | FS_IOC32_SETFLAGS => match word(in_data) {
+                Some(f) => answer_ioctl(reply, self.with(|fs| fs.set_flags(ino, f))),
+                None => reply.error(Errno::EINVAL),
+            },
+            FS_IOC_FSGETXATTR => match self.with(|fs| fs.get_flags(ino)) {
+                Ok(f) => {
+                    // struct fsxattr: fsx_xflags, then four words and 8
+                    // bytes of padding, all zero here.
+                    let mut out = [0u8; 28];
+                    out[..4].copy_from_slice(&xflags_of(f).to_le_bytes());
+                    let n = (out_size as usize).min(28);
+                    reply.ioctl(0, &out[..n]);
+                }
+                Err(e) => reply.error(e),
+            },
+            FS_IOC_FSSETXATTR => match word(in_data) {
+                Some(x) => answer_ioctl(
+                    reply,
+                    self.with(|fs| {
+                        let old = fs.get_flags(ino)?;
+                        fs.set_flags(ino, flags_with_xflags(old, x))
+                    }),
+                ),
+                None => reply.error(Errno::EINVAL),
+            },
+            _ => reply.error(Errno::ENOTTY),
         }
     }
 

@@ -1063,3 +1063,76 @@ fn acls_mask_new_inodes_follow_chmod_and_vanish_when_equal_to_the_mode() {
     assert!(fs.get_xattr(g, b"system.posix_acl_access").is_err());
     fsck_mem(&dev, fs, "ACLs");
 }
+
+/// chattr flags in the library (issue 15 point 10): immutable refuses
+/// writes (also on the lock-free path of an open file with dirty data),
+/// truncation, attribute and name changes; append-only refuses all but
+/// additions; flags folio does not honour are refused, not stored; the
+/// flags reach the disk (e2fsck clean, reopen sees them).
+#[test]
+fn immutable_and_append_only_refuse_what_ext4_refuses() {
+    use folio_ext4::Error;
+    let (dev, fs) = mem_fs(32 << 20, MkfsOptions::default());
+    let me = folio_ext4::Owner::default();
+    let f = fs.create(ROOT_INO, b"f", 0o644, me).unwrap();
+    fs.open_ref(f);
+    fs.write(f, 0, &[1; 5000]).unwrap();
+    fs.write(f, 5000, &[2; 100]).unwrap();
+    let flags = fs.get_flags(f).unwrap();
+    assert_eq!(flags & 0x30, 0);
+    fs.set_flags(f, flags | 0x10).unwrap();
+    let eperm = |r: folio_ext4::Result<()>| matches!(r, Err(Error::NotPermitted(_)));
+    assert!(
+        eperm(fs.write(f, 0, &[3; 10]).map(drop)),
+        "a write into dirty cached data"
+    );
+    assert!(eperm(fs.write(f, 5100, &[3; 10]).map(drop)), "an append");
+    let size = folio_ext4::SetAttr {
+        size: Some(0),
+        ..Default::default()
+    };
+    assert!(eperm(fs.setattr(f, &size).map(drop)));
+    let chmod = folio_ext4::SetAttr {
+        mode: Some(0o600),
+        ..Default::default()
+    };
+    assert!(eperm(fs.setattr(f, &chmod).map(drop)));
+    assert!(eperm(fs.unlink(ROOT_INO, b"f")));
+    assert!(eperm(fs.link(f, ROOT_INO, b"g")));
+    assert!(eperm(fs.fallocate(f, 0, 0, 4096)));
+    assert!(eperm(fs.set_xattr(
+        f,
+        b"user.a",
+        b"1",
+        folio_ext4::XattrMode::Any
+    )));
+    // Append-only: appends (the mount checks O_APPEND at open), no cut.
+    fs.set_flags(f, (flags & !0x10) | 0x20).unwrap();
+    assert_eq!(fs.write(f, 5100, &[4; 10]).unwrap(), 10);
+    assert!(eperm(fs.setattr(f, &size).map(drop)));
+    assert!(eperm(fs.unlink(ROOT_INO, b"f")));
+    // Not honoured, so not stored: synchronous updates (chattr +S).
+    assert!(matches!(
+        fs.set_flags(f, flags | 0x20 | 0x8),
+        Err(Error::Unsupported(_))
+    ));
+    assert_eq!(fs.get_flags(f).unwrap() & 0x38, 0x20);
+    // An append-only directory takes entries and keeps them.
+    let d = fs.mkdir(ROOT_INO, b"d", 0o755, me).unwrap();
+    fs.create(d, b"old", 0o644, me).unwrap();
+    let dflags = fs.get_flags(d).unwrap();
+    fs.set_flags(d, dflags | 0x20).unwrap();
+    fs.create(d, b"new", 0o644, me).unwrap();
+    assert!(eperm(fs.unlink(d, b"old")));
+    fs.set_flags(d, dflags | 0x10).unwrap();
+    assert!(matches!(
+        fs.create(d, b"newer", 0o644, me),
+        Err(Error::NotPermitted(_))
+    ));
+    fs.close_ref(f).unwrap();
+    fs.close().unwrap();
+    let fs = Filesystem::open(Arc::new(dev.clone()), OpenOptions::default()).unwrap();
+    assert_eq!(fs.get_flags(f).unwrap() & 0x30, 0x20, "flags on disk");
+    assert_eq!(fs.stat(f).unwrap().size, 5110);
+    fsck_mem(&dev, fs, "flags");
+}

@@ -18,6 +18,21 @@ pub const S_IFCHR: u16 = 0o020000;
 pub const S_IFIFO: u16 = 0o010000;
 
 /// `i_flags` bits.
+/// chattr +i: no change at all.
+pub const FL_IMMUTABLE: u32 = 0x10;
+/// chattr +a: data may only be appended; no other change.
+pub const FL_APPEND: u32 = 0x20;
+/// The flags FS_IOC_GETFLAGS shows (ext4's EXT4_FL_USER_VISIBLE).
+pub const FL_USER_VISIBLE: u32 = 0x705B_DFFF;
+/// The flags FS_IOC_SETFLAGS may change on ext4 (EXT4_FL_USER_MODIFIABLE).
+pub const FL_USER_MODIFIABLE: u32 = 0x604B_C0FF;
+/// Of those, the ones folio honours (or, like ext4, ignores): secure
+/// deletion, undelete and compression (ignored by ext4 too), immutable,
+/// append-only, no-dump, no-atime, no-tail and top-directory. The others
+/// (synchronous updates and directory sync, data journalling, extent
+/// migration, casefold, project inheritance) are refused rather than
+/// stored and not honoured.
+pub const FL_FOLIO_SETTABLE: u32 = 0x1 | 0x2 | 0x4 | 0x10 | 0x20 | 0x40 | 0x80 | 0x8000 | 0x2_0000;
 pub const FL_INDEX: u32 = 0x1000;
 pub const FL_HUGE_FILE: u32 = 0x40000;
 pub const FL_EXTENTS: u32 = 0x80000;
