@@ -248,6 +248,34 @@ fn acl_rules(d: &Path, check: &mut impl FnMut(bool, &str)) {
         mode(&f) == 0o777,
         "setting an ACL clears setgid for a caller outside the file's group",
     );
+    // Inside a user namespace (uid 1000 mapped to root there), the owner
+    // sets an ACL with a named entry and a mask that restricts it, and
+    // reads back its effective rights (getfacl from the acl package,
+    // which scripts/test.sh installs).
+    let f = d.join("acl_userns");
+    fs::write(&f, b"x").unwrap();
+    std::os::unix::fs::chown(&f, Some(1000), Some(1000)).unwrap();
+    fs::set_permissions(&f, fs::Permissions::from_mode(0o640)).unwrap();
+    let p = f.display();
+    let out = Command::new("setpriv")
+        .args(["--reuid", "1000", "--regid", "1000", "--clear-groups"])
+        .args([
+            "unshare",
+            "--user",
+            "--map-user=0",
+            "--map-group=0",
+            "sh",
+            "-c",
+        ])
+        .arg(format!("setfacl -m u:0:rwx,m::r-- {p} && getfacl -n {p}"))
+        .output();
+    let shown = out.map_or(String::new(), |o| {
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    });
+    check(
+        shown.contains("user:0:rwx\t#effective:r--"),
+        "in a user namespace the owner sets an ACL and the mask restricts its named entry",
+    );
 }
 
 /// chattr/lsattr (issue 15 point 10): immutable and append-only files and
