@@ -278,6 +278,75 @@ fn acl_rules(d: &Path, check: &mut impl FnMut(bool, &str)) {
     );
 }
 
+/// Issue 15 points 1 and 2: the owner (not root) of a fifo or device
+/// node with mode 06555 changing its group loses both bits; a directory
+/// stream read to its end, then 1,000 creates, then `rewinddir`, lists
+/// them all.
+fn special_chown_and_rewinddir(d: &Path, check: &mut impl FnMut(bool, &str)) {
+    use std::os::unix::process::CommandExt;
+    let mode = |p: &Path| fs::symlink_metadata(p).map_or(0, |m| m.permissions().mode() & 0o7777);
+    for (name, node) in [("sp_fifo", "p"), ("sp_chr", "c")] {
+        let p = d.join(name);
+        let made = Command::new("mknod")
+            .arg(&p)
+            .arg(node)
+            .args(if node == "c" {
+                &["1", "3"][..]
+            } else {
+                &[][..]
+            })
+            .status()
+            .is_ok_and(|s| s.success());
+        check(made, "mknod");
+        std::os::unix::fs::lchown(&p, Some(1234), Some(1234)).unwrap();
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o6555)).unwrap();
+        let chgrp = Command::new("chgrp")
+            .arg("-h")
+            .arg("1234")
+            .arg(&p)
+            .uid(1234)
+            .gid(1234)
+            .status()
+            .is_ok_and(|s| s.success());
+        check(chgrp, "the owner changes a special file's group");
+        check(
+            mode(&p) == 0o555,
+            &format!("the owner's chgrp of a {node} node drops setuid and setgid"),
+        );
+    }
+    let dir = d.join("rewind");
+    fs::create_dir(&dir).unwrap();
+    let c = cpath(&dir);
+    // SAFETY: a NUL-terminated path; the stream is used by this thread
+    // only and closed below.
+    let stream = unsafe { libc::opendir(c.as_ptr()) };
+    check(!stream.is_null(), "opendir");
+    if stream.is_null() {
+        return;
+    }
+    let count = |s: *mut libc::DIR| {
+        let mut n = 0;
+        // SAFETY: `s` is an open stream; readdir's entries are not kept.
+        while !unsafe { libc::readdir(s) }.is_null() {
+            n += 1;
+        }
+        n
+    };
+    let before = count(stream);
+    for i in 0..1000 {
+        fs::write(dir.join(format!("f{i}")), b"").unwrap();
+    }
+    // SAFETY: the stream is open.
+    unsafe { libc::rewinddir(stream) };
+    let after = count(stream);
+    // SAFETY: closed once.
+    unsafe { libc::closedir(stream) };
+    check(
+        (before, after) == (2, 1002),
+        "rewinddir shows the entries created since the stream was opened",
+    );
+}
+
 /// chattr/lsattr (issue 15 point 10): immutable and append-only files and
 /// directories refuse what ext4 refuses, with EPERM.
 fn inode_flag_rules(d: &Path, check: &mut impl FnMut(bool, &str)) {
@@ -769,6 +838,7 @@ fn posix_suite(root: &Path) -> Vec<String> {
         check(!as_user(&plain), "without an ACL uid 1234 is refused");
         acl_rules(&d, &mut check);
         inode_flag_rules(&d, &mut check);
+        special_chown_and_rewinddir(&d, &mut check);
         // Setuid/setgid and file capabilities: which changes drop them
         // (Linux 6.x rules; folio applies them itself under
         // FUSE_HANDLE_KILLPRIV_V2). Each case: initial mode, a shell
