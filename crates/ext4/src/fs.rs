@@ -193,6 +193,9 @@ pub(crate) struct Core {
     /// with errors=remount-ro, and its close reports the failure.
     pub(crate) aborted: Option<String>,
     pub(crate) closed: bool,
+    /// The image held under multiple-mount protection (read-write opens
+    /// of `mmp` images).
+    pub(crate) mmp: Option<crate::mmp::Mmp>,
 }
 
 /// Do two raw inodes differ only in timestamps (and the checksum)? Those
@@ -356,6 +359,7 @@ impl Core {
             image_lock: None,
             closed: false,
             aborted: None,
+            mmp: None,
         };
         core.inodes.space.set_free(core.sb.free_blocks_count());
         if core.sb.has_ro_compat(ro_compat::LARGE_FILE) {
@@ -521,8 +525,33 @@ impl Core {
     pub(crate) fn check_writable(&self) -> Result<()> {
         match &self.read_only {
             Some(why) => Err(Error::ReadOnly(why.clone())),
+            None if self.mmp.as_ref().is_some_and(|m| m.lost()) => Err(Error::ReadOnly(
+                "another node has taken the image (multiple-mount protection)".into(),
+            )),
             None => Ok(()),
         }
+    }
+
+    /// For a read-write open of an `mmp` image: take it (see `mmp`),
+    /// before anything is written, journal replay included. `None` for
+    /// other opens.
+    pub(crate) fn take_mmp(
+        dev: &Arc<dyn BlockDevice>,
+        opts: &OpenOptions,
+    ) -> Result<Option<crate::mmp::Mmp>> {
+        if opts.read_only || dev.is_read_only() {
+            return Ok(None);
+        }
+        let mut raw = [0u8; SUPERBLOCK_SIZE];
+        if dev.size_bytes() < SUPERBLOCK_OFFSET + SUPERBLOCK_SIZE as u64 {
+            return Ok(None);
+        }
+        dev.read_at(SUPERBLOCK_OFFSET, &mut raw)?;
+        let sb = Superblock { raw };
+        if sb.magic() != MAGIC || !sb.has_incompat(incompat::MMP) {
+            return Ok(None);
+        }
+        crate::mmp::Mmp::start(Arc::clone(dev), &sb, &std::thread::sleep).map(Some)
     }
 
     pub(crate) fn has_csum(&self) -> bool {
@@ -857,6 +886,15 @@ impl Core {
 
     pub(crate) fn close_inner(&mut self) -> Result<()> {
         self.closed = true;
+        let r = self.close_steps();
+        // The image is free for other nodes now.
+        match self.mmp.take() {
+            Some(m) => r.and(m.release(true)),
+            None => r,
+        }
+    }
+
+    fn close_steps(&mut self) -> Result<()> {
         if let Some(why) = &self.aborted {
             return Err(Error::ReadOnly(why.clone()));
         }

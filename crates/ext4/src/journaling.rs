@@ -101,6 +101,25 @@ impl Core {
         dev: Arc<dyn folio_blockdev::BlockDevice>,
         opts: OpenOptions,
     ) -> Result<Self> {
+        let mmp = Self::take_mmp(&dev, &opts)?;
+        match Self::open_recovering_held(dev, opts) {
+            Ok(mut fs) => {
+                fs.mmp = mmp;
+                Ok(fs)
+            }
+            Err(e) => {
+                if let Some(m) = mmp {
+                    let _ = m.release(true);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn open_recovering_held(
+        dev: Arc<dyn folio_blockdev::BlockDevice>,
+        opts: OpenOptions,
+    ) -> Result<Self> {
         let writable = !opts.read_only && !dev.is_read_only();
         let fs = match Self::open_once(dev.clone(), opts.clone()) {
             Ok(fs) => fs,

@@ -24,6 +24,7 @@ pub(crate) mod inodes;
 pub mod journaling;
 pub(crate) mod lockless;
 pub mod mkfs;
+pub(crate) mod mmp;
 pub mod ops;
 pub mod xattrs;
 

@@ -475,3 +475,121 @@ fn dropping_a_writable_filesystem_closes_it() {
         e2fsck(&img).unwrap();
     }
 }
+
+/// Multiple-mount protection (issue 18, `mmp`): a read-write open of an
+/// image made with `mkfs.ext4 -O mmp` takes it (at once: it is clean),
+/// keeps its sequence changing while open, so that the kernel's own
+/// read-write mount of the image watches it for 11 s and refuses it as
+/// in use on another node, and marks it clean at close; e2fsck is clean
+/// and the kernel sees the file. After a crash (the mark left behind) the
+/// next open watches the block twice before taking it. An image e2fsck holds (sequence SEQ_FSCK, set with debugfs) is
+/// refused read-write at once and opens read-only.
+#[test]
+fn mmp_images_are_held_while_open_and_released_clean() {
+    if !require(
+        have_tool("mkfs.ext4") && have_tool("debugfs") && have_tool("e2fsck"),
+        "e2fsprogs is not installed",
+    ) {
+        return;
+    }
+    let dir = TempDir::new("mmp");
+    let img = dir.join("mmp.img");
+    std::fs::File::create(&img)
+        .and_then(|f| f.set_len(64 << 20))
+        .unwrap();
+    run(Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-O", "mmp", "-E", "mmp_update_interval=1"])
+        .arg(&img));
+    // The MMP block: s_mmp_block (superblock offset 0x168), 1 KiB blocks.
+    let sb = std::fs::read(&img).unwrap()[1024..2048].to_vec();
+    let at = u64::from_le_bytes(sb[0x168..0x170].try_into().unwrap()) * 1024;
+    let seq = || {
+        use std::os::unix::fs::FileExt;
+        let mut b = [0u8; 4];
+        std::fs::File::open(&img)
+            .unwrap()
+            .read_exact_at(&mut b, at + 4)
+            .unwrap();
+        u32::from_le_bytes(b)
+    };
+    const CLEAN: u32 = 0xFF4D_4D50;
+    assert_eq!(seq(), CLEAN, "mke2fs leaves it clean");
+    let fs = Filesystem::open_path(&img, OpenOptions::default()).unwrap();
+    let held = seq();
+    assert_ne!(held, CLEAN);
+    let f = fs
+        .create(ROOT_INO, b"f", 0o644, folio_ext4::Owner::default())
+        .unwrap();
+    fs.write(f, 0, b"held under mmp").unwrap();
+    fs.sync().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    assert_ne!(seq(), held, "the sequence keeps changing while open");
+    if can_loop_mount() {
+        // The kernel watches the block for 11 s, sees it change and
+        // refuses: "Device is already active on another node".
+        let mnt = TempDir::new("mmp-kernel");
+        let out = Command::new("mount")
+            .args(["-o", "loop"])
+            .arg(&img)
+            .arg(&mnt.path)
+            .output()
+            .unwrap();
+        if out.status.success() {
+            let _ = Command::new("umount").arg(&mnt.path).status();
+            panic!("the kernel mounted read-write an image folio holds");
+        }
+        let log = Command::new("dmesg")
+            .output()
+            .map(|o| o.stdout)
+            .unwrap_or_default();
+        let log = String::from_utf8_lossy(&log);
+        assert!(
+            log.contains("active on another node") || log.contains("MMP"),
+            "the kernel refused for another reason: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // A crash: the mark stays, and the next open watches it twice.
+    fs.abandon();
+    assert_ne!(seq(), CLEAN);
+    let t0 = std::time::Instant::now();
+    let fs = Filesystem::open_path(&img, OpenOptions::default()).unwrap();
+    assert!(t0.elapsed() >= std::time::Duration::from_secs(20));
+    assert!(fs.lookup(ROOT_INO, b"f").is_ok(), "the synced file");
+    fs.close().unwrap();
+    assert_eq!(seq(), CLEAN, "clean after close");
+    e2fsck(&img).unwrap();
+    if can_loop_mount() {
+        let m = LoopMount::new(&img).unwrap();
+        assert_eq!(std::fs::read(m.dir.join("f")).unwrap(), b"held under mmp");
+    }
+    // e2fsck's mark (what e2fsck writes while it runs; debugfs -w would
+    // put its own clean mark back on exit): refused read-write without
+    // waiting, read-only fine.
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&img)
+            .unwrap();
+        let mut b = [0u8; 1024];
+        f.read_exact_at(&mut b, at).unwrap();
+        b[4..8].copy_from_slice(&0xE24D_4D50u32.to_le_bytes());
+        let sb = folio_ext4::format::superblock::Superblock {
+            raw: sb.clone().try_into().unwrap(),
+        };
+        let c = folio_ext4::csum::crc32c_raw(sb.csum_seed(), &b[..1020]);
+        b[1020..].copy_from_slice(&c.to_le_bytes());
+        f.write_all_at(&b, at).unwrap();
+    }
+    let t0 = std::time::Instant::now();
+    match Filesystem::open_path(&img, OpenOptions::default()) {
+        Err(folio_ext4::Error::Locked(m)) => assert!(m.contains("e2fsck"), "{m}"),
+        Err(e) => panic!("wrong error: {e}"),
+        Ok(_) => panic!("opened an image e2fsck holds"),
+    }
+    assert!(t0.elapsed() < std::time::Duration::from_secs(5));
+    let ro = open_read_only(&img, false);
+    assert!(ro.lookup(ROOT_INO, b"f").is_ok());
+}

@@ -93,7 +93,7 @@ pub mod incompat {
 
     /// Incompatible features folio reads and writes.
     pub const SUPPORTED: u32 =
-        FILETYPE | RECOVER | META_BG | EXTENTS | BIT64 | FLEX_BG | CSUM_SEED | LARGEDIR;
+        FILETYPE | RECOVER | META_BG | EXTENTS | BIT64 | MMP | FLEX_BG | CSUM_SEED | LARGEDIR;
 
     pub const NAMES: &[(u32, &str)] = &[
         (COMPRESSION, "compression"),
