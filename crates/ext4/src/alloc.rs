@@ -38,20 +38,42 @@ fn find_zero(b: &[u8], from: usize, to: usize) -> Option<usize> {
 }
 
 impl Core {
-    /// Blocks used by the fixed metadata of group `g` itself (superblock
-    /// backup, descriptor table, reserved descriptor blocks), as offsets.
+    /// Blocks used by the fixed metadata at the start of group `g`
+    /// (superblock or its backup, descriptor blocks, reserved descriptor
+    /// blocks), as the kernel's `ext4_num_base_meta_clusters` counts them.
+    /// With meta_bg, the descriptor blocks of the groups before
+    /// `s_first_meta_bg` follow each superblock copy as a classic table,
+    /// and each later meta group (the groups one descriptor block
+    /// describes) keeps its descriptor block in its first group and copies
+    /// in its second and last.
     pub(crate) fn group_sb_gdt_len(&self, g: u32) -> u32 {
-        if !has_super(&self.sb, g) {
-            return 0;
-        }
-        let mut n = 1 + u32::from(self.sb.reserved_gdt_blocks());
-        if !self
+        let has = has_super(&self.sb, g);
+        let meta = self
             .sb
-            .has_incompat(crate::format::superblock::incompat::META_BG)
-        {
-            n += self.geo.gdt_blocks;
-        }
-        n
+            .has_incompat(crate::format::superblock::incompat::META_BG);
+        let per = self.geo.descs_per_block.max(1);
+        let gdt = if !meta {
+            if has {
+                self.geo.gdt_blocks
+            } else {
+                0
+            }
+        } else if g / per < self.sb.first_meta_bg() {
+            if has {
+                self.sb.first_meta_bg()
+            } else {
+                0
+            }
+        } else {
+            let i = g % per;
+            u32::from(i == 0 || i == 1 || i == per - 1)
+        };
+        let reserved = if has {
+            u32::from(self.sb.reserved_gdt_blocks())
+        } else {
+            0
+        };
+        u32::from(has) + gdt + reserved
     }
 
     /// The block bitmap a BLOCK_UNINIT group implicitly has.

@@ -311,9 +311,6 @@ impl Core {
         {
             read_only = Some("orphan_present is set but there is no orphan_file".into());
         }
-        if sb.has_incompat(incompat::META_BG) && read_only.is_none() {
-            read_only = Some("meta_bg images are read-only in folio for now".into());
-        }
 
         let bs = geo.block_size as usize;
         let tracker = Arc::new(folio_blockdev::FlushTracker::new(dev));

@@ -32,7 +32,7 @@ pub(crate) fn check_changeable(inode: &Inode, adding: bool) -> Result<()> {
 }
 use crate::format::superblock::{incompat, ro_compat};
 use crate::format::Timespec;
-use crate::fs::{has_super, Core};
+use crate::fs::Core;
 use folio_pagecache::lockdep::{Held, Level};
 
 /// Link count limit for ext4 (directories past it count as 1 with dir_nlink).
@@ -1276,9 +1276,7 @@ impl Core {
             .div_ceil(u64::from(self.geo.block_size));
         let mut o = self.geo.first_data_block;
         for g in 0..self.geo.group_count {
-            if has_super(&self.sb, g) {
-                o += u64::from(self.group_sb_gdt_len(g));
-            }
+            o += u64::from(self.group_sb_gdt_len(g));
             o += 2 + itb;
         }
         let j = self.sb.journal_inum();
