@@ -641,6 +641,53 @@ fn posix_suite(root: &Path) -> Vec<String> {
             "SEEK_HOLE finds the hole between fresh data",
         );
     }
+    // SEEK_DATA on a file nobody has open for writing leaves its cached
+    // pages cached (the step above is for files being written only).
+    {
+        use std::os::fd::AsRawFd;
+        let p = d.join("cached");
+        fs::write(&p, vec![5u8; 256 << 10]).unwrap();
+        let h = fs::File::open(&p).unwrap();
+        let mut back = Vec::new();
+        (&h).read_to_end(&mut back).unwrap();
+        let resident = |fd: i32| -> usize {
+            let len = 256usize << 10;
+            // SAFETY: a shared read-only mapping of an open file, unmapped
+            // below; mincore writes one byte per page into `vec`.
+            unsafe {
+                let m = libc::mmap(
+                    std::ptr::null_mut(),
+                    len,
+                    libc::PROT_READ,
+                    libc::MAP_SHARED,
+                    fd,
+                    0,
+                );
+                if m == libc::MAP_FAILED {
+                    return 0;
+                }
+                let mut vec = vec![0u8; len / 4096];
+                let r = libc::mincore(m, len, vec.as_mut_ptr());
+                libc::munmap(m, len);
+                if r != 0 {
+                    return 0;
+                }
+                vec.iter().filter(|&&b| b & 1 != 0).count()
+            }
+        };
+        let fd = h.as_raw_fd();
+        let before = resident(fd);
+        // SAFETY: valid descriptor; lseek has no memory effects.
+        let data = unsafe { libc::lseek(fd, 0, libc::SEEK_DATA) };
+        check(
+            data == 0 && before == 64,
+            "a read file is cached and SEEK_DATA finds it",
+        );
+        check(
+            resident(fd) == 64,
+            "SEEK_DATA on a file nobody writes keeps its cached pages",
+        );
+    }
     check(
         fs::metadata(&s).unwrap().blocks() < 64,
         "a sparse file allocates little",

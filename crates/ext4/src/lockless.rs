@@ -12,7 +12,10 @@
 //!   core);
 //! - `end` gives back what the copy did not use;
 //! - the new size and times go into the inode object
-//!   ([`crate::inodes::InodeInfo::advance`]), ahead of the inode block:
+//!   ([`crate::inodes::InodeInfo::advance`]) folio by folio, while each
+//!   folio is still locked (`IomapOps::copied`, Linux's `write_end`), so
+//!   the core's writeback, which locks the folio, never maps data past
+//!   the size it writes with the extent; ahead of the inode block:
 //!   every read of the inode through the core folds them in, writeback's
 //!   writes of the inode carry them, and sync, fsync and close write them
 //!   out (the kernel's dirty inode). No journal handle is taken.
@@ -52,6 +55,8 @@ struct Lockless<'a> {
     inflight: Vec<(u64, u64)>,
     /// `begin` declined: the rest of the write goes through the core.
     declined: bool,
+    /// The write's time (mtime and ctime).
+    now: Timespec,
 }
 
 /// The holes of `[lblk, lblk+n)`: neither mapped nor delayed.
@@ -151,6 +156,16 @@ impl IomapOps for Lockless<'_> {
         Err(self.decline())
     }
 
+    /// The size moves with each folio, under its lock, as Linux's
+    /// `generic_write_end` sets i_size before unlocking the page: the
+    /// core's writeback, which runs alongside and locks the folio, then
+    /// finds the size covering the data it maps and writes it to the
+    /// inode with the new extent (a crash never leaves blocks past the
+    /// size).
+    fn copied(&mut self, _ino: u64, end: u64) {
+        self.obj.advance(end, self.now);
+    }
+
     fn end(&mut self, _ino: u64, pos: u64, len: u64, done: u64, fl: u32, _: &Iomap) -> Result<()> {
         if fl & flags::WRITE == 0 || self.inflight.is_empty() {
             return Ok(());
@@ -210,6 +225,7 @@ impl Filesystem {
             bs: u64::from(self.geo.block_size),
             inflight: Vec::new(),
             declined: false,
+            now: Timespec::now(),
         };
         if offset > old_size {
             // The old last block's tail must read as zeros once the file
@@ -229,7 +245,8 @@ impl Filesystem {
         );
         let written = out.written as usize;
         if written > 0 {
-            obj.advance(offset + out.written, Timespec::now());
+            // (`copied` has moved the size folio by folio already.)
+            obj.advance(offset + out.written, ops.now);
             self.inodes.add_written(out.written);
         }
         match out.error {

@@ -56,6 +56,11 @@ pub struct FolioFuse {
     fakeroot: Option<(u32, u32)>,
     /// Threads serving requests (see `with_workers`).
     workers: usize,
+    /// Open handles with write access, by inode: only such a file can have
+    /// dirty pages in the kernel's writeback cache (its close writes them
+    /// back before the release), so `lseek` need not drop the pages of
+    /// files nobody is writing.
+    writers: Mutex<HashMap<u64, u32>>,
 }
 
 fn to_fuse(ino: u32) -> INodeNo {
@@ -140,6 +145,7 @@ impl FolioFuse {
             fs,
             block_size,
             dirs: Mutex::new(HashMap::new()),
+            writers: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             notifier: Arc::new(OnceLock::new()),
             fakeroot: None,
@@ -231,6 +237,21 @@ impl FolioFuse {
     /// The caller, for the privilege-dropping rules. The kernel tells a
     /// FUSE server only uid and gid: root stands for CAP_FSETID and the
     /// supplementary groups are not seen.
+    /// One more (`true`) or one fewer open handle with write access to
+    /// `ino`.
+    fn writer(&self, ino: u32, opened: bool) {
+        let mut w = self.writers.lock().unwrap_or_else(|e| e.into_inner());
+        let n = w.entry(u64::from(ino)).or_insert(0);
+        if opened {
+            *n += 1;
+        } else {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                w.remove(&u64::from(ino));
+            }
+        }
+    }
+
     /// The umask a new inode in `parent` gets: none under a default ACL,
     /// which masks the mode instead (the library applies it), as the
     /// kernel's `posix_acl_create`; the process's otherwise. The kernel
@@ -320,6 +341,11 @@ fn flags_with_xflags(old: u32, xflags: u32) -> u32 {
             }
         },
     )
+}
+
+/// Whether open flags ask for write access.
+fn writes(flags: i32) -> bool {
+    flags & libc::O_ACCMODE != libc::O_RDONLY
 }
 
 fn answer_ioctl(reply: fuser::ReplyIoctl, r: Result<(), Errno>) {
@@ -584,6 +610,10 @@ impl fuser::Filesystem for FolioFuse {
             fs.open_ref(ino);
             Ok(())
         }) {
+            Ok(()) if writes(flags.0) => {
+                self.writer(ino, true);
+                reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE)
+            }
             // Keep the kernel's cached pages across opens: nothing changes
             // the file except through this mount.
             Ok(()) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
@@ -654,11 +684,14 @@ impl fuser::Filesystem for FolioFuse {
         _req: &Request,
         ino: INodeNo,
         _fh: FileHandle,
-        _flags: OpenFlags,
+        flags: OpenFlags,
         _lock_owner: Option<fuser::LockOwner>,
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        if writes(flags.0) {
+            self.writer(from_fuse(ino), false);
+        }
         // The last close of an unlinked file frees it.
         answer(reply, self.with(|fs| fs.close_ref(from_fuse(ino))))
     }
@@ -962,9 +995,15 @@ impl fuser::Filesystem for FolioFuse {
                 perm,
                 self.owner(req),
             )?;
+            check_open_flags(fs.get_flags(ino)?, flags)?;
             fs.open_ref(ino);
             fs.stat(ino)
         });
+        if let Ok(st) = &r {
+            if writes(flags) {
+                self.writer(st.ino, true);
+            }
+        }
         match r {
             Ok(st) => reply.created(
                 &TTL,
@@ -1001,7 +1040,14 @@ impl fuser::Filesystem for FolioFuse {
         // the file's pages makes the kernel write the dirty ones back
         // first (launder_folio: WRITE requests, served by the other
         // workers while this one waits), then the map is complete.
-        if self.workers > 1 {
+        // Only a file open for writing can have such pages.
+        let written = self
+            .writers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&u64::from(from_fuse(ino)))
+            .is_some_and(|&n| n > 0);
+        if self.workers > 1 && written {
             if let Some(n) = self.notifier.get() {
                 let _ = n.inval_inode(ino, 0, 0);
             }

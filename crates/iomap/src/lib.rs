@@ -103,6 +103,12 @@ pub trait IomapOps {
         flags: u32,
         map: &Iomap,
     ) -> Result<(), Self::Error>;
+    /// A buffered write has copied data up to file byte `end` into a
+    /// folio it still holds locked (Linux's `write_end`): a filesystem
+    /// whose writeback can run alongside its writers raises the file's
+    /// size here, so that writeback, which locks the folio, never writes
+    /// back data beyond the size it knows.
+    fn copied(&mut self, _ino: u64, _end: u64) {}
 }
 
 /// Largest readahead window.
@@ -350,6 +356,7 @@ pub fn buffered_write<O: IomapOps>(
                 let fb = (a / bs) as u32;
                 let lb = ((a + copied - 1) / bs) as u32;
                 m.mark_dirty(&g, fb, lb - fb + 1);
+                ops.copied(ino, g.pos() + (a + copied) as u64);
             }
             written += copied as u64;
             if short {

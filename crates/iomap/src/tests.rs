@@ -17,6 +17,11 @@ enum Blk {
 }
 
 struct Toy {
+    /// Each `copied` call: the end, and whether the folio holding the
+    /// byte before it was locked then.
+    copied: Vec<(u64, bool)>,
+    /// The mapping written (for the lock check in `copied`).
+    watch: Option<Arc<AddressSpace>>,
     dev: Arc<dyn BlockDevice>,
     map: BTreeMap<u64, Blk>,
     next_free: u64,
@@ -27,6 +32,8 @@ struct Toy {
 impl Toy {
     fn new() -> Self {
         Toy {
+            copied: Vec::new(),
+            watch: None,
             dev: Arc::new(MemDevice::new(1 << 20)),
             map: BTreeMap::new(),
             next_free: 1,
@@ -106,6 +113,36 @@ impl IomapOps for Toy {
         }
         Ok(())
     }
+    fn copied(&mut self, _ino: u64, end: u64) {
+        let locked = self.watch.as_ref().is_some_and(|m| {
+            let idx = (end - 1) / m.folio_size() as u64;
+            m.find(idx).is_some_and(|f| f.is_locked())
+        });
+        self.copied.push((end, locked));
+    }
+}
+
+/// A buffered write reports each folio's copy while it still holds the
+/// folio locked (the filesystem raises the size there, before writeback
+/// can lock the folio), folio by folio, up to the write's end.
+#[test]
+fn copies_are_reported_under_the_folio_lock() {
+    let (mut t, _pc, m) = setup();
+    t.watch = Some(Arc::clone(&m));
+    let fsz = m.folio_size() as u64;
+    let data = vec![3u8; (2 * fsz + 100) as usize];
+    assert_eq!(write_all(&mut t, &m, 0, 500, &data), data.len() as u64);
+    let ends: Vec<u64> = t.copied.iter().map(|c| c.0).collect();
+    assert!(ends.windows(2).all(|w| w[0] < w[1]), "ascending: {ends:?}");
+    assert_eq!(ends.last(), Some(&(500 + data.len() as u64)));
+    assert!(
+        ends.contains(&fsz) && ends.contains(&(2 * fsz)),
+        "each folio's end"
+    );
+    assert!(
+        t.copied.iter().all(|c| c.1),
+        "every report under the folio lock"
+    );
 }
 
 fn setup() -> (Toy, PageCache, Arc<AddressSpace>) {

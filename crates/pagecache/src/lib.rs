@@ -152,6 +152,11 @@ impl Folio {
     pub fn blocks(&self) -> u32 {
         self.blocks
     }
+    /// Whether someone holds the folio's lock (a snapshot: for checks
+    /// and tests, not for synchronisation).
+    pub fn is_locked(&self) -> bool {
+        *lock(&self.locked)
+    }
     fn lock(self: &Arc<Self>) -> FolioGuard {
         lockdep::acquire(lockdep::Level::Folio, self.index);
         let mut l = lock(&self.locked);
