@@ -253,6 +253,14 @@ impl Core {
         self.inodes.space.reserved()
     }
 
+    /// Re-derive the mapping allowance of `inode`'s delayed runs `da`
+    /// after they shrank or were given back (it may grow past the free
+    /// space: the runs were already accepted).
+    fn settle_meta(&self, inode: &Inode, da: &mut Delalloc) -> Result<()> {
+        let bs = u64::from(self.geo.block_size);
+        set_meta(&self.inodes.space, bs, Self::shape_of(inode), da, false)
+    }
+
     /// Delayed-allocation blocks of `ino` (for st_blocks, like ext4).
     pub(crate) fn delalloc_blocks(&self, ino: u32) -> u64 {
         self.inodes.get(ino).map_or(0, |i| i.data().delalloc.blocks)
@@ -324,13 +332,7 @@ impl Core {
         }
         let inode = self.read_inode(ino)?;
         let mut d = obj.data();
-        set_meta(
-            &self.inodes.space,
-            u64::from(self.geo.block_size),
-            Self::shape_of(&inode),
-            &mut d.delalloc,
-            false,
-        )
+        self.settle_meta(&inode, &mut d.delalloc)
     }
 
     /// The allocation API: reserve, allocate or deallocate blocks
@@ -532,13 +534,7 @@ impl Core {
         let mut d = obj.data();
         d.delalloc.insert(lblk, n);
         self.inodes.space.reserve_anyway(n);
-        set_meta(
-            &self.inodes.space,
-            u64::from(self.geo.block_size),
-            Self::shape_of(&inode),
-            &mut d.delalloc,
-            false,
-        )
+        self.settle_meta(&inode, &mut d.delalloc)
     }
 
     /// Describe the file at `lblk` for `n` blocks.

@@ -21,6 +21,19 @@ fn is_acl(index: u8) -> bool {
     index == 2 || index == 3
 }
 
+/// The attribute holding ACL `entries` at name index `index` (2: access,
+/// 3: default), in ext4's encoding.
+fn acl_xattr(index: u8, entries: &[crate::format::xattr::acl::Entry]) -> Result<Xattr> {
+    use crate::format::xattr::acl;
+    let value = acl::to_ext4(&acl::encode(entries))
+        .ok_or_else(|| Error::Invalid("malformed POSIX ACL".into()))?;
+    Ok(Xattr {
+        index,
+        name: Vec::new(),
+        value,
+    })
+}
+
 /// How `set_xattr` treats an existing attribute (XATTR_CREATE/REPLACE).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum XattrMode {
@@ -162,17 +175,10 @@ impl Core {
         index: u8,
         entries: Option<&[crate::format::xattr::acl::Entry]>,
     ) -> Result<()> {
-        use crate::format::xattr::acl;
         let mut attrs = self.all_xattrs(inode)?;
         attrs.retain(|x| !(x.index == index && x.name.is_empty()));
         if let Some(e) = entries {
-            let value = acl::to_ext4(&acl::encode(e))
-                .ok_or_else(|| Error::Invalid("malformed POSIX ACL".into()))?;
-            attrs.push(Xattr {
-                index,
-                name: Vec::new(),
-                value,
-            });
+            attrs.push(acl_xattr(index, e)?);
         }
         self.store_xattrs(inode, attrs)
     }
@@ -196,22 +202,10 @@ impl Core {
         inode.set_mode((inode.mode() & !0o777) | bits);
         let mut attrs = Vec::new();
         if not_equiv {
-            let v = acl::to_ext4(&acl::encode(&access))
-                .ok_or_else(|| Error::Invalid("malformed POSIX ACL".into()))?;
-            attrs.push(Xattr {
-                index: 2,
-                name: Vec::new(),
-                value: v,
-            });
+            attrs.push(acl_xattr(2, &access)?);
         }
         if inode.is_dir() {
-            let v = acl::to_ext4(&acl::encode(&default))
-                .ok_or_else(|| Error::Invalid("malformed POSIX ACL".into()))?;
-            attrs.push(Xattr {
-                index: 3,
-                name: Vec::new(),
-                value: v,
-            });
+            attrs.push(acl_xattr(3, &default)?);
         }
         if attrs.is_empty() {
             return Ok(());

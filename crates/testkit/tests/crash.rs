@@ -109,6 +109,20 @@ struct Workload {
     deepest: u16,
 }
 
+/// What fallocate `mode` over `[off, off+len)` does to a file's bytes.
+fn model_fallocate(content: &mut Vec<u8>, mode: u32, off: usize, len: usize) {
+    use folio_ext4::falloc::*;
+    if mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE) != 0 {
+        let stop = (off + len).min(content.len());
+        if off < stop {
+            content[off..stop].fill(0);
+        }
+    }
+    if mode & FALLOC_FL_KEEP_SIZE == 0 && off + len > content.len() {
+        content.resize(off + len, 0);
+    }
+}
+
 fn lookup_path(fs: &mut Filesystem, path: &str) -> (u32, Vec<u8>) {
     let (p, n) = fs.resolve_parent(path).unwrap();
     (p, n.as_bytes().to_vec())
@@ -282,15 +296,7 @@ fn run_workload(seed: u64, bs: u32, steps: usize, small_journal: bool) -> Worklo
                 let (off, len) = (rng.below(40_000) as usize, 1 + rng.below(12_000) as usize);
                 let ino = fs.resolve(path).unwrap();
                 fs.fallocate(ino, mode, off as u64, len as u64).unwrap();
-                if mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE) != 0 {
-                    let stop = (off + len).min(content.len());
-                    if off < stop {
-                        content[off..stop].fill(0);
-                    }
-                }
-                if mode & FALLOC_FL_KEEP_SIZE == 0 && off + len > content.len() {
-                    content.resize(off + len, 0);
-                }
+                model_fallocate(content, mode, off, len);
                 rec.changed.push(tag);
             }
             95..=96 if !tags.is_empty() => {
@@ -502,15 +508,7 @@ fn run_threaded_workload(seed: u64, bs: u32, steps: usize) -> Workload {
                             let (off, len) =
                                 (rng.below(40_000) as usize, 1 + rng.below(12_000) as usize);
                             fs.fallocate(*ino, mode, off as u64, len as u64).unwrap();
-                            if mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE) != 0 {
-                                let stop = (off + len).min(content.len());
-                                if off < stop {
-                                    content[off..stop].fill(0);
-                                }
-                            }
-                            if mode & FALLOC_FL_KEEP_SIZE == 0 && off + len > content.len() {
-                                content.resize(off + len, 0);
-                            }
+                            model_fallocate(content, mode, off, len);
                             rec.changed.push(tag);
                         }
                         80..=96 if !tags.is_empty() => {
