@@ -289,6 +289,9 @@ impl Filesystem {
         if let Some(n) = self.read_cached(ino, offset, buf) {
             return Ok(n);
         }
+        if let Some(n) = self.read_lockless(ino, offset, buf) {
+            return Ok(n);
+        }
         self.core().read(ino, offset, buf)
     }
 
@@ -384,6 +387,12 @@ impl Filesystem {
     /// write traffic the concurrent paths carried.
     pub fn lock_free_write_bytes(&self) -> u64 {
         self.inodes.lock_free_bytes()
+    }
+
+    /// Bytes read since open, without the core lock, from open files whose
+    /// data the cache did not hold.
+    pub fn lock_free_read_bytes(&self) -> u64 {
+        self.inodes.lock_free_fills()
     }
 
     /// The page cache holding this filesystem's file data.

@@ -36,7 +36,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use folio_pagecache::lockdep::{Held, Level};
 
@@ -156,6 +156,12 @@ pub(crate) struct InodeLock<'a> {
     _order: Held,
 }
 
+/// An inode lock held shared (lock-free readers).
+pub(crate) struct InodeReadLock<'a> {
+    _g: RwLockReadGuard<'a, ()>,
+    _order: Held,
+}
+
 impl Drop for InodeLock<'_> {
     fn drop(&mut self) {
         self.info.owner.store(0, Ordering::Release);
@@ -226,6 +232,16 @@ impl InodeInfo {
         InodeLock {
             info: self,
             _g: g,
+            _order: order,
+        }
+    }
+
+    /// Take the inode lock shared: excludes writers and every change of
+    /// the file's size or block map from above, not other readers.
+    pub(crate) fn lock_shared(&self) -> InodeReadLock<'_> {
+        let order = Held::take(Level::Inode, u64::from(self.ino));
+        InodeReadLock {
+            _g: self.rwsem.read().unwrap_or_else(|e| e.into_inner()),
             _order: order,
         }
     }
@@ -402,6 +418,8 @@ pub(crate) struct InodeTable {
     written: AtomicU64,
     /// Bytes written by lock-free writers since open (never reset).
     lock_free_bytes: AtomicU64,
+    /// Bytes read from the device into the cache without the core lock.
+    lock_free_fills: AtomicU64,
     /// Free-space accounting.
     pub(crate) space: Space,
     /// The image has the large_file feature (files may pass 2 GiB
@@ -417,6 +435,7 @@ impl Default for InodeTable {
             writable: AtomicBool::new(true),
             written: AtomicU64::new(0),
             lock_free_bytes: AtomicU64::new(0),
+            lock_free_fills: AtomicU64::new(0),
             space: Space::default(),
             large_file: AtomicBool::new(false),
         }
@@ -537,6 +556,16 @@ impl InodeTable {
     /// Bytes written by lock-free writers since open.
     pub(crate) fn lock_free_bytes(&self) -> u64 {
         self.lock_free_bytes.load(Ordering::Relaxed)
+    }
+
+    /// A lock-free reader read `n` bytes of data the cache did not hold.
+    pub(crate) fn add_fill(&self, n: u64) {
+        self.lock_free_fills.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Bytes lock-free readers have read that the cache did not hold.
+    pub(crate) fn lock_free_fills(&self) -> u64 {
+        self.lock_free_fills.load(Ordering::Relaxed)
     }
 
     /// The bytes lock-free writers wrote since the last call.

@@ -150,8 +150,16 @@ impl IomapOps for Lockless<'_> {
             }
             return Ok(map);
         }
+        let map = describe(map, &d.delalloc, lblk, n, bs);
         if fl == flags::REPORT {
-            return Ok(describe(map, &d.delalloc, lblk, n, bs));
+            return Ok(map);
+        }
+        // A read's fill: holes, unwritten and mapped blocks stay what they
+        // are while the reader holds the inode lock shared (see
+        // `read_lockless`); a delayed run may become mapped under it
+        // (writeback), so it goes through the core.
+        if fl == 0 && map.kind != IomapKind::Delalloc {
+            return Ok(map);
         }
         Err(self.decline())
     }
@@ -186,6 +194,43 @@ impl IomapOps for Lockless<'_> {
 }
 
 impl Filesystem {
+    /// A read of an open file's data that the cache does not hold, without
+    /// the core lock: under the inode lock held shared, which keeps out
+    /// writers and every change of the size or block map from above
+    /// (truncation, fallocate, direct writes), and with an open reference
+    /// (so the file is not freed meanwhile), the holes, unwritten and
+    /// mapped blocks the extent map describes stay what they are while
+    /// the blocks are read into the cache; writeback, which runs alongside,
+    /// only maps delayed runs, and a range with one goes through the core.
+    /// `None`: ask the core.
+    pub(crate) fn read_lockless(&self, ino: u32, offset: u64, buf: &mut [u8]) -> Option<usize> {
+        let obj = self.inodes.get(ino)?;
+        let _shared = obj.lock_shared();
+        if !obj.regular() || obj.open_refs() == 0 || !obj.shape().extents {
+            return None;
+        }
+        let m = self
+            .pc
+            .mapping(u64::from(ino), self.geo.block_size as usize);
+        let mut ops = Lockless {
+            fs: self,
+            obj: &obj,
+            bs: u64::from(self.geo.block_size),
+            inflight: Vec::new(),
+            declined: false,
+            now: Timespec::now(),
+        };
+        let r = folio_iomap::buffered_read(&mut ops, &m, u64::from(ino), obj.size(), offset, buf);
+        if self.pc.over_budget() {
+            self.pc.balance();
+        }
+        // An error here is the device's or the map's: the core reads
+        // again and reports what it finds.
+        let n = r.ok()?;
+        self.inodes.add_fill(n as u64);
+        Some(n)
+    }
+
     /// The lock-free part of a buffered write (see the module): writes as
     /// much of `[offset, offset+len)` as it can, in order. Returns the
     /// bytes written and whether the source stopped short; 0 bytes and

@@ -970,6 +970,14 @@ fn writes_to_an_open_file_go_lock_free_and_reach_the_disk() {
     let mut back = vec![0u8; model.len()];
     assert_eq!(fs.read(f, 0, &mut back).unwrap(), model.len());
     assert!(back == model, "content after reopen");
+    // Open, with its map loaded: a cold read goes without the core lock.
+    fs.open_ref(f);
+    fs.drop_caches();
+    let mut again = vec![0u8; model.len()];
+    assert_eq!(fs.read(f, 0, &mut again).unwrap(), model.len());
+    assert!(again == model, "content read lock-free");
+    assert!(fs.lock_free_read_bytes() >= model.len() as u64);
+    fs.close_ref(f).unwrap();
     fsck_mem(&dev, fs, "lock-free writes");
 }
 
