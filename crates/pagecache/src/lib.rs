@@ -30,7 +30,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 
 /// The base page size; folio sizes are power-of-two multiples of it.
 pub const PAGE_SIZE: usize = 4096;
@@ -624,7 +624,9 @@ pub struct Stats {
 pub struct PageCache {
     shared: Arc<Shared>,
     /// By inode number, in order: reclaim goes round them like a clock.
-    mappings: Mutex<BTreeMap<u64, Arc<AddressSpace>>>,
+    /// Mappings by inode: read by every lookup (shared), written only to
+    /// add or remove one.
+    mappings: RwLock<BTreeMap<u64, Arc<AddressSpace>>>,
     /// The inode number reclaim looks at next.
     reclaim_hand: Mutex<u64>,
     pool: IoPool,
@@ -644,7 +646,7 @@ impl PageCache {
                 reclaimed: AtomicU64::new(0),
                 written_back: AtomicU64::new(0),
             }),
-            mappings: Mutex::new(BTreeMap::new()),
+            mappings: RwLock::new(BTreeMap::new()),
             reclaim_hand: Mutex::new(0),
             pool,
         }
@@ -663,7 +665,10 @@ impl PageCache {
 
     /// The mapping of inode `ino`, created on first use.
     pub fn mapping(&self, ino: u64, block_size: usize) -> Arc<AddressSpace> {
-        let mut m = lock(&self.mappings);
+        if let Some(m) = self.existing(ino) {
+            return m;
+        }
+        let mut m = self.mappings.write().unwrap_or_else(|e| e.into_inner());
         Arc::clone(m.entry(ino).or_insert_with(|| {
             Arc::new(AddressSpace {
                 ino,
@@ -682,13 +687,21 @@ impl PageCache {
 
     /// The mapping of `ino` if it exists.
     pub fn existing(&self, ino: u64) -> Option<Arc<AddressSpace>> {
-        lock(&self.mappings).get(&ino).cloned()
+        self.mappings
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&ino)
+            .cloned()
     }
 
     /// Forget inode `ino` entirely (it was deleted): every folio goes,
     /// dirty or not.
     pub fn remove_mapping(&self, ino: u64) {
-        let m = lock(&self.mappings).remove(&ino);
+        let m = self
+            .mappings
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&ino);
         if let Some(m) = m {
             m.truncate(0);
             let s = &self.shared;
@@ -701,7 +714,10 @@ impl PageCache {
 
     /// Inodes with dirty folios, ascending.
     pub fn dirty_inodes(&self) -> Vec<u64> {
-        let mut v: Vec<u64> = lock(&self.mappings)
+        let mut v: Vec<u64> = self
+            .mappings
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
             .values()
             .filter(|m| m.has_dirty())
             .map(|m| m.ino)
@@ -740,7 +756,11 @@ impl PageCache {
         // A clock over the mappings: stay on one while it yields enough,
         // move on when it does not. At most two turns (the first may only
         // clear referenced bits).
-        let turns = 2 * lock(&self.mappings).len();
+        let turns = 2 * self
+            .mappings
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .len();
         for _ in 0..turns {
             let used = self.used_bytes();
             if used <= budget {
@@ -748,7 +768,7 @@ impl PageCache {
             }
             let hand = *lock(&self.reclaim_hand);
             let next = {
-                let maps = lock(&self.mappings);
+                let maps = self.mappings.read().unwrap_or_else(|e| e.into_inner());
                 maps.range(hand..)
                     .next()
                     .or_else(|| maps.iter().next())
@@ -766,7 +786,13 @@ impl PageCache {
 
     /// Drop every clean folio (echo 1 > drop_caches). Dirty folios stay.
     pub fn drop_clean(&self) -> u64 {
-        let maps: Vec<Arc<AddressSpace>> = lock(&self.mappings).values().cloned().collect();
+        let maps: Vec<Arc<AddressSpace>> = self
+            .mappings
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
         let mut freed = 0;
         for m in maps {
             // Twice: the first pass only clears referenced bits.
@@ -787,7 +813,7 @@ impl PageCache {
 
     pub fn stats(&self) -> Stats {
         let s = &self.shared;
-        let maps = lock(&self.mappings);
+        let maps = self.mappings.read().unwrap_or_else(|e| e.into_inner());
         let per_mapping = |c: fn(&AddressSpace) -> &AtomicU64| -> u64 {
             maps.values().map(|m| c(m).load(Ordering::Relaxed)).sum()
         };
