@@ -437,7 +437,7 @@ impl Filesystem {
     ) -> Result<usize> {
         let obj = self.inodes.obj(ino);
         let _inode = obj.lock();
-        let (mut done, stopped) = self.write_cached(ino, offset, len, src)?;
+        let (mut done, stopped) = self.write_cached(&obj, ino, offset, len, src)?;
         if stopped || done == len {
             return Ok(done);
         }
@@ -544,6 +544,7 @@ impl Filesystem {
     /// before cutting the cache).
     fn write_cached(
         &self,
+        info: &crate::inodes::InodeInfo,
         ino: u32,
         offset: u64,
         len: usize,
@@ -553,9 +554,9 @@ impl Filesystem {
         if len == 0 || !self.inodes.writable() {
             return not_here;
         }
-        let Some(info) = self.inodes.get(ino).filter(|i| i.writable_lock_free()) else {
+        if !info.writable_lock_free() {
             return not_here;
-        };
+        }
         let Some(end) = offset.checked_add(len as u64) else {
             return not_here;
         };

@@ -109,6 +109,24 @@ struct Workload {
     deepest: u16,
 }
 
+/// End a workload as a power cut would (no close), after checking that
+/// writes took the lock-free path and no handle overran its credits;
+/// returns the journal's counts.
+fn crash_now(fs: Filesystem, seed: u64) -> folio_ext4::JournalStats {
+    assert!(
+        fs.lock_free_write_bytes() > 0,
+        "seed {seed}: no write took the lock-free path"
+    );
+    let journal = fs.journal_stats().expect("journalled");
+    let (handles, over) = fs.handle_stats();
+    assert_eq!(
+        over, 0,
+        "seed {seed}: {over} of {handles} handles overran their credits"
+    );
+    fs.abandon();
+    journal
+}
+
 /// What fallocate `mode` over `[off, off+len)` does to a file's bytes.
 fn model_fallocate(content: &mut Vec<u8>, mode: u32, off: usize, len: usize) {
     use folio_ext4::falloc::*;
@@ -369,18 +387,7 @@ fn run_workload(seed: u64, bs: u32, steps: usize, small_journal: bool) -> Worklo
         }
         ops.push(rec);
     }
-    assert!(
-        fs.lock_free_write_bytes() > 0,
-        "seed {seed}: no write took the lock-free path"
-    );
-    // The process dies here: no close.
-    let journal = fs.journal_stats().expect("journalled");
-    let (handles, over) = fs.handle_stats();
-    assert_eq!(
-        over, 0,
-        "seed {seed}: {over} of {handles} handles overran their credits"
-    );
-    fs.abandon();
+    let journal = crash_now(fs, seed);
     Workload {
         base,
         events: dev.events(),
@@ -530,18 +537,7 @@ fn run_threaded_workload(seed: u64, bs: u32, steps: usize) -> Workload {
             });
         }
     });
-    assert!(
-        fs.lock_free_write_bytes() > 0,
-        "seed {seed}: no write took the lock-free path"
-    );
-    let journal = fs.journal_stats().expect("journalled");
-    let (handles, over) = fs.handle_stats();
-    assert_eq!(
-        over, 0,
-        "seed {seed}: {over} of {handles} handles overran their credits"
-    );
-    // The process dies here: no close.
-    fs.abandon();
+    let journal = crash_now(fs, seed);
     let mut ops = ops.into_inner().unwrap();
     ops.sort_by_key(|o: &OpRec| o.step);
     Workload {
