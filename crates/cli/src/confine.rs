@@ -165,6 +165,7 @@ fn allowed_syscalls(host_writes: bool) -> Vec<libc::c_long> {
         libc::SYS_fdatasync,
         libc::SYS_fallocate,
         libc::SYS_fstat,
+        libc::SYS_fstatfs,
         libc::SYS_newfstatat,
         libc::SYS_statx,
         libc::SYS_fcntl,

@@ -90,6 +90,7 @@ fn put_node(
 ) -> Result<(), String> {
     let meta = fs::symlink_metadata(host).map_err(|e| host_err(host, e))?;
     let shown = host.display().to_string();
+    crate::progress::copied(1, 0);
     let ft = meta.file_type();
     if !ft.is_dir() && meta.nlink() > 1 {
         if let Some(&ino) = links.get(&(meta.dev(), meta.ino())) {
@@ -204,6 +205,7 @@ fn copy_in(fs: &mut Filesystem, host: &Path, ino: u32, len: u64) -> Result<(), S
             }
             fs.write(ino, off + i as u64, &buf[i..j])
                 .map_err(|e| e2s(&shown, e))?;
+            crate::progress::copied(0, (j - i) as u64);
             i = j;
         }
         off += n as u64;
@@ -245,6 +247,7 @@ pub fn get(fs: &mut Filesystem, source: &str, dest: &Path) -> Result<(), String>
 
 fn get_node(fs: &mut Filesystem, ino: u32, host: &Path, shown: &str) -> Result<(), String> {
     let st = fs.stat(ino).map_err(|e| e2s(shown, e))?;
+    crate::progress::copied(1, 0);
     match st.file_type {
         FileType::Directory => {
             match fs::create_dir(host) {
@@ -265,6 +268,25 @@ fn get_node(fs: &mut Filesystem, ino: u32, host: &Path, shown: &str) -> Result<(
             // holes stay holes on the host, so a sparse file (or a damaged
             // size field) costs the host no more than the data.
             use std::os::unix::fs::FileExt;
+            // Refused before it is made if the host cannot hold its data
+            // (what the image allocates for it: holes cost nothing).
+            let parent = match host.parent() {
+                Some(p) if !p.as_os_str().is_empty() => p,
+                _ => Path::new("."),
+            };
+            let need = st.blocks_512.saturating_mul(512);
+            if need > 0 {
+                let dir = fs::File::open(parent).map_err(|e| host_err(parent, e))?;
+                let free = crate::hostxattr::free_bytes(&dir).map_err(|e| host_err(parent, e))?;
+                if need > free {
+                    return Err(format!(
+                        "{}: no space left on the host: {shown} holds {need} bytes of data, \
+                         {} has {free} bytes free",
+                        host.display(),
+                        parent.display()
+                    ));
+                }
+            }
             let f = fs::File::create(host).map_err(|e| host_err(host, e))?;
             let mut buf = vec![0u8; CHUNK];
             let size = st.size;
@@ -291,6 +313,7 @@ fn get_node(fs: &mut Filesystem, ino: u32, host: &Path, shown: &str) -> Result<(
                     }
                     f.write_all_at(&buf[..n], pos)
                         .map_err(|e| host_err(host, e))?;
+                    crate::progress::copied(0, n as u64);
                     pos += n as u64;
                 }
                 off = hole.max(data + 1);

@@ -96,3 +96,19 @@ pub fn set_times_nofollow(p: &Path, atime: (i64, u32), mtime: (i64, u32)) -> io:
         Err(io::Error::last_os_error())
     }
 }
+
+/// Bytes an unprivileged writer may still use on the filesystem holding
+/// the open file or directory `f` (statfs's f_bavail).
+pub fn free_bytes(f: &std::fs::File) -> io::Result<u64> {
+    use std::os::fd::AsRawFd;
+    let mut st = std::mem::MaybeUninit::<libc::statfs>::zeroed();
+    // SAFETY: the descriptor is open for the duration of the call and `st`
+    // points to writable memory the size of a statfs.
+    let r = unsafe { libc::fstatfs(f.as_raw_fd(), st.as_mut_ptr()) };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fstatfs succeeded, so it filled the struct.
+    let st = unsafe { st.assume_init() };
+    Ok(st.f_bavail.saturating_mul(st.f_frsize as u64))
+}

@@ -11,6 +11,7 @@ pub mod hostxattr;
 pub mod image;
 pub mod io;
 pub mod mount;
+pub mod progress;
 pub mod show;
 pub mod torture;
 

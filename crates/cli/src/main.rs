@@ -116,6 +116,11 @@ enum Cmd {
         /// `clear`.
         #[arg(short = 'U', value_name = "UUID")]
         uuid: Option<String>,
+        /// Features, comma-separated, as mke2fs: `name` to add one,
+        /// `^name` to remove one, `none` to start from nothing (given more
+        /// than once, the lists are applied in order).
+        #[arg(short = 'O', value_name = "FEATURES")]
+        features: Vec<String>,
         /// Extended options, comma-separated: `root_owner[=UID:GID]`
         /// (default: the caller's), and the accepted no-ops
         /// `lazy_itable_init[=N]`, `lazy_journal_init[=N]`, `discard`,
@@ -148,6 +153,9 @@ enum Cmd {
         source: PathBuf,
         /// Destination path in the image.
         dest: String,
+        /// No progress bar (bars are drawn only on a terminal).
+        #[arg(short = 'q', long)]
+        quiet: bool,
     },
     /// Copy a file or tree out of the image.
     Get {
@@ -160,6 +168,9 @@ enum Cmd {
         /// aes-xts-plain64:KEYFILE) while copying one file.
         #[arg(long, value_name = "SPEC")]
         transform: Option<String>,
+        /// No progress bar (bars are drawn only on a terminal).
+        #[arg(short = 'q', long)]
+        quiet: bool,
     },
     /// Remove files (and with -r, directories).
     Rm {
@@ -268,7 +279,12 @@ enum Cmd {
     },
     /// Replay the journal if it needs recovery, process orphans, and exit
     /// (like `e2fsck -E journal_only`).
-    Recover { image: PathBuf },
+    Recover {
+        image: PathBuf,
+        /// No progress bar (bars are drawn only on a terminal).
+        #[arg(short = 'q', long)]
+        quiet: bool,
+    },
     /// Write-heavy workload for crash tests: creates and rewrites files
     /// with deterministic contents, fsyncs, and prints `synced NAME LEN
     /// SEED` for each file once durable. Runs until killed or --ops.
@@ -298,6 +314,9 @@ enum Cmd {
         /// Check even if the image seems clean (folio always does).
         #[arg(short = 'f')]
         force: bool,
+        /// No progress bar (bars are drawn only on a terminal).
+        #[arg(short = 'q', long)]
+        quiet: bool,
     },
     /// Benchmark the library data path against the kernel's ext4 (loop
     /// mount of an identical image; needs root for the kernel column).
@@ -379,8 +398,12 @@ fn ctx<T>(r: folio_ext4::Result<T>, what: &str) -> Result<T, String> {
     r.map_err(|e| format!("{what}: {e}"))
 }
 
-/// Make the filesystem; the number of inodes made.
-fn mkfs(image: &Path, size: Option<&str>, opts: MkfsOptions, quiet: bool) -> Result<u32, String> {
+/// Make the filesystem; what was made.
+fn mkfs(
+    image: &Path,
+    size: Option<&str>,
+    opts: MkfsOptions,
+) -> Result<folio_ext4::mkfs::Report, String> {
     let size = match size {
         Some(s) => Some(folio_cli::parse_size(s)?),
         None => None,
@@ -406,10 +429,7 @@ fn mkfs(image: &Path, size: Option<&str>, opts: MkfsOptions, quiet: bool) -> Res
         None => folio_ext4::mkfs::mkfs_path(image, size, &opts),
     }
     .map_err(|e| format!("{}: {e}", image.display()))?;
-    if !quiet {
-        println!("{report}");
-    }
-    Ok(report.inodes)
+    Ok(report)
 }
 
 /// `-N` asked for more inodes than fit (one inode bitmap block per group:
@@ -462,6 +482,7 @@ fn run(cli: Cli) -> CliResult {
             inodes,
             usage,
             uuid,
+            features,
             extended,
         } => {
             if !force && !dry_run {
@@ -582,7 +603,15 @@ fn run(cli: Cli) -> CliResult {
                 Some("clear") => Some([0u8; 16]),
                 Some(u) => Some(parse_uuid(u).ok_or_else(|| format!("invalid UUID {u:?}"))?),
             };
+            let features = {
+                let mut f = folio_ext4::mkfs::Features::defaults(fs_type);
+                for list in &features {
+                    f.edit(list).map_err(|e| e.to_string())?;
+                }
+                f
+            };
             let opts = MkfsOptions {
+                features: Some(features),
                 fs_type,
                 block_size,
                 label: label.unwrap_or_default(),
@@ -606,8 +635,20 @@ fn run(cli: Cli) -> CliResult {
                 warn_inodes(inodes, report.inodes);
                 return Ok(());
             }
-            let made = mkfs(&image, size.as_deref(), opts, quiet)?;
-            warn_inodes(inodes, made);
+            let bar = folio_cli::progress::bar("mkfs", "groups", 0, quiet);
+            let opts = MkfsOptions {
+                progress: bar.as_ref().map(folio_cli::progress::ext4),
+                ..opts
+            };
+            let made = mkfs(&image, size.as_deref(), opts);
+            if let Some(b) = bar {
+                b.finish_and_clear();
+            }
+            let report = made?;
+            if !quiet {
+                println!("{report}");
+            }
+            warn_inodes(inodes, report.inodes);
             Ok(())
         }
         Cmd::Info { image } => {
@@ -637,10 +678,13 @@ fn run(cli: Cli) -> CliResult {
             image,
             source,
             dest,
+            quiet,
         } => {
             let mut fs = open(&image, false)?;
             // Committed either way: a failed copy has removed what it made.
+            folio_cli::progress::copy_start("put", quiet);
             let r = copy::put(&mut fs, &source, &dest);
+            folio_cli::progress::copy_done();
             let closed = ctx(fs.close(), "sync");
             r.and(closed)
         }
@@ -649,6 +693,7 @@ fn run(cli: Cli) -> CliResult {
             source,
             dest,
             transform: Some(t),
+            quiet: _,
         } => {
             let t = folio_nbd::Transform::parse(&t).map_err(|e| e.to_string())?;
             let fs = open(&image, true)?;
@@ -659,6 +704,7 @@ fn run(cli: Cli) -> CliResult {
             source,
             dest,
             transform: None,
+            quiet,
         } => {
             let mut fs = open(&image, true)?;
             if !NO_CONFINE.get().copied().unwrap_or(false) {
@@ -684,7 +730,10 @@ fn run(cli: Cli) -> CliResult {
                     );
                 }
             }
-            copy::get(&mut fs, &source, &dest)
+            folio_cli::progress::copy_start("get", quiet);
+            let r = copy::get(&mut fs, &source, &dest);
+            folio_cli::progress::copy_done();
+            r
         }
         Cmd::Rm {
             image,
@@ -804,8 +853,13 @@ fn run(cli: Cli) -> CliResult {
             ctx(fs.close(), "sync")?;
             r
         }
-        Cmd::Recover { image } => {
-            let fs = open(&image, false)?;
+        Cmd::Recover { image, quiet } => {
+            let spin = folio_cli::progress::spinner("recovering the journal", quiet);
+            let fs = open(&image, false);
+            if let Some(s) = spin {
+                s.finish_and_clear();
+            }
+            let fs = fs?;
             match fs.recovery_report() {
                 Some(r) => println!(
                     "{}: replayed {} transaction(s), {} block(s) written, {} revoked ({})",
@@ -849,9 +903,17 @@ fn run(cli: Cli) -> CliResult {
             yes,
             preen,
             force: _,
+            quiet,
         } => {
-            // e2fsck's exit codes: 8 for an operational error.
-            let checked = open_confined(&image).and_then(|fs| ctx(fs.check_counts(), "check"));
+            // e2fsck's exit codes: 8 for an operational error. The bar is
+            // made before the open confines the process.
+            let bar = folio_cli::progress::bar("check", "groups", 0, quiet);
+            let progress = bar.as_ref().map(folio_cli::progress::ext4);
+            let checked = open_confined(&image)
+                .and_then(|fs| ctx(fs.check_counts(progress.as_ref()), "check"));
+            if let Some(b) = bar {
+                b.finish_and_clear();
+            }
             let problems = match checked {
                 Ok(p) => p,
                 Err(e) => {

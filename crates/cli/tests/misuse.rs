@@ -239,6 +239,29 @@ fn get_keeps_holes_and_symlink_times() {
     let got = std::fs::symlink_metadata(back.join("ln")).unwrap();
     assert!(got.file_type().is_symlink());
     assert_eq!(got.mtime(), want, "the symlink's mtime was not kept");
+    // A file with more data than the host has room for is refused before
+    // it is made (root: a 1 MiB tmpfs as the host side).
+    std::fs::write(src.join("big"), vec![0x5Au8; 3 << 20]).unwrap();
+    ok(&[&"put", &img, &src.join("big"), &"/big"]);
+    if unsafe_free_is_root() {
+        let small = dir.join("small");
+        std::fs::create_dir(&small).unwrap();
+        let st = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+            .arg(&small)
+            .status()
+            .unwrap();
+        assert!(st.success(), "mount tmpfs");
+        let o = folio(&[&"get", &img, &"/big", &small.join("big")]);
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        let made = small.join("big").exists();
+        let _ = Command::new("umount").arg(&small).status();
+        assert!(!o.status.success(), "get into a full host succeeded");
+        assert!(err.contains("no space left on the host"), "{err}");
+        assert!(!made, "the refused file was made");
+    } else {
+        assert!(std::env::var_os("CI").is_none(), "CI runs as root");
+    }
     e2fsck_clean(&img);
 }
 
@@ -454,11 +477,42 @@ fn mkfs_n_m_u_e_t_follow_mke2fs() {
         st.contains("Uid: ( 1000)") && st.contains("Gid: ( 1001)"),
         "{st}"
     );
+    // -O, given twice: the lists apply in order.
+    ok(&[
+        &"mkfs",
+        &"-q",
+        &"-F",
+        &"-O",
+        &"^has_journal,^metadata_csum",
+        &"-O",
+        &"uninit_bg",
+        &img,
+    ]);
+    e2fsck_clean(&img);
+    let info = ok(&[&"info", &img]);
+    let features = info
+        .lines()
+        .find(|l| l.starts_with("Filesystem features"))
+        .unwrap_or_default();
+    assert!(
+        features.contains("uninit_bg")
+            && features.contains("extent")
+            && !features.contains("has_journal")
+            && !features.contains("metadata_csum"),
+        "{features}"
+    );
     for (args, why) in [
         (vec!["-T", "tiny"], "usage type"),
         (vec!["-E", "stride=4"], "not supported"),
         (vec!["-m", "60"], "reserved blocks percent"),
         (vec!["-U", "nonsense"], "invalid UUID"),
+        (
+            vec!["-O", "inline_data"],
+            "cannot make the inline_data feature",
+        ),
+        (vec!["-O", "bogus"], "invalid filesystem option"),
+        (vec!["-O", "^extent"], "extents must be enabled"),
+        (vec!["-O", "^sparse_super"], "non-sparse"),
     ] {
         let mut a: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![&"mkfs", &"-F"];
         for x in &args {
@@ -564,4 +618,73 @@ fn read_only_commands_are_confined() {
     );
     e2fsck_clean(&img);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Point 9: long work shows a progress bar on a terminal (here a pty made
+/// by script(1)), and nothing in a pipe or with -q.
+#[test]
+fn progress_bars_only_on_a_terminal() {
+    if Command::new("script").arg("-V").output().is_err() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "script(1) is missing under CI"
+        );
+        eprintln!("SKIP: script(1) is not installed");
+        return;
+    }
+    let dir = tmp("progress");
+    let img = dir.join("p.img");
+    // An existing file: mkfs writes every inode table, so it takes a while.
+    std::fs::File::create(&img)
+        .and_then(|f| f.set_len(2 << 30))
+        .unwrap();
+    let bin = env!("CARGO_BIN_EXE_folio");
+    let on_tty = |cmd: &str| -> String {
+        let o = Command::new("script")
+            .args(["-qec", cmd, "/dev/null"])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{cmd}: {o:?}");
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let shown = on_tty(&format!("{bin} mkfs -F {}", img.display()));
+    assert!(
+        shown.contains("mkfs [") && shown.contains("groups"),
+        "{shown}"
+    );
+    assert!(shown.contains("Creating filesystem"), "{shown}");
+    let quiet = on_tty(&format!("{bin} mkfs -F -q {}", img.display()));
+    assert!(!quiet.contains("groups"), "-q: {quiet}");
+    let src = dir.join("tree");
+    std::fs::create_dir_all(src.join("d")).unwrap();
+    for i in 0..50 {
+        std::fs::write(src.join("d").join(format!("f{i}")), vec![7u8; 5000]).unwrap();
+    }
+    let shown = on_tty(&format!("{bin} put {} {} /t", img.display(), src.display()));
+    assert!(
+        shown.contains("put ") && shown.contains("entries"),
+        "{shown}"
+    );
+    let shown = on_tty(&format!("{bin} check {}", img.display()));
+    assert!(
+        shown.contains("check [") && shown.contains("counters match"),
+        "{shown}"
+    );
+    // Piped: nothing but the command's own output.
+    let o = folio(&[&"mkfs", &"-F", &img]);
+    assert!(o.status.success());
+    assert!(
+        o.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let o = folio(&[&"put", &img, &src, &"/t"]);
+    assert!(o.status.success() && o.stderr.is_empty(), "{o:?}");
+    let o = folio(&[&"check", &img]);
+    assert!(o.status.success() && o.stderr.is_empty(), "{o:?}");
+    let out = dir.join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    let o = folio(&[&"get", &img, &"/t", &out]);
+    assert!(o.status.success() && o.stderr.is_empty(), "{o:?}");
+    e2fsck_clean(&img);
 }

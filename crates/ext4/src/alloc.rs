@@ -90,11 +90,10 @@ impl Core {
             .div_ceil(u64::from(self.geo.block_size));
         let end = start + count as u64;
         for gd in &self.groups {
+            // Only the part of [b, b + len) inside this group.
             let mut mark = |b: u64, len: u64| {
-                for x in b..b + len {
-                    if x >= start && x < end {
-                        set_bit(&mut bm, (x - start) as usize);
-                    }
+                for x in b.max(start)..b.saturating_add(len).min(end) {
+                    set_bit(&mut bm, (x - start) as usize);
                 }
             };
             mark(gd.block_bitmap(), 1);
@@ -485,10 +484,13 @@ impl Core {
 
     /// Count free blocks and inodes from the bitmaps and compare them with
     /// the descriptors and superblock. Returns a list of mismatches.
-    pub fn check_counts(&mut self) -> Result<Vec<String>> {
+    pub fn check_counts(&mut self, progress: Option<&crate::Progress>) -> Result<Vec<String>> {
         let mut problems = Vec::new();
         let (mut fb, mut fi) = (0u64, 0u64);
         for g in 0..self.geo.group_count {
+            if let Some(p) = progress {
+                p.report(u64::from(g), u64::from(self.geo.group_count));
+            }
             let bm = self.load_block_bitmap(g)?;
             let n = self.group_block_count(g) as usize;
             let free = (0..n).filter(|&i| !bit(&bm, i)).count() as u64;

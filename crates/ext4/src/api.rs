@@ -685,8 +685,9 @@ impl Filesystem {
         /// Drop clean cached data; returns the bytes freed.
         fn drop_caches(&self) -> u64;
         fn read_dir(&self, ino: u32) -> Result<Vec<DirEntry>>;
-        /// Compare the free counts with the bitmaps; the differences found.
-        fn check_counts(&self) -> Result<Vec<String>>;
+        /// Compare the free counts with the bitmaps; the differences found
+        /// (`progress` is told of each block group).
+        fn check_counts(&self, progress: Option<&crate::Progress>) -> Result<Vec<String>>;
     }
 }
 

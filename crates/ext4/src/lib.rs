@@ -26,6 +26,7 @@ pub(crate) mod lockless;
 pub mod mkfs;
 pub(crate) mod mmp;
 pub mod ops;
+pub mod progress;
 pub mod xattrs;
 
 pub use api::Filesystem;
@@ -39,4 +40,5 @@ pub use format::inode::{FileType, ROOT_INO};
 pub use format::Timespec;
 pub use fs::OpenOptions;
 pub use ops::{Caller, OpenFlags, Owner, RenameFlags, SetAttr, Stat, StatFs};
+pub use progress::Progress;
 pub use xattrs::XattrMode;

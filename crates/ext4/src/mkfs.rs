@@ -14,7 +14,7 @@ use folio_blockdev::{BlockDevice, FileDevice};
 use crate::error::{Error, Result};
 use crate::format::dirent::{write_entry, TAIL_LEN};
 use crate::format::extent::{Extent, MAX_INIT_LEN};
-use crate::format::group::{GroupDesc, BG_INODE_UNINIT, BG_INODE_ZEROED};
+use crate::format::group::{GroupDesc, BG_BLOCK_UNINIT, BG_INODE_UNINIT, BG_INODE_ZEROED};
 use crate::format::inode::{Inode, JOURNAL_INO, RESIZE_INO, ROOT_INO, S_IFDIR, S_IFREG};
 use crate::format::superblock::{
     compat, incompat, ro_compat, Superblock, FLAG_SIGNED_HASH, MAGIC, STATE_VALID,
@@ -53,6 +53,175 @@ pub struct MkfsOptions {
     /// Journal size in bytes (mke2fs `-J size=`); `None` takes mke2fs's
     /// table. At least 1,024 blocks, as jbd2 requires.
     pub journal_bytes: Option<u64>,
+    /// Feature bits (mke2fs `-O`); `None` takes `fs_type`'s defaults.
+    pub features: Option<Features>,
+    /// Told of each block group as it is written.
+    pub progress: Option<crate::Progress>,
+}
+
+/// The feature bits of a new filesystem, as mke2fs.conf's defaults give
+/// them and mke2fs's `-O` edits them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Features {
+    pub compat: u32,
+    pub incompat: u32,
+    pub ro_compat: u32,
+}
+
+/// Which of the three feature words a bit is in.
+#[derive(Clone, Copy)]
+enum Word {
+    Compat,
+    Incompat,
+    RoCompat,
+}
+
+/// The features folio's mkfs can make, by mke2fs's names.
+const MAKEABLE: &[(&str, Word, u32)] = &[
+    ("has_journal", Word::Compat, compat::HAS_JOURNAL),
+    ("ext_attr", Word::Compat, compat::EXT_ATTR),
+    ("resize_inode", Word::Compat, compat::RESIZE_INODE),
+    ("dir_index", Word::Compat, compat::DIR_INDEX),
+    ("filetype", Word::Incompat, incompat::FILETYPE),
+    ("extent", Word::Incompat, incompat::EXTENTS),
+    ("extents", Word::Incompat, incompat::EXTENTS),
+    ("64bit", Word::Incompat, incompat::BIT64),
+    ("flex_bg", Word::Incompat, incompat::FLEX_BG),
+    ("large_dir", Word::Incompat, incompat::LARGEDIR),
+    ("sparse_super", Word::RoCompat, ro_compat::SPARSE_SUPER),
+    ("large_file", Word::RoCompat, ro_compat::LARGE_FILE),
+    ("huge_file", Word::RoCompat, ro_compat::HUGE_FILE),
+    ("uninit_bg", Word::RoCompat, ro_compat::GDT_CSUM),
+    ("uninit_groups", Word::RoCompat, ro_compat::GDT_CSUM),
+    ("dir_nlink", Word::RoCompat, ro_compat::DIR_NLINK),
+    ("extra_isize", Word::RoCompat, ro_compat::EXTRA_ISIZE),
+    ("metadata_csum", Word::RoCompat, ro_compat::METADATA_CSUM),
+];
+
+/// Features mke2fs knows that folio reads but cannot make yet.
+const NOT_MAKEABLE: &[&str] = &[
+    "sparse_super2",
+    "fast_commit",
+    "stable_inodes",
+    "orphan_file",
+    "meta_bg",
+    "mmp",
+    "ea_inode",
+    "metadata_csum_seed",
+    "inline_data",
+    "encrypt",
+    "casefold",
+    "bigalloc",
+    "quota",
+    "project",
+    "verity",
+    "journal_dev",
+];
+
+impl Features {
+    /// mke2fs.conf's defaults for a filesystem type (e2fsprogs 1.47).
+    pub fn defaults(t: FsType) -> Features {
+        let mut f = Features {
+            compat: compat::EXT_ATTR | compat::RESIZE_INODE | compat::DIR_INDEX,
+            incompat: incompat::FILETYPE,
+            ro_compat: ro_compat::SPARSE_SUPER | ro_compat::LARGE_FILE,
+        };
+        if t != FsType::Ext2 {
+            f.compat |= compat::HAS_JOURNAL;
+        }
+        if t == FsType::Ext4 {
+            f.incompat |= incompat::EXTENTS | incompat::BIT64 | incompat::FLEX_BG;
+            f.ro_compat |= ro_compat::HUGE_FILE
+                | ro_compat::DIR_NLINK
+                | ro_compat::EXTRA_ISIZE
+                | ro_compat::METADATA_CSUM;
+        }
+        f
+    }
+
+    /// Apply mke2fs's `-O` list: comma-separated names, `^name` to clear
+    /// one, `none` to clear all.
+    pub fn edit(&mut self, list: &str) -> Result<()> {
+        for item in list.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+            if item == "none" || item == "^none" {
+                *self = Features {
+                    compat: 0,
+                    incompat: 0,
+                    ro_compat: 0,
+                };
+                continue;
+            }
+            let (on, name) = match item.strip_prefix('^') {
+                Some(n) => (false, n),
+                None => (true, item),
+            };
+            let Some(&(_, word, bit)) = MAKEABLE.iter().find(|(n, _, _)| *n == name) else {
+                if NOT_MAKEABLE.contains(&name) {
+                    return Err(Error::Unsupported(format!(
+                        "-O {item}: folio's mkfs cannot make the {name} feature yet"
+                    )));
+                }
+                return Err(Error::Invalid(format!(
+                    "-O {item}: invalid filesystem option"
+                )));
+            };
+            let w = match word {
+                Word::Compat => &mut self.compat,
+                Word::Incompat => &mut self.incompat,
+                Word::RoCompat => &mut self.ro_compat,
+            };
+            if on {
+                *w |= bit;
+            } else {
+                *w &= !bit;
+            }
+        }
+        // As mke2fs: metadata_csum supersedes uninit_bg.
+        if self.ro_compat & ro_compat::METADATA_CSUM != 0 {
+            self.ro_compat &= !ro_compat::GDT_CSUM;
+        }
+        Ok(())
+    }
+
+    fn check(&self, blocks: u64, bs: u32) -> Result<()> {
+        if self.incompat & incompat::BIT64 != 0 && self.incompat & incompat::EXTENTS == 0 {
+            return Err(Error::Invalid(
+                "extents must be enabled for a 64-bit filesystem (-O extent)".into(),
+            ));
+        }
+        if self.compat(compat::RESIZE_INODE) && !self.ro_compat(ro_compat::SPARSE_SUPER) {
+            return Err(Error::Invalid(
+                "reserved online resize blocks not supported on non-sparse filesystem \
+                 (-O ^resize_inode)"
+                    .into(),
+            ));
+        }
+        if self.incompat & incompat::BIT64 == 0 && blocks > u64::from(u32::MAX) {
+            return Err(Error::Invalid(format!(
+                "{blocks} blocks of {bs} bytes cannot be expressed in 32 bits: \
+                 enable the 64bit feature"
+            )));
+        }
+        Ok(())
+    }
+
+    fn compat(&self, bit: u32) -> bool {
+        self.compat & bit != 0
+    }
+    fn incompat(&self, bit: u32) -> bool {
+        self.incompat & bit != 0
+    }
+    fn ro_compat(&self, bit: u32) -> bool {
+        self.ro_compat & bit != 0
+    }
+}
+
+impl MkfsOptions {
+    /// The feature bits to make: `features`, or the type's defaults.
+    pub fn features(&self) -> Features {
+        self.features
+            .unwrap_or_else(|| Features::defaults(self.fs_type))
+    }
 }
 
 impl Default for MkfsOptions {
@@ -68,6 +237,8 @@ impl Default for MkfsOptions {
             root_owner: Owner::default(),
             device_zeroed: false,
             journal_bytes: None,
+            features: None,
+            progress: None,
         }
     }
 }
@@ -223,6 +394,94 @@ fn set(b: &mut [u8], i: usize) {
     b[i / 8] |= 1 << (i % 8);
 }
 
+/// Set every bit of `b` from bit `from` on (the padding past a group's
+/// end).
+fn set_from(b: &mut [u8], from: usize) {
+    let whole = from.div_ceil(8);
+    for i in from..(whole * 8).min(b.len() * 8) {
+        set(b, i);
+    }
+    if whole < b.len() {
+        b[whole..].fill(0xFF);
+    }
+}
+
+/// One bit per block of the filesystem being made, set where mkfs put
+/// metadata: 32 MiB for a 1 TiB filesystem of 4 KiB blocks, copied into
+/// group bitmaps a word at a time.
+struct UsedMap {
+    words: Vec<u64>,
+    len: u64,
+}
+
+impl UsedMap {
+    fn new(len: u64) -> Self {
+        UsedMap {
+            words: vec![0; len.div_ceil(64) as usize],
+            len,
+        }
+    }
+
+    fn len(&self) -> u64 {
+        self.len
+    }
+
+    fn get(&self, b: u64) -> bool {
+        self.words[(b / 64) as usize] & (1 << (b % 64)) != 0
+    }
+
+    fn set_range(&mut self, start: u64, len: u64) {
+        let mut b = start;
+        let end = start + len;
+        while b < end {
+            let (w, s) = ((b / 64) as usize, b % 64);
+            let n = (64 - s).min(end - b);
+            let mask = if n == 64 {
+                u64::MAX
+            } else {
+                ((1u64 << n) - 1) << s
+            };
+            self.words[w] |= mask;
+            b += n;
+        }
+    }
+
+    /// The 64 bits from bit `at` on (zeros past the end).
+    fn word_at(&self, at: u64) -> u64 {
+        let (w, s) = ((at / 64) as usize, at % 64);
+        let lo = self.words.get(w).copied().unwrap_or(0) >> s;
+        if s == 0 {
+            lo
+        } else {
+            lo | self.words.get(w + 1).copied().unwrap_or(0) << (64 - s)
+        }
+    }
+
+    /// Copy bits `[start, start + n)` into the bitmap `out` (bit 0 is
+    /// `start`); the number of them set.
+    fn copy_into(&self, start: u64, n: u64, out: &mut [u8]) -> u64 {
+        let mut set = 0;
+        let mut i = 0u64;
+        while i < n {
+            let mut w = self.word_at(start + i);
+            let take = (n - i).min(64);
+            if take < 64 {
+                w &= (1u64 << take) - 1;
+            }
+            // Most of a new filesystem is free: `out` starts zeroed.
+            if w != 0 {
+                set += u64::from(w.count_ones());
+                let at = (i / 8) as usize;
+                let bytes = w.to_le_bytes();
+                let k = (take.div_ceil(8) as usize).min(out.len() - at);
+                out[at..at + k].copy_from_slice(&bytes[..k]);
+            }
+            i += 64;
+        }
+        set
+    }
+}
+
 /// Make a filesystem on the first `size_bytes` of `dev`.
 /// The layout mkfs would make: sizes, counts and the journal, decided
 /// before anything is written.
@@ -265,9 +524,11 @@ fn plan(size_bytes: u64, opts: &MkfsOptions) -> Result<Plan> {
     if opts.label.len() > 16 {
         return Err(Error::Invalid("label is longer than 16 bytes".into()));
     }
-    let journal = opts.fs_type != FsType::Ext2;
+    let features = opts.features();
+    let journal = features.compat(compat::HAS_JOURNAL);
     let bsz = u64::from(bs);
     let mut blocks = size_bytes / bsz;
+    features.check(blocks, bs)?;
     let fdb: u64 = if bs == 1024 { 1 } else { 0 };
     // Free counts are 16-bit per group in 32-byte descriptors: mke2fs caps at 65528.
     let bpg = (bs * 8).min(65528);
@@ -360,31 +621,28 @@ pub fn mkfs(dev: Arc<dyn BlockDevice>, size_bytes: u64, opts: &MkfsOptions) -> R
         ipg,
         jblocks,
     } = layout;
-    let ext4 = opts.fs_type == FsType::Ext4;
+    let features = opts.features();
     let bsz = u64::from(bs);
     let itable_for = |ipg: u32| (u64::from(ipg) * u64::from(inode_size)).div_ceil(bsz);
     // Superblock.
     let mut sb = Superblock::zeroed();
-    let mut f_compat = compat::EXT_ATTR | compat::DIR_INDEX;
-    let mut f_incompat = incompat::FILETYPE;
-    let mut f_ro = ro_compat::SPARSE_SUPER | ro_compat::LARGE_FILE;
     // has_journal is set by make_journal once the journal exists (phase 2
     // runs unjournalled).
-    if ext4 {
-        f_incompat |= incompat::EXTENTS | incompat::BIT64 | incompat::FLEX_BG;
-        f_ro |= ro_compat::HUGE_FILE
-            | ro_compat::DIR_NLINK
-            | ro_compat::EXTRA_ISIZE
-            | ro_compat::METADATA_CSUM;
-    }
-    let resize = blocks < (1u64 << 32) - 1;
-    if resize {
-        f_compat |= compat::RESIZE_INODE;
+    let mut f_compat = features.compat & !compat::HAS_JOURNAL;
+    let resize = features.compat(compat::RESIZE_INODE) && blocks < (1u64 << 32) - 1;
+    if !resize {
+        f_compat &= !compat::RESIZE_INODE;
     }
     sb.set_feature_compat(f_compat);
-    sb.set_feature_incompat(f_incompat);
-    sb.set_feature_ro_compat(f_ro);
-    let desc_size: u32 = if ext4 { 64 } else { 32 };
+    sb.set_feature_incompat(features.incompat);
+    sb.set_feature_ro_compat(features.ro_compat);
+    let flex_bg = features.incompat(incompat::FLEX_BG);
+    let metadata_csum = features.ro_compat(ro_compat::METADATA_CSUM);
+    let desc_size: u32 = if features.incompat(incompat::BIT64) {
+        64
+    } else {
+        32
+    };
     let gdt_blocks = groups.div_ceil(bs / desc_size);
     let rsv_gdt: u32 = if resize {
         let max_blocks = if blocks < u64::from(u32::MAX) / 1024 {
@@ -433,39 +691,47 @@ pub fn mkfs(dev: Arc<dyn BlockDevice>, size_bytes: u64, opts: &MkfsOptions) -> R
     }));
     sb.set_def_hash_version(crate::format::hash::HALF_MD4);
     sb.set_flags(FLAG_SIGNED_HASH);
-    if ext4 {
+    if desc_size == 64 {
         sb.set_desc_size(64);
+    }
+    // As mke2fs, whatever the features: the inodes made have 32 extra bytes.
+    if inode_size > 128 {
         sb.set_min_extra_isize(32);
         sb.set_want_extra_isize(32);
+    }
+    if flex_bg {
         sb.set_log_groups_per_flex(4);
+    }
+    if metadata_csum {
         sb.set_checksum_type(1);
     }
     sb.set_default_mount_opts(0x0004 | 0x0008); // user_xattr, acl
     sb.set_mkfs_time(now.sec as u32);
 
     // Layout: a used-block map over the whole filesystem.
-    let nblocks = blocks as usize;
-    let mut used = vec![false; nblocks];
-    for u in used.iter_mut().take(fdb as usize) {
-        *u = true;
-    }
+    let mut used = UsedMap::new(blocks);
+    used.set_range(0, fdb);
     let group_start = |g: u32| fdb + u64::from(g) * u64::from(bpg);
     let group_len = |g: u32| (blocks - group_start(g)).min(u64::from(bpg));
-    for g in 0..groups {
+    // Superblock, descriptors and reserved descriptors at a group's start.
+    let sb_gdt_len = |g: u32| {
         if has_super(&sb, g) {
-            let n = 1 + u64::from(gdt_blocks) + u64::from(rsv_gdt);
-            if n > group_len(g) {
-                return Err(Error::Invalid(
-                    "filesystem too small for its group descriptors".into(),
-                ));
-            }
-            for b in group_start(g)..group_start(g) + n {
-                used[b as usize] = true;
-            }
+            1 + u64::from(gdt_blocks) + u64::from(rsv_gdt)
+        } else {
+            0
         }
+    };
+    for g in 0..groups {
+        let n = sb_gdt_len(g);
+        if n > group_len(g) {
+            return Err(Error::Invalid(
+                "filesystem too small for its group descriptors".into(),
+            ));
+        }
+        used.set_range(group_start(g), n);
     }
-    let alloc_run = |used: &mut Vec<bool>, goal: u64, len: u64| -> Result<u64> {
-        let n = used.len() as u64;
+    let alloc_run = |used: &mut UsedMap, goal: u64, len: u64| -> Result<u64> {
+        let n = used.len();
         let mut start = goal.max(fdb);
         let mut wrapped = false;
         loop {
@@ -479,12 +745,10 @@ pub fn mkfs(dev: Arc<dyn BlockDevice>, size_bytes: u64, opts: &MkfsOptions) -> R
                 start = fdb;
                 continue;
             }
-            match (start..start + len).find(|&b| used[b as usize]) {
+            match (start..start + len).find(|&b| used.get(b)) {
                 Some(b) => start = b + 1,
                 None => {
-                    for b in start..start + len {
-                        used[b as usize] = true;
-                    }
+                    used.set_range(start, len);
                     return Ok(start);
                 }
             }
@@ -494,7 +758,7 @@ pub fn mkfs(dev: Arc<dyn BlockDevice>, size_bytes: u64, opts: &MkfsOptions) -> R
     let mut gds: Vec<GroupDesc> = (0..groups)
         .map(|_| GroupDesc::new(desc_size as usize))
         .collect();
-    if ext4 {
+    if flex_bg {
         let flex = 16u32;
         for f in (0..groups).step_by(flex as usize) {
             let members: Vec<u32> = (f..(f + flex).min(groups)).collect();
@@ -542,8 +806,9 @@ pub fn mkfs(dev: Arc<dyn BlockDevice>, size_bytes: u64, opts: &MkfsOptions) -> R
     };
     let backup_groups: Vec<u32> = (1..groups).filter(|&g| has_super(&sb, g)).collect();
 
-    // Bitmaps and descriptors.
-    let csum = ext4;
+    // Bitmaps and descriptors: uninitialised groups and their flags with
+    // either kind of group-descriptor checksum.
+    let csum = metadata_csum || features.ro_compat(ro_compat::GDT_CSUM);
     let gdt_csum_seed = sb.csum_seed();
     let mut free_total = 0u64;
     let zero_block = vec![0u8; bs as usize];
@@ -551,23 +816,20 @@ pub fn mkfs(dev: Arc<dyn BlockDevice>, size_bytes: u64, opts: &MkfsOptions) -> R
         let gs = group_start(g);
         let gl = group_len(g);
         let mut bb = vec![0u8; bs as usize];
-        let mut free = 0u32;
-        for i in 0..gl {
-            if used[(gs + i) as usize] {
-                set(&mut bb, i as usize);
-            } else {
-                free += 1;
-            }
-        }
-        for i in gl as usize..bs as usize * 8 {
-            set(&mut bb, i);
-        }
+        let in_use = used.copy_into(gs, gl, &mut bb);
+        set_from(&mut bb, gl as usize);
+        let free = (gl - in_use) as u32;
+        // As mke2fs: with checksums, every group but the last whose blocks
+        // hold nothing but its superblock and descriptor copies is
+        // BLOCK_UNINIT (its bitmap follows from the descriptors, and is
+        // neither written nor summed); every group but the first is
+        // INODE_UNINIT.
+        let block_uninit = csum && g + 1 != groups && in_use == sb_gdt_len(g);
+        let inode_uninit = csum && g != 0;
         let mut ib = vec![0u8; bs as usize];
         let reserved_inodes = if g == 0 { 10 } else { 0 };
+        set_from(&mut ib[..], ipg as usize);
         for i in 0..reserved_inodes {
-            set(&mut ib, i);
-        }
-        for i in ipg as usize..bs as usize * 8 {
             set(&mut ib, i);
         }
         free_total += u64::from(free);
@@ -575,18 +837,27 @@ pub fn mkfs(dev: Arc<dyn BlockDevice>, size_bytes: u64, opts: &MkfsOptions) -> R
         gd.set_free_blocks(free);
         gd.set_free_inodes(ipg - reserved_inodes as u32);
         gd.set_used_dirs(0);
+        if metadata_csum {
+            if !block_uninit {
+                gd.set_block_bitmap_csum(crate::format::group::bitmap_csum(
+                    gdt_csum_seed,
+                    &bb[..(bpg / 8) as usize],
+                ));
+            }
+            if !inode_uninit {
+                gd.set_inode_bitmap_csum(crate::format::group::bitmap_csum(
+                    gdt_csum_seed,
+                    &ib[..(ipg / 8) as usize],
+                ));
+            }
+        }
         if csum {
-            gd.set_block_bitmap_csum(crate::format::group::bitmap_csum(
-                gdt_csum_seed,
-                &bb[..(bpg / 8) as usize],
-            ));
-            gd.set_inode_bitmap_csum(crate::format::group::bitmap_csum(
-                gdt_csum_seed,
-                &ib[..(ipg / 8) as usize],
-            ));
             let mut flags = 0;
-            if g != 0 {
+            if inode_uninit {
                 flags |= BG_INODE_UNINIT;
+            }
+            if block_uninit {
+                flags |= BG_BLOCK_UNINIT;
             }
             if opts.device_zeroed {
                 flags |= BG_INODE_ZEROED;
@@ -594,8 +865,15 @@ pub fn mkfs(dev: Arc<dyn BlockDevice>, size_bytes: u64, opts: &MkfsOptions) -> R
             gd.set_flags(flags);
             gd.set_itable_unused(ipg - reserved_inodes as u32);
         }
-        dev.write_at(gd.block_bitmap() * bsz, &bb)?;
-        dev.write_at(gd.inode_bitmap() * bsz, &ib)?;
+        if let Some(p) = &opts.progress {
+            p.report(u64::from(g), u64::from(groups));
+        }
+        if !block_uninit {
+            dev.write_at(gd.block_bitmap() * bsz, &bb)?;
+        }
+        if !inode_uninit {
+            dev.write_at(gd.inode_bitmap() * bsz, &ib)?;
+        }
         if !opts.device_zeroed {
             // Inode tables must read as zeros where e2fsck scans them.
             let t = gd.inode_table();
@@ -636,8 +914,12 @@ pub fn mkfs(dev: Arc<dyn BlockDevice>, size_bytes: u64, opts: &MkfsOptions) -> R
                 );
             }
             dev.write_at(pblk * bsz, &ind)?;
-            for &g in &backup_groups {
-                dev.write_at((pblk + u64::from(g) * u64::from(bpg)) * bsz, &zero_block)?;
+            // The backups' reserved blocks must read as zeros (a fresh
+            // file already does).
+            if !opts.device_zeroed {
+                for &g in &backup_groups {
+                    dev.write_at((pblk + u64::from(g) * u64::from(bpg)) * bsz, &zero_block)?;
+                }
             }
         }
         dev.write_at(dind * bsz, &dbuf)?;
@@ -657,7 +939,7 @@ pub fn mkfs(dev: Arc<dyn BlockDevice>, size_bytes: u64, opts: &MkfsOptions) -> R
         put32(ri.i_block_mut(), 13 * 4, dind as u32);
         let nblocks = 1 + u64::from(rsv_gdt) * (1 + backup_groups.len() as u64);
         ri.set_blocks_512(nblocks * bsz / 512);
-        if csum {
+        if metadata_csum {
             ri.update_checksum(gdt_csum_seed);
         }
         let t = gds[0].inode_table();
@@ -668,7 +950,7 @@ pub fn mkfs(dev: Arc<dyn BlockDevice>, size_bytes: u64, opts: &MkfsOptions) -> R
     // Descriptors, then superblocks (primary and backups).
     for (g, gd) in gds.iter_mut().enumerate() {
         if csum {
-            let c = gd.compute_checksum(g as u32, true, gdt_csum_seed, &uuid);
+            let c = gd.compute_checksum(g as u32, metadata_csum, gdt_csum_seed, &uuid);
             gd.set_checksum(c);
         }
     }
@@ -772,9 +1054,12 @@ impl Core {
         let mut j = self.special_inode(JOURNAL_INO, S_IFREG | 0o600, 1);
         if self.sb.has_incompat(incompat::EXTENTS) {
             // Like mke2fs: start in the middle of the filesystem, at a flex
-            // group boundary.
+            // group boundary when there is more than one flex group.
             let mut g = self.block_group((self.geo.blocks_count - self.geo.first_data_block) / 2);
-            g &= !((1u32 << self.sb.log_groups_per_flex()) - 1);
+            let flex = 1u32 << self.sb.log_groups_per_flex();
+            if self.geo.group_count > flex {
+                g &= !(flex - 1);
+            }
             let mut goal = self.group_first_block(g);
             let mut list = Vec::new();
             let mut lblk = 0u32;

@@ -29,7 +29,11 @@ fn mem_fs(size: usize, opts: MkfsOptions) -> (MemDevice, Filesystem) {
 
 /// Sync, check counters, write the image to a file and e2fsck it.
 fn fsck_mem(dev: &MemDevice, fs: Filesystem, tag: &str) {
-    assert_eq!(fs.check_counts().unwrap(), Vec::<String>::new(), "{tag}");
+    assert_eq!(
+        fs.check_counts(None).unwrap(),
+        Vec::<String>::new(),
+        "{tag}"
+    );
     fs.close().unwrap();
     if !require(have_tool("e2fsck"), "e2fsck is not installed") {
         return;

@@ -331,7 +331,21 @@ fn random_metadata_damage_never_panics() {
     for ty in kinds {
         let t = TempDir::new("fuzz");
         let p = build_kind(&t, ty);
-        damage_run(ty, &p, iterations);
+        damage_run(ty, &p, iterations, false);
+    }
+}
+
+/// The same damage with the superblock, descriptor, bitmap and inode
+/// checksums recomputed afterwards (issue 13): the damage now reaches
+/// the checks of the fields themselves (counts, offsets, sizes), which
+/// must give errors, never a panic or a wrapped value.
+#[test]
+fn random_field_damage_behind_valid_checksums_never_panics() {
+    let iterations = fuzz_iters() * 2;
+    for ty in [Kind::Ours(FsType::Ext4), Kind::Ours(FsType::Ext2)] {
+        let t = TempDir::new("fuzz-resealed");
+        let p = build_kind(&t, ty);
+        damage_run(ty, &p, iterations, true);
     }
 }
 
@@ -349,13 +363,13 @@ fn random_metadata_damage_never_panics_confined() {
         assert!(st.no_new_privs && st.seccomp, "{st:?}");
         // The confinement holds on this thread: no host file opens.
         assert!(std::fs::File::open("/etc/hostname").is_err());
-        damage_run(Kind::Ours(FsType::Ext4), &p, iterations);
+        damage_run(Kind::Ours(FsType::Ext4), &p, iterations, false);
     })
     .join()
     .expect("the confined run panicked");
 }
 
-fn damage_run(ty: Kind, p: &Pristine, iterations: u64) {
+fn damage_run(ty: Kind, p: &Pristine, iterations: u64, reseal: bool) {
     {
         // Images that opened, and operations that failed on them: the
         // damage must reach past open for the test to mean anything.
@@ -365,6 +379,11 @@ fn damage_run(ty: Kind, p: &Pristine, iterations: u64) {
             let mut bytes = p.bytes.clone();
             for _ in 0..1 + rng.below(4) {
                 damage(&mut bytes, &p.meta_blocks, p.bs, &mut rng);
+            }
+            if reseal {
+                // The damaged fields behind valid checksums: what checks
+                // the fields must catch it.
+                folio_ext4::format::reseal::reseal(&mut bytes, 64);
             }
             let dev = std::sync::Arc::new(folio_blockdev::MemDevice::from_bytes(bytes));
             let outcome = catch_unwind(AssertUnwindSafe(|| {
@@ -402,8 +421,8 @@ fn damage_run(ty: Kind, p: &Pristine, iterations: u64) {
             }
         }
         println!(
-            "{ty:?}: {iterations} damaged images, {opened} opened, {errors} of {ops} operations \
-             on them failed, no panic"
+            "{ty:?} (resealed: {reseal}): {iterations} damaged images, {opened} opened, {errors} \
+             of {ops} operations on them failed, no panic"
         );
         assert!(opened > 0, "{ty:?}: no damaged image opened");
     }

@@ -115,7 +115,7 @@ fn a_copy_failing_midway_keeps_exactly_what_was_copied() {
         let got = read_all(&mut fs, f);
         assert!(got[..b + 10].iter().all(|&x| x == 0xaa));
         assert_eq!(&got[b + 10..], &want[b + 10..]);
-        assert_eq!(fs.check_counts().unwrap(), Vec::<String>::new());
+        assert_eq!(fs.check_counts(None).unwrap(), Vec::<String>::new());
         fs.close().unwrap();
         let snap = dev.snapshot();
         let mut fs = Filesystem::open(
@@ -365,7 +365,7 @@ fn the_allocation_api_reserves_allocates_and_deallocates_without_the_cache() {
     assert!(got[2 * 4096..4 * 4096].iter().all(|&b| b == 7));
     assert!(got[4 * 4096..6 * 4096].iter().all(|&b| b == 0));
     assert!(got[6 * 4096..8 * 4096].iter().all(|&b| b == 7));
-    assert_eq!(fs.check_counts().unwrap(), Vec::<String>::new());
+    assert_eq!(fs.check_counts(None).unwrap(), Vec::<String>::new());
     fs.close().unwrap();
     fsck_bytes(dev.snapshot(), "alloc-api");
 }

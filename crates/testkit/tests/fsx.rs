@@ -226,7 +226,7 @@ fn run(seed: u64, bs: u32, ops: u64) -> Result<(), String> {
             "seed {seed} bs {bs}: final contents differ from the model"
         ));
     }
-    let problems = fs.check_counts().map_err(|e| e.to_string())?;
+    let problems = fs.check_counts(None).map_err(|e| e.to_string())?;
     if !problems.is_empty() {
         return Err(format!("seed {seed} bs {bs}: {problems:?}"));
     }

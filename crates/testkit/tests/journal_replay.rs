@@ -365,7 +365,7 @@ fn orphans_are_freed_at_open() {
         free0 - 1,
         "only keep's block is in use"
     );
-    assert_eq!(fs.check_counts().unwrap(), Vec::<String>::new());
+    assert_eq!(fs.check_counts(None).unwrap(), Vec::<String>::new());
     fs.close().unwrap();
     e2fsck(&img).unwrap();
 }
@@ -429,7 +429,7 @@ fn kernel_orphan_file_is_processed_at_open() {
     let mut buf = [0u8; 32];
     let n = fs.read(keep, 0, &mut buf).unwrap();
     assert_eq!(&buf[..n], b"still here");
-    assert_eq!(fs.check_counts().unwrap(), Vec::<String>::new());
+    assert_eq!(fs.check_counts(None).unwrap(), Vec::<String>::new());
     fs.close().unwrap();
     e2fsck(&b).unwrap();
     let (ours, theirs) = (superblock_fields(&b), superblock_fields(&a));

@@ -6,7 +6,7 @@ use std::fs;
 use std::path::Path;
 use std::process::Command;
 
-use folio_ext4::mkfs::{mkfs_path, FsType, MkfsOptions};
+use folio_ext4::mkfs::{mkfs_path, Features, FsType, MkfsOptions};
 use folio_ext4::{Filesystem, OpenOptions, RenameFlags, ROOT_INO};
 use folio_testkit::*;
 
@@ -178,6 +178,8 @@ fn folio_written_trees_pass_e2fsck_and_match_through_the_kernel() {
         Mke2fs(&'static str),
         /// mkfs.ext4 with extra `-O` features.
         Mke2fsWith(&'static str),
+        /// folio's mkfs with mke2fs's `-O` edits.
+        FolioWith(&'static str),
     }
     let configs = [
         (Maker::Folio(FsType::Ext4), 1024),
@@ -192,6 +194,15 @@ fn folio_written_trees_pass_e2fsck_and_match_through_the_kernel() {
         (Maker::Mke2fs("ext3"), 4096),
         (Maker::Mke2fs("ext2"), 1024),
         (Maker::Mke2fsWith("orphan_file"), 4096),
+        (Maker::FolioWith("^metadata_csum,uninit_bg,^64bit"), 4096),
+        (
+            Maker::FolioWith("^has_journal,^flex_bg,^resize_inode"),
+            1024,
+        ),
+        (
+            Maker::FolioWith("^extent,^64bit,^dir_index,^filetype"),
+            4096,
+        ),
     ];
     for (i, (maker, bs)) in configs.iter().enumerate() {
         let img = t.join(&format!("w{i}.img"));
@@ -204,6 +215,17 @@ fn folio_written_trees_pass_e2fsck_and_match_through_the_kernel() {
                 };
                 mkfs_path(&img, Some(900 << 20), &opts).unwrap();
                 format!("folio mkfs {ty:?} bs={bs}")
+            }
+            Maker::FolioWith(edits) => {
+                let mut features = Features::defaults(FsType::Ext4);
+                features.edit(edits).unwrap();
+                let opts = MkfsOptions {
+                    block_size: Some(*bs),
+                    features: Some(features),
+                    ..Default::default()
+                };
+                mkfs_path(&img, Some(900 << 20), &opts).unwrap();
+                format!("folio mkfs -O {edits} bs={bs}")
             }
             Maker::Mke2fs(kind) => {
                 run(Command::new(format!("mkfs.{kind}"))
@@ -226,7 +248,7 @@ fn folio_written_trees_pass_e2fsck_and_match_through_the_kernel() {
         let mut fs = Filesystem::open_path(&img, OpenOptions::default()).unwrap();
         folio_cli::copy::put(&mut fs, &src, "/tree").unwrap_or_else(|e| panic!("{what}: put: {e}"));
         mutate(&mut fs, &model, "/tree");
-        let problems = fs.check_counts().unwrap();
+        let problems = fs.check_counts(None).unwrap();
         assert!(problems.is_empty(), "{what}: {problems:?}");
         fs.close().unwrap();
         e2fsck(&img).unwrap_or_else(|e| panic!("{what}: {e}"));
@@ -304,4 +326,48 @@ fn mkfs_defaults_match_mke2fs() {
         assert_eq!(header(&a), header(&b), "size {size}");
         e2fsck(&a).unwrap();
     }
+    // mke2fs's -O edits: the same header for every feature set folio can
+    // make (journal placement aside, which mke2fs picks by other rules
+    // without flex_bg).
+    for edits in FEATURE_EDITS {
+        let a = t.join("folio.img");
+        let b = t.join("mke2fs.img");
+        let mut features = Features::defaults(FsType::Ext4);
+        features.edit(edits).unwrap();
+        let opts = MkfsOptions {
+            features: Some(features),
+            ..Default::default()
+        };
+        mkfs_path(&a, Some(300 << 20), &opts).unwrap();
+        run(Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-O", edits])
+            .arg(&b)
+            .arg("300M"));
+        let ours: Vec<String> = header(&a)
+            .into_iter()
+            .filter(|l| !l.starts_with("Journal backup"))
+            .collect();
+        let theirs: Vec<String> = header(&b)
+            .into_iter()
+            .filter(|l| !l.starts_with("Journal backup"))
+            .collect();
+        assert_eq!(ours, theirs, "-O {edits}");
+        e2fsck(&a).unwrap_or_else(|e| panic!("-O {edits}: {e}"));
+    }
 }
+
+/// Feature sets of mke2fs's `-O` that folio's mkfs makes.
+const FEATURE_EDITS: &[&str] = &[
+    "^has_journal",
+    "^metadata_csum",
+    "^metadata_csum,uninit_bg",
+    "^64bit",
+    "^flex_bg",
+    "^resize_inode",
+    "^dir_index,^filetype,^ext_attr",
+    "^huge_file,^dir_nlink,^extra_isize,^large_file",
+    "^extent,^64bit",
+    "^metadata_csum,^64bit,^flex_bg",
+    "large_dir",
+    "none,has_journal,sparse_super",
+];

@@ -11,6 +11,7 @@ pub mod extent;
 pub mod group;
 pub mod hash;
 pub mod inode;
+pub mod reseal;
 pub mod superblock;
 pub mod xattr;
 
