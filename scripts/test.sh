@@ -32,3 +32,5 @@ echo "== cargo clippy"
 cargo clippy --all-targets -- -D warnings
 echo "== cargo test"
 cargo test --workspace
+echo "== fuzz (coverage-guided, bounded: FOLIO_FUZZ_SECONDS per target)"
+bash fuzz/run.sh "${FOLIO_FUZZ_SECONDS:-15}"
