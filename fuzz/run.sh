@@ -75,6 +75,25 @@ for t in "${targets[@]}"; do
                 rm -rf "$tmpd"
             fi
             ;;
+        nbd_request)
+            if [ -z "$(ls -A "$corpus")" ]; then
+                # A client's session: fixed newstyle flags, STRUCTURED_REPLY,
+                # GO "fuzz", then WRITE 512 @0 with its data, READ, FLUSH,
+                # TRIM, WRITE_ZEROES, CACHE, DISC (big-endian fields).
+                bytes() { for v in "$@"; do printf "\\x$(printf %02x "$v")"; done; }
+                opt() { bytes 0x49 0x48 0x41 0x56 0x45 0x4f 0x50 0x54; }
+                {
+                    bytes 0 0 0 3
+                    opt; bytes 0 0 0 8 0 0 0 0
+                    opt; bytes 0 0 0 7 0 0 0 10 0 0 0 4; printf fuzz; bytes 0 0
+                    for cmd in 1 0 3 4 6 5 2; do
+                        bytes 0x25 0x60 0x95 0x13 0 0 0 "$cmd" 0 0 0 0 0 0 0 "$cmd"
+                        bytes 0 0 0 0 0 0 2 0 0 0 2 0
+                        [ "$cmd" = 1 ] && head -c 512 /dev/zero | tr '\0' 'Z'
+                    done
+                } > "$corpus/session"
+            fi
+            ;;
     esac
     max_len=4096
     [ "$t" = image ] && max_len=$((2 << 20))

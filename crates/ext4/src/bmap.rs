@@ -8,7 +8,7 @@
 //! insert range) and for mkfs.
 
 use crate::error::{Error, Result};
-use crate::extent_tree::ROOT_MAX;
+use crate::extent_tree::{Line, ROOT_MAX};
 use crate::format::extent::{
     block_capacity, block_csum, parse_node, tail_offset, write_node, Extent, Index, Node,
     MAX_DEPTH, MAX_INIT_LEN, MAX_UNWRITTEN_LEN,
@@ -25,14 +25,15 @@ pub enum Mapping {
 }
 
 /// Files of at least this i_size get a region of their own
-/// (`Core::empty_file_base`) and displaced blocks out of the way.
+/// (`Core::empty_file_region`) and displaced blocks out of the way.
 const LARGE_FILE_BYTES: u64 = 16 << 20;
 
 /// Blocks left free before a large file's line for its extent tree: a
 /// file of `n` blocks written at random has at most about `n / 2`
-/// extents, 170 or more to a tree block.
-fn tree_room(n: u64) -> u64 {
-    (n / 256).clamp(16, 8192)
+/// extents, `(bs − 12) / 12` to a tree block (84 on 1 KiB blocks).
+fn tree_room(n: u64, bs: u64) -> u64 {
+    let per_leaf = (bs.saturating_sub(12) / 12).max(1);
+    (n / 256).max(n / (2 * per_leaf)).clamp(16, 8192)
 }
 
 fn max_len(unwritten: bool) -> u32 {
@@ -536,7 +537,7 @@ impl Core {
     /// nearest extent would put it if the file were laid out in one
     /// straight line (before or after that extent, as
     /// `ext4_ext_find_goal`), or, in an empty file, `lblk` blocks past
-    /// [`Self::empty_file_base`]. Blocks written in any order then land
+    /// [`Self::empty_file_region`]. Blocks written in any order then land
     /// where their neighbours expect them, and runs written at different
     /// times merge into one extent.
     ///
@@ -553,22 +554,22 @@ impl Core {
         if size_blocks >= LARGE_FILE_BYTES / bs {
             // A large file keeps to its line, whatever its neighbours do
             // (one displaced block must not drag the next ones after it).
-            let line = match self.with_ext(inode, |m| m.line)? {
+            let line = match self.with_ext(inode, |m| m.line.clone())? {
                 Some(l) => l,
                 None => {
-                    // The line starts past room for the tree's own blocks.
-                    let l = self.empty_file_base(inode) + tree_room(size_blocks);
-                    self.with_ext(inode, |m| m.line = Some(l))?;
+                    let l = self.plan_line(inode, size_blocks)?;
+                    self.with_ext(inode, |m| m.line = Some(l.clone()))?;
                     l
                 }
             };
-            // Displaced blocks go on a second line past the first, so
-            // that a run displaced together (by a superblock backup or an
-            // inode table on the way) stays together.
-            let f0 = line.saturating_add(size_blocks);
+            // Displaced blocks go on a second line past the end of the
+            // first, so that a run displaced together (by a superblock
+            // backup or an inode table on the way, or another file's
+            // blocks where pieces were planned) stays together.
+            let f0 = line.at(size_blocks.saturating_sub(1)).saturating_add(1);
             let fallback =
                 (f0 < self.geo.blocks_count).then(|| f0 + lblk % (self.geo.blocks_count - f0));
-            return Ok((clamp(line.saturating_add(lblk), self), fallback));
+            return Ok((clamp(line.at(lblk), self), fallback));
         }
         let goal = self.with_ext(inode, |map| {
             if let Some(e) = map.at_or_before(lblk) {
@@ -589,16 +590,130 @@ impl Core {
         let base = self.inode_goal(inode);
         let bs = u64::from(self.geo.block_size);
         let size_blocks = inode.size().div_ceil(bs);
-        let line = self
-            .inodes
-            .get(inode.ino)
-            .and_then(|o| o.data().extents.as_ref().and_then(|m| m.line));
+        let line = self.inodes.get(inode.ino).and_then(|o| {
+            o.data()
+                .extents
+                .as_ref()
+                .and_then(|m| m.line.as_ref().map(Line::start))
+        });
         match line {
-            Some(l) if size_blocks >= LARGE_FILE_BYTES / bs => {
-                l.saturating_sub(tree_room(size_blocks)).max(base.min(l))
-            }
+            Some(l) if size_blocks >= LARGE_FILE_BYTES / bs => l
+                .saturating_sub(tree_room(size_blocks, bs))
+                .max(base.min(l)),
             _ => base,
         }
+    }
+
+    /// The line a large file's blocks will follow: pieces laid over the
+    /// filesystem's free runs of at least 8 MiB (or the file's size; 1 MiB,
+    /// then 64 KiB, where the long ones do not hold it), in address order
+    /// from the inode's group, so that its blocks, written
+    /// in any order, land where nothing else is and the file breaks only
+    /// where its free space does (a superblock backup, a flex group's
+    /// tables, another file). If the runs do not hold the file, a straight
+    /// line from the region [`Self::empty_file_region`] finds, or from the
+    /// inode's group, past room for the tree's own blocks.
+    fn plan_line(&mut self, inode: &Inode, size_blocks: u64) -> Result<Line> {
+        // Long runs if they hold the file; else shorter ones too.
+        let bs = u64::from(self.geo.block_size);
+        for min_bytes in [8u64 << 20, 1 << 20, 64 << 10] {
+            let min_run = (min_bytes / bs).max(1);
+            if let Some(l) = self.line_over_free_runs(inode, size_blocks, min_run)? {
+                return Ok(l);
+            }
+        }
+        let base = self
+            .empty_file_region(inode)
+            .unwrap_or_else(|| self.inode_goal(inode));
+        let bs = u64::from(self.geo.block_size);
+        Ok(Line::straight(base + tree_room(size_blocks, bs)))
+    }
+
+    /// Pieces over free runs (see [`Self::plan_line`]), the first leaving
+    /// room in front for the tree's blocks; `None` if the runs do not hold
+    /// the file. Stops scanning once they do.
+    fn line_over_free_runs(
+        &mut self,
+        inode: &Inode,
+        size_blocks: u64,
+        min_run: u64,
+    ) -> Result<Option<Line>> {
+        let bs = u64::from(self.geo.block_size);
+        let room = tree_room(size_blocks, bs);
+        let need = size_blocks + room;
+        let min_run = min_run.clamp(1, need);
+        let ng = self.geo.group_count;
+        if ng == 0 {
+            return Ok(None);
+        }
+        let g0 = (inode.ino - 1) / self.geo.inodes_per_group % ng;
+        let mut pieces: Vec<(u64, u64)> = Vec::new();
+        let mut lblk = 0u64;
+        // A run in progress, merged across group boundaries.
+        let mut cur: Option<(u64, u64)> = None;
+        let take = |run: (u64, u64), pieces: &mut Vec<(u64, u64)>, lblk: &mut u64| {
+            if run.1 < min_run || *lblk >= size_blocks {
+                return;
+            }
+            let (pblk, len) = if pieces.is_empty() {
+                let r = room.min(run.1 / 2);
+                (run.0 + r, run.1 - r)
+            } else {
+                run
+            };
+            pieces.push((*lblk, pblk));
+            *lblk += len;
+        };
+        for i in 0..ng {
+            if lblk >= size_blocks {
+                break;
+            }
+            let g = (g0 + i) % ng;
+            if g == 0 && i != 0 {
+                // Wrapped: the last group's run does not go on into group 0.
+                if let Some(r) = cur.take() {
+                    take(r, &mut pieces, &mut lblk);
+                }
+            }
+            let free = u64::from(self.groups[g as usize].free_blocks());
+            if free < min_run && cur.is_none() {
+                continue;
+            }
+            if free == 0 {
+                if let Some(r) = cur.take() {
+                    take(r, &mut pieces, &mut lblk);
+                }
+                continue;
+            }
+            let bm = self.load_block_bitmap(g)?;
+            let start = self.group_first_block(g);
+            let count = self.group_block_count(g) as usize;
+            let mut b = 0usize;
+            while b < count {
+                if b.is_multiple_of(8) && b + 8 <= count && (bm[b / 8] == 0 || bm[b / 8] == 0xFF) {
+                    if bm[b / 8] == 0 {
+                        cur.get_or_insert((start + b as u64, 0)).1 += 8;
+                    } else if let Some(r) = cur.take() {
+                        take(r, &mut pieces, &mut lblk);
+                    }
+                    b += 8;
+                    continue;
+                }
+                if bm[b / 8] & (1 << (b % 8)) == 0 {
+                    cur.get_or_insert((start + b as u64, 0)).1 += 1;
+                } else if let Some(r) = cur.take() {
+                    take(r, &mut pieces, &mut lblk);
+                }
+                b += 1;
+            }
+        }
+        if let Some(r) = cur.take() {
+            take(r, &mut pieces, &mut lblk);
+        }
+        if lblk < size_blocks {
+            return Ok(None);
+        }
+        Ok(Line::from_pieces(pieces))
     }
 
     /// Where logical block 0 of a file with no extents yet should go. A
@@ -609,12 +724,11 @@ impl Core {
     /// quarters free and together hold its size, so that its blocks, laid
     /// out in one straight line from there, do not run into another
     /// file's.
-    fn empty_file_base(&mut self, inode: &Inode) -> u64 {
-        let base = self.inode_goal(inode);
+    fn empty_file_region(&mut self, inode: &Inode) -> Option<u64> {
         let bs = u64::from(self.geo.block_size);
         let blocks = inode.size().div_ceil(bs);
         if blocks < LARGE_FILE_BYTES / bs {
-            return base;
+            return Some(self.inode_goal(inode));
         }
         let ng = self.geo.group_count;
         let bpg = u64::from(self.geo.blocks_per_group);
@@ -651,9 +765,7 @@ impl Core {
                 }
             }
         }
-        found
-            .and_then(|g| self.first_free_in_group(g))
-            .unwrap_or(base)
+        found.and_then(|g| self.first_free_in_group(g))
     }
 
     /// Allocate up to `n` blocks (one contiguous piece, near

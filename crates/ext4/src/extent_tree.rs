@@ -52,19 +52,80 @@ pub(crate) struct ExtentMap {
     map: BTreeMap<u32, Extent>,
     /// Blocks mapped by all extents.
     blocks: u64,
-    /// Where logical block 0 of a large file lies on its straight line
-    /// (`Core::goal_for`): chosen at its first allocation, or, for
-    /// a map read from disk, taken from its longest extent.
-    pub(crate) line: Option<u64>,
+    /// Where a large file's blocks go (`Core::goal_for`): chosen at its
+    /// first allocation, or, for a map read from disk, taken from its
+    /// long extents.
+    pub(crate) line: Option<Line>,
+}
+
+/// A large file's placement: logical block `lblk` of a piece starting at
+/// logical block `first` goes to `pblk + (lblk - first)`. One piece is a
+/// straight line; a file larger than any free run of the filesystem is
+/// laid over several, in logical order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Line {
+    /// (first logical block, its physical block), by first; the first
+    /// piece starts at 0.
+    pieces: Vec<(u64, u64)>,
+}
+
+/// An extent at least this long, read from disk, marks a piece of a
+/// line (shorter ones are blocks displaced from it).
+const PIECE_MIN_BLOCKS: u32 = 2048;
+
+impl Line {
+    pub(crate) fn straight(pblk_of_0: u64) -> Line {
+        Line {
+            pieces: vec![(0, pblk_of_0)],
+        }
+    }
+
+    /// Pieces in logical order; the first is moved to start at 0.
+    pub(crate) fn from_pieces(mut pieces: Vec<(u64, u64)>) -> Option<Line> {
+        pieces.sort_unstable();
+        let first = pieces.first_mut()?;
+        first.1 = first.1.saturating_sub(first.0);
+        first.0 = 0;
+        Some(Line { pieces })
+    }
+
+    /// Where logical block 0 lies on the first piece.
+    pub(crate) fn start(&self) -> u64 {
+        self.pieces[0].1
+    }
+
+    /// Where `lblk` goes.
+    pub(crate) fn at(&self, lblk: u64) -> u64 {
+        let i = self.pieces.partition_point(|&(first, _)| first <= lblk);
+        let (first, pblk) = self.pieces[i.saturating_sub(1)];
+        pblk.saturating_add(lblk - first.min(lblk))
+    }
+
+    /// The line a map read from disk implies: each run of long extents
+    /// at one offset (pblk − lblk) is a piece; without long extents, the
+    /// longest extent's offset is the line.
+    fn of_extents<'a>(list: impl Iterator<Item = &'a Extent> + Clone) -> Option<Line> {
+        let mut pieces: Vec<(u64, u64)> = Vec::new();
+        let mut offset = None;
+        for e in list.clone().filter(|e| e.len >= PIECE_MIN_BLOCKS) {
+            let o = e.pblk.wrapping_sub(u64::from(e.lblk));
+            if offset != Some(o) {
+                pieces.push((u64::from(e.lblk), e.pblk));
+                offset = Some(o);
+            }
+        }
+        if pieces.is_empty() {
+            let e = list.max_by_key(|e| e.len)?;
+            return Some(Line::straight(e.pblk.saturating_sub(u64::from(e.lblk))));
+        }
+        Line::from_pieces(pieces)
+    }
 }
 
 impl ExtentMap {
     pub(crate) fn from_sorted(list: Vec<Extent>) -> Self {
         let blocks = list.iter().map(|e| u64::from(e.len)).sum();
-        let line = list
-            .iter()
-            .max_by_key(|e| e.len)
-            .map(|e| e.pblk.saturating_sub(u64::from(e.lblk)));
+        let line = Line::of_extents(list.iter());
         ExtentMap {
             map: list.into_iter().map(|e| (e.lblk, e)).collect(),
             blocks,
@@ -884,6 +945,30 @@ impl Core {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lines_map_each_piece_and_come_back_from_their_extents() {
+        let l = Line::from_pieces(vec![(5000, 90_000), (0, 10_000)]).unwrap();
+        assert_eq!(l.at(0), 10_000);
+        assert_eq!(l.at(4999), 14_999);
+        assert_eq!(l.at(5000), 90_000);
+        assert_eq!(l.at(7000), 92_000);
+        // Read back from disk: long extents at two offsets give the two
+        // pieces; a short displaced extent between them does not.
+        let list = [
+            e(0, 3000, 10_000),
+            e(3000, 1, 500),
+            e(3001, 1999, 13_001),
+            e(5000, 4000, 90_000),
+        ];
+        assert_eq!(Line::of_extents(list.iter()), Some(l));
+        // A straight line: one offset, whatever is displaced.
+        let list = [e(10, 4000, 1010), e(4010, 7, 77), e(4017, 2100, 5017)];
+        assert_eq!(Line::of_extents(list.iter()), Some(Line::straight(1000)));
+        // Short extents only: the longest one's offset.
+        let list = [e(0, 5, 100), e(50, 9, 400)];
+        assert_eq!(Line::of_extents(list.iter()), Some(Line::straight(350)));
+    }
 
     fn e(l: u32, n: u32, p: u64) -> Extent {
         Extent {
