@@ -655,7 +655,7 @@ pub fn umount(mountpoint: &Path, lazy: bool) -> Result<(), String> {
             return Ok(());
         }
         return Err(format!(
-            "{}: the folio process did not finish within 60 s",
+            "{}: the folio process serving its NBD image did not finish within 60 s",
             mountpoint.display()
         ));
     }
@@ -667,9 +667,20 @@ pub fn umount(mountpoint: &Path, lazy: bool) -> Result<(), String> {
         let patience = Duration::from_secs(if lazy { 2 } else { 60 });
         if let Ok(f) = File::open(&img) {
             let start = Instant::now();
+            let mut said = false;
             while start.elapsed() < patience {
                 if f.try_lock_shared().is_ok() {
                     return Ok(());
+                }
+                if !said && !lazy && start.elapsed() > Duration::from_secs(1) {
+                    // A large final commit: say what is being waited for.
+                    eprintln!(
+                        "folio: {}: waiting for the folio process serving {} to make its \
+                         final commit",
+                        mountpoint.display(),
+                        img.display()
+                    );
+                    said = true;
                 }
                 std::thread::sleep(Duration::from_millis(20));
             }
@@ -682,7 +693,8 @@ pub fn umount(mountpoint: &Path, lazy: bool) -> Result<(), String> {
                 return Ok(());
             }
             return Err(format!(
-                "{}: the folio process did not finish within 60 s",
+                "{}: the folio process serving {} did not finish within 60 s",
+                mountpoint.display(),
                 img.display()
             ));
         }
