@@ -174,9 +174,17 @@ impl Mmp {
                 1,
             ));
         }
+        // The block is inside the filesystem, whose size the superblock
+        // gives: a hostile count may still overflow the byte offset.
+        let offset = block.checked_mul(bs).ok_or_else(|| {
+            Error::corrupted(
+                format!("the superblock's MMP block {block} is outside the filesystem"),
+                1,
+            )
+        })?;
         let place = Place {
             dev,
-            offset: block * bs,
+            offset,
             csum_seed: sb.metadata_csum().then(|| sb.csum_seed()),
         };
         let mut b = place.read()?;
@@ -353,6 +361,19 @@ mod tests {
         m.release(true).unwrap();
         dev.read_at(100 * 1024, &mut b).unwrap();
         assert_eq!(get32(&b, 4), Some(SEQ_CLEAN));
+    }
+
+    #[test]
+    fn an_mmp_block_past_any_device_is_an_error_not_an_overflow() {
+        // Found by the `image` fuzz target: a huge block count lets the
+        // MMP block number pass the range check and overflow its offset.
+        let (dev, mut sb) = image(SEQ_CLEAN);
+        put32(&mut sb.raw, 0x18, 6); // 64 KiB blocks
+        put32(&mut sb.raw, 0x60, 0x80); // 64bit
+        put32(&mut sb.raw, 0x150, u32::MAX); // blocks_count_hi
+        sb.raw[0x168..0x170].copy_from_slice(&(1u64 << 50).to_le_bytes());
+        let r = Mmp::start(dev, &sb, &|_| panic!("no wait"));
+        assert!(matches!(r, Err(Error::Corrupted { .. })), "{r:?}");
     }
 
     #[test]
