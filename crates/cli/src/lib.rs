@@ -33,6 +33,8 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
                 "M" => 1 << 20,
                 "G" => 1 << 30,
                 "T" => 1u64 << 40,
+                "P" => 1u64 << 50,
+                "E" => 1u64 << 60,
                 "S" => 512,
                 other => return Err(format!("unknown size suffix {other:?} in {s:?}")),
             };
@@ -40,7 +42,30 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         }
         None => (s, 1),
     };
-    let n: u64 = num.parse().map_err(|_| format!("invalid size {s:?}"))?;
-    n.checked_mul(mult)
+    // A fraction as numfmt --from=iec reads it (`1.5G`), rounded up to a
+    // whole byte.
+    let bad = || format!("invalid size {s:?}");
+    let (int, frac) = num.split_once('.').unwrap_or((num, ""));
+    if int.is_empty() && frac.is_empty() {
+        return Err(bad());
+    }
+    let whole: u64 = if int.is_empty() {
+        0
+    } else {
+        int.parse().map_err(|_| bad())?
+    };
+    let part = if frac.is_empty() {
+        0
+    } else {
+        if frac.len() > 18 || !frac.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(bad());
+        }
+        let digits: u128 = frac.parse().map_err(|_| bad())?;
+        let scale = 10u128.pow(frac.len() as u32);
+        u64::try_from((digits * u128::from(mult)).div_ceil(scale)).map_err(|_| bad())?
+    };
+    whole
+        .checked_mul(mult)
+        .and_then(|n| n.checked_add(part))
         .ok_or_else(|| format!("size {s:?} is too large"))
 }

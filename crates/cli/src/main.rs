@@ -1099,5 +1099,16 @@ mod tests {
         assert_eq!(parse_size("2KiB").unwrap(), 2048);
         assert!(parse_size("12Q").is_err());
         assert!(parse_size("x").is_err());
+        // numfmt --from=iec's forms: fractions (rounded up), P and E.
+        assert_eq!(parse_size("1.5G").unwrap(), 1_610_612_736);
+        assert_eq!(parse_size("1.5K").unwrap(), 1536);
+        assert_eq!(parse_size("0.3K").unwrap(), 308);
+        assert_eq!(parse_size(".5M").unwrap(), 512 << 10);
+        assert_eq!(parse_size("2P").unwrap(), 2 << 50);
+        assert_eq!(parse_size("15E").unwrap(), 15 << 60);
+        assert!(parse_size("16E").is_err(), "past u64");
+        assert!(parse_size("1.2.3G").is_err());
+        assert!(parse_size(".").is_err());
+        assert!(parse_size("1.xG").is_err());
     }
 }
