@@ -554,22 +554,26 @@ impl Core {
         if size_blocks >= LARGE_FILE_BYTES / bs {
             // A large file keeps to its line, whatever its neighbours do
             // (one displaced block must not drag the next ones after it).
-            let line = match self.with_ext(inode, |m| m.line.clone())? {
-                Some(l) => l,
+            // (goal, the line's last block): no copy of the line per block.
+            let last = size_blocks.saturating_sub(1);
+            let spots = |l: &Line| (l.at(lblk), l.at(last));
+            let (goal, end) = match self.with_ext(inode, |m| m.line.as_ref().map(spots))? {
+                Some(p) => p,
                 None => {
                     let l = self.plan_line(inode, size_blocks)?;
-                    self.with_ext(inode, |m| m.line = Some(l.clone()))?;
-                    l
+                    let p = spots(&l);
+                    self.with_ext(inode, |m| m.line = Some(l))?;
+                    p
                 }
             };
             // Displaced blocks go on a second line past the end of the
             // first, so that a run displaced together (by a superblock
             // backup or an inode table on the way, or another file's
             // blocks where pieces were planned) stays together.
-            let f0 = line.at(size_blocks.saturating_sub(1)).saturating_add(1);
+            let f0 = end.saturating_add(1);
             let fallback =
                 (f0 < self.geo.blocks_count).then(|| f0 + lblk % (self.geo.blocks_count - f0));
-            return Ok((clamp(line.at(lblk), self), fallback));
+            return Ok((clamp(goal, self), fallback));
         }
         let goal = self.with_ext(inode, |map| {
             if let Some(e) = map.at_or_before(lblk) {
@@ -625,7 +629,6 @@ impl Core {
         let base = self
             .empty_file_region(inode)
             .unwrap_or_else(|| self.inode_goal(inode));
-        let bs = u64::from(self.geo.block_size);
         Ok(Line::straight(base + tree_room(size_blocks, bs)))
     }
 
