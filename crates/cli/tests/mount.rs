@@ -1062,8 +1062,16 @@ fn file_handles(root: &Path, d: &Path) -> Vec<(bool, &'static str)> {
         let mut h = h.clone().ok_or(0)?;
         // SAFETY: a handle filled by name_to_handle_at and an open fd of
         // the mount; the returned fd, if any, is ours to own.
-        let fd =
-            unsafe { libc::open_by_handle_at(mount_fd.as_raw_fd(), h.as_mut_ptr().cast(), flags) };
+        // O_CLOEXEC: a descriptor without it leaks into any process
+        // another test thread spawns meanwhile (a background mount lives
+        // on), and the kernel's umount of this mount then says busy.
+        let fd = unsafe {
+            libc::open_by_handle_at(
+                mount_fd.as_raw_fd(),
+                h.as_mut_ptr().cast(),
+                flags | libc::O_CLOEXEC,
+            )
+        };
         if fd < 0 {
             return Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0));
         }
