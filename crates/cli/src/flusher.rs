@@ -1,7 +1,10 @@
 //! The flusher thread of a long-running server (the mount, the NBD
 //! export): background writeback when dirty data passes the page cache's
-//! background level (checked without the filesystem's lock), and a commit
-//! every 5 seconds like ext4's `commit=5`.
+//! background level (checked without the filesystem's lock), and every 5
+//! seconds a commit like ext4's `commit=5`, which first writes back the
+//! files dirty for 30 seconds or more (the kernel's
+//! `dirty_expire_centisecs`). Data dirtied since stays cached until it
+//! expires, an fsync, a sync, the dirty limits or the unmount.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -9,6 +12,10 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use folio_ext4::Filesystem;
+
+/// How long file data may stay dirty before the periodic commit writes
+/// it back (the kernel's default `dirty_expire_centisecs`, 3000).
+pub const DIRTY_EXPIRE: Duration = Duration::from_secs(30);
 
 pub struct Flusher {
     stop: Arc<AtomicBool>,
@@ -32,7 +39,7 @@ impl Flusher {
                 }
                 let r = if commit {
                     since_commit = Duration::ZERO;
-                    fs.sync()
+                    fs.commit_expired(DIRTY_EXPIRE)
                 } else {
                     fs.writeback_background().map(drop)
                 };

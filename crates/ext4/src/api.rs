@@ -371,6 +371,48 @@ impl Filesystem {
         self.core().sync()
     }
 
+    /// The periodic commit of a long-running server: ext4's `commit=`
+    /// interval together with the kernel's `dirty_expire_centisecs`.
+    /// Files whose data has been dirty for at least `expire` are written
+    /// back whole (in batches that yield the core lock, flushed without
+    /// it) and their sizes put into their inodes; then the running
+    /// transaction commits. Younger dirty data stays cached, as the
+    /// kernel's delayed allocation keeps it: what this commit makes
+    /// durable is consistent without that data: its blocks are not
+    /// mapped yet, and lock-free writers' sizes are not put into inode
+    /// blocks here (a size the core writes for another reason may cover
+    /// such data; after a crash that range reads as zeros, never as stale
+    /// blocks). `sync` and `fsync` write everything.
+    pub fn commit_expired(&self, expire: std::time::Duration) -> Result<()> {
+        let mut written = 0;
+        {
+            let mut c = self.core();
+            if let Some(why) = &c.aborted {
+                return Err(crate::Error::ReadOnly(why.clone()));
+            }
+            if c.read_only.is_some() {
+                return Ok(());
+            }
+            for ino in self.pc.expired_inodes(expire) {
+                let Ok(ino) = u32::try_from(ino) else {
+                    continue;
+                };
+                let Some(m) = self.pc.existing(u64::from(ino)) else {
+                    continue;
+                };
+                let mut from = 0;
+                while let Some(n) = c.writeback_batch(ino, &mut from, u64::MAX)? {
+                    written += n;
+                    c.yield_now();
+                }
+                m.restart_dirty_clock();
+                c.flush_ahead(Some(ino))?;
+            }
+        }
+        self.flush_data(written)?;
+        self.core().commit()
+    }
+
     /// Background writeback: write back, yielding the core lock between
     /// batches, until dirty data is below the background level. The FUSE
     /// server calls it from its flusher thread. Returns bytes written.

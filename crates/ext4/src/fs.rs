@@ -870,6 +870,21 @@ impl Core {
         Ok(())
     }
 
+    /// Commit the metadata changed so far (through the journal when there
+    /// is one) without writing back cached file data: the periodic
+    /// commit's second half (`Filesystem::commit_expired`).
+    pub(crate) fn commit(&mut self) -> Result<()> {
+        if self.read_only.is_some() {
+            return Ok(());
+        }
+        if self.journal.is_some() {
+            return self.sync_journalled();
+        }
+        self.write_metadata_to_cache()?;
+        self.cache.sync()?;
+        Ok(())
+    }
+
     /// An operation panicked while holding the core lock: metadata may be
     /// half changed, so nothing more is written (not even at drop).
     pub(crate) fn poisoned(&mut self) {

@@ -31,6 +31,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
+use std::time::{Duration, Instant};
 
 /// The base page size; folio sizes are power-of-two multiples of it.
 pub const PAGE_SIZE: usize = 4096;
@@ -67,7 +68,7 @@ impl Default for Config {
             budget_bytes: 256 << 20,
             folio_bytes: 16 << 10,
             dirty_ratio: 40,
-            background_ratio: 10,
+            background_ratio: 20,
             pool_buffers: 2,
             pool_buffer_bytes: 1 << 20,
         }
@@ -251,6 +252,32 @@ struct Shared {
     written_back: AtomicU64,
 }
 
+/// A mapping's dirty folios and since when it has had any (the kernel's
+/// `dirtied_when`: set when the first folio of a clean mapping becomes
+/// dirty, not moved by later ones, cleared when the last is cleaned;
+/// [`AddressSpace::restart_dirty_clock`] moves it after a writeback pass
+/// that left the mapping dirty).
+#[derive(Default)]
+struct DirtySet {
+    set: BTreeSet<u64>,
+    since: Option<Instant>,
+}
+
+impl DirtySet {
+    fn insert(&mut self, index: u64) {
+        if self.set.is_empty() {
+            self.since = Some(Instant::now());
+        }
+        self.set.insert(index);
+    }
+    fn remove(&mut self, index: u64) {
+        self.set.remove(&index);
+        if self.set.is_empty() {
+            self.since = None;
+        }
+    }
+}
+
 /// The folios of one inode.
 pub struct AddressSpace {
     ino: u64,
@@ -258,8 +285,9 @@ pub struct AddressSpace {
     block_size: usize,
     shared: Arc<Shared>,
     folios: Mutex<BTreeMap<u64, Arc<Folio>>>,
-    /// Indices of dirty folios (the kernel's DIRTY tag).
-    dirty: Mutex<BTreeSet<u64>>,
+    /// Indices of dirty folios (the kernel's DIRTY tag) and since when
+    /// the mapping has had any.
+    dirty: Mutex<DirtySet>,
     /// Readahead state: end of the last read and the current window.
     ra: Mutex<(u64, u64)>,
     /// Lookups that found a folio and that did not, counted here rather
@@ -409,7 +437,7 @@ impl AddressSpace {
             self.shared
                 .dirty
                 .fetch_sub(self.folio_size as u64, Ordering::Relaxed);
-            lock(&self.dirty).remove(&g.index());
+            lock(&self.dirty).remove(g.index());
         }
     }
 
@@ -420,7 +448,7 @@ impl AddressSpace {
 
     /// Indices of dirty folios in `[first, last]`, ascending.
     pub fn dirty_indices(&self, first: u64, last: u64) -> Vec<u64> {
-        lock(&self.dirty).range(first..=last).copied().collect()
+        lock(&self.dirty).set.range(first..=last).copied().collect()
     }
 
     /// Copy `[pos, pos + buf.len())` out of the cache, clamped to a file
@@ -449,12 +477,13 @@ impl AddressSpace {
 
     /// The highest dirty folio index, if any.
     pub fn last_dirty_index(&self) -> Option<u64> {
-        lock(&self.dirty).last().copied()
+        lock(&self.dirty).set.last().copied()
     }
 
     /// The first `max` dirty folio indices in `[first, last]`.
     pub fn first_dirty_indices(&self, first: u64, last: u64, max: usize) -> Vec<u64> {
         lock(&self.dirty)
+            .set
             .range(first..=last)
             .take(max)
             .copied()
@@ -462,7 +491,24 @@ impl AddressSpace {
     }
 
     pub fn has_dirty(&self) -> bool {
-        !lock(&self.dirty).is_empty()
+        !lock(&self.dirty).set.is_empty()
+    }
+
+    /// Since when the mapping has had dirty folios (`None`: it is clean).
+    pub fn dirty_since(&self) -> Option<Instant> {
+        lock(&self.dirty).since
+    }
+
+    /// A writeback pass over the whole mapping has finished: if folios
+    /// were dirtied again meanwhile, their age counts from now (as the
+    /// kernel's `redirty_tail` requeues an inode with a fresh
+    /// `dirtied_when`), so a file rewritten without pause is written back
+    /// once per expiry interval, not at every tick after its first.
+    pub fn restart_dirty_clock(&self) {
+        let mut d = lock(&self.dirty);
+        if !d.set.is_empty() {
+            d.since = Some(Instant::now());
+        }
     }
 
     /// Remove a locked folio from the mapping (it becomes [`Stale`] to
@@ -480,7 +526,7 @@ impl AddressSpace {
             self.shared
                 .dirty
                 .fetch_sub(self.folio_size as u64, Ordering::Relaxed);
-            lock(&self.dirty).remove(&g.index());
+            lock(&self.dirty).remove(g.index());
         }
     }
 
@@ -676,7 +722,7 @@ impl PageCache {
                 block_size,
                 shared: Arc::clone(&self.shared),
                 folios: Mutex::new(BTreeMap::new()),
-                dirty: Mutex::new(BTreeSet::new()),
+                dirty: Mutex::new(DirtySet::default()),
                 ra: Mutex::new((0, 0)),
                 hand: Mutex::new(0),
                 hits: AtomicU64::new(0),
@@ -726,6 +772,25 @@ impl PageCache {
         v
     }
 
+    /// Inodes whose mappings have been dirty for at least `age`, the
+    /// longest dirty first (the kernel's expired inodes, written back
+    /// after `dirty_expire_centisecs`).
+    pub fn expired_inodes(&self, age: Duration) -> Vec<u64> {
+        let now = Instant::now();
+        let mut v: Vec<(Instant, u64)> = self
+            .mappings
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .filter_map(|m| {
+                let since = m.dirty_since()?;
+                (now.saturating_duration_since(since) >= age).then_some((since, m.ino))
+            })
+            .collect();
+        v.sort_unstable();
+        v.into_iter().map(|(_, ino)| ino).collect()
+    }
+
     pub fn dirty_bytes(&self) -> u64 {
         self.shared.dirty.load(Ordering::Relaxed)
     }
@@ -742,10 +807,13 @@ impl PageCache {
         let c = &self.shared.cfg;
         self.dirty_bytes() > c.budget_bytes / 100 * u64::from(c.background_ratio)
     }
-    /// The level background writeback writes down to.
+    /// The level background writeback writes down to: a little below the
+    /// level that starts it (Linux stops at the level itself), so a pass
+    /// writes a few batches rather than everything down to a far lower
+    /// level, which a file rewritten at random dirties again at once.
     pub fn background_target(&self) -> u64 {
         let c = &self.shared.cfg;
-        c.budget_bytes / 100 * u64::from(c.background_ratio) / 2
+        c.budget_bytes / 100 * u64::from(c.background_ratio) * 7 / 8
     }
 
     /// Reclaim clean folios until the cache is within its budget (or

@@ -37,6 +37,46 @@ fn block_bitmaps_and_dirty_accounting() {
 }
 
 #[test]
+fn dirty_age_counts_from_the_first_dirty_folio() {
+    use std::time::Duration;
+    let pc = cache(1 << 20);
+    let (a, b) = (pc.mapping(7, 4096), pc.mapping(3, 4096));
+    // One folio lock at a time (lockdep: folios ascend).
+    let dirty = |m: &AddressSpace, i: u64| {
+        let g = m.grab(i);
+        m.mark_dirty(&g, 0, 1);
+    };
+    let clean = |m: &AddressSpace, i: u64| {
+        let g = m.grab(i);
+        m.clear_dirty(&g, 1);
+    };
+    dirty(&a, 0);
+    let since = a.dirty_since().expect("dirty");
+    thread::sleep(Duration::from_millis(20));
+    dirty(&b, 0);
+    // Later folios do not move a mapping's age.
+    dirty(&a, 1);
+    assert_eq!(a.dirty_since(), Some(since));
+    // Oldest first, and only those old enough.
+    assert_eq!(pc.expired_inodes(Duration::ZERO), vec![7, 3]);
+    assert_eq!(pc.expired_inodes(Duration::from_millis(10)), vec![7]);
+    assert!(pc.expired_inodes(Duration::from_secs(60)).is_empty());
+    // A pass that leaves the mapping dirty restarts its clock.
+    a.restart_dirty_clock();
+    assert_eq!(pc.expired_inodes(Duration::ZERO), vec![3, 7]);
+    // Clean again (or truncated): no age; dirty again: a new one.
+    clean(&a, 0);
+    assert_eq!(a.dirty_since().map(|t| t > since), Some(true));
+    clean(&a, 1);
+    assert_eq!(a.dirty_since(), None);
+    b.truncate(0);
+    assert_eq!(b.dirty_since(), None);
+    assert!(pc.expired_inodes(Duration::ZERO).is_empty());
+    dirty(&a, 0);
+    assert!(a.dirty_since().is_some_and(|t| t > since));
+}
+
+#[test]
 fn invalidate_refuses_dirty_and_truncate_discards() {
     let pc = cache(1 << 20);
     let m = pc.mapping(7, 4096);
