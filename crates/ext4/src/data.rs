@@ -444,7 +444,7 @@ impl Core {
     /// Extent files get an unwritten extent, or a written one for
     /// writeback (`unwritten` false: see `writeback_allocate`); indirect
     /// files written blocks. Draws on the reservation unless `fresh`.
-    fn alloc_run(
+    pub(crate) fn alloc_run(
         &mut self,
         inode: &mut Inode,
         lblk: u64,

@@ -735,7 +735,7 @@ impl Core {
 
     /// Blocks of the summary metadata any allocation or free may touch:
     /// every group descriptor block, the superblock.
-    fn summary_credits(&self) -> usize {
+    pub(crate) fn summary_credits(&self) -> usize {
         self.geo.gdt_blocks as usize + 1
     }
 
@@ -780,7 +780,8 @@ impl Core {
         } else {
             self.map_credits(ino, blocks)
         };
-        8 + self.summary_credits() + spans.min(groups) as usize + map
+        let ea = self.ea_inode_credits(&inode);
+        8 + self.summary_credits() + spans.min(groups) as usize + map + ea
     }
 
     /// Mapping blocks `ino` may dirty when `more` blocks are mapped or

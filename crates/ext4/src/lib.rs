@@ -14,6 +14,7 @@ pub mod bmap;
 pub mod csum;
 pub mod data;
 pub mod dir;
+pub mod ea_inode;
 pub mod error;
 pub(crate) mod extent_tree;
 pub mod falloc;

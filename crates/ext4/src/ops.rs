@@ -174,7 +174,7 @@ pub struct Owner {
 }
 
 impl Core {
-    fn next_generation(&mut self) -> u32 {
+    pub(crate) fn next_generation(&mut self) -> u32 {
         // xorshift32: distinct generations for inode checksum seeds and NFS.
         let mut x = self.generation_seed;
         x ^= x << 13;
@@ -184,7 +184,7 @@ impl Core {
         x
     }
 
-    fn extra_isize(&self) -> u16 {
+    pub(crate) fn extra_isize(&self) -> u16 {
         let isz = self.geo.inode_size as u16;
         if isz <= 128 {
             return 0;
@@ -743,6 +743,14 @@ impl Core {
         }
         if has_blocks {
             self.truncate_blocks(inode, 0)?;
+        }
+        if self.has_ea_inode() && inode.flags() & crate::format::inode::FL_EA_INODE == 0 {
+            // Values in EA inodes lose this inode's references.
+            for x in self.all_xattrs(inode)? {
+                if let Some(e) = x.ea {
+                    self.ea_inode_unref(inode.ino, &e)?;
+                }
+            }
         }
         let acl = inode.file_acl();
         if acl != 0 {

@@ -31,6 +31,7 @@ fn acl_xattr(index: u8, entries: &[crate::format::xattr::acl::Entry]) -> Result<
         index,
         name: Vec::new(),
         value,
+        ea: None,
     })
 }
 
@@ -91,12 +92,12 @@ impl Core {
     pub fn get_xattr(&mut self, ino: u32, name: &[u8]) -> Result<Vec<u8>> {
         let inode = self.read_inode(ino)?;
         let (index, suffix) = Xattr::split_name(name).ok_or(Error::NoAttr)?;
-        let value = self
+        let x = self
             .all_xattrs(&inode)?
             .into_iter()
             .find(|x| x.index == index && x.name == suffix)
-            .map(|x| x.value)
             .ok_or(Error::NoAttr)?;
+        let value = self.xattr_value(ino, x)?;
         if is_acl(index) {
             return crate::format::xattr::acl::to_vfs(&value).ok_or_else(|| {
                 Error::corrupted(
@@ -106,6 +107,14 @@ impl Core {
             });
         }
         Ok(value)
+    }
+
+    /// An attribute's value, from its EA inode when it has one.
+    fn xattr_value(&mut self, owner: u32, x: Xattr) -> Result<Vec<u8>> {
+        match x.ea {
+            Some(e) => self.ea_inode_value(owner, &e, &x.name),
+            None => Ok(x.value),
+        }
     }
 
     /// Full names of every attribute of inode `ino`.
@@ -145,7 +154,13 @@ impl Core {
     ) -> Result<()> {
         // A capability may appear: writes must ask the core again.
         self.inodes.set_plain(ino, false);
-        let c = self.namespace_credits();
+        // A value in an EA inode: one made, one freed.
+        let c = self.namespace_credits()
+            + if self.has_ea_inode() {
+                2 * (8 + self.summary_credits())
+            } else {
+                0
+            };
         self.retry_nospc(c, |fs| fs.set_xattr_impl(ino, name, value, mode, caller))
     }
 
@@ -158,10 +173,14 @@ impl Core {
     ) -> Result<Option<Vec<crate::format::xattr::acl::Entry>>> {
         use crate::format::xattr::acl;
         let attrs = self.all_xattrs(inode)?;
-        let Some(x) = attrs.iter().find(|x| x.index == index && x.name.is_empty()) else {
+        let Some(x) = attrs
+            .into_iter()
+            .find(|x| x.index == index && x.name.is_empty())
+        else {
             return Ok(None);
         };
-        acl::to_vfs(&x.value)
+        let value = self.xattr_value(inode.ino, x)?;
+        acl::to_vfs(&value)
             .and_then(|v| acl::entries(&v))
             .map(Some)
             .ok_or_else(|| Error::corrupted(format!("inode {}: malformed POSIX ACL", inode.ino), 0))
@@ -256,11 +275,24 @@ impl Core {
             (None, XattrMode::Replace) => return Err(Error::NoAttr),
             _ => {}
         }
-        let new = Xattr {
+        if value.len() > crate::ea_inode::XATTR_SIZE_MAX
+            || (!self.has_ea_inode() && value.len() > self.geo.block_size as usize)
+        {
+            return Err(Error::NoSpace);
+        }
+        let mut new = Xattr {
             index,
             name: suffix,
             value: value.to_vec(),
+            ea: None,
         };
+        let new_name = new.name.clone();
+        // A value no block could hold goes to an EA inode at once.
+        if self.has_ea_inode() && value.len().next_multiple_of(4) > self.ea_inode_threshold() {
+            new.ea = Some(self.ea_inode_create(&inode, &new.name, value)?);
+            new.value.clear();
+        }
+        let made = new.ea;
         match (pos, acl_mode) {
             // Nothing more than the mode: only the mode is kept.
             (Some(i), Some((_, true))) => {
@@ -280,7 +312,38 @@ impl Core {
             }
             inode.set_mode(m);
         }
-        self.store_xattrs(&mut inode, attrs)?;
+        let snapshot = inode.clone();
+        let r = match self.store_xattrs(&mut inode, attrs.clone()) {
+            // Inode and block are full: the value goes to an EA inode, as
+            // the kernel retries with `in_inode`.
+            Err(Error::NoSpace) if self.has_ea_inode() && made.is_none() && !value.is_empty() => {
+                let at = attrs
+                    .iter()
+                    .position(|x| x.index == index && x.name == new_name && x.ea.is_none());
+                match at {
+                    Some(i) => {
+                        inode = snapshot;
+                        let e = self.ea_inode_create(&inode, &new_name, value)?;
+                        attrs[i].ea = Some(e);
+                        attrs[i].value.clear();
+                        let r = self.store_xattrs(&mut inode, attrs);
+                        if r.is_err() {
+                            self.ea_inode_unref(ino, &e)?;
+                        }
+                        r
+                    }
+                    None => Err(Error::NoSpace),
+                }
+            }
+            r => r,
+        };
+        if let Err(e) = r {
+            if let Some(made) = made {
+                // The new value's inode is no one's: give it back.
+                self.ea_inode_unref(ino, &made)?;
+            }
+            return Err(e);
+        }
         inode.set_ctime(Timespec::now());
         self.write_inode(&mut inode)
     }
@@ -332,8 +395,38 @@ impl Core {
     }
 
     /// Lay `attrs` out: as many as fit in the inode, in order, the rest in
-    /// the xattr block. The caller writes the inode.
+    /// the xattr block. The caller writes the inode. Values in EA inodes
+    /// that `attrs` no longer names lose this inode's reference.
     pub(crate) fn store_xattrs(&mut self, inode: &mut Inode, attrs: Vec<Xattr>) -> Result<()> {
+        let before = if self.has_ea_inode() {
+            self.all_xattrs(inode)?
+        } else {
+            Vec::new()
+        };
+        let gone: Vec<Xattr> = before.into_iter().filter(|x| x.ea.is_some()).collect();
+        let kept = attrs.clone();
+        self.store_xattrs_inner(inode, attrs)?;
+        // An owner's i_blocks counts its values in EA inodes (the blocks
+        // the kernel charges to its quota), as e2fsck expects.
+        let charge = |x: &Xattr, others: &[Xattr]| match x.ea {
+            Some(e)
+                if !others
+                    .iter()
+                    .any(|y| y.ea.is_some_and(|f| f.inum == e.inum)) =>
+            {
+                self.ea_charge(e.size)
+            }
+            _ => 0,
+        };
+        let added: i64 = kept.iter().map(|x| charge(x, &gone)).sum();
+        let removed: i64 = gone.iter().map(|x| charge(x, &kept)).sum();
+        if added != removed {
+            self.add_i_blocks(inode, added - removed)?;
+        }
+        self.ea_inode_unref_gone(inode.ino, &gone, &kept)
+    }
+
+    fn store_xattrs_inner(&mut self, inode: &mut Inode, attrs: Vec<Xattr>) -> Result<()> {
         let bs = self.geo.block_size as usize;
         let inline_off = inode.inline_xattr_offset();
         let mut in_inode = Vec::new();

@@ -56,9 +56,14 @@ const ME: Owner = Owner { uid: 0, gid: 0 };
 /// that the workload wraps the log and checkpoints many times.
 fn base_image(bs: u32, small_journal: bool) -> Vec<u8> {
     let dev = MemDevice::from_bytes(vec![MARK; img_size(bs)]);
+    // ea_inode on: large xattr values in inodes of their own are part
+    // of the mix (e2fsck checks their reference counts and charges).
+    let mut features = folio_ext4::mkfs::Features::defaults(folio_ext4::mkfs::FsType::Ext4);
+    features.edit("ea_inode").unwrap();
     let opts = MkfsOptions {
         block_size: Some(bs),
         journal_bytes: small_journal.then_some(1024 * u64::from(bs)),
+        features: Some(features),
         ..Default::default()
     };
     mkfs(Arc::new(dev.clone()), img_size(bs) as u64, &opts).unwrap();
@@ -353,6 +358,26 @@ fn run_workload(seed: u64, bs: u32, steps: usize, small_journal: bool) -> Worklo
                 let depth = fs.extent_depth(ino).unwrap().unwrap_or(0);
                 deepest = deepest.max(depth);
                 rec.changed.push(tag);
+            }
+            97..=98 if !tags.is_empty() => {
+                // A large xattr value (an EA inode) set, replaced or
+                // removed; the crash states must keep the EA inodes'
+                // reference counts and their owners' block counts exact.
+                let tag = pick(&mut rng);
+                let ino = fs.resolve(&m.files[&tag].0).unwrap();
+                let name = [b"user.ea0".as_slice(), b"user.ea1"][rng.below(2) as usize];
+                if rng.below(4) == 0 {
+                    match fs.remove_xattr(ino, name) {
+                        Ok(()) | Err(folio_ext4::Error::NoAttr) => {}
+                        Err(e) => panic!("remove_xattr: {e}"),
+                    }
+                } else {
+                    let len = 4000 + rng.below(16_000) as usize;
+                    match fs.set_xattr(ino, name, &vec![tag; len], folio_ext4::XattrMode::Any) {
+                        Ok(()) | Err(folio_ext4::Error::NoSpace) => {}
+                        Err(e) => panic!("set_xattr: {e}"),
+                    }
+                }
             }
             89..=94 if !tags.is_empty() => {
                 let tag = pick(&mut rng);

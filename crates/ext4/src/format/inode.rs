@@ -50,6 +50,8 @@ const GID: usize = 0x18;
 const LINKS: usize = 0x1A;
 const BLOCKS_LO: usize = 0x1C;
 const FLAGS: usize = 0x20;
+/// osd1: i_version on Linux.
+const OSD1: usize = 0x24;
 pub const BLOCK: usize = 0x28;
 pub const BLOCK_LEN: usize = 60;
 const GENERATION: usize = 0x64;
@@ -323,6 +325,25 @@ impl Inode {
         if self.has_extra(CRTIME_EXTRA + 4) {
             self.set_time(CRTIME, CRTIME_EXTRA, t)
         }
+    }
+
+    /// An EA inode's value hash (ea_inode: kept where i_atime is).
+    pub fn ea_hash(&self) -> u32 {
+        le32(&self.raw, ATIME)
+    }
+    pub fn set_ea_hash(&mut self, hash: u32) {
+        self.set_time(ATIME, ATIME_EXTRA, Timespec { sec: 0, nsec: 0 });
+        put32(&mut self.raw, ATIME, hash);
+    }
+    /// An EA inode's reference count: i_ctime holds its high 32 bits and
+    /// i_version (osd1) its low ones, as the kernel and e2fsprogs keep it.
+    pub fn ea_refs(&self) -> u64 {
+        (u64::from(le32(&self.raw, CTIME)) << 32) | u64::from(le32(&self.raw, OSD1))
+    }
+    pub fn set_ea_refs(&mut self, refs: u64) {
+        self.set_time(CTIME, CTIME_EXTRA, Timespec { sec: 0, nsec: 0 });
+        put32(&mut self.raw, CTIME, (refs >> 32) as u32);
+        put32(&mut self.raw, OSD1, refs as u32);
     }
 
     /// Per-inode checksum seed: crc32c(fs seed, ino, generation).

@@ -92,8 +92,16 @@ pub mod incompat {
     pub const CASEFOLD: u32 = 0x20000;
 
     /// Incompatible features folio reads and writes.
-    pub const SUPPORTED: u32 =
-        FILETYPE | RECOVER | META_BG | EXTENTS | BIT64 | MMP | FLEX_BG | CSUM_SEED | LARGEDIR;
+    pub const SUPPORTED: u32 = FILETYPE
+        | RECOVER
+        | META_BG
+        | EXTENTS
+        | BIT64
+        | MMP
+        | FLEX_BG
+        | EA_INODE
+        | CSUM_SEED
+        | LARGEDIR;
 
     pub const NAMES: &[(u32, &str)] = &[
         (COMPRESSION, "compression"),

@@ -9,11 +9,31 @@ pub const BLOCK_HEADER_LEN: usize = 32;
 const ENTRY_FIXED: usize = 16;
 
 /// One attribute: `index` selects the name prefix (see [`PREFIXES`]).
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// With `ea` set (the ea_inode feature) the value lives in an inode of
+/// its own and `value` is empty here.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Xattr {
     pub index: u8,
     pub name: Vec<u8>,
     pub value: Vec<u8>,
+    pub ea: Option<EaRef>,
+}
+
+/// An entry's reference to the EA inode holding its value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EaRef {
+    pub inum: u32,
+    /// The value's length (the EA inode's size).
+    pub size: u32,
+    /// The entry's hash: of its name and the EA inode's value hash.
+    pub entry_hash: u32,
+}
+
+/// The hash of a value kept in an EA inode (stored in that inode, where
+/// i_atime is): crc32c of the value seeded with the filesystem's
+/// checksum seed, as the kernel's `ext4_xattr_inode_hash`.
+pub fn ea_value_hash(fs_seed: u32, value: &[u8]) -> u32 {
+    crc32c_raw(fs_seed, value)
 }
 
 /// Name prefixes by index, as Linux maps them.
@@ -68,16 +88,37 @@ impl Xattr {
         (self.value.len() + 3) & !3
     }
 
+    /// The length of the value, wherever it is kept.
+    pub fn value_size(&self) -> usize {
+        self.ea.map_or(self.value.len(), |e| e.size as usize)
+    }
+
+    /// The hash of an entry naming `name` whose value is in an EA inode
+    /// with value hash `value_hash`: the name's hash with the value hash
+    /// folded in as one value word (`ext4_xattr_hash_entry` with one).
+    pub fn ea_entry_hash(name: &[u8], value_hash: u32) -> u32 {
+        let h = Self::name_hash(name);
+        (h << 16) ^ (h >> 16) ^ value_hash
+    }
+
+    fn name_hash(name: &[u8]) -> u32 {
+        let mut h = 0u32;
+        for &c in name {
+            h = (h << 5) ^ (h >> 27) ^ u32::from(c);
+        }
+        h
+    }
+
     /// Bytes this attribute takes in a table (entry + padded value).
     pub fn footprint(&self) -> usize {
         self.entry_len() + self.value_len()
     }
 
     pub fn hash(&self) -> u32 {
-        let mut h = 0u32;
-        for &c in &self.name {
-            h = (h << 5) ^ (h >> 27) ^ u32::from(c);
+        if let Some(e) = self.ea {
+            return e.entry_hash;
         }
+        let mut h = Self::name_hash(&self.name);
         let mut padded = self.value.clone();
         padded.resize(self.value_len(), 0);
         for w in padded.chunks_exact(4) {
@@ -107,13 +148,31 @@ pub fn parse_table(
         let value_offs = usize::from(get16(area, off + 2).ok_or("truncated xattr entry")?);
         let value_inum = get32(area, off + 4).ok_or("truncated xattr entry")?;
         let value_size = get32(area, off + 8).ok_or("truncated xattr entry")? as usize;
-        if value_inum != 0 {
-            return Err("xattr value stored in an EA inode (ea_inode is not supported)");
-        }
         let name = area
             .get(off + ENTRY_FIXED..off + ENTRY_FIXED + name_len)
             .ok_or("xattr name runs past its area")?
             .to_vec();
+        if value_inum != 0 {
+            if value_size == 0 {
+                return Err("xattr entry with an EA inode but no value size");
+            }
+            let entry_hash = get32(area, off + 12).ok_or("truncated xattr entry")?;
+            out.push(Xattr {
+                index,
+                name,
+                value: Vec::new(),
+                ea: Some(EaRef {
+                    inum: value_inum,
+                    size: u32::try_from(value_size).map_err(|_| "xattr value size overflows")?,
+                    entry_hash,
+                }),
+            });
+            off += (ENTRY_FIXED + name_len + 3) & !3;
+            if out.len() > area.len() / ENTRY_FIXED {
+                return Err("xattr table does not terminate");
+            }
+            continue;
+        }
         let vstart = values_base
             .checked_add(value_offs)
             .ok_or("xattr value offset overflows")?;
@@ -126,7 +185,12 @@ pub fn parse_table(
             )
             .ok_or("xattr value runs past its area")?
             .to_vec();
-        out.push(Xattr { index, name, value });
+        out.push(Xattr {
+            index,
+            name,
+            value,
+            ea: None,
+        });
         off += (ENTRY_FIXED + name_len + 3) & !3;
         if out.len() > area.len() / ENTRY_FIXED {
             return Err("xattr table does not terminate");
@@ -160,10 +224,16 @@ pub fn write_table(
         put16(area, off + 2, (vstart - values_base) as u16);
         area[off] = a.name.len() as u8;
         area[off + 1] = a.index;
-        put32(area, off + 4, 0);
-        put32(area, off + 8, a.value.len() as u32);
+        put32(area, off + 4, a.ea.map_or(0, |e| e.inum));
+        put32(area, off + 8, a.value_size() as u32);
         put32(area, off + 12, a.hash());
         area[off + ENTRY_FIXED..off + ENTRY_FIXED + a.name.len()].copy_from_slice(&a.name);
+        if a.ea.is_some() {
+            // The value is elsewhere: offset 0, nothing in this area.
+            put16(area, off + 2, 0);
+            off += a.entry_len();
+            continue;
+        }
         area[vstart..vstart + a.value.len()].copy_from_slice(&a.value);
         if a.value.is_empty() {
             // Empty values store offset 0, as Linux does.
@@ -224,25 +294,43 @@ mod tests {
 
     #[test]
     fn table_round_trip() {
-        let attrs = vec![
+        let mut attrs = vec![
             Xattr {
                 index: 1,
                 name: b"a".to_vec(),
                 value: b"hello".to_vec(),
+                ea: None,
             },
             Xattr {
                 index: 6,
                 name: b"selinux".to_vec(),
                 value: vec![],
+                ea: None,
             },
             Xattr {
                 index: 2,
                 name: vec![],
                 value: vec![1, 2, 3, 4, 5, 6, 7, 8],
+                ea: None,
             },
         ];
+        attrs.push(Xattr {
+            index: 1,
+            name: b"big".to_vec(),
+            value: Vec::new(),
+            ea: Some(EaRef {
+                inum: 13,
+                size: 70000,
+                entry_hash: Xattr::ea_entry_hash(b"big", 0xdead_beef),
+            }),
+        });
         let mut area = vec![0u8; 200];
         assert!(write_table(&mut area, 4, 4, &attrs));
+        // The EA entry takes no value bytes: offset 0, size and inode set.
+        let at = 4 + attrs[..3].iter().map(Xattr::entry_len).sum::<usize>();
+        assert_eq!(get16(&area, at + 2), Some(0));
+        assert_eq!(get32(&area, at + 4), Some(13));
+        assert_eq!(get32(&area, at + 8), Some(70000));
         assert_eq!(parse_table(&area, 4, 4).unwrap(), attrs);
         let mut small = vec![0u8; 40];
         assert!(!write_table(&mut small, 0, 0, &attrs));
@@ -265,6 +353,7 @@ mod tests {
             index: 4,
             name: b"t".to_vec(),
             value: vec![],
+            ea: None,
         };
         assert_eq!(x.full_name(), b"trusted.t");
     }
