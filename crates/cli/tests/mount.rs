@@ -2205,3 +2205,64 @@ fn threads_race_through_the_mount() {
     folio_umount(&mnt);
     let _ = fs::remove_dir_all(&dir);
 }
+
+/// ea_inode through the mount (issue 18): values past a block go through
+/// FUSE's setxattr and getxattr into inodes of their own, survive the
+/// unmount, and the image is e2fsck-clean with the kernel reading them.
+#[test]
+fn large_xattrs_through_the_mount_on_an_ea_inode_image() {
+    if !prerequisites() {
+        return;
+    }
+    let dir = tmp("ea");
+    let img = dir.join("folio.img");
+    assert!(Command::new(env!("CARGO_BIN_EXE_folio"))
+        .args(["mkfs", "-q", "-O", "ea_inode"])
+        .arg(&img)
+        .args(["--size", "64M"])
+        .status()
+        .unwrap()
+        .success());
+    let mnt = dir.join("m");
+    fs::create_dir(&mnt).unwrap();
+    folio_mount(&img, &mnt);
+    let f = mnt.join("f");
+    fs::write(&f, b"owner").unwrap();
+    let values: Vec<(&[u8], Vec<u8>)> = vec![
+        (
+            b"user.big",
+            (0..20000u32).map(|i| (i % 253) as u8).collect(),
+        ),
+        (b"user.max", vec![7u8; 65536]),
+        (b"user.small", b"s".to_vec()),
+    ];
+    for (n, v) in &values {
+        hostxattr::set(&f, n, v).unwrap();
+    }
+    for (n, v) in &values {
+        assert!(
+            &hostxattr::get(&f, n).unwrap() == v,
+            "read back through the mount"
+        );
+    }
+    // Too large for the VFS: E2BIG before folio sees it.
+    assert!(hostxattr::set(&f, b"user.toobig", &vec![1u8; 65537]).is_err());
+    folio_umount(&mnt);
+    assert!(e2fsck_clean(&img), "e2fsck after the mount");
+    let k = dir.join("k");
+    fs::create_dir(&k).unwrap();
+    assert!(Command::new("mount")
+        .args(["-o", "loop,ro"])
+        .arg(&img)
+        .arg(&k)
+        .status()
+        .unwrap()
+        .success());
+    let seen: Vec<bool> = values
+        .iter()
+        .map(|(n, v)| hostxattr::get(&k.join("f"), n).ok().as_ref() == Some(v))
+        .collect();
+    assert!(Command::new("umount").arg(&k).status().unwrap().success());
+    assert_eq!(seen, vec![true; 3], "the kernel reads every value");
+    let _ = fs::remove_dir_all(&dir);
+}
