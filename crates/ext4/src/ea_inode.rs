@@ -27,6 +27,10 @@ use crate::fs::Core;
 /// the kernel's ext4 takes no more through it).
 pub const XATTR_SIZE_MAX: usize = 65536;
 
+/// The largest value ext4's format allows in an EA inode (the kernel's
+/// `EXT4_XATTR_SIZE_MAX`); an entry claiming more is corrupt.
+const EA_VALUE_MAX: usize = 1 << 24;
+
 impl Core {
     pub(crate) fn has_ea_inode(&self) -> bool {
         self.sb.has_incompat(incompat::EA_INODE)
@@ -59,6 +63,10 @@ impl Core {
         };
         if e.inum < self.sb.first_ino() || e.inum > self.sb.inodes_count() || e.inum == owner {
             return Err(bad("not a valid inode number"));
+        }
+        if e.size as usize > EA_VALUE_MAX {
+            // Checked before anything is read or allocated for it.
+            return Err(bad("a value larger than ext4 allows"));
         }
         let inode = self.read_inode(e.inum)?;
         if inode.flags() & FL_EA_INODE == 0 || !inode.is_reg() || inode.links() == 0 {

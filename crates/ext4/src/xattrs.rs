@@ -280,19 +280,13 @@ impl Core {
         {
             return Err(Error::NoSpace);
         }
-        let mut new = Xattr {
+        let new = Xattr {
             index,
             name: suffix,
             value: value.to_vec(),
             ea: None,
         };
         let new_name = new.name.clone();
-        // A value no block could hold goes to an EA inode at once.
-        if self.has_ea_inode() && value.len().next_multiple_of(4) > self.ea_inode_threshold() {
-            new.ea = Some(self.ea_inode_create(&inode, &new.name, value)?);
-            new.value.clear();
-        }
-        let made = new.ea;
         match (pos, acl_mode) {
             // Nothing more than the mode: only the mode is kept.
             (Some(i), Some((_, true))) => {
@@ -312,31 +306,32 @@ impl Core {
             }
             inode.set_mode(m);
         }
+        // The entry being set, if it is stored at all.
+        let at = attrs
+            .iter()
+            .position(|x| x.index == index && x.name == new_name);
+        let to_ea_inode = |fs: &mut Self, attrs: &mut [Xattr], inode: &Inode| -> Result<_> {
+            let Some(i) = at else { return Ok(None) };
+            let e = fs.ea_inode_create(inode, &new_name, value)?;
+            attrs[i].ea = Some(e);
+            attrs[i].value.clear();
+            Ok(Some(e))
+        };
+        // A value no block could hold goes to an EA inode at once.
+        let ea_ok = self.has_ea_inode() && !value.is_empty();
+        let mut made = None;
+        if ea_ok && value.len().next_multiple_of(4) > self.ea_inode_threshold() {
+            made = to_ea_inode(self, &mut attrs, &inode)?;
+        }
         let snapshot = inode.clone();
-        let r = match self.store_xattrs(&mut inode, attrs.clone()) {
+        let mut r = self.store_xattrs(&mut inode, attrs.clone());
+        if matches!(r, Err(Error::NoSpace)) && ea_ok && made.is_none() && at.is_some() {
             // Inode and block are full: the value goes to an EA inode, as
             // the kernel retries with `in_inode`.
-            Err(Error::NoSpace) if self.has_ea_inode() && made.is_none() && !value.is_empty() => {
-                let at = attrs
-                    .iter()
-                    .position(|x| x.index == index && x.name == new_name && x.ea.is_none());
-                match at {
-                    Some(i) => {
-                        inode = snapshot;
-                        let e = self.ea_inode_create(&inode, &new_name, value)?;
-                        attrs[i].ea = Some(e);
-                        attrs[i].value.clear();
-                        let r = self.store_xattrs(&mut inode, attrs);
-                        if r.is_err() {
-                            self.ea_inode_unref(ino, &e)?;
-                        }
-                        r
-                    }
-                    None => Err(Error::NoSpace),
-                }
-            }
-            r => r,
-        };
+            inode = snapshot;
+            made = to_ea_inode(self, &mut attrs, &inode)?;
+            r = self.store_xattrs(&mut inode, attrs);
+        }
         if let Err(e) = r {
             if let Some(made) = made {
                 // The new value's inode is no one's: give it back.
