@@ -506,10 +506,7 @@ fn mkfs_n_m_u_e_t_follow_mke2fs() {
         (vec!["-E", "stride=4"], "not supported"),
         (vec!["-m", "60"], "reserved blocks percent"),
         (vec!["-U", "nonsense"], "invalid UUID"),
-        (
-            vec!["-O", "inline_data"],
-            "cannot make the inline_data feature",
-        ),
+        (vec!["-O", "casefold"], "cannot make the casefold feature"),
         (vec!["-O", "bogus"], "invalid filesystem option"),
         (vec!["-O", "^extent"], "extents must be enabled"),
         (vec!["-O", "^sparse_super"], "non-sparse"),

@@ -370,6 +370,8 @@ impl Core {
         max: u64,
     ) -> Result<(Mapping, u64)> {
         let max = max.max(1);
+        // i_block holds data, not a block map.
+        self.not_inline(inode, "a block mapping")?;
         if Self::uses_extents(inode) {
             return self.with_ext(inode, |map| {
                 if let Some(e) = map.containing(lblk) {
@@ -870,6 +872,11 @@ impl Core {
     /// indirect blocks left empty). The caller writes the inode.
     pub(crate) fn truncate_blocks(&mut self, inode: &mut Inode, from: u64) -> Result<()> {
         self.check_writable()?;
+        if Self::is_inline(inode) {
+            // No blocks: an inline inode being freed (its data goes with
+            // the inode and its xattrs).
+            return Ok(());
+        }
         let spb = u64::from(self.geo.block_size / 512);
         if Self::uses_extents(inode) {
             return self.free_extent_range(inode, from, u64::MAX);

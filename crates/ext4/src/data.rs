@@ -547,6 +547,23 @@ impl Core {
     /// Describe the file at `lblk` for `n` blocks.
     fn describe(&mut self, inode: &Inode, lblk: u64, n: u64) -> Result<Iomap> {
         let bs = u64::from(self.geo.block_size);
+        if Self::is_inline(inode) {
+            // All of an inline file is in its first block; the rest of
+            // the range reads as a hole.
+            let (kind, inline, len) = if lblk == 0 {
+                (IomapKind::Inline, self.inline_data(inode)?, 1)
+            } else {
+                (IomapKind::Hole, Vec::new(), n.max(1))
+            };
+            return Ok(Iomap {
+                kind,
+                offset: lblk * bs,
+                length: len * bs,
+                addr: 0,
+                new: false,
+                inline,
+            });
+        }
         let (m, k) = self.map_block(inode, lblk, n)?;
         let (kind, addr, len) = match m {
             Mapping::Mapped { pblk, unwritten } => (

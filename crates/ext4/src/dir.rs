@@ -236,6 +236,22 @@ impl Core {
             return Err(Error::NotDir);
         }
         let mut out = Vec::new();
+        if Self::is_inline(&dir) {
+            let (parent, ents) = self.inline_dir(&dir)?;
+            for (name, ino) in [(&b"."[..], ino), (&b".."[..], parent)] {
+                out.push(DirEntry {
+                    name: name.to_vec(),
+                    ino,
+                    file_type: FileType::Directory,
+                });
+            }
+            out.extend(ents.into_iter().filter(|e| e.inode != 0).map(|e| DirEntry {
+                name: e.name,
+                ino: e.inode,
+                file_type: FileType::from_dirent_code(e.file_type),
+            }));
+            return Ok(out);
+        }
         for lblk in 0..self.dir_blocks(&dir) {
             let (pblk, data) = self.read_dir_block(&dir, lblk)?;
             for e in self.block_entries(&dir, lblk, &data, pblk)? {
@@ -393,6 +409,7 @@ impl Core {
     }
 
     fn find_entry(&mut self, dir: &Inode, name: &[u8]) -> Result<Option<Found>> {
+        self.not_inline(dir, "a directory change")?;
         if self.is_indexed(dir) && self.sb.has_compat(compat::DIR_INDEX) {
             let (mut frames, hash, _) = self.dx_path(dir, name)?;
             for _ in 0..self.dir_blocks(dir) {
@@ -419,6 +436,7 @@ impl Core {
     /// indexed directories alike (in an htree they sit in the dx root and
     /// are not reachable by hash). Returns their offsets and inodes.
     fn dot_entries(&mut self, dir: &Inode) -> Result<(u64, Vec<u8>, RawEntry, RawEntry)> {
+        self.not_inline(dir, "a \"..\" change")?;
         let (pblk, data) = self.read_dir_block(dir, 0)?;
         let ents = self.block_entries(dir, 0, &data, pblk)?;
         match (ents.first(), ents.get(1)) {
@@ -434,6 +452,9 @@ impl Core {
 
     /// Point ".." of `dir` at `parent`.
     pub(crate) fn set_dotdot(&mut self, dir: &Inode, parent: u32) -> Result<()> {
+        if Self::is_inline(dir) {
+            return self.inline_set_parent(dir.ino, parent);
+        }
         let (pblk, mut data, _, dd) = self.dot_entries(dir)?;
         put32(&mut data, dd.offset, parent);
         match self.dx_count_offset(dir, 0, &data) {
@@ -453,6 +474,17 @@ impl Core {
         }
         if name.len() > NAME_MAX {
             return Err(Error::NameTooLong);
+        }
+        if Self::is_inline(dir) {
+            let (parent, ents) = self.inline_dir(dir)?;
+            return Ok(match name {
+                b"." => Some((dir.ino, FileType::Directory)),
+                b".." => Some((parent, FileType::Directory)),
+                _ => ents
+                    .into_iter()
+                    .find(|e| e.inode != 0 && e.name == name)
+                    .map(|e| (e.inode, FileType::from_dirent_code(e.file_type))),
+            });
         }
         if name == b"." || name == b".." {
             let (_, _, d, dd) = self.dot_entries(dir)?;
@@ -514,6 +546,9 @@ impl Core {
 
     /// True if `dir` holds nothing but "." and "..".
     pub(crate) fn dir_is_empty(&mut self, dir: &Inode) -> Result<bool> {
+        if Self::is_inline(dir) {
+            return Ok(self.inline_dir(dir)?.1.iter().all(|e| e.inode == 0));
+        }
         for lblk in 0..self.dir_blocks(dir) {
             let (pblk, data) = self.read_dir_block(dir, lblk)?;
             for e in self.block_entries(dir, lblk, &data, pblk)? {
@@ -545,6 +580,7 @@ impl Core {
         ft: FileType,
     ) -> Result<()> {
         check_name(name)?;
+        self.not_inline(dir, "a new name")?;
         let code = self.ft_code(ft);
         let indexed = self.is_indexed(dir) && self.sb.has_compat(compat::DIR_INDEX);
         if indexed {
@@ -770,16 +806,33 @@ impl Core {
 
     /// Create the first block of a new directory with "." and "..".
     pub(crate) fn dir_init(&mut self, dir: &mut Inode, parent: u32) -> Result<()> {
+        self.dir_init_with(dir, parent, &[])
+    }
+
+    /// Create the first block of a directory with "." and "..", then
+    /// `entries` (name, inode, file type code): a directory leaving its
+    /// inline area.
+    pub(crate) fn dir_init_with(
+        &mut self,
+        dir: &mut Inode,
+        parent: u32,
+        entries: &[(Vec<u8>, u32, u8)],
+    ) -> Result<()> {
         let bs = self.geo.block_size as usize;
         let usable = self.leaf_usable();
+        let d = self.ft_code(FileType::Directory);
+        let mut all = vec![(b".".to_vec(), dir.ino, d), (b"..".to_vec(), parent, d)];
+        all.extend_from_slice(entries);
+        let need: usize = all.iter().map(|(n, _, _)| entry_len(n.len())).sum();
+        if need > usable {
+            return Err(Error::corrupted(
+                format!("directory {}: its entries do not fit in a block", dir.ino),
+                0,
+            ));
+        }
         let (_, pblk) = self.dir_append_block(dir)?;
         let mut data = vec![0u8; bs];
-        let d = self.ft_code(FileType::Directory);
-        fill_leaf(
-            &mut data,
-            usable,
-            &[(b".".to_vec(), dir.ino, d), (b"..".to_vec(), parent, d)],
-        );
+        fill_leaf(&mut data, usable, &all);
         self.write_leaf_block(dir, pblk, &mut data)
     }
 }

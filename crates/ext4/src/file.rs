@@ -87,6 +87,7 @@ impl Core {
         // Delayed allocation: the write itself changes only the inode (the
         // old last block's tail is zeroed through the page cache);
         // allocation happens at writeback, in handles of its own.
+        self.uninline(ino)?;
         let c = self.namespace_credits();
         let r = self.retry_nospc(c, |fs| fs.write_impl(ino, offset, len, &mut *src));
         self.balance_budget();
@@ -142,6 +143,7 @@ impl Core {
     /// back and dropped first, so no later writeback can overwrite what
     /// this puts on the device.
     pub fn write_direct(&mut self, ino: u32, offset: u64, data: &[u8]) -> Result<usize> {
+        self.uninline(ino)?;
         // Drops cached pages of the range: before the transaction.
         let _order = Held::take(Level::Invalidate, u64::from(ino));
         let blocks = (data.len() as u64).div_ceil(u64::from(self.geo.block_size)) + 1;
@@ -213,6 +215,7 @@ impl Core {
     /// (ETXTBSY for truncate, as for an active swap file). Returns the
     /// map as (logical block, device block, length) runs.
     pub fn pin_mapping(&mut self, ino: u32) -> Result<Vec<(u64, u64, u64)>> {
+        self.uninline(ino)?;
         let inode = self.regular(ino)?;
         self.flush_range(ino, 0, u64::MAX)?;
         let bs = u64::from(self.geo.block_size);

@@ -21,6 +21,7 @@ pub mod falloc;
 pub mod file;
 pub mod format;
 pub mod fs;
+pub(crate) mod inline;
 pub(crate) mod inodes;
 pub mod journaling;
 pub(crate) mod lockless;

@@ -89,6 +89,8 @@ const MAKEABLE: &[(&str, Word, u32)] = &[
     ("flex_bg", Word::Incompat, incompat::FLEX_BG),
     ("large_dir", Word::Incompat, incompat::LARGEDIR),
     ("ea_inode", Word::Incompat, incompat::EA_INODE),
+    // folio makes no inline inodes itself; the kernel will.
+    ("inline_data", Word::Incompat, incompat::INLINE_DATA),
     ("sparse_super", Word::RoCompat, ro_compat::SPARSE_SUPER),
     ("large_file", Word::RoCompat, ro_compat::LARGE_FILE),
     ("huge_file", Word::RoCompat, ro_compat::HUGE_FILE),
@@ -108,7 +110,6 @@ const NOT_MAKEABLE: &[&str] = &[
     "meta_bg",
     "mmp",
     "metadata_csum_seed",
-    "inline_data",
     "encrypt",
     "casefold",
     "bigalloc",
@@ -525,6 +526,11 @@ fn plan(size_bytes: u64, opts: &MkfsOptions) -> Result<Plan> {
         return Err(Error::Invalid("label is longer than 16 bytes".into()));
     }
     let features = opts.features();
+    if features.incompat & incompat::INLINE_DATA != 0 && inode_size == 128 {
+        return Err(Error::Invalid(format!(
+            "{inode_size} byte inodes are too small for inline data; specify larger size"
+        )));
+    }
     let journal = features.compat(compat::HAS_JOURNAL);
     let bsz = u64::from(bs);
     let mut blocks = size_bytes / bsz;

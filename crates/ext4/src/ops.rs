@@ -256,6 +256,15 @@ impl Core {
         Ok(d)
     }
 
+    /// Convert `parent` from inline data if it holds `name` (a removal
+    /// is coming).
+    fn uninline_holder(&mut self, parent: u32, name: &[u8]) -> Result<()> {
+        if self.lookup(parent, name).is_ok() {
+            self.uninline(parent)?;
+        }
+        Ok(())
+    }
+
     /// Look `name` up in directory `parent`.
     pub fn lookup(&mut self, parent: u32, name: &[u8]) -> Result<u32> {
         let dir = self.dir_inode(parent)?;
@@ -395,6 +404,7 @@ impl Core {
         rdev: (u32, u32),
         owner: Owner,
     ) -> Result<u32> {
+        self.uninline(parent)?;
         let c = self.namespace_credits();
         self.retry_nospc(c, |fs| fs.mknod_impl(parent, name, mode, rdev, owner))
     }
@@ -450,6 +460,11 @@ impl Core {
         perm: u16,
         owner: Owner,
     ) -> Result<u32> {
+        match self.lookup(parent, name) {
+            Ok(ino) if flags.truncate => self.uninline(ino)?,
+            Err(Error::NotFound) if flags.create => self.uninline(parent)?,
+            _ => {}
+        }
         // O_TRUNC may free the existing file's blocks.
         let c = self.namespace_credits() + self.name_free_credits(parent, name);
         self.retry_nospc(c, |fs| fs.openat_impl(parent, name, flags, perm, owner))
@@ -491,6 +506,7 @@ impl Core {
     /// an existing regular file with data is cut to 0; a directory is
     /// EISDIR.
     pub(crate) fn truncate_opened(&mut self, ino: u32) -> Result<()> {
+        self.uninline(ino)?;
         let c = self.namespace_credits() + self.free_credits(ino);
         self.retry_nospc(c, |fs| {
             let mut inode = fs.read_inode(ino)?;
@@ -570,6 +586,7 @@ impl Core {
 
     /// Create a directory.
     pub fn mkdir(&mut self, parent: u32, name: &[u8], perm: u16, owner: Owner) -> Result<u32> {
+        self.uninline(parent)?;
         let c = self.namespace_credits();
         self.retry_nospc(c, |fs| fs.mkdir_impl(parent, name, perm, owner))
     }
@@ -610,6 +627,7 @@ impl Core {
         target: &[u8],
         owner: Owner,
     ) -> Result<u32> {
+        self.uninline(parent)?;
         let c = self.namespace_credits();
         self.retry_nospc(c, |fs| fs.symlink_impl(parent, name, target, owner))
     }
@@ -679,6 +697,9 @@ impl Core {
         }
         let size = inode.size() as usize;
         let bs = self.geo.block_size as usize;
+        if Self::is_inline(&inode) {
+            return self.inline_data(&inode);
+        }
         if self.is_fast_symlink(&inode) {
             return inode
                 .i_block()
@@ -704,6 +725,7 @@ impl Core {
 
     /// Add a hard link to `ino` as `new_parent/new_name`.
     pub fn link(&mut self, ino: u32, new_parent: u32, new_name: &[u8]) -> Result<()> {
+        self.uninline(new_parent)?;
         let c = self.namespace_credits();
         self.retry_nospc(c, |fs| fs.link_impl(ino, new_parent, new_name))
     }
@@ -736,8 +758,9 @@ impl Core {
     /// then the inode itself.
     pub(crate) fn release_inode(&mut self, inode: &mut Inode) -> Result<()> {
         let is_dir = inode.is_dir();
-        let has_blocks = matches!(inode.file_type(), FileType::Regular | FileType::Directory)
-            || (inode.is_symlink() && !self.is_fast_symlink(inode));
+        let has_blocks = !Self::is_inline(inode)
+            && (matches!(inode.file_type(), FileType::Regular | FileType::Directory)
+                || (inode.is_symlink() && !self.is_fast_symlink(inode)));
         if inode.is_reg() {
             self.cache_truncate(inode.ino, 0)?;
         }
@@ -859,6 +882,7 @@ impl Core {
 
     /// Remove a non-directory name.
     pub fn unlink(&mut self, parent: u32, name: &[u8]) -> Result<()> {
+        self.uninline_holder(parent, name)?;
         let c = self.namespace_credits() + self.name_free_credits(parent, name);
         self.retry_nospc(c, |fs| fs.unlink_impl(parent, name))
     }
@@ -888,6 +912,7 @@ impl Core {
 
     /// Remove an empty directory.
     pub fn rmdir(&mut self, parent: u32, name: &[u8]) -> Result<()> {
+        self.uninline_holder(parent, name)?;
         let c = self.namespace_credits() + self.name_free_credits(parent, name);
         self.retry_nospc(c, |fs| fs.rmdir_impl(parent, name))
     }
@@ -948,6 +973,10 @@ impl Core {
         new_name: &[u8],
         flags: RenameFlags,
     ) -> Result<()> {
+        if self.lookup(parent, name).is_ok() {
+            self.uninline(parent)?;
+            self.uninline(new_parent)?;
+        }
         // A replaced target may lose its last name and its blocks; a
         // whiteout is one more inode.
         let c = 3 * self.namespace_credits() + self.name_free_credits(new_parent, new_name);
@@ -1138,6 +1167,9 @@ impl Core {
 
     /// Change attributes of `ino`.
     pub fn setattr(&mut self, ino: u32, attr: &SetAttr) -> Result<Stat> {
+        if attr.size.is_some() {
+            self.uninline(ino)?;
+        }
         // A size change invalidates cached pages: that level comes before
         // the transaction (lock order).
         let _order = attr

@@ -92,6 +92,9 @@ impl Core {
     pub fn get_xattr(&mut self, ino: u32, name: &[u8]) -> Result<Vec<u8>> {
         let inode = self.read_inode(ino)?;
         let (index, suffix) = Xattr::split_name(name).ok_or(Error::NoAttr)?;
+        if crate::inline::is_data_xattr(index, &suffix) {
+            return Err(Error::Unsupported("system.data is inline data".into()));
+        }
         let x = self
             .all_xattrs(&inode)?
             .into_iter()
@@ -123,6 +126,7 @@ impl Core {
         Ok(self
             .all_xattrs(&inode)?
             .iter()
+            .filter(|x| !crate::inline::hidden_xattr(x))
             .map(Xattr::full_name)
             .collect())
     }
@@ -152,6 +156,12 @@ impl Core {
         mode: XattrMode,
         caller: Option<crate::ops::Caller>,
     ) -> Result<()> {
+        if Xattr::split_name(name).is_some_and(|(i, n)| crate::inline::is_data_xattr(i, &n)) {
+            return Err(Error::Unsupported("system.data is inline data".into()));
+        }
+        // system.data must stay in the inode: an inline inode leaves it
+        // before its xattrs are laid out again.
+        self.uninline(ino)?;
         // A capability may appear: writes must ask the core again.
         self.inodes.set_plain(ino, false);
         // A value in an EA inode: one made, one freed.
@@ -345,6 +355,10 @@ impl Core {
 
     /// Remove attribute `name` of inode `ino`.
     pub fn remove_xattr(&mut self, ino: u32, name: &[u8]) -> Result<()> {
+        if Xattr::split_name(name).is_some_and(|(i, n)| crate::inline::is_data_xattr(i, &n)) {
+            return Err(Error::Unsupported("system.data is inline data".into()));
+        }
+        self.uninline(ino)?;
         self.inodes.set_plain(ino, false);
         let c = self.namespace_credits();
         self.retry_nospc(c, |fs| fs.remove_xattr_impl(ino, name))

@@ -573,12 +573,12 @@ fn feature_flags_refuse_or_force_read_only_by_name() {
     };
     base();
     patch_sb(&img, |sb| {
-        sb.set_feature_incompat(sb.feature_incompat() | incompat::INLINE_DATA)
+        sb.set_feature_incompat(sb.feature_incompat() | incompat::CASEFOLD)
     });
     let e = Filesystem::open_path(&img, OpenOptions::default())
         .err()
         .expect("refused");
-    assert!(e.to_string().contains("inline_data"), "{e}");
+    assert!(e.to_string().contains("casefold"), "{e}");
     base();
     patch_sb(&img, |sb| {
         sb.set_feature_incompat(sb.feature_incompat() | 0x0100_0000)

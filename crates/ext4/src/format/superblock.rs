@@ -100,6 +100,7 @@ pub mod incompat {
         | MMP
         | FLEX_BG
         | EA_INODE
+        | INLINE_DATA
         | CSUM_SEED
         | LARGEDIR;
 

@@ -1,0 +1,193 @@
+//! inline_data: small files, symlinks and directories kept inside the
+//! inode (`EXT4_INLINE_DATA_FL`), as the kernel's fs/ext4/inline.c lays
+//! them out: the first 60 bytes in `i_block`, the rest in the value of the
+//! in-inode xattr `system.data` (index 7, name "data"; present, maybe
+//! empty, on every inline inode). A directory's inline area starts with
+//! its parent's inode number (4 bytes, no "." or ".." entries); entries
+//! follow in the usual dirent format, the `i_block` part and the xattr
+//! part each filled by their record lengths.
+//!
+//! folio reads all of it. Before anything changes an inline inode's data
+//! or entries (write, truncate, fallocate, pinning, a name added to or
+//! removed from an inline directory, an xattr change) it is converted to
+//! a block-mapped one — what the kernel does when inline data outgrows
+//! the inode ([`Core::uninline`]); folio does not make new inline inodes.
+
+use crate::error::{Error, Result};
+use crate::format::dirent::{parse_entries, RawEntry};
+use crate::format::inode::{Inode, FL_INLINE_DATA};
+use crate::format::put32;
+use crate::format::superblock::incompat;
+use crate::format::xattr::Xattr;
+use crate::format::Timespec;
+use crate::fs::Core;
+
+/// The bytes of `i_block` that hold inline data (EXT4_MIN_INLINE_DATA_SIZE).
+pub(crate) const INLINE_ROOT: usize = 60;
+/// `system.data`'s index and name.
+const DATA_INDEX: u8 = 7;
+const DATA_NAME: &[u8] = b"data";
+
+/// True for the xattr that holds inline data past `i_block`.
+pub(crate) fn is_data_xattr(index: u8, name: &[u8]) -> bool {
+    index == DATA_INDEX && name == DATA_NAME
+}
+
+impl Core {
+    pub(crate) fn is_inline(inode: &Inode) -> bool {
+        inode.flags() & FL_INLINE_DATA != 0
+    }
+
+    /// The whole inline area of `inode`: `i_block`, then `system.data`'s
+    /// value.
+    fn inline_area(&mut self, inode: &Inode) -> Result<Vec<u8>> {
+        let mut area = inode.i_block()[..INLINE_ROOT].to_vec();
+        let extra = self
+            .all_xattrs(inode)?
+            .into_iter()
+            .find(|x| is_data_xattr(x.index, &x.name));
+        match extra {
+            Some(x) if x.ea.is_some() => {
+                return Err(Error::corrupted(
+                    format!("inode {}: inline data in an EA inode", inode.ino),
+                    0,
+                ))
+            }
+            Some(x) => area.extend_from_slice(&x.value),
+            None => {
+                return Err(Error::corrupted(
+                    format!("inode {}: inline data without system.data", inode.ino),
+                    0,
+                ))
+            }
+        }
+        Ok(area)
+    }
+
+    /// The data of an inline file or symlink (`i_size` bytes).
+    pub(crate) fn inline_data(&mut self, inode: &Inode) -> Result<Vec<u8>> {
+        let mut area = self.inline_area(inode)?;
+        let size = inode.size();
+        if size > area.len() as u64 {
+            return Err(Error::corrupted(
+                format!(
+                    "inode {}: size {size} beyond its {} bytes of inline data",
+                    inode.ino,
+                    area.len()
+                ),
+                0,
+            ));
+        }
+        area.truncate(size as usize);
+        Ok(area)
+    }
+
+    /// An inline directory: its parent and its entries (in use or not).
+    pub(crate) fn inline_dir(&mut self, dir: &Inode) -> Result<(u32, Vec<RawEntry>)> {
+        let area = self.inline_area(dir)?;
+        let bad = |e: &str| Error::corrupted(format!("inline directory {}: {e}", dir.ino), 0);
+        let parent = u32::from_le_bytes(area[..4].try_into().expect("4 bytes"));
+        let mut out = parse_entries(&area[4..INLINE_ROOT], INLINE_ROOT - 4).map_err(bad)?;
+        if area.len() > INLINE_ROOT {
+            let rest = &area[INLINE_ROOT..];
+            out.extend(parse_entries(rest, rest.len()).map_err(bad)?);
+        }
+        Ok((parent, out))
+    }
+
+    /// Point an inline directory's parent at `parent` (a rename across
+    /// directories); writes the inode.
+    pub(crate) fn inline_set_parent(&mut self, ino: u32, parent: u32) -> Result<()> {
+        let mut dir = self.read_inode(ino)?;
+        put32(dir.i_block_mut(), 0, parent);
+        self.write_inode(&mut dir)
+    }
+
+    /// Convert inode `ino` from inline data to blocks (nothing if it is
+    /// not inline), in a transaction of its own: a file's data moves to a
+    /// new block, a directory's entries to a new leaf block after "." and
+    /// "..", `system.data` goes, and the inode maps blocks as every other
+    /// (extents where the image has them).
+    pub(crate) fn uninline(&mut self, ino: u32) -> Result<()> {
+        let inode = self.read_inode(ino)?;
+        if !Self::is_inline(&inode) || self.read_only.is_some() {
+            return Ok(());
+        }
+        // Worst case: the inode, a bitmap, a descriptor, the superblock,
+        // the new block, an xattr block.
+        let c = 8 + self.summary_credits();
+        self.retry_nospc(c, |fs| fs.uninline_impl(ino))
+    }
+
+    fn uninline_impl(&mut self, ino: u32) -> Result<()> {
+        self.check_writable()?;
+        let mut inode = self.read_inode(ino)?;
+        if !Self::is_inline(&inode) {
+            return Ok(());
+        }
+        let bs = self.geo.block_size as usize;
+        enum Content {
+            Data(Vec<u8>),
+            Dir(u32, Vec<(Vec<u8>, u32, u8)>),
+        }
+        let content = if inode.is_dir() {
+            let (parent, ents) = self.inline_dir(&inode)?;
+            let live = ents
+                .into_iter()
+                .filter(|e| e.inode != 0)
+                .map(|e| (e.name, e.inode, e.file_type))
+                .collect();
+            Content::Dir(parent, live)
+        } else {
+            Content::Data(self.inline_data(&inode)?)
+        };
+        // The inode becomes an empty block-mapped one...
+        let mut attrs = self.all_xattrs(&inode)?;
+        attrs.retain(|x| !is_data_xattr(x.index, &x.name));
+        inode.set_flags(inode.flags() & !FL_INLINE_DATA);
+        inode.i_block_mut().fill(0);
+        if self.sb.has_incompat(incompat::EXTENTS) {
+            self.init_extent_root(&mut inode);
+        }
+        self.store_xattrs(&mut inode, attrs)?;
+        self.inodes.drop_map(ino);
+        // ...then gets its content back in a block.
+        match content {
+            Content::Data(data) => {
+                let size = inode.size();
+                if !data.is_empty() {
+                    let (pblk, _) = self.alloc_run(&mut inode, 0, 1, true, false)?;
+                    let mut buf = data;
+                    buf.resize(bs, 0);
+                    // Written before the commit that maps it (ordered).
+                    self.dev().write_at(pblk * bs as u64, &buf)?;
+                }
+                inode.set_size(size);
+            }
+            Content::Dir(parent, live) => {
+                inode.set_size(0);
+                self.dir_init_with(&mut inode, parent, &live)?;
+            }
+        }
+        inode.set_ctime(Timespec::now());
+        self.write_inode(&mut inode)
+    }
+
+    /// Reject a change to an inline inode that was not converted first
+    /// (a safety net: every changing entry point converts).
+    pub(crate) fn not_inline(&self, inode: &Inode, what: &str) -> Result<()> {
+        if Self::is_inline(inode) {
+            return Err(Error::Unsupported(format!(
+                "{what} of inline inode {} without converting it first",
+                inode.ino
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// The names of `system.data` for the caller's error: the kernel has no
+/// handler for it, so userspace cannot get, set or remove it.
+pub(crate) fn hidden_xattr(x: &Xattr) -> bool {
+    is_data_xattr(x.index, &x.name)
+}
