@@ -36,19 +36,40 @@ enum Op {
     DirectRead(u64, usize),
 }
 
-fn run(seed: u64, bs: u32, ops: u64) -> Result<(), String> {
+/// `inline`: the file starts as an inline file (80 bytes, past
+/// `i_block` into `system.data`) in an image `mkfs.ext4 -O inline_data
+/// -d` made, so the run begins by reading it in place and converting it.
+fn run(seed: u64, bs: u32, ops: u64, inline: bool) -> Result<(), String> {
     let size = if bs == 65536 { 256 << 20 } else { 64 << 20 };
-    let dev = MemDevice::new(size);
+    let mut model: Vec<u8> = Vec::new();
+    let dev = if inline {
+        let t = TempDir::new("fsx-inline");
+        std::fs::create_dir(t.join("src")).unwrap();
+        model = Rng::new(seed ^ 0x1D).bytes(80);
+        std::fs::write(t.join("src/fsx"), &model).unwrap();
+        let img = t.join("img");
+        folio_testkit::run(
+            std::process::Command::new("mkfs.ext4")
+                .args(["-q", "-F", "-O", "inline_data", "-b", &bs.to_string(), "-d"])
+                .arg(t.join("src"))
+                .arg(&img)
+                .arg(format!("{}k", size >> 10)),
+        );
+        MemDevice::from_bytes(std::fs::read(&img).unwrap())
+    } else {
+        let dev = MemDevice::new(size);
+        mkfs(
+            Arc::new(dev.clone()),
+            size as u64,
+            &MkfsOptions {
+                block_size: Some(bs),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        dev
+    };
     let d: Arc<dyn BlockDevice> = Arc::new(dev.clone());
-    mkfs(
-        d.clone(),
-        size as u64,
-        &MkfsOptions {
-            block_size: Some(bs),
-            ..Default::default()
-        },
-    )
-    .unwrap();
     // Odd seeds run with a tiny page cache (a few folios), so reclaim,
     // dirty throttling and writeback happen all the time.
     let opts = || {
@@ -59,10 +80,15 @@ fn run(seed: u64, bs: u32, ops: u64) -> Result<(), String> {
         o
     };
     let mut fs = Filesystem::open(d.clone(), opts()).unwrap();
-    let ino = fs
-        .create(ROOT_INO, b"fsx", 0o644, Owner::default())
-        .unwrap();
-    let mut model: Vec<u8> = Vec::new();
+    let ino = if inline {
+        let ino = fs.lookup(ROOT_INO, b"fsx").unwrap();
+        let flags = fs.get_flags(ino).unwrap();
+        assert!(flags & 0x1000_0000 != 0, "bs {bs}: not inline ({flags:#x})");
+        ino
+    } else {
+        fs.create(ROOT_INO, b"fsx", 0o644, Owner::default())
+            .unwrap()
+    };
     let mut rng = Rng::new(seed);
     let b = u64::from(bs);
     let max = 48 * b;
@@ -255,8 +281,24 @@ fn fsx_model_agrees_on_every_block_size() {
     };
     for seed in seeds {
         for bs in [1024, 4096, 65536] {
-            if let Err(e) = run(seed, bs, ops) {
+            if let Err(e) = run(seed, bs, ops, false) {
                 panic!("{e}");
+            }
+        }
+    }
+}
+
+/// The same from an inline file of an inline_data image (issue 18).
+#[test]
+fn fsx_model_agrees_from_an_inline_file() {
+    if !require(have_tool("mkfs.ext4"), "mkfs.ext4 is not installed") {
+        return;
+    }
+    let ops = env("FOLIO_FSX_OPS", 1500);
+    for seed in 1..=env("FOLIO_FSX_SEEDS", 2) {
+        for bs in [1024, 4096] {
+            if let Err(e) = run(seed, bs, ops, true) {
+                panic!("inline: {e}");
             }
         }
     }
