@@ -221,6 +221,14 @@ fn one(fs: &mut Filesystem, ino: u32, path: &str, cmd: &str) -> Result<String, S
             let runs = fs.block_runs(ino).map_err(|e| fail("fiemap", e))?;
             let sec = bs / 512;
             let _ = writeln!(out, "{path}:");
+            let flags = fs.get_flags(ino).map_err(|e| fail("fiemap", e))?;
+            if flags & folio_ext4::format::inode::FL_INLINE_DATA != 0 {
+                // Data in the inode (FIEMAP_EXTENT_DATA_INLINE | NOT_ALIGNED
+                // | LAST, as the kernel reports it).
+                let b = size.div_ceil(512).max(1) - 1;
+                let _ = writeln!(out, "\t0: [0..{b}]: inline (flags 0x301)");
+                return Ok(out);
+            }
             if verbose {
                 let _ = writeln!(out, " EXT: FILE-OFFSET      BLOCK-RANGE      TOTAL FLAGS");
             }

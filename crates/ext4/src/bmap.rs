@@ -1053,6 +1053,10 @@ impl Core {
 
     pub(crate) fn block_runs_nosync(&mut self, ino: u32) -> Result<Vec<BlockRun>> {
         let inode = self.read_inode(ino)?;
+        if Self::is_inline(&inode) {
+            // Its data is in the inode: no blocks on the device.
+            return Ok(Vec::new());
+        }
         let bs = u64::from(self.geo.block_size);
         let end = inode.size().div_ceil(bs);
         if Self::uses_extents(&inode) {

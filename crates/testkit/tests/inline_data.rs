@@ -142,6 +142,8 @@ fn change(fs: &Filesystem, want: &Path, rng: &mut Rng) {
     std::os::unix::fs::symlink("t".repeat(70), want.join("c/new/ln")).unwrap();
     // An xattr on an inline file; system.data is not the user's.
     let f4 = at("a/f4");
+    // Still inline: no blocks on the device to report.
+    assert!(fs.block_runs(f4).unwrap().is_empty());
     fs.set_xattr(f4, b"user.k", b"v", XattrMode::Any).unwrap();
     let f0 = at("a/f0");
     assert!(matches!(
