@@ -37,7 +37,7 @@ seed_images() {
     ln -s d/f1 "$tmp/tree/link"
     local n=0
     for opts in "-t ext4 -O ^has_journal" "-t ext2" "-t ext4 -O ^has_journal,^metadata_csum" \
-                "-t ext4 -O ^has_journal,^extent,^64bit"; do
+                "-t ext4 -O ^has_journal,^extent,^64bit" "-t ext4 -O ^has_journal,inline_data"; do
         n=$((n + 1))
         # shellcheck disable=SC2086
         mkfs.ext4 -q -F $opts -b 1024 -N 64 -d "$tmp/tree" "$out/mke2fs-$n.img" 512k >/dev/null 2>&1 || true

@@ -87,6 +87,9 @@ impl Core {
         // Delayed allocation: the write itself changes only the inode (the
         // old last block's tail is zeroed through the page cache);
         // allocation happens at writeback, in handles of its own.
+        if let Some(n) = self.write_inline(ino, offset, len, &mut *src)? {
+            return Ok(n);
+        }
         self.uninline(ino)?;
         let c = self.namespace_credits();
         let r = self.retry_nospc(c, |fs| fs.write_impl(ino, offset, len, &mut *src));
@@ -295,6 +298,20 @@ impl Core {
         }
         let bs = u64::from(self.geo.block_size);
         let old = inode.size();
+        if Self::is_inline(inode) {
+            // Callers convert an inline file that would outgrow its
+            // inline area first (`uninline`); within it, in place.
+            if !self.resize_inline(inode, size)? {
+                return Err(Error::Unsupported(format!(
+                    "a size change of inline inode {} without converting it first",
+                    inode.ino
+                )));
+            }
+            let now = Timespec::now();
+            inode.set_mtime(now);
+            inode.set_ctime(now);
+            return Ok(());
+        }
         if size < old {
             // Cached folios beyond the new size go (dirty data there now
             // belongs to no file), then the blocks, then the new last

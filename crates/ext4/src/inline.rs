@@ -7,11 +7,15 @@
 //! follow in the usual dirent format, the `i_block` part and the xattr
 //! part each filled by their record lengths.
 //!
-//! folio reads all of it. Before anything changes an inline inode's data
-//! or entries (write, truncate, fallocate, pinning, a name added to or
-//! removed from an inline directory, an xattr change) it is converted to
-//! a block-mapped one — what the kernel does when inline data outgrows
-//! the inode ([`Core::uninline`]); folio does not make new inline inodes.
+//! folio reads all of it. A buffered write or a size change of an inline
+//! file that stays within its inline capacity (`i_block` and the present
+//! length of `system.data`) is done in place, as the kernel does it.
+//! Before anything else changes an inline inode's data or entries (a
+//! write or size change that outgrows it, fallocate, direct I/O, pinning,
+//! a name added to or removed from an inline directory, an xattr change)
+//! it is converted to a block-mapped one — what the kernel does when
+//! inline data outgrows the inode ([`Core::uninline`]); folio does not
+//! make new inline inodes.
 
 use crate::error::{Error, Result};
 use crate::format::dirent::{parse_entries, RawEntry};
@@ -21,6 +25,7 @@ use crate::format::superblock::incompat;
 use crate::format::xattr::Xattr;
 use crate::format::Timespec;
 use crate::fs::Core;
+use folio_pagecache::lockdep::{Held, Level};
 
 /// The bytes of `i_block` that hold inline data (EXT4_MIN_INLINE_DATA_SIZE).
 pub(crate) const INLINE_ROOT: usize = 60;
@@ -171,6 +176,148 @@ impl Core {
         }
         inode.set_ctime(Timespec::now());
         self.write_inode(&mut inode)
+    }
+
+    /// Bytes an inline file can hold without growing `system.data`: the
+    /// 60 of `i_block` and the value's present length (the kernel's
+    /// `i_inline_size`).
+    fn inline_capacity(&mut self, inode: &Inode) -> Result<usize> {
+        Ok(self.inline_area(inode)?.len())
+    }
+
+    /// Store `data` (at most the capacity) as the inline data of `inode`,
+    /// zero-padded: `i_block`, then `system.data` at its present length.
+    /// The caller sets the size and writes the inode.
+    fn store_inline(&mut self, inode: &mut Inode, data: &[u8]) -> Result<()> {
+        let mut attrs = self.all_xattrs(inode)?;
+        let Some(x) = attrs.iter_mut().find(|x| is_data_xattr(x.index, &x.name)) else {
+            return Err(Error::corrupted(
+                format!("inode {}: inline data without system.data", inode.ino),
+                0,
+            ));
+        };
+        let root = data.len().min(INLINE_ROOT);
+        let ib = inode.i_block_mut();
+        ib.fill(0);
+        ib[..root].copy_from_slice(&data[..root]);
+        let rest = &data[root..];
+        let changed = rest.len() > x.value.len()
+            || x.value[..rest.len()] != *rest
+            || x.value[rest.len()..].iter().any(|&b| b != 0);
+        if changed {
+            let len = x.value.len();
+            x.value.fill(0);
+            x.value[..rest.len()].copy_from_slice(rest);
+            debug_assert_eq!(x.value.len(), len);
+            self.store_xattrs(inode, attrs)?;
+        }
+        Ok(())
+    }
+
+    /// A buffered write into an inline file that stays within its
+    /// capacity, done in place (the kernel's `ext4_write_inline_data`):
+    /// `None` when the file is not inline or the write would outgrow it
+    /// (the caller converts it and writes through the cache).
+    pub(crate) fn write_inline(
+        &mut self,
+        ino: u32,
+        offset: u64,
+        len: usize,
+        src: &mut dyn FnMut(&mut [u8]) -> std::io::Result<usize>,
+    ) -> Result<Option<usize>> {
+        let inode = self.read_inode(ino)?;
+        if !Self::is_inline(&inode) || !inode.is_reg() || self.read_only.is_some() {
+            return Ok(None);
+        }
+        let cap = self.inline_capacity(&inode)? as u64;
+        let Some(end) = offset.checked_add(len as u64) else {
+            return Ok(None);
+        };
+        if end > cap {
+            return Ok(None);
+        }
+        // The file's cached pages are dropped (they were filled from the
+        // inode): before the transaction, as truncation does.
+        let _order = Held::take(Level::Invalidate, u64::from(ino));
+        // The source is read once, before the transaction (a retry must
+        // not read it again).
+        let mut buf = vec![0u8; len];
+        let mut got = 0;
+        while got < len {
+            match src(&mut buf[got..]) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(e) if got == 0 => return Err(Error::Io(e)),
+                Err(_) => break,
+            }
+        }
+        if got == 0 {
+            return Ok(Some(0));
+        }
+        self.drop_cached(ino);
+        let c = 4 + self.summary_credits();
+        self.retry_nospc(c, |fs| {
+            fs.check_writable()?;
+            let mut inode = fs.read_inode(ino)?;
+            crate::ops::check_changeable(&inode, true)?;
+            let mut data = fs.inline_data(&inode)?;
+            let stop = offset as usize + got;
+            if data.len() < stop {
+                data.resize(stop, 0);
+            }
+            data[offset as usize..stop].copy_from_slice(&buf[..got]);
+            fs.store_inline(&mut inode, &data)?;
+            inode.set_size(data.len() as u64);
+            let now = Timespec::now();
+            inode.set_mtime(now);
+            inode.set_ctime(now);
+            fs.write_inode(&mut inode)?;
+            fs.bytes_written += got as u64;
+            Ok(got)
+        })
+        .map(Some)
+    }
+
+    /// A size change of an inline file within its capacity, in place
+    /// (bytes past the new size are zeroed, as `ext4_inline_data_truncate`
+    /// does); `false` when the file is not inline or would outgrow it.
+    /// The caller holds the invalidation level and a handle, sets the
+    /// times and writes the inode.
+    pub(crate) fn resize_inline(&mut self, inode: &mut Inode, size: u64) -> Result<bool> {
+        if !Self::is_inline(inode) || !inode.is_reg() {
+            return Ok(false);
+        }
+        if size > self.inline_capacity(inode)? as u64 {
+            return Ok(false);
+        }
+        let mut data = self.inline_data(inode)?;
+        data.resize(size as usize, 0);
+        self.drop_cached(inode.ino);
+        self.store_inline(inode, &data)?;
+        inode.set_size(size);
+        Ok(true)
+    }
+
+    /// Convert `ino` if it is inline and a size of `size` would outgrow
+    /// its inline area, or it is not a regular file (a size change of a
+    /// regular file within it is done in place by `set_size`).
+    pub(crate) fn uninline_past(&mut self, ino: u32, size: u64) -> Result<()> {
+        let inode = self.read_inode(ino)?;
+        if !Self::is_inline(&inode) {
+            return Ok(());
+        }
+        if inode.is_reg() && size <= self.inline_capacity(&inode)? as u64 {
+            return Ok(());
+        }
+        self.uninline(ino)
+    }
+
+    /// Drop the cached pages of `ino` (filled from its inline data).
+    fn drop_cached(&mut self, ino: u32) {
+        if let Some(m) = self.pc.existing(u64::from(ino)) {
+            m.truncate(0);
+            self.pc.remove_mapping(u64::from(ino));
+        }
     }
 
     /// Reject a change to an inline inode that was not converted first

@@ -461,7 +461,7 @@ impl Core {
         owner: Owner,
     ) -> Result<u32> {
         match self.lookup(parent, name) {
-            Ok(ino) if flags.truncate => self.uninline(ino)?,
+            Ok(ino) if flags.truncate => self.uninline_past(ino, 0)?,
             Err(Error::NotFound) if flags.create => self.uninline(parent)?,
             _ => {}
         }
@@ -506,7 +506,7 @@ impl Core {
     /// an existing regular file with data is cut to 0; a directory is
     /// EISDIR.
     pub(crate) fn truncate_opened(&mut self, ino: u32) -> Result<()> {
-        self.uninline(ino)?;
+        self.uninline_past(ino, 0)?;
         let c = self.namespace_credits() + self.free_credits(ino);
         self.retry_nospc(c, |fs| {
             let mut inode = fs.read_inode(ino)?;
@@ -1167,8 +1167,8 @@ impl Core {
 
     /// Change attributes of `ino`.
     pub fn setattr(&mut self, ino: u32, attr: &SetAttr) -> Result<Stat> {
-        if attr.size.is_some() {
-            self.uninline(ino)?;
+        if let Some(size) = attr.size {
+            self.uninline_past(ino, size)?;
         }
         // A size change invalidates cached pages: that level comes before
         // the transaction (lock order).

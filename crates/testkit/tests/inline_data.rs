@@ -80,7 +80,8 @@ fn change(fs: &Filesystem, want: &Path, rng: &mut Rng) {
         ino
     };
     let a = at("a");
-    // Appends past the inline area, and one that stays within it.
+    // Appends past the inline area, and one that stays within it (the
+    // empty file: 10 of its 60 bytes).
     for (f, len) in [("f2", 200usize), ("f5", 3000), ("f0", 10)] {
         let ino = at(&format!("a/{f}"));
         let size = fs.stat(ino).unwrap().size;
@@ -96,7 +97,7 @@ fn change(fs: &Filesystem, want: &Path, rng: &mut Rng) {
     let mut v = fs::read(want.join("a/f6")).unwrap();
     v[10..13].copy_from_slice(b"XYZ");
     fs::write(want.join("a/f6"), v).unwrap();
-    for (f, size) in [("f7", 20u64), ("f3", 5000)] {
+    for (f, size) in [("f7", 20u64), ("f3", 5000), ("f6", 30)] {
         let ino = at(&format!("a/{f}"));
         fs.setattr(
             ino,
@@ -168,11 +169,12 @@ fn shape(t: &BTreeMap<String, Node>) -> BTreeMap<String, (&'static str, u64, u64
         .collect()
 }
 
-fn check_image(img: &Path, want: &Path, what: &str, mount_ok: bool) {
+/// `stays`: inline inodes whose changes fit their inline area.
+fn check_image(img: &Path, want: &Path, what: &str, mount_ok: bool, stays: &[&str]) {
     e2fsck(img).unwrap_or_else(|e| panic!("{what}: {e}"));
     // What folio changed left its inline area whole: no system.data stays
     // behind on a block-mapped inode.
-    for p in ["a/f2", "a/f0", "b"] {
+    for p in ["a/f2", "a/f3", "b"] {
         let out = run(Command::new("debugfs")
             .arg("-R")
             .arg(format!("stat /{p}"))
@@ -182,11 +184,12 @@ fn check_image(img: &Path, want: &Path, what: &str, mount_ok: bool) {
             "{what}: {p} kept system.data: {out}"
         );
     }
-    assert_eq!(
-        not_inline(img, &["a/f2", "b"]).len(),
-        2,
-        "{what}: still inline"
-    );
+    let kept = not_inline(img, &["a/f2", "a/f3", "b"]);
+    assert_eq!(kept.len(), 3, "{what}: still inline");
+    // Changes within the inline area stay there (an append to the empty
+    // file, an overwrite, a truncation), as on the kernel.
+    let flat = not_inline(img, stays);
+    assert!(flat.is_empty(), "{what}: converted: {flat:?}");
     let mut fs = open_read_only(img, false);
     let got = folio_tree(&mut fs, ROOT_INO);
     let host = host_tree(want);
@@ -243,7 +246,7 @@ fn inline_data_images_read_back_and_change_cleanly() {
         let problems = fs.check_counts(None).unwrap();
         assert!(problems.is_empty(), "{what}: {problems:?}");
         fs.close().unwrap();
-        check_image(&img, &want, &what, mount_ok);
+        check_image(&img, &want, &what, mount_ok, &["a/f0", "a/f6", "b/deep"]);
     }
     if !mount_ok {
         return;
@@ -278,7 +281,7 @@ fn inline_data_images_read_back_and_change_cleanly() {
     let fs = Filesystem::open_path(&img, OpenOptions::default()).unwrap();
     change(&fs, &want, &mut rng);
     fs.close().unwrap();
-    check_image(&img, &want, what, true);
+    check_image(&img, &want, what, true, &["a/f6", "b/deep"]);
 }
 
 /// An inline file whose size claims more than its inline area, and an
@@ -468,4 +471,81 @@ fn crashes_while_converting_inline_inodes_recover_clean() {
         failed.len()
     );
     assert!(checked > 20, "only {checked} states");
+}
+
+/// Writes and size changes inside an inline file's area are done in
+/// place: 400 random ones (each within the 100 bytes `i_block` and
+/// `system.data` hold), with reopens between, agree with a model, and
+/// the file is still inline and e2fsck clean at the end.
+#[test]
+fn writes_within_the_inline_area_stay_inline() {
+    if !tools_present() {
+        return;
+    }
+    let t = TempDir::new("inline-inplace");
+    let mut rng = Rng::new(0x1A);
+    let src = t.join("src");
+    fs::create_dir(&src).unwrap();
+    let mut model = rng.bytes(100);
+    fs::write(src.join("f"), &model).unwrap();
+    let img = t.join("img");
+    run(Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-O", "inline_data", "-b", "1024", "-d"])
+        .arg(&src)
+        .arg(&img)
+        .arg("8M"));
+    assert!(not_inline(&img, &["f"]).is_empty());
+    let mut fs = Filesystem::open_path(&img, OpenOptions::default()).unwrap();
+    let mut ino = fs.lookup(ROOT_INO, b"f").unwrap();
+    for k in 0..400 {
+        match rng.below(10) {
+            0..=5 => {
+                let off = rng.below(100) as usize;
+                let len = 1 + rng.below((100 - off) as u64) as usize;
+                let data = rng.bytes(len);
+                assert_eq!(fs.write(ino, off as u64, &data).unwrap(), len, "op {k}");
+                if model.len() < off + len {
+                    model.resize(off + len, 0);
+                }
+                model[off..off + len].copy_from_slice(&data);
+            }
+            6..=7 => {
+                let size = rng.below(101);
+                fs.setattr(
+                    ino,
+                    &SetAttr {
+                        size: Some(size),
+                        ..Default::default()
+                    },
+                )
+                .unwrap();
+                model.resize(size as usize, 0);
+            }
+            8 => {
+                fs.close().unwrap();
+                fs = Filesystem::open_path(&img, OpenOptions::default()).unwrap();
+                ino = fs.lookup(ROOT_INO, b"f").unwrap();
+            }
+            _ => {
+                let mut buf = vec![0u8; 200];
+                let n = fs.read(ino, 0, &mut buf).unwrap();
+                assert_eq!(&buf[..n], &model[..], "op {k}: read");
+            }
+        }
+        assert_eq!(
+            fs.stat(ino).unwrap().size,
+            model.len() as u64,
+            "op {k}: size"
+        );
+    }
+    fs.close().unwrap();
+    e2fsck(&img).unwrap();
+    assert!(
+        not_inline(&img, &["f"]).is_empty(),
+        "the file left its inline area"
+    );
+    let fs = open_read_only(&img, false);
+    let mut buf = vec![0u8; 200];
+    let n = fs.read(ino, 0, &mut buf).unwrap();
+    assert_eq!(&buf[..n], &model[..], "after reopening");
 }
