@@ -2300,6 +2300,36 @@ fn inline_data_through_the_mount() {
         .status()
         .unwrap()
         .success());
+    // The commands read it too: cat, ls, and get (the tree as made).
+    let cat = Command::new(env!("CARGO_BIN_EXE_folio"))
+        .args(["cat"])
+        .arg(&img)
+        .arg("/d/tail")
+        .output()
+        .unwrap();
+    assert!(cat.status.success());
+    assert_eq!(cat.stdout, vec![b't'; 100]);
+    let ls = Command::new(env!("CARGO_BIN_EXE_folio"))
+        .args(["ls"])
+        .arg(&img)
+        .arg("/d")
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&ls.stdout), "long\nsub\ntail\n");
+    let got = dir.join("got");
+    assert!(Command::new(env!("CARGO_BIN_EXE_folio"))
+        .args(["get", "-q"])
+        .arg(&img)
+        .arg("/")
+        .arg(&got)
+        .status()
+        .unwrap()
+        .success());
+    assert_eq!(fs::read(got.join("d/sub/x")).unwrap(), b"x");
+    assert_eq!(
+        fs::read_link(got.join("d/long")).unwrap().as_os_str().len(),
+        80
+    );
     let mnt = dir.join("m");
     fs::create_dir(&mnt).unwrap();
     folio_mount(&img, &mnt);
