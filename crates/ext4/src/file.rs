@@ -87,10 +87,12 @@ impl Core {
         // Delayed allocation: the write itself changes only the inode (the
         // old last block's tail is zeroed through the page cache);
         // allocation happens at writeback, in handles of its own.
-        if let Some(n) = self.write_inline(ino, offset, len, &mut *src)? {
-            return Ok(n);
+        if Self::is_inline(&self.read_inode(ino)?) {
+            if let Some(n) = self.write_inline(ino, offset, len, &mut *src)? {
+                return Ok(n);
+            }
+            self.uninline(ino)?;
         }
-        self.uninline(ino)?;
         let c = self.namespace_credits();
         let r = self.retry_nospc(c, |fs| fs.write_impl(ino, offset, len, &mut *src));
         self.balance_budget();
