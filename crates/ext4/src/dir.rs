@@ -63,7 +63,13 @@ struct Found {
 
 /// Insert an entry into a leaf block if it fits: into the first unused
 /// record that is big enough, or the slack at the end of a used one.
-fn leaf_insert(block: &mut [u8], usable: usize, name: &[u8], ino: u32, ft: u8) -> Result<bool> {
+pub(crate) fn leaf_insert(
+    block: &mut [u8],
+    usable: usize,
+    name: &[u8],
+    ino: u32,
+    ft: u8,
+) -> Result<bool> {
     let need = entry_len(name.len());
     // Find the slot without allocating: (offset, record length, bytes the
     // entry there keeps; 0 if unused).
@@ -504,6 +510,10 @@ impl Core {
         ino: u32,
         ft: FileType,
     ) -> Result<()> {
+        if Self::is_inline(dir) {
+            let code = self.ft_code(ft);
+            return self.inline_dir_set(dir.ino, name, ino, code);
+        }
         let Some(mut f) = self.find_entry(dir, name)? else {
             return Err(Error::NotFound);
         };
@@ -524,6 +534,9 @@ impl Core {
     /// Remove `name` from `dir`; returns the inode it named. The caller
     /// writes the directory inode (times).
     pub(crate) fn dir_remove(&mut self, dir: &Inode, name: &[u8]) -> Result<u32> {
+        if Self::is_inline(dir) {
+            return self.inline_dir_remove(dir.ino, name);
+        }
         let Some(mut f) = self.find_entry(dir, name)? else {
             return Err(Error::NotFound);
         };
@@ -580,8 +593,18 @@ impl Core {
         ft: FileType,
     ) -> Result<()> {
         check_name(name)?;
-        self.not_inline(dir, "a new name")?;
         let code = self.ft_code(ft);
+        if Self::is_inline(dir) {
+            // Callers convert a directory the name does not fit
+            // (`uninline_unless_fits`).
+            if !self.inline_dir_add(dir, name, ino, code)? {
+                return Err(Error::Unsupported(format!(
+                    "a name that does not fit inline directory {}",
+                    dir.ino
+                )));
+            }
+            return Ok(());
+        }
         let indexed = self.is_indexed(dir) && self.sb.has_compat(compat::DIR_INDEX);
         if indexed {
             self.dx_add(dir, name, ino, code)?;

@@ -9,10 +9,11 @@
 //!
 //! folio reads all of it. A buffered write or a size change of an inline
 //! file that stays within its inline capacity (`i_block` and the present
-//! length of `system.data`) is done in place, as the kernel does it.
-//! Before anything else changes an inline inode's data or entries (a
-//! write or size change that outgrows it, fallocate, direct I/O, pinning,
-//! a name added to or removed from an inline directory, an xattr change)
+//! length of `system.data`), and a name removed from, renamed in or added
+//! to an inline directory with room for it, is done in place, as the
+//! kernel does it. Before anything else changes an inline inode's data
+//! or entries (a write or size change that outgrows it, a name that does
+//! not fit, fallocate, direct I/O, pinning, an xattr change)
 //! it is converted to a block-mapped one — what the kernel does when
 //! inline data outgrows the inode ([`Core::uninline`]); folio does not
 //! make new inline inodes.
@@ -98,6 +99,129 @@ impl Core {
             out.extend(parse_entries(rest, rest.len()).map_err(bad)?);
         }
         Ok((parent, out))
+    }
+
+    /// Would `name` fit in inline directory `dir` as it is?
+    pub(crate) fn inline_dir_fits(&mut self, dir: &Inode, name: &[u8]) -> Result<bool> {
+        let mut area = self.inline_area(dir)?;
+        self.insert_in_area(dir, &mut area, name, 0, 0)
+    }
+
+    /// Insert an entry into the first region of `area` with room for it.
+    fn insert_in_area(
+        &self,
+        dir: &Inode,
+        area: &mut [u8],
+        name: &[u8],
+        ino: u32,
+        code: u8,
+    ) -> Result<bool> {
+        let (root, rest) = area.split_at_mut(INLINE_ROOT);
+        for region in [&mut root[4..], rest] {
+            if region.is_empty() {
+                continue;
+            }
+            let len = region.len();
+            if crate::dir::leaf_insert(region, len, name, ino, code).map_err(|_| bad_dir(dir))? {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Add an entry to inline directory `dir` in place; `false` if there
+    /// is no room (the caller should have converted it). Writes the inode
+    /// (times too) and leaves `dir` as written.
+    pub(crate) fn inline_dir_add(
+        &mut self,
+        dir: &mut Inode,
+        name: &[u8],
+        ino: u32,
+        code: u8,
+    ) -> Result<bool> {
+        *dir = self.read_inode(dir.ino)?;
+        let mut area = self.inline_area(dir)?;
+        if !self.insert_in_area(dir, &mut area, name, ino, code)? {
+            return Ok(false);
+        }
+        self.store_inline(dir, &area)?;
+        let now = Timespec::now();
+        dir.set_mtime(now);
+        dir.set_ctime(now);
+        self.write_inode(dir)?;
+        Ok(true)
+    }
+
+    /// Remove `name` from inline directory `ino` in place (the record
+    /// joins the one before it in its region, or is marked unused);
+    /// returns the inode it named. Writes the directory inode.
+    pub(crate) fn inline_dir_remove(&mut self, ino: u32, name: &[u8]) -> Result<u32> {
+        self.inline_dir_edit(ino, name, |region, prev, e| match prev {
+            Some(p) => {
+                let merged = p.rec_len + e.rec_len;
+                let v = crate::format::dirent::rec_len_to_disk(merged, region.len());
+                crate::format::put16(region, p.offset + 4, v);
+            }
+            None => put32(region, e.offset, 0),
+        })
+    }
+
+    /// Point `name` of inline directory `ino` at `target` in place.
+    pub(crate) fn inline_dir_set(
+        &mut self,
+        ino: u32,
+        name: &[u8],
+        target: u32,
+        code: u8,
+    ) -> Result<()> {
+        self.inline_dir_edit(ino, name, |region, _, e| {
+            put32(region, e.offset, target);
+            region[e.offset + 7] = code;
+        })
+        .map(|_| ())
+    }
+
+    /// Find `name` in inline directory `ino`, let `f` edit its region
+    /// (given the entry before it there), store the area and write the
+    /// inode. Returns the inode the name held.
+    fn inline_dir_edit(
+        &mut self,
+        ino: u32,
+        name: &[u8],
+        f: impl FnOnce(&mut [u8], Option<&RawEntry>, &RawEntry),
+    ) -> Result<u32> {
+        let mut dir = self.read_inode(ino)?;
+        let mut area = self.inline_area(&dir)?;
+        let (root, rest) = area.split_at_mut(INLINE_ROOT);
+        let mut found = None;
+        for region in [&mut root[4..], rest] {
+            if region.is_empty() {
+                continue;
+            }
+            let ents = parse_entries(region, region.len()).map_err(|_| bad_dir(&dir))?;
+            if let Some(i) = ents.iter().position(|e| e.inode != 0 && e.name == name) {
+                let prev = i.checked_sub(1).map(|p| &ents[p]);
+                found = Some(ents[i].inode);
+                f(region, prev, &ents[i]);
+                break;
+            }
+        }
+        let Some(was) = found else {
+            return Err(Error::NotFound);
+        };
+        self.store_inline(&mut dir, &area)?;
+        self.write_inode(&mut dir)?;
+        Ok(was)
+    }
+
+    /// Convert directory `parent` from inline data unless `name` fits in
+    /// its inline area (a name is about to be added).
+    pub(crate) fn uninline_unless_fits(&mut self, parent: u32, name: &[u8]) -> Result<()> {
+        let dir = self.read_inode(parent)?;
+        if !Self::is_inline(&dir) || !dir.is_dir() || self.inline_dir_fits(&dir, name)? {
+            return Ok(());
+        }
+        self.uninline(parent)
     }
 
     /// Point an inline directory's parent at `parent` (a rename across
@@ -331,6 +455,10 @@ impl Core {
         }
         Ok(())
     }
+}
+
+fn bad_dir(dir: &Inode) -> Error {
+    Error::corrupted(format!("inline directory {}: bad entries", dir.ino), 0)
 }
 
 /// The names of `system.data` for the caller's error: the kernel has no

@@ -256,15 +256,6 @@ impl Core {
         Ok(d)
     }
 
-    /// Convert `parent` from inline data if it holds `name` (a removal
-    /// is coming).
-    fn uninline_holder(&mut self, parent: u32, name: &[u8]) -> Result<()> {
-        if self.lookup(parent, name).is_ok() {
-            self.uninline(parent)?;
-        }
-        Ok(())
-    }
-
     /// Look `name` up in directory `parent`.
     pub fn lookup(&mut self, parent: u32, name: &[u8]) -> Result<u32> {
         let dir = self.dir_inode(parent)?;
@@ -404,7 +395,7 @@ impl Core {
         rdev: (u32, u32),
         owner: Owner,
     ) -> Result<u32> {
-        self.uninline(parent)?;
+        self.uninline_unless_fits(parent, name)?;
         let c = self.namespace_credits();
         self.retry_nospc(c, |fs| fs.mknod_impl(parent, name, mode, rdev, owner))
     }
@@ -462,7 +453,7 @@ impl Core {
     ) -> Result<u32> {
         match self.lookup(parent, name) {
             Ok(ino) if flags.truncate => self.uninline_past(ino, 0)?,
-            Err(Error::NotFound) if flags.create => self.uninline(parent)?,
+            Err(Error::NotFound) if flags.create => self.uninline_unless_fits(parent, name)?,
             _ => {}
         }
         // O_TRUNC may free the existing file's blocks.
@@ -586,7 +577,7 @@ impl Core {
 
     /// Create a directory.
     pub fn mkdir(&mut self, parent: u32, name: &[u8], perm: u16, owner: Owner) -> Result<u32> {
-        self.uninline(parent)?;
+        self.uninline_unless_fits(parent, name)?;
         let c = self.namespace_credits();
         self.retry_nospc(c, |fs| fs.mkdir_impl(parent, name, perm, owner))
     }
@@ -627,7 +618,7 @@ impl Core {
         target: &[u8],
         owner: Owner,
     ) -> Result<u32> {
-        self.uninline(parent)?;
+        self.uninline_unless_fits(parent, name)?;
         let c = self.namespace_credits();
         self.retry_nospc(c, |fs| fs.symlink_impl(parent, name, target, owner))
     }
@@ -725,7 +716,7 @@ impl Core {
 
     /// Add a hard link to `ino` as `new_parent/new_name`.
     pub fn link(&mut self, ino: u32, new_parent: u32, new_name: &[u8]) -> Result<()> {
-        self.uninline(new_parent)?;
+        self.uninline_unless_fits(new_parent, new_name)?;
         let c = self.namespace_credits();
         self.retry_nospc(c, |fs| fs.link_impl(ino, new_parent, new_name))
     }
@@ -882,7 +873,6 @@ impl Core {
 
     /// Remove a non-directory name.
     pub fn unlink(&mut self, parent: u32, name: &[u8]) -> Result<()> {
-        self.uninline_holder(parent, name)?;
         let c = self.namespace_credits() + self.name_free_credits(parent, name);
         self.retry_nospc(c, |fs| fs.unlink_impl(parent, name))
     }
@@ -912,7 +902,6 @@ impl Core {
 
     /// Remove an empty directory.
     pub fn rmdir(&mut self, parent: u32, name: &[u8]) -> Result<()> {
-        self.uninline_holder(parent, name)?;
         let c = self.namespace_credits() + self.name_free_credits(parent, name);
         self.retry_nospc(c, |fs| fs.rmdir_impl(parent, name))
     }
@@ -973,9 +962,10 @@ impl Core {
         new_name: &[u8],
         flags: RenameFlags,
     ) -> Result<()> {
+        // Names leave and change in inline directories in place; the
+        // new one needs room there.
         if self.lookup(parent, name).is_ok() {
-            self.uninline(parent)?;
-            self.uninline(new_parent)?;
+            self.uninline_unless_fits(new_parent, new_name)?;
         }
         // A replaced target may lose its last name and its blocks; a
         // whiteout is one more inode.

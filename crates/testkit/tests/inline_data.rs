@@ -138,6 +138,12 @@ fn change(fs: &Filesystem, want: &Path, rng: &mut Rng) {
     // A new directory and symlink folio makes (not inline: folio makes no
     // inline inodes).
     let d = fs.mkdir(c, b"new", 0o755, ME).unwrap();
+    // More names than an inline directory holds: it moves to a block.
+    for i in 0..6 {
+        let n = format!("a-long-name-that-needs-room-{i}");
+        fs.create(c, n.as_bytes(), 0o644, ME).unwrap();
+        fs::write(want.join("c").join(&n), b"").unwrap();
+    }
     fs.symlink(d, b"ln", "t".repeat(70).as_bytes(), ME).unwrap();
     fs::create_dir(want.join("c/new")).unwrap();
     std::os::unix::fs::symlink("t".repeat(70), want.join("c/new/ln")).unwrap();
@@ -174,7 +180,7 @@ fn check_image(img: &Path, want: &Path, what: &str, mount_ok: bool, stays: &[&st
     e2fsck(img).unwrap_or_else(|e| panic!("{what}: {e}"));
     // What folio changed left its inline area whole: no system.data stays
     // behind on a block-mapped inode.
-    for p in ["a/f2", "a/f3", "b"] {
+    for p in ["a/f2", "a/f3", "c"] {
         let out = run(Command::new("debugfs")
             .arg("-R")
             .arg(format!("stat /{p}"))
@@ -184,10 +190,11 @@ fn check_image(img: &Path, want: &Path, what: &str, mount_ok: bool, stays: &[&st
             "{what}: {p} kept system.data: {out}"
         );
     }
-    let kept = not_inline(img, &["a/f2", "a/f3", "b"]);
+    let kept = not_inline(img, &["a/f2", "a/f3", "c"]);
     assert_eq!(kept.len(), 3, "{what}: still inline");
     // Changes within the inline area stay there (an append to the empty
-    // file, an overwrite, a truncation), as on the kernel.
+    // file, an overwrite, a truncation, names added, removed and renamed
+    // in directories with room), as on the kernel.
     let flat = not_inline(img, stays);
     assert!(flat.is_empty(), "{what}: converted: {flat:?}");
     let mut fs = open_read_only(img, false);
@@ -246,7 +253,13 @@ fn inline_data_images_read_back_and_change_cleanly() {
         let problems = fs.check_counts(None).unwrap();
         assert!(problems.is_empty(), "{what}: {problems:?}");
         fs.close().unwrap();
-        check_image(&img, &want, &what, mount_ok, &["a/f0", "a/f6", "b/deep"]);
+        check_image(
+            &img,
+            &want,
+            &what,
+            mount_ok,
+            &["a/f0", "a/f6", "b/deep", "b"],
+        );
     }
     if !mount_ok {
         return;
@@ -281,7 +294,7 @@ fn inline_data_images_read_back_and_change_cleanly() {
     let fs = Filesystem::open_path(&img, OpenOptions::default()).unwrap();
     change(&fs, &want, &mut rng);
     fs.close().unwrap();
-    check_image(&img, &want, what, true, &["a/f6", "b/deep"]);
+    check_image(&img, &want, what, true, &["a/f6", "b/deep", "b", "wide"]);
 }
 
 /// An inline file whose size claims more than its inline area, and an
