@@ -15,8 +15,9 @@
 //! or entries (a write or size change that outgrows it, a name that does
 //! not fit, fallocate, direct I/O, pinning, an xattr change)
 //! it is converted to a block-mapped one — what the kernel does when
-//! inline data outgrows the inode ([`Core::uninline`]); folio does not
-//! make new inline inodes.
+//! inline data outgrows the inode ([`Core::uninline`]). New directories
+//! are made inline, as the kernel makes them ([`Core::inline_dir_init`]);
+//! new files start block-mapped.
 
 use crate::error::{Error, Result};
 use crate::format::dirent::{parse_entries, RawEntry};
@@ -212,6 +213,48 @@ impl Core {
         self.store_inline(&mut dir, &area)?;
         self.write_inode(&mut dir)?;
         Ok(was)
+    }
+
+    /// May new directories be made inline (inline_data, inodes with room
+    /// past the 128-byte core for `system.data`)?
+    pub(crate) fn inline_dirs(&self) -> bool {
+        self.sb.has_incompat(incompat::INLINE_DATA) && self.geo.inode_size > 128
+    }
+
+    /// Make new directory `dir` an empty inline one under `parent`, as the
+    /// kernel's `ext4_try_create_inline_dir`: the parent's number, one
+    /// unused record over the rest of `i_block`, an empty `system.data`
+    /// (first among the xattrs, so that it stays in the inode); size 60.
+    /// The caller writes the inode.
+    pub(crate) fn inline_dir_init(&mut self, dir: &mut Inode, parent: u32) -> Result<()> {
+        let mut root = [0u8; INLINE_ROOT];
+        put32(&mut root, 0, parent);
+        crate::format::dirent::write_entry(&mut root[4..], 0, 0, INLINE_ROOT - 4, 0, b"");
+        let mut attrs = self.all_xattrs(dir)?;
+        attrs.insert(
+            0,
+            Xattr {
+                index: DATA_INDEX,
+                name: DATA_NAME.to_vec(),
+                ..Default::default()
+            },
+        );
+        dir.set_flags((dir.flags() & !crate::format::inode::FL_EXTENTS) | FL_INLINE_DATA);
+        dir.i_block_mut().copy_from_slice(&root);
+        self.store_xattrs(dir, attrs)?;
+        if !self
+            .inode_xattrs_of(dir)?
+            .iter()
+            .any(|x| is_data_xattr(x.index, &x.name))
+        {
+            return Err(Error::corrupted(
+                format!("inode {}: no room in the inode for system.data", dir.ino),
+                0,
+            ));
+        }
+        dir.set_size(INLINE_ROOT as u64);
+        self.inodes.drop_map(dir.ino);
+        Ok(())
     }
 
     /// Convert directory `parent` from inline data unless `name` fits in

@@ -595,7 +595,15 @@ impl Core {
             self.free_inode(inode.ino, true)?;
             return Err(e);
         }
-        if let Err(e) = self.dir_init(&mut inode, parent) {
+        // e2fsck wants lost+found in blocks (it must not need any to
+        // take entries).
+        let lpf = parent == ROOT_INO && name == b"lost+found";
+        let init = if self.inline_dirs() && !lpf {
+            self.inline_dir_init(&mut inode, parent)
+        } else {
+            self.dir_init(&mut inode, parent)
+        };
+        if let Err(e) = init {
             self.free_inode(inode.ino, true)?;
             return Err(e);
         }

@@ -47,6 +47,11 @@ pub enum XattrMode {
 }
 
 impl Core {
+    /// The attributes kept in the inode body.
+    pub(crate) fn inode_xattrs_of(&self, inode: &Inode) -> Result<Vec<Xattr>> {
+        self.inode_xattrs(inode)
+    }
+
     fn inode_xattrs(&self, inode: &Inode) -> Result<Vec<Xattr>> {
         let Some(off) = inode.inline_xattr_offset() else {
             return Ok(Vec::new());

@@ -135,8 +135,8 @@ fn change(fs: &Filesystem, want: &Path, rng: &mut Rng) {
     fs::rename(want.join("c/deep"), want.join("b/deep")).unwrap();
     fs.rmdir(ROOT_INO, b"empty").unwrap();
     fs::remove_dir(want.join("empty")).unwrap();
-    // A new directory and symlink folio makes (not inline: folio makes no
-    // inline inodes).
+    // A new directory folio makes (inline, as the kernel makes it) and a
+    // symlink in it.
     let d = fs.mkdir(c, b"new", 0o755, ME).unwrap();
     // More names than an inline directory holds: it moves to a block.
     for i in 0..6 {
@@ -258,7 +258,7 @@ fn inline_data_images_read_back_and_change_cleanly() {
             &want,
             &what,
             mount_ok,
-            &["a/f0", "a/f6", "b/deep", "b"],
+            &["a/f0", "a/f6", "b/deep", "b", "c/new"],
         );
     }
     if !mount_ok {
@@ -294,7 +294,13 @@ fn inline_data_images_read_back_and_change_cleanly() {
     let fs = Filesystem::open_path(&img, OpenOptions::default()).unwrap();
     change(&fs, &want, &mut rng);
     fs.close().unwrap();
-    check_image(&img, &want, what, true, &["a/f6", "b/deep", "b", "wide"]);
+    check_image(
+        &img,
+        &want,
+        what,
+        true,
+        &["a/f6", "b/deep", "b", "wide", "c/new"],
+    );
 }
 
 /// An inline file whose size claims more than its inline area, and an
