@@ -2363,6 +2363,17 @@ fn inline_data_through_the_mount() {
     fs::remove_file(mnt.join("d/long")).unwrap();
     folio_umount(&mnt);
     assert!(e2fsck_clean(&img), "e2fsck after the mount");
+    // The 3-byte file written through the mount is inline, as the
+    // kernel makes a small new file; the 5 KiB one is not.
+    for (p, inline) in [("/moved/new", true), ("/small", false), ("/moved", true)] {
+        let out = Command::new("debugfs")
+            .args(["-R", &format!("stat {p}")])
+            .arg(&img)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(text.contains("Size of inline data"), inline, "{p}: {text}");
+    }
     let seen = kernel_ro(&img, &dir.join("k"), |k| {
         (
             fs::read(k.join("small")).map(|v| v.len()).ok(),

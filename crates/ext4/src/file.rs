@@ -87,6 +87,11 @@ impl Core {
         // Delayed allocation: the write itself changes only the inode (the
         // old last block's tail is zeroed through the page cache);
         // allocation happens at writeback, in handles of its own.
+        let inode = self.read_inode(ino)?;
+        if !Self::is_inline(&inode) && self.may_become_inline(&inode, offset, len) {
+            // The kernel's first write of a small new file: inline.
+            self.make_inline_file(ino)?;
+        }
         if Self::is_inline(&self.read_inode(ino)?) {
             if let Some(n) = self.write_inline(ino, offset, len, &mut *src)? {
                 return Ok(n);

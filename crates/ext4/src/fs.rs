@@ -362,6 +362,9 @@ impl Core {
         if core.sb.has_ro_compat(ro_compat::LARGE_FILE) {
             core.inodes.set_large_file();
         }
+        if core.inline_dirs() {
+            core.inodes.set_inline_files();
+        }
         Ok(core)
     }
 

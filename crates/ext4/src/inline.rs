@@ -16,8 +16,9 @@
 //! not fit, fallocate, direct I/O, pinning, an xattr change)
 //! it is converted to a block-mapped one — what the kernel does when
 //! inline data outgrows the inode ([`Core::uninline`]). New directories
-//! are made inline, as the kernel makes them ([`Core::inline_dir_init`]);
-//! new files start block-mapped.
+//! are made inline, as the kernel makes them ([`Core::inline_dir_init`]),
+//! and an empty file's first write becomes inline when it fits in
+//! `i_block` ([`Core::make_inline_file`]).
 
 use crate::error::{Error, Result};
 use crate::format::dirent::{parse_entries, RawEntry};
@@ -230,7 +231,50 @@ impl Core {
         let mut root = [0u8; INLINE_ROOT];
         put32(&mut root, 0, parent);
         crate::format::dirent::write_entry(&mut root[4..], 0, 0, INLINE_ROOT - 4, 0, b"");
-        let mut attrs = self.all_xattrs(dir)?;
+        self.make_inline(dir, root)?;
+        dir.set_size(INLINE_ROOT as u64);
+        Ok(())
+    }
+
+    /// Is `inode` an empty regular file (no blocks, nothing delayed) that
+    /// a write of `len` bytes at `offset` may make inline, as the kernel's
+    /// first write of a small file does?
+    pub(crate) fn may_become_inline(&self, inode: &Inode, offset: u64, len: usize) -> bool {
+        if !self.inline_dirs() || !inode.is_reg() || inode.size() != 0 || self.read_only.is_some() {
+            return false;
+        }
+        if offset.saturating_add(len as u64) > INLINE_ROOT as u64 || inode.file_acl() != 0 {
+            return false;
+        }
+        let huge = self
+            .sb
+            .has_ro_compat(crate::format::superblock::ro_compat::HUGE_FILE);
+        if inode.blocks_512(huge, self.geo.block_size) != 0 {
+            return false;
+        }
+        let obj = self.inodes.get(inode.ino);
+        let d = obj.as_ref().map(|o| o.data());
+        !d.as_ref()
+            .is_some_and(|d| d.delalloc.blocks > 0 || d.pinned)
+    }
+
+    /// Make empty regular file `ino` inline (an empty `system.data`, the
+    /// data area zero), in a transaction of its own.
+    pub(crate) fn make_inline_file(&mut self, ino: u32) -> Result<()> {
+        let c = 4 + self.summary_credits();
+        self.retry_nospc(c, |fs| {
+            fs.check_writable()?;
+            let mut inode = fs.read_inode(ino)?;
+            fs.make_inline(&mut inode, [0u8; INLINE_ROOT])?;
+            fs.write_inode(&mut inode)
+        })
+    }
+
+    /// Turn `inode` (empty of data) into an inline one whose `i_block` is
+    /// `root`, with an empty `system.data` first among its xattrs (so that
+    /// it stays in the inode). The caller writes the inode.
+    fn make_inline(&mut self, inode: &mut Inode, root: [u8; INLINE_ROOT]) -> Result<()> {
+        let mut attrs = self.all_xattrs(inode)?;
         attrs.insert(
             0,
             Xattr {
@@ -239,21 +283,20 @@ impl Core {
                 ..Default::default()
             },
         );
-        dir.set_flags((dir.flags() & !crate::format::inode::FL_EXTENTS) | FL_INLINE_DATA);
-        dir.i_block_mut().copy_from_slice(&root);
-        self.store_xattrs(dir, attrs)?;
+        inode.set_flags((inode.flags() & !crate::format::inode::FL_EXTENTS) | FL_INLINE_DATA);
+        inode.i_block_mut().copy_from_slice(&root);
+        self.store_xattrs(inode, attrs)?;
         if !self
-            .inode_xattrs_of(dir)?
+            .inode_xattrs_of(inode)?
             .iter()
             .any(|x| is_data_xattr(x.index, &x.name))
         {
             return Err(Error::corrupted(
-                format!("inode {}: no room in the inode for system.data", dir.ino),
+                format!("inode {}: no room in the inode for system.data", inode.ino),
                 0,
             ));
         }
-        dir.set_size(INLINE_ROOT as u64);
-        self.inodes.drop_map(dir.ino);
+        self.inodes.drop_map(inode.ino);
         Ok(())
     }
 

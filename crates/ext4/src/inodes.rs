@@ -425,6 +425,9 @@ pub(crate) struct InodeTable {
     /// The image has the large_file feature (files may pass 2 GiB
     /// without a superblock change).
     large_file: AtomicBool,
+    /// New files may become inline at their first write (inline_data):
+    /// writes to empty files go through the core.
+    inline_files: AtomicBool,
 }
 
 impl Default for InodeTable {
@@ -438,6 +441,7 @@ impl Default for InodeTable {
             lock_free_fills: AtomicU64::new(0),
             space: Space::default(),
             large_file: AtomicBool::new(false),
+            inline_files: AtomicBool::new(false),
         }
     }
 }
@@ -533,6 +537,14 @@ impl InodeTable {
 
     pub(crate) fn large_file(&self) -> bool {
         self.large_file.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn inline_files(&self) -> bool {
+        self.inline_files.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_inline_files(&self) {
+        self.inline_files.store(true, Ordering::Relaxed);
     }
 
     pub(crate) fn set_large_file(&self) {

@@ -251,7 +251,10 @@ impl Filesystem {
             || !obj.writable_lock_free()
             || obj.open_refs() == 0
             || !obj.shape().extents
+            || (obj.size() == 0 && self.inodes.inline_files())
         {
+            // (An empty file on an inline_data image may become inline:
+            // the core decides.)
             return not_here;
         }
         let Some(end) = offset.checked_add(len as u64) else {

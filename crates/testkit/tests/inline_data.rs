@@ -258,7 +258,7 @@ fn inline_data_images_read_back_and_change_cleanly() {
             &want,
             &what,
             mount_ok,
-            &["a/f0", "a/f6", "b/deep", "b", "c/new"],
+            &["a/f0", "a/f6", "b/deep", "b", "c/new", "b/two"],
         );
     }
     if !mount_ok {
@@ -299,7 +299,7 @@ fn inline_data_images_read_back_and_change_cleanly() {
         &want,
         what,
         true,
-        &["a/f6", "b/deep", "b", "wide", "c/new"],
+        &["a/f6", "b/deep", "b", "wide", "c/new", "b/two"],
     );
 }
 
