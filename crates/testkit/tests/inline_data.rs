@@ -338,7 +338,8 @@ fn hostile_inline_inodes_are_corruption() {
     fs.close().unwrap();
 }
 
-/// Power cuts while folio moves inline inodes to blocks: every state a
+/// Power cuts while folio moves inline inodes to blocks and makes small
+/// new files inline: every state a
 /// cut could leave (at each flush, and between flushes with random torn
 /// subsets of the pending writes) recovers e2fsck clean, every fsync'd
 /// file and name is there with its bytes, and no file ever shows bytes
@@ -392,11 +393,18 @@ fn crashes_while_converting_inline_inodes_recover_clean() {
         if i % 4 == 1 {
             // A name added to the (inline) directory, made durable.
             let n = format!("n{i}");
+            // A small new file: inline from its first write.
             let c = fs.create(d, n.as_bytes(), 0o644, ME).unwrap();
+            let small = vec![0x40 + i as u8; 10 + i];
+            fs.write(c, 0, &small).unwrap();
+            assert!(
+                fs.get_flags(c).unwrap() & 0x1000_0000 != 0,
+                "{n} is not inline"
+            );
             fs.fsync(c, false).unwrap();
             fs.fsync(d, false).unwrap();
-            synced.push((dev.event_count(), n.clone(), Vec::new()));
-            new.insert(n, Vec::new());
+            synced.push((dev.event_count(), n.clone(), small.clone()));
+            new.insert(n, small);
         }
     }
     fs.abandon();
