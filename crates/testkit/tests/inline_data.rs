@@ -497,6 +497,7 @@ fn crashes_while_converting_inline_inodes_recover_clean() {
         "{} of {checked} states: {failed:?}",
         failed.len()
     );
+    eprintln!("inline crash states checked: {checked}");
     assert!(checked > 20, "only {checked} states");
 }
 
