@@ -404,7 +404,18 @@ fn run(seed: u64, threads: u32, ops: u64) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     let dev: Arc<dyn BlockDevice> =
         Arc::new(FileDevice::open(&img, false).map_err(|e| e.to_string())?);
-    mkfs(dev, size, &MkfsOptions::default()).map_err(|e| e.to_string())?;
+    // Even seeds: an inline_data image (new directories inline, small
+    // files inline from their first write, converted as they grow, while
+    // the other threads race).
+    let mut features = folio_ext4::mkfs::Features::defaults(folio_ext4::mkfs::FsType::Ext4);
+    if seed.is_multiple_of(2) {
+        features.edit("inline_data").unwrap();
+    }
+    let mkopts = MkfsOptions {
+        features: Some(features),
+        ..Default::default()
+    };
+    mkfs(dev, size, &mkopts).map_err(|e| e.to_string())?;
     let mut opts = OpenOptions::default();
     // Odd seeds: a small page cache, so reclaim and throttled writeback
     // run inside the racing writes.
@@ -450,6 +461,23 @@ fn run(seed: u64, threads: u32, ops: u64) -> Result<(), String> {
     sh.fs.close().map_err(|e| format!("close: {e}"))?;
     let fs = Filesystem::open_path(&img, opts).map_err(|e| format!("reopen: {e}"))?;
     verify(&fs, shared_dir, big, &privs, &models).map_err(|e| format!("after reopen: {e}"))?;
+    if seed.is_multiple_of(2) {
+        // The inline_data run did keep inodes inline.
+        let mut inline = 0;
+        for &d in privs.iter().chain([&shared_dir]) {
+            inline += usize::from(fs.get_flags(d).map_err(|e| e.to_string())? & 0x1000_0000 != 0);
+            for e in fs.read_dir(d).map_err(|e| e.to_string())? {
+                if e.name != b"." && e.name != b".." {
+                    let f = fs.get_flags(e.ino).map_err(|e| e.to_string())?;
+                    inline += usize::from(f & 0x1000_0000 != 0);
+                }
+            }
+        }
+        if inline == 0 {
+            return Err("the inline_data run left no inline inode".into());
+        }
+        eprintln!("seed {seed}: {inline} inline inodes at the end");
+    }
     fs.close().map_err(|e| e.to_string())?;
     if have_tool("e2fsck") {
         e2fsck(&img)?;
