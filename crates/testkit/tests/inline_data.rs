@@ -48,6 +48,15 @@ fn inline_tree(root: &Path, rng: &mut Rng) {
     std::os::unix::fs::symlink("l".repeat(90), root.join("a/long")).unwrap();
 }
 
+/// `mkfs.ext4 -O inline_data -b BS -d SRC IMG SIZE`.
+fn mke2fs_inline(src: &Path, img: &Path, bs: u32, size: &str) {
+    run(Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-O", "inline_data", "-b", &bs.to_string(), "-d"])
+        .arg(src)
+        .arg(img)
+        .arg(size));
+}
+
 /// The paths among `paths` of `img` that are not inline, by debugfs.
 fn not_inline(img: &Path, paths: &[&str]) -> Vec<String> {
     paths
@@ -227,11 +236,7 @@ fn inline_data_images_read_back_and_change_cleanly() {
     for bs in [1024u32, 4096] {
         let what = format!("mkfs.ext4 -O inline_data -b {bs} -d");
         let img = t.join(&format!("k{bs}.img"));
-        run(Command::new("mkfs.ext4")
-            .args(["-q", "-F", "-O", "inline_data", "-b", &bs.to_string(), "-d"])
-            .arg(&src)
-            .arg(&img)
-            .arg("64M"));
+        mke2fs_inline(&src, &img, bs, "64M");
         let flat = not_inline(&img, &inline_paths);
         assert!(
             flat.is_empty(),
@@ -316,11 +321,7 @@ fn hostile_inline_inodes_are_corruption() {
     let src = t.join("src");
     inline_tree(&src, &mut rng);
     let img = t.join("bad.img");
-    run(Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-O", "inline_data", "-d"])
-        .arg(&src)
-        .arg(&img)
-        .arg("64M"));
+    mke2fs_inline(&src, &img, 4096, "64M");
     // debugfs recomputes the inode checksum after each change.
     for cmd in ["sif /a/f2 size 4000", "sif /b block[2] 0x00ff0000"] {
         run(Command::new("debugfs").args(["-w", "-R", cmd]).arg(&img));
@@ -364,11 +365,7 @@ fn crashes_while_converting_inline_inodes_recover_clean() {
         old.insert(format!("f{i}"), v);
     }
     let img = t.join("base.img");
-    run(Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-O", "inline_data", "-b", "1024", "-d"])
-        .arg(&src)
-        .arg(&img)
-        .arg("8M"));
+    mke2fs_inline(&src, &img, 1024, "8M");
     assert!(not_inline(&img, &["d/f0", "d/f11"]).is_empty());
     let base = fs::read(&img).unwrap();
     let dev = CrashDevice::new(base.clone());
@@ -517,11 +514,7 @@ fn writes_within_the_inline_area_stay_inline() {
     let mut model = rng.bytes(100);
     fs::write(src.join("f"), &model).unwrap();
     let img = t.join("img");
-    run(Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-O", "inline_data", "-b", "1024", "-d"])
-        .arg(&src)
-        .arg(&img)
-        .arg("8M"));
+    mke2fs_inline(&src, &img, 1024, "8M");
     assert!(not_inline(&img, &["f"]).is_empty());
     let mut fs = Filesystem::open_path(&img, OpenOptions::default()).unwrap();
     let mut ino = fs.lookup(ROOT_INO, b"f").unwrap();
