@@ -88,11 +88,13 @@ impl Core {
         // old last block's tail is zeroed through the page cache);
         // allocation happens at writeback, in handles of its own.
         let inode = self.read_inode(ino)?;
-        if !Self::is_inline(&inode) && self.may_become_inline(&inode, offset, len) {
+        let mut inline = Self::is_inline(&inode);
+        if !inline && self.may_become_inline(&inode, offset, len) {
             // The kernel's first write of a small new file: inline.
             self.make_inline_file(ino)?;
+            inline = true;
         }
-        if Self::is_inline(&self.read_inode(ino)?) {
+        if inline {
             if let Some(n) = self.write_inline(ino, offset, len, &mut *src)? {
                 return Ok(n);
             }

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use folio_cli::hostxattr;
-use folio_ext4::{FileType, Filesystem};
+use folio_ext4::{FileType, Filesystem, SetAttr};
 
 /// True when running under CI (`CI=true`).
 pub fn ci() -> bool {
@@ -213,6 +213,17 @@ pub fn shutdown_ext4(mountpoint: &Path) -> Result<(), String> {
         return Err(std::io::Error::last_os_error().to_string());
     }
     Ok(())
+}
+
+/// Truncate or extend file `ino` of `fs` to `size` (ftruncate), panicking
+/// on an error.
+pub fn set_size(fs: &Filesystem, ino: u32, size: u64) {
+    let attr = SetAttr {
+        size: Some(size),
+        ..Default::default()
+    };
+    fs.setattr(ino, &attr)
+        .unwrap_or_else(|e| panic!("size {size} of inode {ino}: {e}"));
 }
 
 /// Can this process make loop mounts (root, mount and losetup present)?

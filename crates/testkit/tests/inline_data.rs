@@ -10,9 +10,7 @@ use std::path::Path;
 use std::process::Command;
 
 use folio_ext4::mkfs::{mkfs_path, Features, FsType, MkfsOptions};
-use folio_ext4::{
-    Error, Filesystem, OpenOptions, Owner, RenameFlags, SetAttr, XattrMode, ROOT_INO,
-};
+use folio_ext4::{Error, Filesystem, OpenOptions, Owner, RenameFlags, XattrMode, ROOT_INO};
 use folio_testkit::*;
 
 const ME: Owner = Owner { uid: 0, gid: 0 };
@@ -108,14 +106,7 @@ fn change(fs: &Filesystem, want: &Path, rng: &mut Rng) {
     fs::write(want.join("a/f6"), v).unwrap();
     for (f, size) in [("f7", 20u64), ("f3", 5000), ("f6", 30)] {
         let ino = at(&format!("a/{f}"));
-        fs.setattr(
-            ino,
-            &SetAttr {
-                size: Some(size),
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        set_size(fs, ino, size);
         fs::OpenOptions::new()
             .write(true)
             .open(want.join("a").join(f))
@@ -532,14 +523,7 @@ fn writes_within_the_inline_area_stay_inline() {
             }
             6..=7 => {
                 let size = rng.below(101);
-                fs.setattr(
-                    ino,
-                    &SetAttr {
-                        size: Some(size),
-                        ..Default::default()
-                    },
-                )
-                .unwrap();
+                set_size(&fs, ino, size);
                 model.resize(size as usize, 0);
             }
             8 => {
