@@ -111,9 +111,9 @@ impl CoreLock {
 /// order's record of holding it.
 pub(crate) struct CoreGuard<'a> {
     lock: &'a CoreLock,
-    /// Always `Some` except inside `yield_now`.
+    /// Always `Some` except inside `yield_now` and `unlocked`.
     core: Option<MutexGuard<'a, Core>>,
-    _order: Held,
+    order: Option<Held>,
 }
 
 impl Deref for CoreGuard<'_> {
@@ -153,6 +153,34 @@ impl CoreGuard<'_> {
             std::thread::yield_now();
         }
         self.core = Some(self.lock.lock());
+    }
+}
+
+impl CoreGuard<'_> {
+    /// Run `f` with the core lock released (and out of the lock order's
+    /// record), then take it again: for writes of data whose metadata is
+    /// in place (deferred writeback), which need no lock the core's
+    /// holders could be waiting with.
+    fn unlocked<R>(&mut self, f: impl FnOnce() -> R) -> R {
+        self.core = None;
+        self.order = None;
+        let r = f();
+        self.order = Some(Held::take(Level::Core, 0));
+        self.core = Some(self.lock.lock());
+        r
+    }
+
+    /// Write back one deferred batch (`Core::writeback_batch_deferred`):
+    /// its data goes to the device with the core lock released.
+    /// A batch with nothing left to write (its pieces needed the core)
+    /// still yields the lock between batches (see `yield_now`).
+    fn perform(&mut self, batch: crate::data::DeferredWriteback) -> Result<u64> {
+        if batch.pending_bytes() == 0 {
+            let r = batch.perform();
+            self.yield_now();
+            return r;
+        }
+        self.unlocked(|| batch.perform())
     }
 }
 
@@ -228,7 +256,7 @@ impl Filesystem {
         CoreGuard {
             lock: &self.core,
             core: Some(self.core.lock()),
-            _order: order,
+            order: Some(order),
         }
     }
 
@@ -254,14 +282,25 @@ impl Filesystem {
             .unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Write back dirty data until at most `target` bytes are dirty,
-    /// yielding the core lock between batches.
+    /// Write back dirty data until at most `target` bytes are dirty, a
+    /// batch at a time, each batch's data written with the core lock
+    /// released.
     fn writeback_to(&self, c: &mut CoreGuard<'_>, target: u64) -> Result<u64> {
         let mut cur = WritebackCursor::new(&self.pc);
         let mut n = 0;
-        while let Some(k) = c.writeback_step(&mut cur, target)? {
-            n += k;
-            c.yield_now();
+        while let Some(b) = c.writeback_step_deferred(&mut cur, target)? {
+            n += c.perform(b)?;
+        }
+        Ok(n)
+    }
+
+    /// Write back the dirty data of `ino` in bytes `[from, end)`, a batch
+    /// at a time, each batch's data written with the core lock released.
+    fn writeback_file(&self, c: &mut CoreGuard<'_>, ino: u32, end: u64) -> Result<u64> {
+        let mut n = 0;
+        let mut from = 0;
+        while let Some(b) = c.writeback_batch_deferred(ino, &mut from, end)? {
+            n += c.perform(b)?;
         }
         Ok(n)
     }
@@ -339,11 +378,7 @@ impl Filesystem {
                     let end = m
                         .last_dirty_index()
                         .map_or(0, |i| (i + 1).saturating_mul(fsz));
-                    let mut from = 0;
-                    while let Some(n) = c.writeback_batch(ino, &mut from, end)? {
-                        written += n;
-                        c.yield_now();
-                    }
+                    written += self.writeback_file(&mut c, ino, end)?;
                 }
             }
         }
@@ -400,11 +435,7 @@ impl Filesystem {
                 let Some(m) = self.pc.existing(u64::from(ino)) else {
                     continue;
                 };
-                let mut from = 0;
-                while let Some(n) = c.writeback_batch(ino, &mut from, u64::MAX)? {
-                    written += n;
-                    c.yield_now();
-                }
+                written += self.writeback_file(&mut c, ino, u64::MAX)?;
                 m.restart_dirty_clock();
                 c.flush_ahead(Some(ino))?;
             }

@@ -141,6 +141,131 @@ impl WritebackCursor {
     }
 }
 
+/// Writeback data written outside the core lock (`Filesystem`'s
+/// writeback loops): how many batches are between their mapping and the
+/// end of their writes, and the new mappings whose write failed. Its
+/// mutex is a leaf (nothing is taken inside it).
+///
+/// A batch maps its delayed blocks *written* under the core lock and
+/// writes their data after releasing it. That is safe because every
+/// commit first waits here until no batch is in flight
+/// (`Core::settle_writeback`, under the core lock, so no new batch can
+/// start meanwhile, and a batch in flight needs no lock the waiter holds)
+/// and then undoes the mappings whose data did not arrive: a committed
+/// mapping always has its data on the device (ordered mode).
+#[derive(Default)]
+pub(crate) struct WritebackIo {
+    state: std::sync::Mutex<WbState>,
+    idle: std::sync::Condvar,
+}
+
+#[derive(Default)]
+struct WbState {
+    inflight: usize,
+    /// (inode, file byte, bytes, device byte) of new mappings whose
+    /// write failed.
+    failed: Vec<(u32, u64, u64, u64)>,
+}
+
+impl WritebackIo {
+    fn state(&self) -> std::sync::MutexGuard<'_, WbState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Wait until no batch is in flight; take the failures to undo.
+    fn wait_idle(&self) -> Vec<(u32, u64, u64, u64)> {
+        let mut st = self.state();
+        while st.inflight > 0 {
+            st = self.idle.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+        std::mem::take(&mut st.failed)
+    }
+}
+
+/// One batch in flight (counted in [`WritebackIo`] until dropped, even
+/// by a panic).
+struct InFlight(Arc<WritebackIo>);
+
+impl InFlight {
+    fn new(io: &Arc<WritebackIo>) -> Self {
+        io.state().inflight += 1;
+        InFlight(Arc::clone(io))
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let mut st = self.0.state();
+        st.inflight -= 1;
+        if st.inflight == 0 {
+            self.0.idle.notify_all();
+        }
+    }
+}
+
+/// A writeback batch mapped under the core lock, its data to be written
+/// without it ([`DeferredWriteback::perform`]).
+pub(crate) struct DeferredWriteback {
+    ino: u32,
+    prep: Option<folio_iomap::PreparedWriteback>,
+    m: Arc<AddressSpace>,
+    pc: Arc<folio_pagecache::PageCache>,
+    dev: Arc<dyn BlockDevice>,
+    inflight: Option<InFlight>,
+    /// What stopped the mapping part way, reported after the writes.
+    error: Option<Error>,
+}
+
+impl DeferredWriteback {
+    /// Bytes of the batch still to be written.
+    pub(crate) fn pending_bytes(&self) -> u64 {
+        self.prep.as_ref().map_or(0, |p| p.pending_bytes())
+    }
+
+    /// Write the batch's data, clean and unlock its folios, and record
+    /// the new mappings whose write failed (the next commit undoes them;
+    /// their folios stay dirty). Takes no filesystem lock. Returns the
+    /// bytes written, or the first error.
+    pub(crate) fn perform(mut self) -> Result<u64> {
+        self.run()
+    }
+
+    fn run(&mut self) -> Result<u64> {
+        let Some(prep) = self.prep.take() else {
+            return Ok(0);
+        };
+        let out = prep.perform(&*self.dev, &self.pc, &self.m);
+        if let Some(f) = &self.inflight {
+            let bad: Vec<_> = out
+                .failed
+                .iter()
+                .filter(|(_, _, map)| map.new)
+                .map(|(pos, len, map)| (self.ino, *pos, *len, map.addr_of(*pos)))
+                .collect();
+            if !bad.is_empty() {
+                f.0.state().failed.extend(bad);
+            }
+        }
+        self.inflight = None;
+        if let Some(e) = out.error {
+            return Err(e.into());
+        }
+        match self.error.take() {
+            Some(e) => Err(e),
+            None => Ok(out.written),
+        }
+    }
+}
+
+impl Drop for DeferredWriteback {
+    /// A batch dropped unperformed (an early return, a panic) still
+    /// writes its data: its new mappings must not be committed without
+    /// it, and its folios must leave writeback.
+    fn drop(&mut self) {
+        let _ = self.run();
+    }
+}
+
 /// Re-derive the mapping-block allowance of delayed runs `da` of a file
 /// whose map has `shape` after their blocks changed; fails (changing
 /// nothing) if it would grow and `only_if_fits` and it does not fit.
@@ -723,30 +848,130 @@ impl Core {
         from: &mut u64,
         end: u64,
     ) -> Result<Option<u64>> {
-        const BATCH_FOLIOS: usize = 128;
-        let Some(m) = self.pc.existing(u64::from(ino)) else {
+        let Some((m, start, to, credits)) = self.next_batch(ino, *from, end) else {
             return Ok(None);
         };
-        if end <= *from {
-            return Ok(None);
-        }
-        let fsz = m.folio_size() as u64;
-        let batch = m.first_dirty_indices(m.index_of(*from), m.index_of(end - 1), BATCH_FOLIOS);
-        let (Some(&first), Some(&last)) = (batch.first(), batch.last()) else {
-            return Ok(None);
-        };
-        let start = (first * fsz).max(*from);
-        let to = (last + 1).saturating_mul(fsz).min(end);
-        let per = (fsz / u64::from(self.geo.block_size)).max(1);
-        // Every dirty block may start a run: an allocation and a
-        // conversion each.
-        let credits = self.alloc_credits(ino, 2 * batch.len() as u64 * per);
         let pc = Arc::clone(&self.pc);
         let h = self.journal_start(credits)?;
         let r = folio_iomap::writeback(self, &pc, &m, u64::from(ino), start, to);
         self.journal_stop(h)?;
         *from = to;
         Ok(Some(r?))
+    }
+
+    /// `writeback_batch` whose data is written after the core lock is
+    /// released: the batch's folios are locked and its delayed blocks
+    /// mapped (written) here, in a handle that does not commit; the
+    /// caller releases the core lock and calls `perform`. Commits wait
+    /// for it ([`WritebackIo`]).
+    pub(crate) fn writeback_batch_deferred(
+        &mut self,
+        ino: u32,
+        from: &mut u64,
+        end: u64,
+    ) -> Result<Option<DeferredWriteback>> {
+        self.batch_deferred(ino, from, end, false)
+    }
+
+    /// `writeback_batch_deferred`, leaving folios other threads are
+    /// writing back to them (`nowait`) or waiting for them.
+    fn batch_deferred(
+        &mut self,
+        ino: u32,
+        from: &mut u64,
+        end: u64,
+        nowait: bool,
+    ) -> Result<Option<DeferredWriteback>> {
+        let Some((m, start, to, credits)) = self.next_batch(ino, *from, end) else {
+            return Ok(None);
+        };
+        let pc = Arc::clone(&self.pc);
+        let h = self.journal_start(credits)?;
+        let (prep, r) =
+            folio_iomap::writeback_prepare(self, &pc, &m, u64::from(ino), (start, to), nowait);
+        let inflight = (prep.pending_bytes() > 0).then(|| InFlight::new(&self.wb_io));
+        self.journal_stop_deferred(h);
+        *from = to;
+        Ok(Some(DeferredWriteback {
+            ino,
+            prep: Some(prep),
+            m,
+            pc,
+            dev: Arc::clone(self.dev()),
+            inflight,
+            error: r.err(),
+        }))
+    }
+
+    /// The next batch of dirty folios of `ino` at or after byte `from`
+    /// (below `end`): its mapping, byte range and journal credits.
+    fn next_batch(
+        &mut self,
+        ino: u32,
+        from: u64,
+        end: u64,
+    ) -> Option<(Arc<AddressSpace>, u64, u64, usize)> {
+        const BATCH_FOLIOS: usize = 128;
+        let m = self.pc.existing(u64::from(ino))?;
+        if end <= from {
+            return None;
+        }
+        let fsz = m.folio_size() as u64;
+        let batch = m.first_dirty_indices(m.index_of(from), m.index_of(end - 1), BATCH_FOLIOS);
+        let (Some(&first), Some(&last)) = (batch.first(), batch.last()) else {
+            return None;
+        };
+        let start = (first * fsz).max(from);
+        let to = (last + 1).saturating_mul(fsz).min(end);
+        let per = (fsz / u64::from(self.geo.block_size)).max(1);
+        // Every dirty block may start a run: an allocation and a
+        // conversion each.
+        let credits = self.alloc_credits(ino, 2 * batch.len() as u64 * per);
+        Some((m, start, to, credits))
+    }
+
+    /// Before a commit (or, without a journal, before metadata goes
+    /// home): wait until no deferred writeback is in flight, then undo
+    /// the new mappings whose data did not arrive — block by block, only
+    /// where the block is still mapped there and still dirty in the cache
+    /// (a truncate, punch or rewrite since then may have changed either;
+    /// nothing was committed in between, so whatever maps the block now
+    /// was mapped by the running transaction).
+    pub(crate) fn settle_writeback(&mut self) -> Result<()> {
+        for (ino, pos, len, addr) in self.wb_io.wait_idle() {
+            self.settle_failed(ino, pos, len, addr)?;
+        }
+        Ok(())
+    }
+
+    fn settle_failed(&mut self, ino: u32, pos: u64, len: u64, addr: u64) -> Result<()> {
+        let bs = u64::from(self.geo.block_size);
+        let Some(m) = self.pc.existing(u64::from(ino)) else {
+            return Ok(());
+        };
+        let inode = self.read_inode(ino)?;
+        if Self::is_inline(&inode) {
+            return Ok(());
+        }
+        let (l0, p0) = (pos / bs, addr / bs);
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for b in 0..len / bs {
+            let mapped = matches!(
+                self.map_block(&inode, l0 + b, 1)?.0,
+                Mapping::Mapped { pblk, unwritten: false } if pblk == p0 + b
+            );
+            if !mapped || !block_dirty(&m, (l0 + b) * bs) {
+                continue;
+            }
+            match runs.last_mut() {
+                Some((s, k)) if *s + *k == l0 + b => *k += 1,
+                _ => runs.push((l0 + b, 1)),
+            }
+        }
+        for (s, k) in runs {
+            self.writeback_failed(ino, s, k)?;
+        }
+        Ok(())
     }
 
     /// Write back all dirty data.
@@ -799,6 +1024,31 @@ impl Core {
         cur: &mut WritebackCursor,
         target: u64,
     ) -> Result<Option<u64>> {
+        self.step_with(cur, target, Self::writeback_batch)
+    }
+
+    /// `writeback_step` with the data written after the core lock is
+    /// released (see `writeback_batch_deferred`). Writeback towards a
+    /// dirty level above zero (background, throttled writers) leaves
+    /// folios other threads are writing back to them, so that threads
+    /// writing back at once take different batches.
+    pub(crate) fn writeback_step_deferred(
+        &mut self,
+        cur: &mut WritebackCursor,
+        target: u64,
+    ) -> Result<Option<DeferredWriteback>> {
+        let nowait = target > 0;
+        self.step_with(cur, target, |c, ino, from, end| {
+            c.batch_deferred(ino, from, end, nowait)
+        })
+    }
+
+    fn step_with<T>(
+        &mut self,
+        cur: &mut WritebackCursor,
+        target: u64,
+        mut batch: impl FnMut(&mut Self, u32, &mut u64, u64) -> Result<Option<T>>,
+    ) -> Result<Option<T>> {
         loop {
             if self.pc.dirty_bytes() <= target {
                 return Ok(None);
@@ -806,8 +1056,8 @@ impl Core {
             let Some(&ino) = cur.inos.get(cur.next) else {
                 return Ok(None);
             };
-            if let Some(n) = self.writeback_batch(ino as u32, &mut cur.from, u64::MAX)? {
-                return Ok(Some(n));
+            if let Some(t) = batch(self, ino as u32, &mut cur.from, u64::MAX)? {
+                return Ok(Some(t));
             }
             cur.next += 1;
             cur.from = 0;
@@ -834,6 +1084,25 @@ impl IomapOps for Core {
         let ino = u32::try_from(ino).map_err(|_| Error::Invalid("inode number".into()))?;
         self.end_impl(ino, pos, len, done, fl, map)
     }
+    /// Written mappings need nothing at `end` when the write succeeds
+    /// (`end_impl`); unwritten ones are converted there.
+    fn writeback_defers(&self, map: &Iomap) -> bool {
+        map.kind == IomapKind::Mapped
+    }
+}
+
+/// Is the block at file byte `at` dirty in the cache? Locks its folio
+/// (callers hold the core lock and no folio lock).
+fn block_dirty(m: &AddressSpace, at: u64) -> bool {
+    let Some(f) = m.find(m.index_of(at)) else {
+        return false;
+    };
+    let Ok(g) = m.lock_folio(&f) else {
+        return false;
+    };
+    let bit = (at - g.pos()) / m.block_size() as u64;
+    let dirty = g.state().dirty_mask() & (1 << bit) != 0;
+    dirty
 }
 
 #[cfg(test)]

@@ -174,6 +174,8 @@ pub(crate) struct Core {
     pub(crate) handle_stats: (u64, u64),
     /// The device as the filesystem uses it: knows when a flush is due.
     pub(crate) tracker: Arc<folio_blockdev::FlushTracker>,
+    /// Writeback data written outside the core lock (`data.rs`).
+    pub(crate) wb_io: Arc<crate::data::WritebackIo>,
     /// needs_recovery is set on disk (we have started writing).
     pub(crate) recover_on_disk: bool,
     pub(crate) last_recovery: Option<folio_journal::RecoveryReport>,
@@ -348,6 +350,7 @@ impl Core {
             handle_depth: 0,
             handle_stats: (0, 0),
             tracker,
+            wb_io: Arc::default(),
             recover_on_disk: false,
             last_recovery: None,
             pc: Arc::new(folio_pagecache::PageCache::new(opts.page_cache.clone())),
@@ -868,6 +871,7 @@ impl Core {
         if self.journal.is_some() {
             return self.sync_journalled();
         }
+        self.settle_writeback()?;
         self.write_metadata_to_cache()?;
         self.cache.sync()?;
         Ok(())
@@ -883,6 +887,7 @@ impl Core {
         if self.journal.is_some() {
             return self.sync_journalled();
         }
+        self.settle_writeback()?;
         self.write_metadata_to_cache()?;
         self.cache.sync()?;
         Ok(())

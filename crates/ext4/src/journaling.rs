@@ -494,6 +494,9 @@ impl Core {
     }
 
     fn sync_journalled_inner(&mut self) -> Result<()> {
+        // Ordered data: every block this transaction maps has its data on
+        // the device (or its mapping undone) before the commit.
+        self.settle_writeback()?;
         if !self.recover_on_disk
             && (self.sb_dirty || !self.gdt_dirty.is_empty() || self.cache.dirty_count() > 0)
         {
@@ -667,6 +670,20 @@ impl Core {
     /// none) and, for the outermost handle, commit if the transaction has
     /// grown to its limit.
     pub(crate) fn journal_stop(&mut self, h: Handle) -> Result<()> {
+        self.journal_stop_inner(h, true)
+    }
+
+    /// End a handle without the commit `journal_stop` may make: for a
+    /// writeback batch whose new mappings wait for data written after
+    /// the core lock is released (a commit now would wait for that data
+    /// in `settle_writeback` and never see it). The next handle to start
+    /// commits if the transaction is full.
+    pub(crate) fn journal_stop_deferred(&mut self, h: Handle) {
+        // Cannot fail: it never commits.
+        let _ = self.journal_stop_inner(h, false);
+    }
+
+    fn journal_stop_inner(&mut self, h: Handle, may_commit: bool) -> Result<()> {
         let used = self.cache.dirty_count().saturating_sub(h.start);
         self.handle_stats.0 += 1;
         if used > h.credits {
@@ -676,6 +693,7 @@ impl Core {
         let outer = h.order.is_some();
         drop(h);
         if outer
+            && may_commit
             && self.journal.is_some()
             && self.read_only.is_none()
             && self.cache.dirty_count() >= self.txn_limit()

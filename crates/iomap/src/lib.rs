@@ -11,10 +11,13 @@
 //!   folio by folio, and `end` is told exactly how much was copied so it
 //!   can give back the unused part of the reservation;
 //! - writeback ([`writeback`]): dirty blocks are gathered into runs, mapped
-//!   with [`flags::WRITEBACK`] (where delayed allocations become real,
-//!   unwritten extents) and written; `end` then converts what reached the
-//!   device to written. A failed write leaves the folios dirty and the
-//!   extents unwritten, so nothing stale becomes readable;
+//!   with [`flags::WRITEBACK`] (where delayed allocations become real
+//!   blocks) and written; `end` is told what reached the device (the
+//!   filesystem converts unwritten blocks then, or undoes a new mapping
+//!   whose write failed). A failed write leaves the folios dirty. Split in
+//!   two ([`writeback_prepare`], [`PreparedWriteback::perform`]), the
+//!   mapping runs under the filesystem's locks and the writes of pieces it
+//!   defers ([`IomapOps::writeback_defers`]) after it has released them;
 //! - tail zeroing when a file grows ([`zero_tail`]);
 //! - direct I/O coherent with the cache ([`direct_write`], [`direct_read`]);
 //! - SEEK_DATA/SEEK_HOLE that see dirty data in the cache ([`seek_data_hole`]).
@@ -109,6 +112,14 @@ pub trait IomapOps {
     /// size here, so that writeback, which locks the folio, never writes
     /// back data beyond the size it knows.
     fn copied(&mut self, _ino: u64, _end: u64) {}
+    /// May the data of this writeback mapping be written after `begin`
+    /// returns, outside the filesystem's locks, with no `end` call when
+    /// it succeeds ([`writeback_prepare`])? A filesystem says yes where
+    /// its `end` has nothing to do on success (blocks mapped written);
+    /// the default keeps every piece in [`writeback`]'s order.
+    fn writeback_defers(&self, _map: &Iomap) -> bool {
+        false
+    }
 }
 
 /// Largest readahead window.
@@ -397,26 +408,33 @@ struct Run {
     parts: Vec<(Arc<FolioGuard>, u64)>,
 }
 
-/// Write back the dirty blocks of bytes `[start, end)` of inode `ino`.
-/// Returns the bytes written. On error the blocks not written stay dirty.
-pub fn writeback<O: IomapOps>(
-    ops: &mut O,
+/// Lock the dirty folios of bytes `[start, end)` in ascending order, mark
+/// them under writeback and hand their dirty blocks to `on_run` as runs of
+/// contiguous blocks of at most one pool buffer each, in file order. With
+/// `nowait`, folios another thread holds (being written back by it, most
+/// likely) are left out instead of waited for.
+fn for_each_run<E>(
     pc: &PageCache,
     m: &AddressSpace,
-    ino: u64,
     start: u64,
     end: u64,
-) -> Result<u64, O::Error> {
+    nowait: bool,
+    mut on_run: impl FnMut(Run) -> Result<(), E>,
+) -> Result<(), E> {
     if end <= start {
-        return Ok(0);
+        return Ok(());
     }
     let bs = m.block_size() as u64;
     let max_run = pc.pool().buf_bytes().max(bs as usize) as u64;
-    let mut total = 0;
     let mut run: Option<Run> = None;
     for idx in m.dirty_indices(m.index_of(start), m.index_of(end - 1)) {
         let Some(f) = m.find(idx) else { continue };
-        let Ok(g) = m.lock_folio(&f) else { continue };
+        let g = if nowait {
+            m.try_lock_folio(&f)
+        } else {
+            m.lock_folio(&f).ok()
+        };
+        let Some(g) = g else { continue };
         let dirty = g.state().dirty_mask();
         if dirty == 0 {
             continue;
@@ -439,7 +457,7 @@ pub fn writeback<O: IomapOps>(
             let extend = matches!(&run, Some(r) if r.pos + r.len == p && r.len + l <= max_run);
             if !extend {
                 if let Some(r) = run.take() {
-                    total += flush_run(ops, pc, m, ino, r)?;
+                    on_run(r)?;
                 }
                 run = Some(Run {
                     pos: p,
@@ -453,9 +471,27 @@ pub fn writeback<O: IomapOps>(
             b = e;
         }
     }
-    if let Some(r) = run.take() {
-        total += flush_run(ops, pc, m, ino, r)?;
+    match run {
+        Some(r) => on_run(r),
+        None => Ok(()),
     }
+}
+
+/// Write back the dirty blocks of bytes `[start, end)` of inode `ino`.
+/// Returns the bytes written. On error the blocks not written stay dirty.
+pub fn writeback<O: IomapOps>(
+    ops: &mut O,
+    pc: &PageCache,
+    m: &AddressSpace,
+    ino: u64,
+    start: u64,
+    end: u64,
+) -> Result<u64, O::Error> {
+    let mut total = 0;
+    for_each_run::<O::Error>(pc, m, start, end, false, |r| {
+        total += flush_run(ops, pc, m, ino, r)?;
+        Ok(())
+    })?;
     Ok(total)
 }
 
@@ -475,6 +511,77 @@ fn gather(parts: &[(Arc<FolioGuard>, u64)], from: u64, to: u64, out: &mut [u8]) 
     }
 }
 
+/// Write file bytes `[p, p+n)` of a run's locked folios to the device
+/// where `map` puts them: through a pool buffer in one request, or
+/// straight from the folios, one piece each, when no buffer is free (no
+/// allocation needed).
+fn write_piece(
+    dev: &dyn BlockDevice,
+    pc: &PageCache,
+    parts: &[(Arc<FolioGuard>, u64)],
+    p: u64,
+    n: u64,
+    map: &Iomap,
+) -> io::Result<()> {
+    if let Some(mut buf) = pc.pool().take() {
+        let out = &mut buf.bytes_mut()[..n as usize];
+        gather(parts, p, p + n, out);
+        return dev.write_at(map.addr_of(p), out);
+    }
+    for (g, _) in parts {
+        let a = p.max(g.pos());
+        let b = (p + n).min(g.pos() + g.size() as u64);
+        if a >= b {
+            continue;
+        }
+        let st = g.state();
+        dev.write_at(
+            map.addr_of(a),
+            &st.data()[(a - g.pos()) as usize..(b - g.pos()) as usize],
+        )?;
+    }
+    Ok(())
+}
+
+/// A run's I/O is over: clean every block that lies inside one of the
+/// written byte ranges `ok` (ascending, disjoint), end the folios'
+/// writeback and unlock them (as the guards drop).
+fn finish_run(m: &AddressSpace, parts: Vec<(Arc<FolioGuard>, u64)>, ok: &[(u64, u64)]) {
+    let bs = m.block_size() as u64;
+    for (g, msk) in &parts {
+        let mut clean = 0u64;
+        for b in 0..g.blocks() {
+            let bit = 1u64 << b;
+            let at = g.pos() + u64::from(b) * bs;
+            if msk & bit != 0 && ok.iter().any(|&(s, e)| s <= at && at + bs <= e) {
+                clean |= bit;
+            }
+        }
+        m.clear_dirty(g, clean);
+        m.set_writeback(g, false);
+    }
+}
+
+/// The mapping answer fit for writeback of `[p, ...)`: Mapped or
+/// Unwritten, and not empty.
+fn writeback_map<O: IomapOps>(
+    ops: &mut O,
+    ino: u64,
+    p: u64,
+    stop: u64,
+) -> Result<(Iomap, u64), O::Error> {
+    let map = ops.begin(ino, p, stop - p, flags::WRITEBACK)?;
+    let n = map.end().min(stop) - p;
+    if !matches!(map.kind, IomapKind::Mapped | IomapKind::Unwritten) || n == 0 {
+        return Err(io::Error::other(format!(
+            "writeback of inode {ino} at byte {p}: the filesystem gave a {:?} mapping",
+            map.kind
+        ))
+        .into());
+    }
+    Ok((map, n))
+}
+
 /// Write one run: map it (allocating delayed blocks), write the data,
 /// report the outcome to the filesystem, and clean the folios.
 fn flush_run<O: IomapOps>(
@@ -489,41 +596,8 @@ fn flush_run<O: IomapOps>(
     let result = (|| -> Result<(), O::Error> {
         while done < r.len {
             let p = r.pos + done;
-            let map = ops.begin(ino, p, r.len - done, flags::WRITEBACK)?;
-            let n = map.end().min(r.pos + r.len) - p;
-            if !matches!(map.kind, IomapKind::Mapped | IomapKind::Unwritten) || n == 0 {
-                return Err(io::Error::other(format!(
-                    "writeback of inode {ino} at byte {p}: the filesystem gave a {:?} mapping",
-                    map.kind
-                ))
-                .into());
-            }
-            let io = match pc.pool().take() {
-                Some(mut buf) => {
-                    let out = &mut buf.bytes_mut()[..n as usize];
-                    gather(&r.parts, p, p + n, out);
-                    dev.write_at(map.addr_of(p), out)
-                }
-                None => {
-                    // No reserved buffer free: write straight from the
-                    // folios, one piece each (no allocation needed).
-                    let mut res = Ok(());
-                    for (g, _) in &r.parts {
-                        let a = p.max(g.pos());
-                        let b = (p + n).min(g.pos() + g.size() as u64);
-                        if a >= b {
-                            continue;
-                        }
-                        let st = g.state();
-                        let piece = &st.data()[(a - g.pos()) as usize..(b - g.pos()) as usize];
-                        res = dev.write_at(map.addr_of(a), piece);
-                        if res.is_err() {
-                            break;
-                        }
-                    }
-                    res
-                }
-            };
+            let (map, n) = writeback_map(ops, ino, p, r.pos + r.len)?;
+            let io = write_piece(&*dev, pc, &r.parts, p, n, &map);
             let ok = io.is_ok();
             ops.end(ino, p, n, if ok { n } else { 0 }, flags::WRITEBACK, &map)?;
             io?;
@@ -531,23 +605,149 @@ fn flush_run<O: IomapOps>(
         }
         Ok(())
     })();
-    // Clean every block that reached the device.
-    let bs = m.block_size() as u64;
-    let written_to = r.pos + done;
-    for (g, msk) in &r.parts {
-        let mut clean = 0u64;
-        for b in 0..g.blocks() {
-            let bit = 1u64 << b;
-            if msk & bit != 0 && g.pos() + (u64::from(b) + 1) * bs <= written_to {
-                clean |= bit;
-            }
-        }
-        m.clear_dirty(g, clean);
-        m.set_writeback(g, false);
-    }
+    finish_run(m, r.parts, &[(r.pos, r.pos + done)]);
     result.map(|()| done)
 }
 
+/// A run of a prepared writeback: its mapped pieces (bytes `[pos,
+/// pos+len)` each) not written yet, and the byte ranges already written.
+struct PreparedRun {
+    run: Run,
+    pending: Vec<(u64, u64, Iomap)>,
+    ok: Vec<(u64, u64)>,
+}
+
+/// Writeback split in two (see [`writeback_prepare`]): the dirty folios
+/// locked, their blocks mapped, the data not written yet.
+pub struct PreparedWriteback {
+    runs: Vec<PreparedRun>,
+    /// Bytes written while preparing (pieces the filesystem does not
+    /// defer).
+    written: u64,
+}
+
+/// What [`PreparedWriteback::perform`] did.
+pub struct WritebackOutcome {
+    /// Bytes that reached the device (preparation included).
+    pub written: u64,
+    /// Pieces `(pos, len, map)` whose write failed: their folios stay
+    /// dirty, and the filesystem has not been told (`end` with nothing
+    /// done is the caller's to call, under whatever lock it needs).
+    pub failed: Vec<(u64, u64, Iomap)>,
+    /// The first write error.
+    pub error: Option<io::Error>,
+}
+
+impl PreparedWriteback {
+    /// Bytes of writes still to be done.
+    pub fn pending_bytes(&self) -> u64 {
+        self.runs
+            .iter()
+            .flat_map(|r| r.pending.iter().map(|(_, n, _)| n))
+            .sum()
+    }
+
+    /// Write the pieces prepared, clean what reached the device, and
+    /// unlock the folios. Calls nothing of the filesystem: this is the
+    /// part that runs without the filesystem's locks.
+    pub fn perform(
+        self,
+        dev: &dyn BlockDevice,
+        pc: &PageCache,
+        m: &AddressSpace,
+    ) -> WritebackOutcome {
+        let mut out = WritebackOutcome {
+            written: self.written,
+            failed: Vec::new(),
+            error: None,
+        };
+        for PreparedRun {
+            run: r,
+            pending,
+            mut ok,
+        } in self.runs
+        {
+            for (p, n, map) in pending {
+                match write_piece(dev, pc, &r.parts, p, n, &map) {
+                    Ok(()) => {
+                        out.written += n;
+                        ok.push((p, p + n));
+                    }
+                    Err(e) => {
+                        out.error.get_or_insert(e);
+                        out.failed.push((p, n, map));
+                    }
+                }
+            }
+            finish_run(m, r.parts, &ok);
+        }
+        out
+    }
+}
+
+/// The first half of a writeback of bytes `[start, end)` of `ino` whose
+/// data is written without the filesystem's locks: lock the dirty
+/// folios and map every run (allocating delayed blocks). Pieces the
+/// filesystem defers ([`IomapOps::writeback_defers`]: their `end` has
+/// nothing to do on success) are left for [`PreparedWriteback::perform`];
+/// the others are written and ended here, as [`writeback`] does. An
+/// error stops the mapping: what was prepared before it is returned with
+/// it, and must still be performed (its blocks may be allocated already).
+/// With `nowait`, folios another thread holds are left to it (writeback
+/// towards a dirty level, not for an fsync).
+pub fn writeback_prepare<O: IomapOps>(
+    ops: &mut O,
+    pc: &PageCache,
+    m: &AddressSpace,
+    ino: u64,
+    (start, end): (u64, u64),
+    nowait: bool,
+) -> (PreparedWriteback, Result<(), O::Error>) {
+    let dev = ops.device();
+    let mut prep = PreparedWriteback {
+        runs: Vec::new(),
+        written: 0,
+    };
+    let mut failed = false;
+    let r = for_each_run::<O::Error>(pc, m, start, end, nowait, |r| {
+        if failed {
+            // Left dirty: unlocked as the guards drop.
+            finish_run(m, r.parts, &[]);
+            return Ok(());
+        }
+        let mut pending = Vec::new();
+        let mut ok = Vec::new();
+        let mut done = 0u64;
+        let res = (|| -> Result<(), O::Error> {
+            while done < r.len {
+                let p = r.pos + done;
+                let (map, n) = writeback_map(ops, ino, p, r.pos + r.len)?;
+                if ops.writeback_defers(&map) {
+                    pending.push((p, n, map));
+                } else {
+                    let io = write_piece(&*dev, pc, &r.parts, p, n, &map);
+                    let good = io.is_ok();
+                    ops.end(ino, p, n, if good { n } else { 0 }, flags::WRITEBACK, &map)?;
+                    io?;
+                    prep.written += n;
+                    ok.push((p, p + n));
+                }
+                done += n;
+            }
+            Ok(())
+        })();
+        prep.runs.push(PreparedRun {
+            run: r,
+            pending,
+            ok,
+        });
+        if res.is_err() {
+            failed = true;
+        }
+        res
+    });
+    (prep, r)
+}
 /// Zero the bytes of the block holding byte `size` from `size` to the
 /// block's end (the file grows past `size`; the old tail must read as
 /// zeros). Blocks that read as zeros anyway are only fixed in the cache.

@@ -372,6 +372,13 @@ impl AddressSpace {
         Ok(g)
     }
 
+    /// Lock `folio` if nobody holds it (and it was not truncated): for
+    /// writeback that leaves folios another thread is writing to it.
+    pub fn try_lock_folio(&self, folio: &Arc<Folio>) -> Option<FolioGuard> {
+        let g = folio.try_lock()?;
+        (!folio.is_truncated()).then_some(g)
+    }
+
     /// Find or create and lock the folio at `index`, retrying when a
     /// truncate removes the one found.
     pub fn grab(&self, index: u64) -> FolioGuard {
