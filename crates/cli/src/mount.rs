@@ -35,6 +35,27 @@ struct Opts {
     /// `-o fakeroot` (as fuse2fs offers): the mounting user stands for
     /// root in the image (see `FolioFuse::with_fakeroot`).
     fakeroot: bool,
+    /// How long the kernel caches attributes and names
+    /// (`attr_timeout=`, `entry_timeout=`, in seconds, as libfuse has
+    /// them).
+    attr_timeout: Duration,
+    entry_timeout: Duration,
+}
+
+/// The mount's attribute and name cache timeouts without
+/// `attr_timeout=`/`entry_timeout=`. The image is locked while mounted,
+/// so only requests through the mount change it, and the kernel learns
+/// of each change from the request itself or from the server's
+/// invalidation; libfuse's 1 s default is for servers whose data can
+/// change underneath them.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// A timeout in seconds (fractions allowed), as libfuse's options take it.
+fn parse_timeout(k: &str, v: &str) -> Result<Duration, String> {
+    match v.parse::<f64>() {
+        Ok(t) if t.is_finite() && (0.0..=1e9).contains(&t) => Ok(Duration::from_secs_f64(t)),
+        _ => Err(format!("{k}={v}: give a number of seconds (0 to 1e9)")),
+    }
 }
 
 /// The mount's page-cache budget without `cache_size=`: 1/16 of the
@@ -80,6 +101,8 @@ fn parse_opts(list: &[String], image: &Path) -> Result<Opts, String> {
         norecovery: false,
         confine: true,
         fakeroot: false,
+        attr_timeout: DEFAULT_TIMEOUT,
+        entry_timeout: DEFAULT_TIMEOUT,
     };
     let mut fsname = None;
     let mut subtype = None;
@@ -122,6 +145,8 @@ fn parse_opts(list: &[String], image: &Path) -> Result<Opts, String> {
                 _ => return Err(format!("cache_size={v}: give a size of at least 1M")),
             },
             ("subtype", Some(v)) => subtype = Some(v.to_string()),
+            ("attr_timeout", Some(v)) => o.attr_timeout = parse_timeout(k, v)?,
+            ("entry_timeout", Some(v)) => o.entry_timeout = parse_timeout(k, v)?,
             // fstab-only words mount(8) may pass through.
             (
                 "defaults" | "user" | "users" | "nouser" | "auto" | "noauto" | "nofail" | "_netdev",
@@ -370,7 +395,9 @@ pub fn mount_foreground(
     config.mount_options = opts.mount;
     config.acl = opts.acl;
     config.n_threads = Some(threads.max(1));
-    let mut fuse = FolioFuse::new(shared.clone()).with_workers(threads.max(1));
+    let mut fuse = FolioFuse::new(shared.clone())
+        .with_workers(threads.max(1))
+        .with_timeouts(opts.attr_timeout, opts.entry_timeout);
     if opts.fakeroot {
         // SAFETY: getuid/getgid only return this process's ids.
         let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
@@ -900,6 +927,14 @@ mod tests {
         let o = parse_opts(&["cache_size=64M".into()], img).unwrap();
         assert_eq!(o.cache_bytes, Some(64 << 20));
         assert!(parse_opts(&["cache_size=12".into()], img).is_err());
+        assert_eq!(o.attr_timeout, DEFAULT_TIMEOUT);
+        let o = parse_opts(&["attr_timeout=0.5,entry_timeout=0".into()], img).unwrap();
+        assert_eq!(o.attr_timeout, Duration::from_millis(500));
+        assert_eq!(o.entry_timeout, Duration::ZERO);
+        for bad in ["attr_timeout=-1", "entry_timeout=soon", "attr_timeout=inf"] {
+            let e = parse_opts(&[bad.into()], img).unwrap_err();
+            assert!(e.contains("seconds"), "{bad}: {e}");
+        }
         assert!(parse_opts(&["bogus".into()], img)
             .unwrap_err()
             .contains("bogus"));

@@ -29,7 +29,9 @@ use fuser::{
 
 /// How long the kernel may cache attributes and entries. Every change goes
 /// through this process, so the kernel's cache cannot go stale behind it.
-const TTL: Duration = Duration::from_secs(1);
+/// How long the kernel may cache attributes and names it was given when
+/// the server sets nothing else ([`FolioFuse::with_timeouts`]).
+pub const DEFAULT_TTL: Duration = Duration::from_secs(1);
 
 /// The filesystem shared between the FUSE threads and whoever mounted it
 /// (who closes it after the session ends).
@@ -61,6 +63,10 @@ pub struct FolioFuse {
     /// back before the release), so `lseek` need not drop the pages of
     /// files nobody is writing.
     writers: Mutex<HashMap<u64, u32>>,
+    /// How long the kernel may cache attributes (`attr_timeout=`) and
+    /// names (`entry_timeout=`).
+    attr_ttl: Duration,
+    entry_ttl: Duration,
 }
 
 fn to_fuse(ino: u32) -> INodeNo {
@@ -150,7 +156,20 @@ impl FolioFuse {
             notifier: Arc::new(OnceLock::new()),
             fakeroot: None,
             workers: 1,
+            attr_ttl: DEFAULT_TTL,
+            entry_ttl: DEFAULT_TTL,
         }
+    }
+
+    /// How long the kernel may cache the attributes and the names it is
+    /// given (libfuse's `attr_timeout` and `entry_timeout`). A mount owns
+    /// its image (it is locked), so nothing changes it behind the
+    /// kernel's back except what the server itself tells the kernel
+    /// about (`invalidate_attrs`), and long timeouts are safe.
+    pub fn with_timeouts(mut self, attr: Duration, entry: Duration) -> Self {
+        self.attr_ttl = attr;
+        self.entry_ttl = entry;
+        self
     }
 
     /// How many threads serve requests (more than one lets an lseek wait
@@ -229,7 +248,12 @@ impl FolioFuse {
 
     fn entry(&self, ino: u32, reply: ReplyEntry) {
         match self.with(|fs| fs.stat(ino)) {
-            Ok(st) => reply.entry(&TTL, &self.attr(&st), Generation(u64::from(st.generation))),
+            Ok(st) => reply.entry_with_ttls(
+                &self.attr_ttl,
+                &self.entry_ttl,
+                &self.attr(&st),
+                Generation(u64::from(st.generation)),
+            ),
             Err(e) => reply.error(e),
         }
     }
@@ -416,7 +440,12 @@ impl fuser::Filesystem for FolioFuse {
             // exists (for any file type, not only directories); it checks
             // the generation itself. ".." is an ordinary directory entry.
             return match self.with(|fs| fs.stat_by_handle(from_fuse(parent), None)) {
-                Ok(st) => reply.entry(&TTL, &self.attr(&st), Generation(u64::from(st.generation))),
+                Ok(st) => reply.entry_with_ttls(
+                    &self.attr_ttl,
+                    &self.entry_ttl,
+                    &self.attr(&st),
+                    Generation(u64::from(st.generation)),
+                ),
                 Err(e) => reply.error(e),
             };
         }
@@ -428,7 +457,7 @@ impl fuser::Filesystem for FolioFuse {
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         match self.with(|fs| fs.stat(from_fuse(ino))) {
-            Ok(st) => reply.attr(&TTL, &self.attr(&st)),
+            Ok(st) => reply.attr(&self.attr_ttl, &self.attr(&st)),
             Err(e) => reply.error(e),
         }
     }
@@ -469,7 +498,7 @@ impl fuser::Filesystem for FolioFuse {
             drop_privs: Some(self.caller(req)),
         };
         match self.with(|fs| fs.setattr(from_fuse(ino), &attr)) {
-            Ok(st) => reply.attr(&TTL, &self.attr(&st)),
+            Ok(st) => reply.attr(&self.attr_ttl, &self.attr(&st)),
             Err(e) => reply.error(e),
         }
     }
@@ -1005,8 +1034,10 @@ impl fuser::Filesystem for FolioFuse {
             }
         }
         match r {
+            // One timeout for both here (FUSE_CREATE's reply as fuser
+            // sends it): the shorter.
             Ok(st) => reply.created(
-                &TTL,
+                &self.attr_ttl.min(self.entry_ttl),
                 &self.attr(&st),
                 Generation(u64::from(st.generation)),
                 FileHandle(0),
