@@ -313,7 +313,7 @@ pub fn serve(fs: Filesystem, args: &ExportArgs) -> Result<i32, String> {
             }
         });
     }
-    let flusher = Flusher::spawn(fs.clone());
+    let flusher = Flusher::spawn(fs.clone(), None);
     if let Some(mut child) = run {
         let (stop, status) = (stop.clone(), status.clone());
         std::thread::spawn(move || {

@@ -23,7 +23,13 @@ pub struct Flusher {
 }
 
 impl Flusher {
-    pub fn spawn(fs: Arc<Filesystem>) -> Flusher {
+    /// `on_attr_change`, if given, is told of each inode whose attributes
+    /// the flusher's writeback changed behind its clients' backs
+    /// (`Filesystem::take_attr_changes`).
+    pub fn spawn(
+        fs: Arc<Filesystem>,
+        on_attr_change: Option<Arc<dyn Fn(u32) + Send + Sync>>,
+    ) -> Flusher {
         let stop = Arc::new(AtomicBool::new(false));
         let stopped = stop.clone();
         let thread = std::thread::spawn(move || {
@@ -45,6 +51,9 @@ impl Flusher {
                 };
                 if let Err(e) = r {
                     eprintln!("folio: background writeback failed: {e}");
+                }
+                if let Some(f) = &on_attr_change {
+                    fs.take_attr_changes().into_iter().for_each(|ino| f(ino));
                 }
             }
         });

@@ -404,6 +404,7 @@ pub fn mount_foreground(
         fuse = fuse.with_fakeroot(uid, gid);
     }
     let notifier = fuse.notifier_slot();
+    let invalidate = fuse.attr_invalidator();
     let mut session = fuser::Session::new(fuse, mountpoint, &config)
         .map_err(|e| format!("{}: mount failed: {e}", mountpoint.display()))?;
     let _ = notifier.set(session.notifier());
@@ -432,7 +433,7 @@ pub fn mount_foreground(
         // SAFETY: sending a signal to our own process has no memory effects.
         unsafe { libc::kill(libc::getpid(), libc::SIGUSR1) };
     });
-    let flusher = crate::flusher::Flusher::spawn(shared.clone());
+    let flusher = crate::flusher::Flusher::spawn(shared.clone(), Some(invalidate));
     loop {
         let mut sig: libc::c_int = 0;
         // SAFETY: `set` is initialised and `sig` is a valid out-pointer.

@@ -2396,3 +2396,44 @@ fn inline_data_through_the_mount() {
     );
     let _ = fs::remove_dir_all(&dir);
 }
+
+/// The kernel keeps attributes for an hour (`attr_timeout`): what the
+/// library changes behind its back must reach it. A file written in
+/// alternate blocks gets an extent-tree block when its fsync writes it
+/// back; `st_blocks` after the fsync counts it, as the kernel's own ext4
+/// shows the image afterwards.
+#[test]
+fn st_blocks_after_writeback_reaches_the_kernel() {
+    if !prerequisites() {
+        return;
+    }
+    use std::os::unix::fs::{FileExt, MetadataExt};
+    let (dir, img, mnt) = fresh_image("blocks", "64M");
+    folio_mount(&img, &mnt);
+    let f = mnt.join("holes");
+    {
+        let file = fs::File::create(&f).unwrap();
+        for i in 0..256u64 {
+            file.write_all_at(&[0x42; 4096], i * 8192).unwrap();
+        }
+    }
+    // Closed: its pages went to the server (delayed blocks, no tree yet),
+    // and the kernel caches what a stat now says.
+    let before = fs::metadata(&f).unwrap().blocks();
+    let file = fs::OpenOptions::new().write(true).open(&f).unwrap();
+    file.sync_all().unwrap();
+    // Asked before the close (whose FLUSH makes the kernel forget
+    // st_blocks anyway in writeback-cache mode).
+    let after = fs::metadata(&f).unwrap().blocks();
+    drop(file);
+    folio_umount(&mnt);
+    let truth = kernel_ro(&img, &dir.join("k"), |k| {
+        fs::metadata(k.join("holes")).unwrap().blocks()
+    });
+    assert!(
+        truth > before,
+        "the fsync should add a tree block ({before} -> {truth})"
+    );
+    assert_eq!(after, truth, "st_blocks after fsync (before it: {before})");
+    assert!(e2fsck_clean(&img));
+}

@@ -455,6 +455,15 @@ impl Filesystem {
         self.writeback_to(&mut c, self.pc.background_target())
     }
 
+    /// Inodes whose attributes (today: `st_blocks`, when writeback
+    /// allocated extent-tree or indirect blocks with the data) changed
+    /// since the last call without a request on them, for a server whose
+    /// clients cache attributes (the mount tells the kernel to forget
+    /// them). Recording starts at the first call.
+    pub fn take_attr_changes(&self) -> Vec<u32> {
+        self.inodes.take_changed()
+    }
+
     /// Bytes written since open without the core lock (buffered writes to
     /// open files, overwrites of dirty cached data): how much of the
     /// write traffic the concurrent paths carried.

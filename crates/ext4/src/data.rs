@@ -611,6 +611,7 @@ impl Core {
     /// Writeback of delayed run at `lblk`: give it real blocks.
     fn writeback_allocate(&mut self, ino: u32, lblk: u64, n: u64) -> Result<()> {
         let mut inode = self.read_inode(ino)?;
+        let shown = self.shown_blocks(&inode, ino);
         let obj = self.inodes.obj(ino);
         let run = obj.data().delalloc.run_at(lblk);
         let (s, l) = run.ok_or_else(|| Error::corrupted("writeback of an unreserved block", 0))?;
@@ -633,6 +634,11 @@ impl Core {
         let removed = obj.data().delalloc.remove(lblk, got);
         self.inodes.space.unreserve(removed);
         self.write_inode(&mut inode)?;
+        if self.shown_blocks(&inode, ino) != shown {
+            // Mapping blocks (extent tree, indirect) came with the data:
+            // st_blocks moved without a request on the file.
+            self.inodes.attrs_changed(ino);
+        }
         self.set_meta_reservation(&inode, false)
     }
 

@@ -428,6 +428,10 @@ pub(crate) struct InodeTable {
     /// New files may become inline at their first write (inline_data):
     /// writes to empty files go through the core.
     inline_files: AtomicBool,
+    /// Inodes whose attributes the library changed without a request on
+    /// them (`Filesystem::take_attr_changes`), recorded once someone asks
+    /// for them (`Some`).
+    changed: Mutex<Option<std::collections::BTreeSet<u32>>>,
 }
 
 impl Default for InodeTable {
@@ -442,6 +446,7 @@ impl Default for InodeTable {
             space: Space::default(),
             large_file: AtomicBool::new(false),
             inline_files: AtomicBool::new(false),
+            changed: Mutex::new(None),
         }
     }
 }
@@ -452,6 +457,28 @@ pub(crate) fn millis(t: crate::format::Timespec) -> u64 {
 }
 
 impl InodeTable {
+    /// Record that `ino`'s attributes changed behind the back of whoever
+    /// caches them (if anyone asked to be told).
+    pub(crate) fn attrs_changed(&self, ino: u32) {
+        if let Some(set) = self
+            .changed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_mut()
+        {
+            set.insert(ino);
+        }
+    }
+
+    /// Start recording attribute changes, or take those recorded.
+    pub(crate) fn take_changed(&self) -> Vec<u32> {
+        let mut c = self.changed.lock().unwrap_or_else(|e| e.into_inner());
+        c.get_or_insert_with(Default::default);
+        std::mem::take(c.as_mut().expect("just set"))
+            .into_iter()
+            .collect()
+    }
+
     /// The object of `ino`, if there is one.
     pub(crate) fn get(&self, ino: u32) -> Option<Arc<InodeInfo>> {
         self.map

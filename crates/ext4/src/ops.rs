@@ -323,10 +323,17 @@ impl Core {
         Ok((parent, name))
     }
 
+    /// `st_blocks` of an inode: its blocks, and its delayed ones as ext4
+    /// counts them (du sees data not yet placed).
+    pub(crate) fn shown_blocks(&self, i: &Inode, ino: u32) -> u64 {
+        let huge = self.sb.has_ro_compat(ro_compat::HUGE_FILE);
+        i.blocks_512(huge, self.geo.block_size)
+            + self.delalloc_blocks(ino) * u64::from(self.geo.block_size / 512)
+    }
+
     /// Attributes of inode `ino`.
     pub fn stat(&mut self, ino: u32) -> Result<Stat> {
         let i = self.read_inode(ino)?;
-        let huge = self.sb.has_ro_compat(ro_compat::HUGE_FILE);
         let ft = i.file_type();
         Ok(Stat {
             ino,
@@ -337,8 +344,7 @@ impl Core {
             gid: i.gid(),
             size: i.size(),
             // Delayed blocks count, as in ext4 (du sees data not yet placed).
-            blocks_512: i.blocks_512(huge, self.geo.block_size)
-                + self.delalloc_blocks(ino) * u64::from(self.geo.block_size / 512),
+            blocks_512: self.shown_blocks(&i, ino),
             atime: i.atime(),
             mtime: i.mtime(),
             ctime: i.ctime(),

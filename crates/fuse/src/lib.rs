@@ -147,6 +147,8 @@ fn splitdev(rdev: u32) -> (u32, u32) {
 impl FolioFuse {
     pub fn new(fs: Shared) -> Self {
         let block_size = fs.block_size();
+        // Start recording attribute changes made behind the kernel's back.
+        let _ = fs.take_attr_changes();
         FolioFuse {
             fs,
             block_size,
@@ -211,6 +213,26 @@ impl FolioFuse {
     /// `fuser::Session::notifier`).
     pub fn notifier_slot(&self) -> Arc<OnceLock<fuser::Notifier>> {
         self.notifier.clone()
+    }
+
+    /// Tell the kernel to forget the attributes of the inodes the library
+    /// changed behind its back (`Filesystem::take_attr_changes`; the first
+    /// call, at `new`, starts the recording).
+    fn invalidate_changed(&self) {
+        for ino in self.fs.take_attr_changes() {
+            self.invalidate_attrs(ino);
+        }
+    }
+
+    /// What the flusher thread calls for the inodes its writeback changed
+    /// behind the kernel's back (see `invalidate_changed`).
+    pub fn attr_invalidator(&self) -> Arc<dyn Fn(u32) + Send + Sync> {
+        let slot = self.notifier.clone();
+        Arc::new(move |ino| {
+            if let Some(n) = slot.get() {
+                let _ = n.inval_inode(to_fuse(ino), -1, 0);
+            }
+        })
     }
 
     /// Drop the kernel's cached attributes of `ino` (not its pages).
@@ -767,6 +789,8 @@ impl fuser::Filesystem for FolioFuse {
             Ok((dropped, fs.write(ino, offset, data)?))
         }) {
             Ok((dropped, n)) => {
+                // A writer over the dirty limit wrote back.
+                self.invalidate_changed();
                 reply.written(n as u32);
                 if dropped {
                     // The kernel keeps the mode it had: make it ask again.
@@ -800,7 +824,10 @@ impl fuser::Filesystem for FolioFuse {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
-        answer(reply, self.with(|fs| fs.fsync(from_fuse(ino), datasync)))
+        let r = self.with(|fs| fs.fsync(from_fuse(ino), datasync));
+        // Before the reply, so that a stat after fsync(2) sees the change.
+        self.invalidate_changed();
+        answer(reply, r)
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
