@@ -27,6 +27,9 @@ struct Entry {
     /// The user checked these bytes (a checksum, say) since they came from
     /// the device, or wrote them itself; see [`BufferCache::set_verified`].
     verified: bool,
+    /// The cache's change counter when these bytes were last changed
+    /// (see [`BufferCache::dirty_blocks_versioned`]).
+    version: u64,
 }
 
 /// Where a checkpoint finds the committed version of a block.
@@ -55,6 +58,8 @@ pub struct BufferCache {
     no_steal: bool,
     /// Number of dirty entries.
     ndirty: usize,
+    /// Changes so far (each `modify` or `write` of a block takes the next).
+    changes: u64,
 }
 
 impl BufferCache {
@@ -71,6 +76,7 @@ impl BufferCache {
             misses: 0,
             no_steal: false,
             ndirty: 0,
+            changes: 0,
         }
     }
 
@@ -115,6 +121,7 @@ impl BufferCache {
                 // Bytes the user wrote need no check; bytes from the
                 // device do.
                 verified: dirty,
+                version: self.changes,
             },
         );
         self.clock.push_back(block);
@@ -197,10 +204,12 @@ impl BufferCache {
             ));
         }
         self.load(block)?;
+        self.changes += 1;
         let e = self.map.get_mut(&block).expect("block was just loaded");
         self.ndirty += usize::from(!e.dirty);
         e.dirty = true;
         e.verified = true;
+        e.version = self.changes;
         Ok(&mut e.data)
     }
 
@@ -213,11 +222,13 @@ impl BufferCache {
                 "device is open read-only",
             ));
         }
+        self.changes += 1;
         if let Some(e) = self.map.get_mut(&block) {
             e.data.copy_from_slice(data);
             self.ndirty += usize::from(!e.dirty);
             e.dirty = true;
             e.verified = true;
+            e.version = self.changes;
             return Ok(());
         }
         self.insert(block, data.into(), true)
@@ -275,6 +286,36 @@ impl BufferCache {
         v
     }
 
+    /// Copies of every dirty block with the version of its bytes, in
+    /// ascending block order: a transaction about to commit while the
+    /// next one may change the same blocks ([`Self::mark_committed_versions`]).
+    pub fn dirty_blocks_versioned(&self) -> Vec<(u64, Vec<u8>, u64)> {
+        let mut v: Vec<(u64, Vec<u8>, u64)> = self
+            .map
+            .iter()
+            .filter(|(_, e)| e.dirty)
+            .map(|(&b, e)| (b, e.data.to_vec(), e.version))
+            .collect();
+        v.sort_unstable_by_key(|x| x.0);
+        v
+    }
+
+    /// A transaction of the blocks `done` (block, version) committed:
+    /// each block still at that version becomes committed; one changed
+    /// since stays dirty (the next transaction holds it; the committed
+    /// version is in the journal's log, see [`Self::checkpoint_copy`]).
+    pub fn mark_committed_versions(&mut self, done: &[(u64, u64)]) {
+        for &(b, v) in done {
+            if let Some(e) = self.map.get_mut(&b) {
+                if e.dirty && e.version == v {
+                    e.dirty = false;
+                    e.committed = true;
+                    self.ndirty -= 1;
+                }
+            }
+        }
+    }
+
     /// Mark every block clean: the caller wrote them all to the device.
     pub fn mark_clean(&mut self) {
         for e in self.map.values_mut() {
@@ -329,6 +370,30 @@ impl BufferCache {
 mod tests {
     use super::*;
     use crate::MemDevice;
+
+    /// A commit of a snapshot marks committed only the blocks that were
+    /// not changed again after it; those stay dirty for the next one, and
+    /// a checkpoint finds their committed version in the log.
+    #[test]
+    fn blocks_changed_after_a_snapshot_stay_dirty() {
+        let dev = MemDevice::new(1024 * 64);
+        let mut c = BufferCache::new(Arc::new(dev), 1024, 32);
+        c.set_no_steal(true);
+        for b in 1..4u64 {
+            c.modify(b).unwrap()[0] = 1;
+        }
+        let snap = c.dirty_blocks_versioned();
+        assert_eq!(snap.len(), 3);
+        c.modify(2).unwrap()[0] = 2;
+        c.write(5, &[7u8; 1024]).unwrap();
+        let done: Vec<(u64, u64)> = snap.iter().map(|(b, _, v)| (*b, *v)).collect();
+        c.mark_committed_versions(&done);
+        assert_eq!(c.dirty_count(), 2);
+        let dirty: Vec<u64> = c.dirty_blocks().iter().map(|(b, _)| *b).collect();
+        assert_eq!(dirty, vec![2, 5]);
+        assert!(matches!(c.checkpoint_copy(1), CheckpointSource::Cache(_)));
+        assert!(matches!(c.checkpoint_copy(2), CheckpointSource::Log));
+    }
 
     #[test]
     fn write_back_and_eviction_keep_data() {

@@ -484,6 +484,23 @@ impl Journal {
     /// first flush also makes file data written before it durable, which is
     /// what ordered mode needs.
     pub fn commit(&mut self, blocks: &[(u64, &[u8])], revokes: &[u64]) -> Result<()> {
+        self.prepare_commit(blocks, revokes)?.write()
+    }
+
+    /// [`Journal::commit`] in two halves: lay the transaction out in the
+    /// log and account it as committed in memory (head, live copies,
+    /// statistics) now, and leave its device writes to the returned
+    /// [`CommitWrite`], which needs nothing of the journal — so a
+    /// filesystem can write it without its locks while the next
+    /// transaction starts. Until the write has succeeded, the journal
+    /// must not be checkpointed or committed to again; if it fails, the
+    /// journal's memory is ahead of the device and the caller must stop
+    /// using it (abort: the next open replays what did reach the log).
+    pub fn prepare_commit(
+        &mut self,
+        blocks: &[(u64, &[u8])],
+        revokes: &[u64],
+    ) -> Result<CommitWrite> {
         if !self.fits(blocks.len(), revokes.len()) {
             return Err(Error::Corrupted(format!(
                 "transaction of {} blocks and {} revokes does not fit in the {} free log blocks \
@@ -499,6 +516,11 @@ impl Journal {
         let v3 = self.sb.has_incompat(INCOMPAT_CSUM_V3);
         let tb = self.sb.tag_bytes();
         let per = self.tags_per_descriptor();
+        let mut out = CommitWrite {
+            dev: Arc::clone(&self.dev),
+            writes: Vec::with_capacity(blocks.len() + blocks.len().div_ceil(per) + 2),
+            commit: (0, Vec::new()),
+        };
         // A journal marked empty (s_start = 0, after an unmount or a
         // recovery) starts again at the first log block; otherwise the log
         // continues at the head, wrapping around its end.
@@ -513,6 +535,8 @@ impl Journal {
             let mut desc = vec![0u8; self.bs];
             write_header(&mut desc, DESCRIPTOR, seq);
             let desc_pos = pos;
+            let desc_at = out.writes.len();
+            out.writes.push((self.log_offset(desc_pos), Vec::new()));
             pos = self.next(pos);
             let mut off = HEADER_LEN;
             for (i, (target, data)) in chunk.iter().enumerate() {
@@ -554,7 +578,7 @@ impl Journal {
                     desc[off..off + UUID_LEN].copy_from_slice(&self.sb.uuid());
                     off += UUID_LEN;
                 }
-                self.write_log(pos, &copy)?;
+                out.writes.push((self.log_offset(pos), copy));
                 placed.push((*target, LoggedCopy { pos, escaped }));
                 pos = self.next(pos);
             }
@@ -562,7 +586,7 @@ impl Journal {
                 let c = block_tail_csum(seed, &desc);
                 put_be32(&mut desc, self.bs - TAIL_LEN, c);
             }
-            self.write_log(desc_pos, &desc)?;
+            out.writes[desc_at].1 = desc;
         }
         let bit64 = self.sb.has_incompat(INCOMPAT_64BIT);
         let rec = if bit64 { 8 } else { 4 };
@@ -584,7 +608,7 @@ impl Journal {
                 let c = block_tail_csum(seed, &rb);
                 put_be32(&mut rb, self.bs - TAIL_LEN, c);
             }
-            self.write_log(pos, &rb)?;
+            out.writes.push((self.log_offset(pos), rb));
             pos = self.next(pos);
         }
         if was_empty {
@@ -592,9 +616,9 @@ impl Journal {
             // before its commit block can count.
             self.sb.set_start(start as u32);
             self.sb.set_sequence(seq);
-            self.write_sb()?;
+            self.sb.update_checksum();
+            out.writes.push((self.log_offset(0), self.sb.raw.clone()));
         }
-        self.dev.flush()?;
         let mut commit = vec![0u8; self.bs];
         write_header(&mut commit, COMMIT, seq);
         let now = std::time::SystemTime::now()
@@ -606,8 +630,7 @@ impl Journal {
             let c = commit_csum(seed, &commit);
             put_be32(&mut commit, 0x10, c);
         }
-        self.write_log(pos, &commit)?;
-        self.dev.flush()?;
+        out.commit = (self.log_offset(pos), commit);
         pos = self.next(pos);
         let len = self.blocks_needed(blocks.len(), revokes.len());
         self.used += len;
@@ -622,7 +645,12 @@ impl Journal {
         self.stats.commits += 1;
         self.stats.blocks_logged += blocks.len() as u64;
         self.stats.revokes += revokes.len() as u64;
-        Ok(())
+        Ok(out)
+    }
+
+    /// Device byte offset of log block `lblk`.
+    fn log_offset(&self, lblk: u64) -> u64 {
+        self.map[lblk as usize] * self.bs as u64
     }
 
     /// After the caller has written every checkpoint target in place and
@@ -656,6 +684,30 @@ impl Journal {
         self.live_txns = 0;
         self.logged.clear();
         self.stats.checkpoints += 1;
+        Ok(())
+    }
+}
+
+/// The device writes of one prepared commit ([`Journal::prepare_commit`]):
+/// descriptors, copies, revoke blocks (and the journal superblock when the
+/// log was empty), then a flush, the commit block, a flush.
+#[must_use = "a prepared commit is durable only once written"]
+pub struct CommitWrite {
+    dev: Arc<dyn BlockDevice>,
+    /// (device byte offset, bytes) before the first flush.
+    writes: Vec<(u64, Vec<u8>)>,
+    commit: (u64, Vec<u8>),
+}
+
+impl CommitWrite {
+    /// Write the transaction and make it durable.
+    pub fn write(self) -> Result<()> {
+        for (off, data) in &self.writes {
+            self.dev.write_at(*off, data)?;
+        }
+        self.dev.flush()?;
+        self.dev.write_at(self.commit.0, &self.commit.1)?;
+        self.dev.flush()?;
         Ok(())
     }
 }
