@@ -343,6 +343,35 @@ impl Core {
         None
     }
 
+    /// Blocks from `lblk` (a hole) to the end of the subtree whose
+    /// missing pointer makes it one: all holes. Past the map's reach,
+    /// everything is.
+    fn ind_hole_span(&mut self, inode: &Inode, lblk: u64) -> Result<u64> {
+        let apb = u64::from(self.geo.block_size / 4);
+        let Some((slot, idx, levels)) = self.ind_path(lblk) else {
+            return Ok(u64::MAX / 2);
+        };
+        // Offset of lblk within the subtree below depth `d`, and its size.
+        let within = |d: usize| -> (u64, u64) {
+            let mut off = 0;
+            for &i in &idx[d..levels] {
+                off = off * apb + i as u64;
+            }
+            (off, apb.pow((levels - d) as u32))
+        };
+        let mut p = u64::from(get32(inode.i_block(), slot * 4).unwrap_or(0));
+        let mut d = 0;
+        while p != 0 && d < levels {
+            p = self.ind_ptr(p, idx[d], inode.ino)?;
+            d += 1;
+        }
+        if p != 0 {
+            return Ok(0);
+        }
+        let (off, size) = within(d);
+        Ok(size - off)
+    }
+
     fn ind_lookup(&mut self, inode: &Inode, lblk: u64) -> Result<u64> {
         let Some((slot, idx, levels)) = self.ind_path(lblk) else {
             return Ok(0);
@@ -391,6 +420,13 @@ impl Core {
             });
         }
         let first = self.ind_lookup(inode, lblk)?;
+        if first == 0 {
+            // A hole: as long as the missing pointer's subtree (a hostile
+            // i_size must not make a walk of the map cost one lookup per
+            // block).
+            let span = self.ind_hole_span(inode, lblk)?;
+            return Ok((Mapping::Hole, span.clamp(1, max)));
+        }
         let mut n = 1;
         let limit = max.min(1024);
         while n < limit {
