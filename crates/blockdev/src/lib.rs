@@ -14,7 +14,7 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 mod cache;
@@ -250,22 +250,33 @@ impl BlockDevice for MemDevice {
 
 /// A device wrapper that knows whether anything was written since the last
 /// completed flush, so that callers can skip flushes nothing needs.
+///
+/// Writes are counted when they complete, and a flush covers the writes
+/// that had completed when it started: a write still running while
+/// another thread flushes stays unflushed (a flag cleared at the flush's
+/// start would call it flushed, and an fsync that checked afterwards would
+/// skip the flush its data needs).
 pub struct FlushTracker {
     inner: Arc<dyn BlockDevice>,
-    unflushed: AtomicBool,
+    /// Writes and discards completed (or failed) so far.
+    done: AtomicU64,
+    /// `done` as it was when the latest successful flush started.
+    flushed: AtomicU64,
 }
 
 impl FlushTracker {
     pub fn new(inner: Arc<dyn BlockDevice>) -> Self {
         FlushTracker {
             inner,
-            unflushed: AtomicBool::new(false),
+            done: AtomicU64::new(0),
+            flushed: AtomicU64::new(0),
         }
     }
 
-    /// Were writes (or discards) issued since the last successful flush?
+    /// Were writes (or discards) completed since the start of the last
+    /// successful flush?
     pub fn unflushed(&self) -> bool {
-        self.unflushed.load(Ordering::Acquire)
+        self.done.load(Ordering::Acquire) > self.flushed.load(Ordering::Acquire)
     }
 }
 
@@ -279,24 +290,23 @@ impl BlockDevice for FlushTracker {
     }
 
     fn write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
-        // Marked before the write starts: a flush racing with it keeps the
-        // mark (conservative: at worst one flush too many).
-        self.unflushed.store(true, Ordering::Release);
-        self.inner.write_at(offset, buf)
-    }
-
-    fn flush(&self) -> io::Result<()> {
-        let was = self.unflushed.swap(false, Ordering::AcqRel);
-        let r = self.inner.flush();
-        if r.is_err() && was {
-            self.unflushed.store(true, Ordering::Release);
-        }
+        // Counted even if it fails: part of it may have reached the device.
+        let r = self.inner.write_at(offset, buf);
+        self.done.fetch_add(1, Ordering::AcqRel);
         r
     }
 
+    fn flush(&self) -> io::Result<()> {
+        let covers = self.done.load(Ordering::Acquire);
+        self.inner.flush()?;
+        self.flushed.fetch_max(covers, Ordering::AcqRel);
+        Ok(())
+    }
+
     fn discard(&self, offset: u64, len_bytes: u64) -> io::Result<()> {
-        self.unflushed.store(true, Ordering::Release);
-        self.inner.discard(offset, len_bytes)
+        let r = self.inner.discard(offset, len_bytes);
+        self.done.fetch_add(1, Ordering::AcqRel);
+        r
     }
 
     fn is_read_only(&self) -> bool {
@@ -339,5 +349,74 @@ mod tests {
         let ro = FileDevice::open(&path, true).unwrap();
         assert!(ro.write_at(0, b"x").is_err());
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A device where a write of `b"late"` starts before a flush and
+    /// completes only once that flush has started.
+    struct WriteAcrossFlush {
+        inner: MemDevice,
+        started: std::sync::mpsc::SyncSender<()>,
+        flushing: std::sync::Mutex<std::sync::mpsc::Receiver<()>>,
+        flush_tx: std::sync::mpsc::SyncSender<()>,
+        armed: std::sync::atomic::AtomicBool,
+    }
+
+    impl BlockDevice for WriteAcrossFlush {
+        fn size_bytes(&self) -> u64 {
+            self.inner.size_bytes()
+        }
+        fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+            self.inner.read_at(offset, buf)
+        }
+        fn write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
+            if buf == b"late" {
+                self.armed.store(true, Ordering::SeqCst);
+                self.started.send(()).unwrap();
+                self.flushing.lock().unwrap().recv().unwrap();
+            }
+            self.inner.write_at(offset, buf)
+        }
+        fn flush(&self) -> io::Result<()> {
+            if self.armed.swap(false, Ordering::SeqCst) {
+                self.flush_tx.send(()).unwrap();
+            }
+            Ok(())
+        }
+        fn discard(&self, offset: u64, len_bytes: u64) -> io::Result<()> {
+            self.inner.discard(offset, len_bytes)
+        }
+        fn is_read_only(&self) -> bool {
+            false
+        }
+    }
+
+    #[test]
+    fn a_write_running_across_a_flush_stays_unflushed() {
+        let (started, started_rx) = std::sync::mpsc::sync_channel(1);
+        let (flush_tx, flushing) = std::sync::mpsc::sync_channel(1);
+        let dev = Arc::new(WriteAcrossFlush {
+            inner: MemDevice::new(4096),
+            started,
+            flushing: std::sync::Mutex::new(flushing),
+            flush_tx,
+            armed: std::sync::atomic::AtomicBool::new(false),
+        });
+        let t = Arc::new(FlushTracker::new(dev));
+        assert!(!t.unflushed());
+        t.write_at(0, b"x").unwrap();
+        assert!(t.unflushed());
+        t.flush().unwrap();
+        assert!(!t.unflushed());
+        let t2 = Arc::clone(&t);
+        let w = std::thread::spawn(move || t2.write_at(0, b"late").unwrap());
+        started_rx.recv().unwrap();
+        t.flush().unwrap();
+        w.join().unwrap();
+        assert!(
+            t.unflushed(),
+            "a write that completed after the flush began"
+        );
+        t.flush().unwrap();
+        assert!(!t.unflushed());
     }
 }
