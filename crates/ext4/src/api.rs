@@ -305,6 +305,34 @@ impl Filesystem {
         Ok(n)
     }
 
+    /// Finish an fsync, sync or periodic commit whose step under the core
+    /// lock is `step` (`Core::commit_step`, `Core::fsync_step`): a commit
+    /// it starts is written with the core lock released, so that other
+    /// requests — new handles on the next transaction among them — run
+    /// during its device writes and flushes; a transaction already
+    /// committing is waited for without the lock too.
+    fn make_durable(
+        &self,
+        c: &mut CoreGuard<'_>,
+        mut step: impl FnMut(&mut Core) -> Result<crate::commit::Durable>,
+    ) -> Result<()> {
+        use crate::commit::Durable;
+        loop {
+            match step(c)? {
+                Durable::Done => return Ok(()),
+                Durable::Commit(p) => {
+                    let w = c.unlocked(|| p.write());
+                    return c.commit_written(w);
+                }
+                Durable::Wait(slot) => {
+                    // Its outcome is the finisher's to act on.
+                    let _ = c.unlocked(|| slot.wait());
+                    c.finish_committing()?;
+                }
+            }
+        }
+    }
+
     /// After writeback of `written` bytes: flush the device without the
     /// core lock when that was a lot of data, so that it reaches stable
     /// storage while other requests run and the commit that follows under
@@ -383,7 +411,11 @@ impl Filesystem {
             }
         }
         self.flush_data(written)?;
-        self.core().fsync(ino, datasync)
+        let mut c = self.core();
+        match c.fsync_begin(ino, datasync)? {
+            Some(ds) => self.make_durable(&mut c, |core| core.fsync_step(ino, ds)),
+            None => Ok(()),
+        }
     }
 
     /// Make everything written so far durable: file data (written back
@@ -403,7 +435,11 @@ impl Filesystem {
             written = self.writeback_to(&mut c, 0)?;
         }
         self.flush_data(written)?;
-        self.core().sync()
+        let mut c = self.core();
+        if c.sync_begin()? {
+            self.make_durable(&mut c, Core::commit_step)?;
+        }
+        Ok(())
     }
 
     /// The periodic commit of a long-running server: ext4's `commit=`
@@ -441,7 +477,11 @@ impl Filesystem {
             }
         }
         self.flush_data(written)?;
-        self.core().commit()
+        let mut c = self.core();
+        if c.read_only.is_none() && c.commit_begin_unjournalled()? {
+            self.make_durable(&mut c, Core::commit_step)?;
+        }
+        Ok(())
     }
 
     /// Background writeback: write back, yielding the core lock between

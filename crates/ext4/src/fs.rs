@@ -168,6 +168,9 @@ pub(crate) struct Core {
     /// Inodes changed by the running transaction → whether fdatasync
     /// needs the change (see `note_inode_change`).
     pub(crate) txn_changes: HashMap<u32, bool>,
+    /// The transaction being committed without the core lock
+    /// (`commit.rs`).
+    pub(crate) committing: Option<crate::commit::Committing>,
     /// Nesting depth of journal handles (see `journal_start`).
     pub(crate) handle_depth: u32,
     /// (handles run, handles that used more blocks than their credits).
@@ -347,6 +350,7 @@ impl Core {
             pinned: BTreeSet::new(),
             revokes: Vec::new(),
             txn_changes: HashMap::new(),
+            committing: None,
             handle_depth: 0,
             handle_stats: (0, 0),
             tracker,
@@ -860,37 +864,38 @@ impl Core {
     /// Make everything written so far durable: file data, then metadata
     /// (through the journal when there is one).
     pub fn sync(&mut self) -> Result<()> {
+        if self.sync_begin()? {
+            self.sync_journalled()
+        } else {
+            Ok(())
+        }
+    }
+
+    /// `sync` up to its commit: data written back, sizes put into inodes;
+    /// without a journal, metadata written too. `true`: the journal's
+    /// commit is left to do.
+    pub(crate) fn sync_begin(&mut self) -> Result<bool> {
         if self.read_only.is_some() {
-            return Ok(());
+            return Ok(false);
         }
         // Ordered data: every dirty folio reaches the device (and delayed
         // allocations get their blocks) before the metadata that maps it
         // commits.
         self.writeback_all()?;
         self.flush_ahead(None)?;
-        if self.journal.is_some() {
-            return self.sync_journalled();
-        }
-        self.settle_writeback()?;
-        self.write_metadata_to_cache()?;
-        self.cache.sync()?;
-        Ok(())
+        self.commit_begin_unjournalled()
     }
 
-    /// Commit the metadata changed so far (through the journal when there
-    /// is one) without writing back cached file data: the periodic
-    /// commit's second half (`Filesystem::commit_expired`).
-    pub(crate) fn commit(&mut self) -> Result<()> {
-        if self.read_only.is_some() {
-            return Ok(());
-        }
+    /// Without a journal, write the metadata home (`false`); with one,
+    /// leave the commit to the caller (`true`).
+    pub(crate) fn commit_begin_unjournalled(&mut self) -> Result<bool> {
         if self.journal.is_some() {
-            return self.sync_journalled();
+            return Ok(true);
         }
         self.settle_writeback()?;
         self.write_metadata_to_cache()?;
         self.cache.sync()?;
-        Ok(())
+        Ok(false)
     }
 
     /// An operation panicked while holding the core lock: metadata may be

@@ -470,7 +470,7 @@ impl Core {
     /// blocks stay in the buffer cache, committed, until a checkpoint (or
     /// the cache's eviction) writes them home.
     pub(crate) fn sync_journalled(&mut self) -> Result<()> {
-        let r = self.sync_journalled_inner();
+        let r = self.durable_locked(Core::commit_step);
         if let Err(Error::Io(e)) = &r {
             self.abort_journal(e);
         }
@@ -482,7 +482,7 @@ impl Core {
     /// in-memory metadata may be ahead of it. Nothing more is written
     /// (as jbd2 aborts the journal and ext4 remounts read-only); the next
     /// open replays the log.
-    fn abort_journal(&mut self, e: &std::io::Error) {
+    pub(crate) fn abort_journal(&mut self, e: &std::io::Error) {
         if self.aborted.is_some() {
             return;
         }
@@ -493,9 +493,13 @@ impl Core {
         self.inodes.stop_writes();
     }
 
-    fn sync_journalled_inner(&mut self) -> Result<()> {
-        // Ordered data: every block this transaction maps has its data on
-        // the device (or its mapping undone) before the commit.
+    /// What every commit does first, under the core lock: ordered data
+    /// settled (every block the transaction maps has its data on the
+    /// device, or its mapping undone), needs_recovery set on disk before
+    /// the first transaction, the superblock and group descriptors put
+    /// into their buffers. `false`: nothing to commit (the device was
+    /// flushed if it needed it: fsync still needs written data durable).
+    pub(crate) fn prepare_journalled_commit(&mut self) -> Result<bool> {
         self.settle_writeback()?;
         if !self.recover_on_disk
             && (self.sb_dirty || !self.gdt_dirty.is_empty() || self.cache.dirty_count() > 0)
@@ -507,23 +511,27 @@ impl Core {
             self.sb_dirty = true;
         }
         self.write_metadata_to_cache()?;
-        let dirty = self.cache.dirty_blocks();
-        if dirty.is_empty() && self.revokes.is_empty() {
-            // Nothing to commit; fsync still needs written data durable.
+        if self.cache.dirty_count() == 0 && self.revokes.is_empty() {
             if self.flush_needed() {
                 self.dev().flush()?;
             }
-            return Ok(());
+            return Ok(false);
         }
+        Ok(true)
+    }
+
+    /// Commit a transaction too big for one log transaction (only an
+    /// operation without a handle builds one), atomic per part, all under
+    /// the core lock. No transaction is committing (`commit_begin`).
+    pub(crate) fn commit_in_parts(&mut self) -> Result<()> {
+        let dirty = self.cache.dirty_blocks();
         let cap = self
             .journal
             .as_ref()
             .map_or(1, Journal::capacity_blocks)
             .max(1);
-        // Handles keep a transaction well below the log's size; a bigger
-        // one (which only an operation without a handle could build) is
-        // split, atomic per part. The revoke records go with the first
-        // part that has room for them.
+        // The revoke records go with the first part that has room for
+        // them.
         let chunks: Vec<&[(u64, Vec<u8>)]> = if dirty.is_empty() {
             vec![&[]]
         } else {
@@ -564,6 +572,9 @@ impl Core {
 
     /// Write every committed block home, flush, and free the log.
     pub(crate) fn checkpoint(&mut self) -> Result<()> {
+        // The log must match the device: a transaction still committing
+        // is finished first.
+        self.finish_committing()?;
         let Some(j) = self.journal.as_ref() else {
             return Ok(());
         };
@@ -650,7 +661,7 @@ impl Core {
         }
         let order = Held::take(Level::Transaction, 0);
         if self.journal.is_some() && self.read_only.is_none() {
-            let dirty = self.cache.dirty_count();
+            let dirty = self.running_dirty();
             if dirty > 0 && dirty + credits > self.txn_limit() {
                 if let Err(e) = self.sync_journalled() {
                     self.handle_depth -= 1;
@@ -696,7 +707,7 @@ impl Core {
             && may_commit
             && self.journal.is_some()
             && self.read_only.is_none()
-            && self.cache.dirty_count() >= self.txn_limit()
+            && self.running_dirty() >= self.txn_limit()
         {
             // Metadata only: whatever it maps was written already or
             // is unwritten (ordered mode needs no data writeback here).

@@ -11,6 +11,7 @@
 pub mod alloc;
 pub mod api;
 pub mod bmap;
+pub(crate) mod commit;
 pub mod csum;
 pub mod data;
 pub mod dir;

@@ -1289,29 +1289,24 @@ impl Core {
     /// — commits it (the whole transaction: it is shared by all files, as
     /// in jbd2); otherwise only flushes the device, and only if something
     /// was written since the last flush.
-    pub fn fsync(&mut self, ino: u32, datasync: bool) -> Result<()> {
+    ///
+    /// This is the part under the core lock up to the commit
+    /// (`Core::fsync_step` does the rest): `None` if it is done, else
+    /// whether it is an fdatasync.
+    pub(crate) fn fsync_begin(&mut self, ino: u32, datasync: bool) -> Result<Option<bool>> {
         // A directory's entries live in its blocks, which a timestamp
         // change may accompany alone: fdatasync of a directory is fsync.
         let datasync = datasync && !self.read_inode(ino)?.is_dir();
         if self.read_only.is_some() {
-            return Ok(());
+            return Ok(None);
         }
         if self.journal.is_none() {
-            return self.sync();
+            self.sync()?;
+            return Ok(None);
         }
         self.writeback_range(ino, 0, u64::MAX)?;
         self.flush_ahead(Some(ino))?;
-        let needs_commit = match self.txn_changes.get(&ino) {
-            Some(&ds) => ds || !datasync,
-            None => false,
-        };
-        if needs_commit {
-            self.sync_journalled()
-        } else if self.flush_needed() {
-            Ok(self.dev().flush()?)
-        } else {
-            Ok(())
-        }
+        Ok(Some(datasync))
     }
 
     /// Blocks taken by fixed metadata (what statfs leaves out of f_blocks).

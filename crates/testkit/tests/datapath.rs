@@ -567,12 +567,15 @@ fn a_failed_journal_write_turns_the_filesystem_read_only() {
     fsck_bytes(dev.snapshot(), "journal-abort");
 }
 
-/// A device that holds back or fails the writes of one data pattern (a
-/// write whose first 512 bytes are all `pattern`), for tests of writes
-/// in flight.
+/// Which writes a [`GateDevice`] holds back or fails.
+type WriteMatcher = Box<dyn Fn(&[u8]) -> bool + Send + Sync>;
+
+/// A device that holds back or fails the writes it matches (by default,
+/// of one data pattern: a write whose first 512 bytes are all `pattern`),
+/// for tests of writes in flight.
 struct GateDevice {
     inner: Arc<dyn BlockDevice>,
-    pattern: u8,
+    matches: WriteMatcher,
     /// (mode, writes held back so far): mode 0 passes, 1 holds the write
     /// until the mode changes, 2 fails it with EIO.
     state: std::sync::Mutex<(u8, usize)>,
@@ -581,9 +584,17 @@ struct GateDevice {
 
 impl GateDevice {
     fn new(inner: Arc<dyn BlockDevice>, pattern: u8) -> Self {
+        Self::matching(inner, move |buf| {
+            buf.len() >= 512 && buf[..512].iter().all(|&b| b == pattern)
+        })
+    }
+    fn matching(
+        inner: Arc<dyn BlockDevice>,
+        matches: impl Fn(&[u8]) -> bool + Send + Sync + 'static,
+    ) -> Self {
         GateDevice {
             inner,
-            pattern,
+            matches: Box::new(matches),
             state: std::sync::Mutex::new((0, 0)),
             cv: std::sync::Condvar::new(),
         }
@@ -609,7 +620,7 @@ impl BlockDevice for GateDevice {
         self.inner.read_at(offset, buf)
     }
     fn write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
-        if buf.len() >= 512 && buf[..512].iter().all(|&b| b == self.pattern) {
+        if (self.matches)(buf) {
             let mut st = self.state.lock().unwrap();
             if st.0 == 2 {
                 return Err(io::Error::from_raw_os_error(libc::EIO));
@@ -734,4 +745,117 @@ fn commits_wait_for_writeback_data_written_without_the_core_lock() {
         "x after close"
     );
     fsck_bytes(dev.snapshot(), "deferred-writeback");
+}
+
+/// A jbd2 commit block (magic, block type 2).
+fn is_commit_block(buf: &[u8]) -> bool {
+    buf.len() >= 1024 && buf[..8] == [0xc0, 0x3b, 0x39, 0x98, 0, 0, 0, 2]
+}
+
+/// Run `f` on another thread; if it has not returned after a long grace
+/// (it is waiting for the held-back commit, say), give up: release the
+/// gate so the test can end, and fail.
+fn finishes_while_held<'scope, T: Send + 'scope>(
+    s: &'scope std::thread::Scope<'scope, '_>,
+    gate: &GateDevice,
+    what: &str,
+    f: impl FnOnce() -> T + Send + 'scope,
+) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let h = s.spawn(move || {
+        let r = f();
+        let _ = tx.send(());
+        r
+    });
+    if rx.recv_timeout(std::time::Duration::from_secs(60)).is_err() {
+        gate.set_mode(0);
+        panic!("{what} waited for a commit being written");
+    }
+    h.join().unwrap()
+}
+
+/// A commit's device writes run without the core lock: while its commit
+/// block is held back, other requests — lookups, reads, creates and
+/// writes on the next transaction — complete; an fsync of a file the
+/// committing transaction holds waits for it, and one of a file the next
+/// transaction holds commits after it. Blocks the next transaction changed
+/// meanwhile stay dirty for it (a power cut after both commits recovers
+/// both). A failed commit write aborts the journal.
+#[test]
+fn commits_are_written_without_the_core_lock() {
+    let dev = marked_dev(32 << 20, 4096);
+    let gate = Arc::new(GateDevice::matching(Arc::new(dev.clone()), is_commit_block));
+    let d: Arc<dyn BlockDevice> = gate.clone();
+    let fs = Filesystem::open(d, OpenOptions::default()).unwrap();
+    let a = fs.create(ROOT_INO, b"a", 0o644, ME).unwrap();
+    fs.sync().unwrap();
+    let da = vec![0x3a; 64 << 10];
+    let db = vec![0x3b; 24 << 10];
+    fs.write(a, 0, &da).unwrap();
+    gate.set_mode(1);
+    let (fsr, dar, dbr) = (&fs, &da, &db);
+    let (b, before) = std::thread::scope(|s| {
+        let fa = s.spawn(move || fsr.fsync(a, false));
+        gate.wait_held();
+        let b = finishes_while_held(s, &gate, "a create and write", move || {
+            assert_eq!(fsr.lookup(ROOT_INO, b"a").unwrap(), a);
+            assert_eq!(fsr.stat(a).unwrap().size, dar.len() as u64);
+            let mut buf = vec![0; dar.len()];
+            assert_eq!(fsr.read(a, 0, &mut buf).unwrap(), dar.len());
+            assert!(buf == *dar);
+            let b = fsr.create(ROOT_INO, b"b", 0o644, ME).unwrap();
+            fsr.write(b, 0, dbr).unwrap();
+            fsr.mkdir(ROOT_INO, b"d", 0o755, ME).unwrap();
+            b
+        });
+        // Both wait for the commit held back: a's is that commit, b's
+        // follows it.
+        let fa2 = s.spawn(move || fsr.fsync(a, false));
+        let fb = s.spawn(move || fsr.fsync(b, false));
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let (a_waited, b_waited) = (!fa2.is_finished(), !fb.is_finished());
+        let before = dev.snapshot();
+        gate.set_mode(0);
+        assert!(a_waited, "an fsync of a did not wait for its commit");
+        assert!(b_waited, "an fsync of b returned before any commit of b");
+        fa.join().unwrap().unwrap();
+        fa2.join().unwrap().unwrap();
+        fb.join().unwrap().unwrap();
+        (b, before)
+    });
+    // Power cut while the commit block was held: neither commit counts.
+    let mut cut = Filesystem::open(
+        Arc::new(MemDevice::from_bytes(before)),
+        OpenOptions::default(),
+    )
+    .unwrap();
+    assert!(cut.lookup(ROOT_INO, b"b").is_err());
+    let a_cut = cut.lookup(ROOT_INO, b"a").unwrap();
+    assert!(!read_all(&mut cut, a_cut).contains(&MARK));
+    cut.close().unwrap();
+    // After both: everything, as fsync'd.
+    assert!(recovered_file(dev.snapshot(), b"a").unwrap() == da);
+    assert!(recovered_file(dev.snapshot(), b"b").unwrap() == db);
+    let after = Filesystem::open(
+        Arc::new(MemDevice::from_bytes(dev.snapshot())),
+        OpenOptions::default(),
+    )
+    .unwrap();
+    assert!(after.lookup(ROOT_INO, b"d").is_ok());
+    after.close().unwrap();
+    fsck_bytes(dev.snapshot(), "commit-unlocked");
+
+    // A commit write that fails aborts the journal: the fsync reports
+    // it, later changes are EROFS, the log replays clean.
+    fs.write(b, db.len() as u64, &db).unwrap();
+    gate.set_mode(2);
+    assert_eq!(fs.fsync(b, false).unwrap_err().errno(), libc::EIO);
+    assert_eq!(
+        fs.create(ROOT_INO, b"c", 0o644, ME).unwrap_err().errno(),
+        libc::EROFS
+    );
+    gate.set_mode(0);
+    assert_eq!(fs.close().unwrap_err().errno(), libc::EROFS);
+    assert!(recovered_file(dev.snapshot(), b"b").unwrap() == db);
+    fsck_bytes(dev.snapshot(), "commit-unlocked-abort");
 }
