@@ -132,6 +132,8 @@ struct Figures {
     write_1: f64,
     write_n: f64,
     meta_n: f64,
+    /// Appends + fsync per second, `threads` threads.
+    fsync_n: f64,
     /// stat (median, p99, worst) and read (median, p99) in ms, stats done,
     /// fsync seconds.
     latency: ([f64; 3], [f64; 2], usize, f64),
@@ -182,6 +184,38 @@ fn rand_writes<P: Par>(
     })?;
     let bytes = done.iter().sum::<u64>() * 4096;
     Ok(bytes as f64 / f64::from(1 << 20) / t0.elapsed().as_secs_f64())
+}
+
+/// `threads` threads each appending 4 KiB to a file of its own and
+/// fsyncing it, for `secs`: fsyncs per second in all (a mail spool's or a
+/// database log's pattern; each fsync commits, so this measures commits
+/// under contention).
+fn fsyncs<P: Par>(p: &P, threads: u32, secs: f64) -> Result<f64, String> {
+    p.mkdir("fsync")?;
+    let t0 = Instant::now();
+    let done: Vec<u64> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..threads)
+            .map(|t| {
+                s.spawn(move || -> Result<u64, String> {
+                    let f = p.create("fsync", &format!("log{t}"))?;
+                    p.hold_open(&f);
+                    let buf = vec![t as u8 ^ 0xa5; 4096];
+                    let mut n = 0u64;
+                    while t0.elapsed().as_secs_f64() < secs {
+                        p.write_at(&f, n * 4096, &buf)?;
+                        p.fsync(&f)?;
+                        n += 1;
+                    }
+                    Ok(n)
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|w| w.join().unwrap_or_else(|_| Err("a writer panicked".into())))
+            .collect::<Result<Vec<u64>, String>>()
+    })?;
+    Ok(done.iter().sum::<u64>() as f64 / t0.elapsed().as_secs_f64())
 }
 
 /// `threads` threads each creating, stat-ing and unlinking `n` files in a
@@ -287,6 +321,7 @@ fn run_side<P: Par>(p: &P, threads: u32, size_mib: u64, secs: f64) -> Result<Fig
         write_1: rand_writes(p, "one", 1, size, secs)?,
         write_n: rand_writes(p, "many", threads, size, secs)?,
         meta_n: metadata(p, threads, 2000)?,
+        fsync_n: fsyncs(p, threads, secs)?,
         latency: latency(p, 256)?,
     })
 }
@@ -351,6 +386,12 @@ fn run_in(work: &Path, threads: u32, size_mib: u64, secs: f64) -> Result<(), Str
         folio.meta_n,
         k.map(|k| k.meta_n),
         "ops/s",
+    );
+    row(
+        format!("fsync-{threads}"),
+        folio.fsync_n,
+        k.map(|k| k.fsync_n),
+        "fsyncs/s",
     );
     let (fs_, fr, fnum, ft) = folio.latency;
     let names = ["stat median", "stat p99", "stat worst"];
