@@ -146,6 +146,22 @@ fn xorshift(x: &mut u64) -> u64 {
     *x
 }
 
+/// Run `work(t)` on `threads` threads at once, `t` = 0..threads; their
+/// results in order, or the first error.
+fn on_threads<T: Send>(
+    threads: u32,
+    work: impl Fn(u32) -> Result<T, String> + Sync,
+) -> Result<Vec<T>, String> {
+    let work = &work;
+    std::thread::scope(|s| {
+        let workers: Vec<_> = (0..threads).map(|t| s.spawn(move || work(t))).collect();
+        workers
+            .into_iter()
+            .map(|w| w.join().unwrap_or_else(|_| Err("a worker panicked".into())))
+            .collect()
+    })
+}
+
 /// `threads` writers, each on a file of its own in `dir`: MiB/s in all,
 /// the fsyncs included.
 fn rand_writes<P: Par>(
@@ -157,30 +173,20 @@ fn rand_writes<P: Par>(
 ) -> Result<f64, String> {
     p.mkdir(dir)?;
     let t0 = Instant::now();
-    let done: Vec<u64> = std::thread::scope(|s| {
-        let workers: Vec<_> = (0..threads)
-            .map(|t| {
-                s.spawn(move || -> Result<u64, String> {
-                    let f = p.create(dir, &format!("w{t}"))?;
-                    p.hold_open(&f);
-                    let buf = vec![t as u8 ^ 0x5a; 4096];
-                    let mut rng = 0x9e37_79b9_7f4a_7c15u64 ^ u64::from(t + 1);
-                    let mut n = 0u64;
-                    while t0.elapsed().as_secs_f64() < secs {
-                        for _ in 0..64 {
-                            p.write_at(&f, xorshift(&mut rng) % (size / 4096) * 4096, &buf)?;
-                            n += 1;
-                        }
-                    }
-                    p.fsync(&f)?;
-                    Ok(n)
-                })
-            })
-            .collect();
-        workers
-            .into_iter()
-            .map(|w| w.join().unwrap_or_else(|_| Err("a writer panicked".into())))
-            .collect::<Result<Vec<u64>, String>>()
+    let done = on_threads(threads, |t| {
+        let f = p.create(dir, &format!("w{t}"))?;
+        p.hold_open(&f);
+        let buf = vec![t as u8 ^ 0x5a; 4096];
+        let mut rng = 0x9e37_79b9_7f4a_7c15u64 ^ u64::from(t + 1);
+        let mut n = 0u64;
+        while t0.elapsed().as_secs_f64() < secs {
+            for _ in 0..64 {
+                p.write_at(&f, xorshift(&mut rng) % (size / 4096) * 4096, &buf)?;
+                n += 1;
+            }
+        }
+        p.fsync(&f)?;
+        Ok(n)
     })?;
     let bytes = done.iter().sum::<u64>() * 4096;
     Ok(bytes as f64 / f64::from(1 << 20) / t0.elapsed().as_secs_f64())
@@ -193,27 +199,17 @@ fn rand_writes<P: Par>(
 fn fsyncs<P: Par>(p: &P, threads: u32, secs: f64) -> Result<f64, String> {
     p.mkdir("fsync")?;
     let t0 = Instant::now();
-    let done: Vec<u64> = std::thread::scope(|s| {
-        let workers: Vec<_> = (0..threads)
-            .map(|t| {
-                s.spawn(move || -> Result<u64, String> {
-                    let f = p.create("fsync", &format!("log{t}"))?;
-                    p.hold_open(&f);
-                    let buf = vec![t as u8 ^ 0xa5; 4096];
-                    let mut n = 0u64;
-                    while t0.elapsed().as_secs_f64() < secs {
-                        p.write_at(&f, n * 4096, &buf)?;
-                        p.fsync(&f)?;
-                        n += 1;
-                    }
-                    Ok(n)
-                })
-            })
-            .collect();
-        workers
-            .into_iter()
-            .map(|w| w.join().unwrap_or_else(|_| Err("a writer panicked".into())))
-            .collect::<Result<Vec<u64>, String>>()
+    let done = on_threads(threads, |t| {
+        let f = p.create("fsync", &format!("log{t}"))?;
+        p.hold_open(&f);
+        let buf = vec![t as u8 ^ 0xa5; 4096];
+        let mut n = 0u64;
+        while t0.elapsed().as_secs_f64() < secs {
+            p.write_at(&f, n * 4096, &buf)?;
+            p.fsync(&f)?;
+            n += 1;
+        }
+        Ok(n)
     })?;
     Ok(done.iter().sum::<u64>() as f64 / t0.elapsed().as_secs_f64())
 }
@@ -225,28 +221,19 @@ fn metadata<P: Par>(p: &P, threads: u32, n: u32) -> Result<f64, String> {
         p.mkdir(&format!("meta{t}"))?;
     }
     let t0 = Instant::now();
-    std::thread::scope(|s| {
-        let workers: Vec<_> = (0..threads)
-            .map(|t| {
-                s.spawn(move || -> Result<(), String> {
-                    let dir = format!("meta{t}");
-                    for i in 0..n {
-                        let f = p.create(&dir, &format!("f{i}"))?;
-                        p.write_at(&f, 0, &[7u8; 100])?;
-                    }
-                    for i in 0..n {
-                        p.stat(&dir, &format!("f{i}"))?;
-                    }
-                    for i in 0..n {
-                        p.unlink(&dir, &format!("f{i}"))?;
-                    }
-                    Ok(())
-                })
-            })
-            .collect();
-        workers
-            .into_iter()
-            .try_for_each(|w| w.join().unwrap_or_else(|_| Err("a worker panicked".into())))
+    on_threads(threads, |t| {
+        let dir = format!("meta{t}");
+        for i in 0..n {
+            let f = p.create(&dir, &format!("f{i}"))?;
+            p.write_at(&f, 0, &[7u8; 100])?;
+        }
+        for i in 0..n {
+            p.stat(&dir, &format!("f{i}"))?;
+        }
+        for i in 0..n {
+            p.unlink(&dir, &format!("f{i}"))?;
+        }
+        Ok(())
     })?;
     Ok(f64::from(3 * n * threads) / t0.elapsed().as_secs_f64())
 }
