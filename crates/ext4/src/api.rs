@@ -329,6 +329,10 @@ impl Filesystem {
                     let _ = c.unlocked(|| slot.wait());
                     c.finish_committing()?;
                 }
+                Durable::Flush => {
+                    let dev = Arc::clone(c.dev());
+                    return Ok(c.unlocked(|| dev.flush())?);
+                }
             }
         }
     }

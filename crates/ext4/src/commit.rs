@@ -127,6 +127,9 @@ pub(crate) enum Durable {
     /// Wait (without the core lock) for the committing transaction, then
     /// finish it and ask again.
     Wait(Arc<CommitSlot>),
+    /// Flush the device (without the core lock): data written since the
+    /// last flush needs it, and no commit will do it.
+    Flush,
 }
 
 impl Core {
@@ -231,6 +234,7 @@ impl Core {
                     return self.commit_written(w);
                 }
                 Durable::Wait(_) => self.finish_committing()?,
+                Durable::Flush => return Ok(self.dev().flush()?),
             }
         }
     }
@@ -263,9 +267,10 @@ impl Core {
                 return Ok(Durable::Wait(Arc::clone(&c.slot)));
             }
         }
-        if self.flush_needed() {
-            self.dev().flush()?;
-        }
-        Ok(Durable::Done)
+        Ok(if self.flush_needed() {
+            Durable::Flush
+        } else {
+            Durable::Done
+        })
     }
 }
