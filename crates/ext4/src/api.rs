@@ -253,9 +253,13 @@ impl Filesystem {
     /// Take the core lock.
     pub(crate) fn core(&self) -> CoreGuard<'_> {
         let order = Held::take(Level::Core, 0);
+        let mut core = self.core.lock();
+        // A commit the commit thread has written: finish it now (its
+        // failure has aborted the journal, which later calls report).
+        let _ = core.finish_if_written();
         CoreGuard {
             lock: &self.core,
-            core: Some(self.core.lock()),
+            core: Some(core),
             order: Some(order),
         }
     }
@@ -272,7 +276,9 @@ impl Filesystem {
     /// point would: what was committed stays in the journal for the next
     /// open to replay. For crash tests and for giving up after an error.
     pub fn abandon(self) {
-        self.into_core().closed = true;
+        let mut core = self.into_core();
+        core.wait_commit_write();
+        core.closed = true;
     }
 
     fn into_core(self) -> Core {

@@ -27,7 +27,7 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{mpsc, Arc, Condvar, Mutex};
 
 use folio_journal::CommitWrite;
 
@@ -54,6 +54,14 @@ impl CommitSlot {
             });
         }
         self.cv.notify_all();
+    }
+
+    /// Has the write ended?
+    fn is_done(&self) -> bool {
+        self.done
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
     }
 
     /// Wait until the write has ended; its outcome.
@@ -101,6 +109,43 @@ impl Drop for PreparedCommit {
             self.slot.set(&Err(io::Error::other(
                 "a prepared commit was dropped without being written",
             )));
+        }
+    }
+}
+
+/// The commit thread (jbd2's kjournald2): writes the commits that
+/// handles start when they find the running transaction full, so that
+/// the operation that found it full goes on at once on the next one.
+/// Started at the first such commit; stopped (after its last write) when
+/// the filesystem is dropped.
+pub(crate) struct CommitThread {
+    tx: Option<mpsc::Sender<PreparedCommit>>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl CommitThread {
+    fn spawn() -> io::Result<Self> {
+        let (tx, rx) = mpsc::channel::<PreparedCommit>();
+        let handle = std::thread::Builder::new()
+            .name("folio-commit".into())
+            .spawn(move || {
+                for p in rx {
+                    // The outcome is in the slot, for the finisher.
+                    let _ = p.write();
+                }
+            })?;
+        Ok(CommitThread {
+            tx: Some(tx),
+            handle: Some(handle),
+        })
+    }
+}
+
+impl Drop for CommitThread {
+    fn drop(&mut self) {
+        self.tx = None;
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
         }
     }
 }
@@ -211,6 +256,55 @@ impl Core {
                 self.abort_journal(&e);
                 Err(Error::Io(e))
             }
+        }
+    }
+
+    /// The running transaction is full (a handle found no room for its
+    /// credits, or one brought it to its limit): start its commit and
+    /// leave the device writes to the commit thread. The next commit,
+    /// checkpoint or fsync that needs it finishes it.
+    pub(crate) fn commit_full(&mut self) -> Result<()> {
+        let Some(p) = self.commit_begin()? else {
+            return Ok(());
+        };
+        if self.commit_thread.is_none() {
+            match CommitThread::spawn() {
+                Ok(t) => self.commit_thread = Some(t),
+                Err(_) => {
+                    // No thread to be had: write it here.
+                    let w = p.write();
+                    return self.commit_written(w);
+                }
+            }
+        }
+        let tx = self
+            .commit_thread
+            .as_ref()
+            .and_then(|t| t.tx.as_ref())
+            .expect("the commit thread runs");
+        if let Err(mpsc::SendError(p)) = tx.send(p) {
+            let w = p.write();
+            return self.commit_written(w);
+        }
+        Ok(())
+    }
+
+    /// Finish the committing transaction if its write has ended (cheap;
+    /// taken with the core lock, so blocks it freed and logged are
+    /// released soon after the commit thread wrote it).
+    pub(crate) fn finish_if_written(&mut self) -> Result<()> {
+        match &self.committing {
+            Some(c) if c.slot.is_done() => self.finish_committing(),
+            _ => Ok(()),
+        }
+    }
+
+    /// Wait for a commit write still running (the commit thread's), so
+    /// that nothing is written after the filesystem is dropped or
+    /// abandoned.
+    pub(crate) fn wait_commit_write(&self) {
+        if let Some(c) = &self.committing {
+            let _ = c.slot.wait();
         }
     }
 

@@ -171,6 +171,8 @@ pub(crate) struct Core {
     /// The transaction being committed without the core lock
     /// (`commit.rs`).
     pub(crate) committing: Option<crate::commit::Committing>,
+    /// Writes the commits handles start (`commit_full`).
+    pub(crate) commit_thread: Option<crate::commit::CommitThread>,
     /// Nesting depth of journal handles (see `journal_start`).
     pub(crate) handle_depth: u32,
     /// (handles run, handles that used more blocks than their credits).
@@ -351,6 +353,7 @@ impl Core {
             revokes: Vec::new(),
             txn_changes: HashMap::new(),
             committing: None,
+            commit_thread: None,
             handle_depth: 0,
             handle_stats: (0, 0),
             tracker,
@@ -942,6 +945,8 @@ impl Drop for Core {
     /// A writable filesystem dropped without `close` is closed here, so
     /// that nothing written is silently lost; an error is logged.
     fn drop(&mut self) {
+        // Whatever happens below, no commit write outlives the filesystem.
+        self.wait_commit_write();
         if self.closed || self.read_only.is_some() || std::thread::panicking() {
             return;
         }

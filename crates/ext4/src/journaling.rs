@@ -663,7 +663,7 @@ impl Core {
         if self.journal.is_some() && self.read_only.is_none() {
             let dirty = self.running_dirty();
             if dirty > 0 && dirty + credits > self.txn_limit() {
-                if let Err(e) = self.sync_journalled() {
+                if let Err(e) = self.commit_full() {
                     self.handle_depth -= 1;
                     return Err(e);
                 }
@@ -711,7 +711,7 @@ impl Core {
         {
             // Metadata only: whatever it maps was written already or
             // is unwritten (ordered mode needs no data writeback here).
-            self.sync_journalled()?;
+            self.commit_full()?;
         }
         Ok(())
     }

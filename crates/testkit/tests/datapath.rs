@@ -603,6 +603,15 @@ impl GateDevice {
         self.state.lock().unwrap().0 = mode;
         self.cv.notify_all();
     }
+    /// Is a write held back, or is one within `wait`?
+    fn held_within(&self, wait: std::time::Duration) -> bool {
+        let st = self.state.lock().unwrap();
+        let (st, _) = self
+            .cv
+            .wait_timeout_while(st, wait, |st| st.1 == 0)
+            .unwrap();
+        st.1 > 0
+    }
     /// Wait until a write is being held back.
     fn wait_held(&self) {
         let mut st = self.state.lock().unwrap();
@@ -858,6 +867,103 @@ fn commits_are_written_without_the_core_lock() {
     assert_eq!(fs.close().unwrap_err().errno(), libc::EROFS);
     assert!(recovered_file(dev.snapshot(), b"b").unwrap() == db);
     fsck_bytes(dev.snapshot(), "commit-unlocked-abort");
+}
+
+/// A handle that finds the running transaction full starts its commit
+/// and goes on: the commit thread writes it. While that commit block is
+/// held back, the operations that filled the transaction go on on the next
+/// one and other requests complete; a power cut then recovers clean
+/// without it, and after it everything is there.
+#[test]
+fn full_transactions_are_committed_by_the_commit_thread() {
+    let dev = marked_dev(32 << 20, 4096);
+    let gate = Arc::new(GateDevice::matching(Arc::new(dev.clone()), is_commit_block));
+    let d: Arc<dyn BlockDevice> = gate.clone();
+    // A 256-block buffer cache: a transaction (128 blocks, less the
+    // credits of a mkdir) fills after a few dozen mkdirs.
+    let opts = OpenOptions {
+        cache_blocks: 256,
+        ..Default::default()
+    };
+    let fs = Filesystem::open(d, opts).unwrap();
+    gate.set_mode(1);
+    let (fsr, gr) = (&fs, &gate);
+    let before = std::thread::scope(|s| {
+        // mkdirs until one fills the transaction and its commit is held
+        // back, then three more: they go into the next transaction. (Each
+        // mkdir gives the commit thread 50 ms to reach the commit block,
+        // so that the next transaction is not filled before it does.)
+        let maker = s.spawn(move || {
+            let mut after = 0;
+            for i in 0.. {
+                fsr.mkdir(ROOT_INO, format!("d{i}").as_bytes(), 0o755, ME)?;
+                if gr.held_within(std::time::Duration::from_millis(50)) {
+                    after += 1;
+                    if after == 3 {
+                        return Ok::<_, Error>(i + 1);
+                    }
+                }
+            }
+            unreachable!()
+        });
+        gate.wait_held();
+        let made = finishes_while_held(s, &gate, "mkdirs after a full transaction", move || {
+            assert!(fsr.stat(ROOT_INO).unwrap().nlink >= 2);
+            maker.join().unwrap().unwrap()
+        });
+        let before = dev.snapshot();
+        gate.set_mode(0);
+        (before, made)
+    });
+    let (before, made) = before;
+    // The cut: the held commit is not there; replay leaves it clean.
+    let cut_dev = MemDevice::from_bytes(before);
+    Filesystem::open(Arc::new(cut_dev.clone()), OpenOptions::default())
+        .unwrap()
+        .close()
+        .unwrap();
+    fsck_bytes(cut_dev.snapshot(), "commit-thread-cut");
+    fs.close().unwrap();
+    let after = Filesystem::open(
+        Arc::new(MemDevice::from_bytes(dev.snapshot())),
+        OpenOptions::default(),
+    )
+    .unwrap();
+    for i in 0..made {
+        assert!(after.lookup(ROOT_INO, format!("d{i}").as_bytes()).is_ok());
+    }
+    after.close().unwrap();
+    fsck_bytes(dev.snapshot(), "commit-thread");
+
+    // A commit the commit thread fails to write aborts the journal: a
+    // later change fails (EIO or EROFS, never silently), so does close,
+    // and the log replays clean.
+    let d: Arc<dyn BlockDevice> = gate.clone();
+    let fs = Filesystem::open(
+        d,
+        OpenOptions {
+            cache_blocks: 256,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    gate.set_mode(2);
+    let failed = (0..10_000).find_map(|i| {
+        fs.mkdir(ROOT_INO, format!("e{i}").as_bytes(), 0o755, ME)
+            .err()
+    });
+    let errno = failed
+        .expect("no change failed after a commit write failed")
+        .errno();
+    assert!(errno == libc::EROFS || errno == libc::EIO, "errno {errno}");
+    assert!(fs.close().is_err());
+    gate.set_mode(0);
+    let cut_dev = MemDevice::from_bytes(dev.snapshot());
+    Filesystem::open(Arc::new(cut_dev.clone()), OpenOptions::default())
+        .unwrap()
+        .close()
+        .unwrap();
+    fsck_bytes(cut_dev.snapshot(), "commit-thread-abort");
 }
 
 /// A sparse indirect-mapped (ext2) file of 1.5 TiB with two blocks: the
