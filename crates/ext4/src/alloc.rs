@@ -290,6 +290,30 @@ impl Core {
         Err(Error::NoSpace)
     }
 
+    /// `[start, start + count)` (checked to lie in the filesystem, as
+    /// `what`) cut at group boundaries: (group, its first block, chunk
+    /// start, chunk end).
+    fn group_chunks(
+        &self,
+        start: u64,
+        count: u64,
+        what: &str,
+    ) -> Result<Vec<(u32, u64, u64, u64)>> {
+        self.check_block(start, what, 0)?;
+        self.check_block(start + count - 1, what, 0)?;
+        let mut out = Vec::new();
+        let mut b = start;
+        let end = start + count;
+        while b < end {
+            let g = self.block_group(b);
+            let gstart = self.group_first_block(g);
+            let chunk_end = end.min(gstart + u64::from(self.group_block_count(g)));
+            out.push((g, gstart, b, chunk_end));
+            b = chunk_end;
+        }
+        Ok(out)
+    }
+
     /// Free `count` blocks from `start`. Freeing a free block is reported as
     /// corruption and changes nothing in that group.
     pub(crate) fn free_blocks(&mut self, start: u64, count: u64) -> Result<()> {
@@ -298,15 +322,7 @@ impl Core {
         if count == 0 {
             return Ok(());
         }
-        self.check_block(start, "freed extent", 0)?;
-        self.check_block(start + count - 1, "freed extent", 0)?;
-        let mut b = start;
-        let end = start + count;
-        while b < end {
-            let g = self.block_group(b);
-            let gstart = self.group_first_block(g);
-            let gend = gstart + u64::from(self.group_block_count(g));
-            let chunk_end = end.min(gend);
+        for (g, gstart, b, chunk_end) in self.group_chunks(start, count, "freed extent")? {
             let mut bm = self.load_block_bitmap(g)?;
             for x in b..chunk_end {
                 if !bit(&bm, (x - gstart) as usize) {
@@ -344,9 +360,66 @@ impl Core {
             self.mark_group_dirty(g);
             let f = self.sb.free_blocks_count();
             self.set_free_blocks(f + n);
-            b = chunk_end;
         }
         Ok(())
+    }
+
+    /// Set blocks `[start, start + count)` in use or free in the bitmaps,
+    /// whatever they were, keeping the counts (for replays that name
+    /// blocks: fast commits). Returns the runs whose state changed.
+    pub(crate) fn set_block_range(
+        &mut self,
+        start: u64,
+        count: u64,
+        used: bool,
+    ) -> Result<Vec<(u64, u64)>> {
+        let _order = Held::take(Level::Allocator, 0);
+        self.check_writable()?;
+        let mut changed = Vec::new();
+        if count == 0 {
+            return Ok(changed);
+        }
+        for (g, gstart, b, chunk_end) in self.group_chunks(start, count, "replayed extent")? {
+            let mut bm = self.load_block_bitmap(g)?;
+            let mut n = 0u64;
+            let mut run: Option<(u64, u64)> = None;
+            for x in b..chunk_end {
+                let i = (x - gstart) as usize;
+                if bit(&bm, i) == used {
+                    continue;
+                }
+                if used {
+                    set_bit(&mut bm, i);
+                } else {
+                    clear_bit(&mut bm, i);
+                    self.cache.forget(x);
+                }
+                n += 1;
+                run = match run {
+                    Some((s, l)) if s + l == x => Some((s, l + 1)),
+                    Some(r) => {
+                        changed.push(r);
+                        Some((x, 1))
+                    }
+                    None => Some((x, 1)),
+                };
+            }
+            changed.extend(run);
+            if n > 0 {
+                let free = u64::from(self.groups[g as usize].free_blocks());
+                let free = if used {
+                    free.saturating_sub(n)
+                } else {
+                    (free + n).min(u64::from(self.group_block_count(g)))
+                };
+                self.store_block_bitmap(g, &bm)?;
+                self.groups[g as usize].set_free_blocks(free as u32);
+                self.mark_group_dirty(g);
+                let f = self.sb.free_blocks_count();
+                self.set_free_blocks(if used { f.saturating_sub(n) } else { f + n });
+            }
+        }
+        Ok(changed)
     }
 
     // ---- inodes ----
@@ -382,6 +455,28 @@ impl Core {
         gd.set_flags(gd.flags() & !BG_INODE_UNINIT);
         self.mark_group_dirty(g);
         Ok(())
+    }
+
+    /// Inode `idx` of group `g` was just marked in use: the group now
+    /// counts `free` free inodes, one more directory if `is_dir`, and its
+    /// used part of the inode table reaches the inode.
+    fn inode_taken(&mut self, g: u32, idx: usize, is_dir: bool, free: u32) {
+        let ipg = self.geo.inodes_per_group;
+        let gdt_csum = self.has_gdt_csum();
+        let gd = &mut self.groups[g as usize];
+        gd.set_free_inodes(free);
+        if is_dir {
+            gd.set_used_dirs(gd.used_dirs() + 1);
+        }
+        if gdt_csum {
+            let unused_from = ipg.saturating_sub(gd.itable_unused());
+            if idx as u32 >= unused_from {
+                gd.set_itable_unused(ipg - idx as u32 - 1);
+            }
+        }
+        self.mark_group_dirty(g);
+        let f = self.sb.free_inodes_count();
+        self.sb.set_free_inodes_count(f.saturating_sub(1));
     }
 
     /// Allocate an inode: files near their parent, directories spread to
@@ -429,24 +524,41 @@ impl Core {
                     )
                 })?;
             self.store_inode_bitmap(g, &bm)?;
-            let gdt_csum = self.has_gdt_csum();
-            let gd = &mut self.groups[g as usize];
-            gd.set_free_inodes(free);
-            if is_dir {
-                gd.set_used_dirs(gd.used_dirs() + 1);
-            }
-            if gdt_csum {
-                let unused_from = ipg.saturating_sub(gd.itable_unused());
-                if idx as u32 >= unused_from {
-                    gd.set_itable_unused(ipg - idx as u32 - 1);
-                }
-            }
-            self.mark_group_dirty(g);
-            let f = self.sb.free_inodes_count();
-            self.sb.set_free_inodes_count(f.saturating_sub(1));
+            self.inode_taken(g, idx, is_dir, free);
             return Ok(g * ipg + idx as u32 + 1);
         }
         Err(Error::NoSpace)
+    }
+
+    /// Mark inode `ino` in use or free in its bitmap, whatever it was,
+    /// keeping the counts (for fast-commit replay). A directory counts
+    /// in `bg_used_dirs`.
+    pub(crate) fn set_inode_used(&mut self, ino: u32, used: bool, is_dir: bool) -> Result<()> {
+        if ino == 0 || ino > self.geo.inodes_count {
+            return Err(Error::corrupted(format!("inode {ino} out of range"), 0));
+        }
+        let _order = Held::take(Level::Allocator, 0);
+        self.check_writable()?;
+        let ipg = self.geo.inodes_per_group;
+        let g = (ino - 1) / ipg;
+        let idx = ((ino - 1) % ipg) as usize;
+        let mut bm = self.load_inode_bitmap(g)?;
+        if bit(&bm, idx) == used {
+            return Ok(());
+        }
+        if used {
+            set_bit(&mut bm, idx);
+        } else {
+            clear_bit(&mut bm, idx);
+        }
+        self.store_inode_bitmap(g, &bm)?;
+        let free = self.groups[g as usize].free_inodes();
+        if used {
+            self.inode_taken(g, idx, is_dir, free.saturating_sub(1));
+            return Ok(());
+        }
+        self.inode_given_back(g, is_dir, (free + 1).min(ipg));
+        Ok(())
     }
 
     pub(crate) fn free_inode(&mut self, ino: u32, is_dir: bool) -> Result<()> {
@@ -471,6 +583,13 @@ impl Core {
             ));
         }
         self.store_inode_bitmap(g, &bm)?;
+        self.inode_given_back(g, is_dir, free);
+        Ok(())
+    }
+
+    /// An inode of group `g` was just marked free: the group counts
+    /// `free` free inodes, one directory fewer if `is_dir`.
+    fn inode_given_back(&mut self, g: u32, is_dir: bool, free: u32) {
         let gd = &mut self.groups[g as usize];
         gd.set_free_inodes(free);
         if is_dir {
@@ -479,7 +598,6 @@ impl Core {
         self.mark_group_dirty(g);
         let f = self.sb.free_inodes_count();
         self.sb.set_free_inodes_count(f + 1);
-        Ok(())
     }
 
     /// Count free blocks and inodes from the bitmaps and compare them with

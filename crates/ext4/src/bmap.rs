@@ -36,7 +36,7 @@ fn tree_room(n: u64, bs: u64) -> u64 {
     (n / 256).max(n / (2 * per_leaf)).clamp(16, 8192)
 }
 
-fn max_len(unwritten: bool) -> u32 {
+pub(crate) fn max_len(unwritten: bool) -> u32 {
     if unwritten {
         MAX_UNWRITTEN_LEN
     } else {

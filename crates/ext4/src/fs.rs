@@ -173,6 +173,8 @@ pub(crate) struct Core {
     pub(crate) committing: Option<crate::commit::Committing>,
     /// Writes the commits handles start (`commit_full`).
     pub(crate) commit_thread: Option<crate::commit::CommitThread>,
+    /// Blocks a fast-commit replay maps (`fast_commit.rs`), while it runs.
+    pub(crate) fc_area: Vec<(u64, u64)>,
     /// Nesting depth of journal handles (see `journal_start`).
     pub(crate) handle_depth: u32,
     /// (handles run, handles that used more blocks than their credits).
@@ -354,6 +356,7 @@ impl Core {
             txn_changes: HashMap::new(),
             committing: None,
             commit_thread: None,
+            fc_area: Vec::new(),
             handle_depth: 0,
             handle_stats: (0, 0),
             tracker,

@@ -192,9 +192,37 @@ impl Core {
         let map = fs.journal_map()?;
         let bs = fs.geo.block_size as usize;
         let blocks = fs.geo.blocks_count;
+        let inode_size = fs.geo.inode_size as usize;
         drop(fs);
         let mut j = Journal::load(dev.clone(), map, bs, blocks)?;
-        let report = j.recover()?;
+        let (mut report, end) = j.replay()?;
+        if let Some(end) = end {
+            // Fast commits after the last full commit, replayed before
+            // the log is marked empty (a crash meanwhile replays both
+            // again: every step can be redone).
+            if let Some(area) = j.fast_commit_area()? {
+                let scan = crate::fast_commit::scan(&area, end, inode_size);
+                if !scan.ops.is_empty() {
+                    let mut core = Self::open_once(dev.clone(), OpenOptions::default())?;
+                    // Not journalled: the replay's changes go home at
+                    // the sync, as the kernel's and e2fsck's do.
+                    core.read_only = None;
+                    let r = core
+                        .replay_fast_commits(&scan.ops)
+                        .and_then(|()| core.sync());
+                    core.closed = true;
+                    r?;
+                    dev.flush()?;
+                }
+                report.fast_commits = scan.commits;
+                report.fast_commit_records = scan.ops.len() as u32;
+                report.stopped_because = format!(
+                    "{}; fast commits: {} ({})",
+                    report.stopped_because, scan.commits, scan.stopped
+                );
+            }
+            j.finish_recovery(end)?;
+        }
         // The replayed superblock may be a journalled copy with the flag
         // still set: clear it on disk.
         let mut raw = [0u8; SUPERBLOCK_SIZE];

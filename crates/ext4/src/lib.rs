@@ -19,6 +19,7 @@ pub mod ea_inode;
 pub mod error;
 pub(crate) mod extent_tree;
 pub mod falloc;
+mod fast_commit;
 pub mod file;
 pub mod format;
 pub mod fs;

@@ -21,8 +21,17 @@ pub const INCOMPAT_CSUM_V2: u32 = 0x8;
 pub const INCOMPAT_CSUM_V3: u32 = 0x10;
 pub const INCOMPAT_FAST_COMMIT: u32 = 0x20;
 /// Incompatible journal features folio replays.
-pub const INCOMPAT_SUPPORTED: u32 =
-    INCOMPAT_REVOKE | INCOMPAT_64BIT | INCOMPAT_ASYNC_COMMIT | INCOMPAT_CSUM_V2 | INCOMPAT_CSUM_V3;
+/// (Fast commit: its area is replayed by the filesystem, through
+/// [`crate::Journal::fast_commit_area`]; folio never writes one.)
+pub const INCOMPAT_SUPPORTED: u32 = INCOMPAT_REVOKE
+    | INCOMPAT_64BIT
+    | INCOMPAT_ASYNC_COMMIT
+    | INCOMPAT_CSUM_V2
+    | INCOMPAT_CSUM_V3
+    | INCOMPAT_FAST_COMMIT;
+/// Fast-commit blocks when the superblock's count is 0 (jbd2's
+/// `JBD2_DEFAULT_FAST_COMMIT_BLOCKS`).
+pub const DEFAULT_FAST_COMMIT_BLOCKS: u32 = 256;
 pub const CSUM_TYPE_CRC32C: u8 = 4;
 
 pub const HEADER_LEN: usize = 12;
@@ -110,6 +119,24 @@ impl JSuperblock {
     }
     pub fn set_checksum_type(&mut self, t: u8) {
         self.raw[0x50] = t;
+    }
+    /// Blocks at the end of the journal kept for fast commits
+    /// (`s_num_fc_blks`), 0 without the fast-commit feature.
+    pub fn fast_commit_blocks(&self) -> u32 {
+        if !self.has_incompat(INCOMPAT_FAST_COMMIT) {
+            return 0;
+        }
+        match be32(&self.raw, 0x54).unwrap_or(0) {
+            0 => DEFAULT_FAST_COMMIT_BLOCKS,
+            n => n,
+        }
+    }
+    /// End of the circular log (exclusive): `s_maxlen`, less the
+    /// fast-commit area when there is one (jbd2's `j_last`). The area
+    /// itself starts one block further, at `log_end() + 1`, as jbd2 lays
+    /// it out.
+    pub fn log_end(&self) -> u32 {
+        self.maxlen().saturating_sub(self.fast_commit_blocks())
     }
     pub fn has_incompat(&self, f: u32) -> bool {
         self.feature_incompat() & f != 0

@@ -77,6 +77,11 @@ pub struct RecoveryReport {
     pub blocks_revoked: u64,
     /// Why the scan stopped (end of log, torn transaction, ...).
     pub stopped_because: String,
+    /// Fast commits replayed after the last full commit (ext4's
+    /// fast-commit area; the filesystem fills this in).
+    pub fast_commits: u32,
+    /// Their records (inodes, ranges, directory entries).
+    pub fast_commit_records: u32,
 }
 
 struct Txn {
@@ -140,6 +145,15 @@ impl Journal {
                 "journal length or first block out of range".into(),
             ));
         }
+        if sb.blocktype() == SUPERBLOCK_V2
+            && sb.has_incompat(INCOMPAT_FAST_COMMIT)
+            && sb.log_end() < sb.first().saturating_add(16)
+        {
+            return Err(Error::Corrupted(format!(
+                "the fast-commit area ({} blocks) leaves no room for the log",
+                sb.fast_commit_blocks()
+            )));
+        }
         if sb.blocktype() == SUPERBLOCK_V2 {
             let unknown = sb.feature_incompat() & !INCOMPAT_SUPPORTED;
             if unknown != 0 {
@@ -158,7 +172,7 @@ impl Journal {
                 }
             }
         }
-        if sb.start() != 0 && (sb.start() < sb.first() || sb.start() as usize >= maxlen) {
+        if sb.start() != 0 && (sb.start() < sb.first() || sb.start() >= sb.log_end()) {
             return Err(Error::Corrupted("journal start out of range".into()));
         }
         let head = u64::from(sb.first());
@@ -200,7 +214,7 @@ impl Journal {
 
     fn next(&self, lblk: u64) -> u64 {
         let n = lblk + 1;
-        if n >= u64::from(self.sb.maxlen()) {
+        if n >= u64::from(self.sb.log_end()) {
             u64::from(self.sb.first())
         } else {
             n
@@ -324,11 +338,27 @@ impl Journal {
 
     /// Replay committed transactions, honouring revokes, then mark the
     /// journal empty. Writes go straight to the device and are flushed.
+    /// (A filesystem with fast commits calls [`Journal::replay`],
+    /// replays [`Journal::fast_commit_area`] and then
+    /// [`Journal::finish_recovery`] instead.)
     pub fn recover(&mut self) -> Result<RecoveryReport> {
+        let (report, end) = self.replay()?;
+        if let Some(end) = end {
+            self.finish_recovery(end)?;
+        }
+        Ok(report)
+    }
+
+    /// [`Journal::recover`] without its last step: replay the committed
+    /// transactions and flush, but leave the log as it is. Returns the
+    /// report and the sequence the next transaction would have had (the
+    /// one a fast commit written after the last full commit carries), or
+    /// `None` if the journal was empty.
+    pub fn replay(&mut self) -> Result<(RecoveryReport, Option<u32>)> {
         let mut report = RecoveryReport::default();
         if !self.needs_recovery() {
             report.stopped_because = "journal is empty".into();
-            return Ok(report);
+            return Ok((report, None));
         }
         let (txns, why) = self.scan()?;
         report.stopped_because = why;
@@ -361,17 +391,44 @@ impl Journal {
         }
         report.transactions = txns.len() as u32;
         self.dev.flush()?;
-        // Like jbd2: skip one past the first uncommitted sequence, so a torn
-        // transaction's leftovers can never pass for the next one.
         let end = txns
             .last()
             .map_or(self.sb.sequence(), |t| t.seq.wrapping_add(1));
+        Ok((report, Some(end)))
+    }
+
+    /// The fast-commit area of a journal with the fast-commit feature
+    /// (the blocks after the log, in order), with the sequence its valid
+    /// fast commits carry (`end`, from [`Journal::replay`]); `None`
+    /// without the feature. What the tags in it mean is the filesystem's
+    /// business (ext4's `fast_commit.h`).
+    pub fn fast_commit_area(&self) -> Result<Option<Vec<Vec<u8>>>> {
+        if self.sb.fast_commit_blocks() == 0 {
+            return Ok(None);
+        }
+        let first = u64::from(self.sb.log_end()) + 1;
+        let last = u64::from(self.sb.maxlen());
+        (first..last)
+            .map(|l| self.read_log(l))
+            .collect::<Result<Vec<_>>>()
+            .map(Some)
+    }
+
+    /// Mark a replayed journal empty (`end` from [`Journal::replay`]):
+    /// like jbd2, skip one past the first uncommitted sequence, so a torn
+    /// transaction's leftovers — and fast commits already replayed — can
+    /// never pass for the next one. The fast-commit feature is cleared
+    /// with it (the kernel sets it again at its next mount; folio writes
+    /// full commits only, over the whole log).
+    pub fn finish_recovery(&mut self, end: u32) -> Result<()> {
         let next = end.wrapping_add(1);
         self.sb.set_start(0);
         self.sb.set_sequence(next);
+        self.sb
+            .set_feature_incompat(self.sb.feature_incompat() & !INCOMPAT_FAST_COMMIT);
         self.write_sb()?;
         self.dev.flush()?;
-        Ok(report)
+        Ok(())
     }
 
     /// Turn on the features folio writes with: checksums v3 and 64-bit
@@ -412,7 +469,7 @@ impl Journal {
 
     /// Log blocks between the superblock and the end of the journal.
     fn log_len(&self) -> u64 {
-        u64::from(self.sb.maxlen() - self.sb.first())
+        u64::from(self.sb.log_end() - self.sb.first())
     }
 
     /// Log blocks a transaction of `blocks` copies and `revokes` revoke

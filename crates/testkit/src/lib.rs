@@ -199,13 +199,21 @@ impl Drop for LoopMount {
 /// Shut a mounted ext4 filesystem down the way a crash would leave it:
 /// the journal is committed but not checkpointed (EXT4_IOC_SHUTDOWN with
 /// LOGFLUSH), so the image is left needing recovery.
-#[allow(unsafe_code)]
 pub fn shutdown_ext4(mountpoint: &Path) -> Result<(), String> {
+    shutdown_ext4_with(mountpoint, true)
+}
+
+/// [`shutdown_ext4`], or with `logflush` false, NOLOGFLUSH: the running
+/// transaction is not committed, so what fast commits recorded since the
+/// last full commit stays in the fast-commit area only.
+#[allow(unsafe_code)]
+pub fn shutdown_ext4_with(mountpoint: &Path, logflush: bool) -> Result<(), String> {
     use std::os::fd::AsRawFd;
     const EXT4_IOC_SHUTDOWN: libc::c_ulong = 0x8004_587D; // _IOR('X', 125, __u32)
     const LOGFLUSH: u32 = 1;
+    const NOLOGFLUSH: u32 = 2;
     let dir = fs::File::open(mountpoint).map_err(|e| e.to_string())?;
-    let flags = LOGFLUSH;
+    let flags = if logflush { LOGFLUSH } else { NOLOGFLUSH };
     // SAFETY: the descriptor is open for the duration of the call and the
     // argument points to a u32, which is what this ioctl reads.
     let rc = unsafe { libc::ioctl(dir.as_raw_fd(), EXT4_IOC_SHUTDOWN, &flags as *const u32) };
@@ -335,7 +343,7 @@ pub fn make_tree(root: &Path, seed: u64, nfiles: usize) -> usize {
 }
 
 /// Attributes compared between two trees.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Node {
     pub kind: &'static str,
     pub mode: u32,

@@ -650,3 +650,169 @@ fn meta_bg_images_are_read_write() {
         }
     }
 }
+
+/// Write `data` at `off` in `p` (created if missing), cut it to `cut`
+/// first if given, and fsync it.
+fn write_fsync(p: &Path, data: &[u8], off: u64, cut: Option<u64>) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(p)
+        .unwrap();
+    if let Some(c) = cut {
+        f.set_len(c).unwrap();
+    }
+    f.write_all_at(data, off).unwrap();
+    f.sync_all().unwrap();
+}
+
+/// `tree` without directory times: what an fsync of a file leaves
+/// undefined (its parent's times are not part of it).
+fn without_dir_times(
+    tree: &std::collections::BTreeMap<String, Node>,
+) -> std::collections::BTreeMap<String, Node> {
+    let mut t = tree.clone();
+    for n in t.values_mut() {
+        if n.kind == "dir" {
+            n.mtime = (0, 0);
+        }
+    }
+    t
+}
+
+/// Free blocks and inodes the superblock of `img` counts.
+fn free_counts(img: &Path) -> (u64, u32) {
+    let sb = folio_ext4::format::superblock::Superblock::from_bytes(
+        &std::fs::read(img).unwrap()[1024..2048],
+    )
+    .unwrap();
+    (sb.free_blocks_count(), sb.free_inodes_count())
+}
+
+/// A journal the kernel leaves with fast commits (`-O fast_commit`, every
+/// change fsync'd after the last full commit, then EXT4_IOC_SHUTDOWN
+/// without a log flush) is replayed with its fast-commit area: folio's
+/// view is the tree the kernel showed before the crash, e2fsck calls it
+/// clean, a read-only open shows the same without writing the image, and
+/// for files (creates, appends, overwrites, truncations, links, renames,
+/// unlinks) the kernel's own replay gives the same tree and free counts.
+/// New directories too, where the kernel's replay is not an oracle: it
+/// gives a new directory no block and one link, which e2fsck reports.
+#[test]
+fn kernel_fast_commits_replay_to_the_fsynced_tree() {
+    if !kernel_available("fast commit") {
+        return;
+    }
+    let t = TempDir::new("jr-fc");
+    for (bs, mkdirs) in [
+        (4096usize, false),
+        (1024, false),
+        (4096, true),
+        (1024, true),
+    ] {
+        let img = t.join("fc.img");
+        run(Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-O", "fast_commit", "-b", &bs.to_string()])
+            .arg(&img)
+            .arg("64M"));
+        let mnt = TempDir::new("fcmnt");
+        run(Command::new("mount")
+            .args(["-o", "loop"])
+            .arg(&img)
+            .arg(&mnt.path));
+        let m = mnt.path.clone();
+        for (i, n) in ["p", "q", "r", "s", "t", "u"].iter().enumerate() {
+            write_fsync(&m.join(n), &vec![b'a' + i as u8; 50_000], 0, None);
+        }
+        write_fsync(&m.join("big"), &vec![7; 3 << 20], 0, None);
+        std::fs::create_dir(m.join("d")).unwrap();
+        let sync = Command::new("sync").arg("-f").arg(&m).status().unwrap();
+        // Each change fsync'd: fast commits from here on.
+        if mkdirs {
+            std::fs::create_dir(m.join("d/sub")).unwrap();
+            write_fsync(&m.join("d/sub/f"), &[b'F'; 3000], 0, None);
+            for i in 0..40u32 {
+                let body = i.to_string().repeat(1 + 90 * i as usize);
+                write_fsync(&m.join(format!("d/n{i:02}")), body.as_bytes(), 0, None);
+            }
+        } else {
+            write_fsync(&m.join("p"), &[], 0, Some(4096));
+            write_fsync(&m.join("q"), &[b'Q'; 8192], 8192, None);
+            write_fsync(&m.join("s"), &[b'S'; 30_000], 50_000, None);
+            write_fsync(&m.join("big"), &[], 0, Some(100_000));
+            write_fsync(&m.join("big"), &[b'g'; 5000], 1 << 21, None);
+            std::fs::hard_link(m.join("s"), m.join("s2")).unwrap();
+            write_fsync(&m.join("s"), b"L", 1, None);
+            std::fs::rename(m.join("t"), m.join("t2")).unwrap();
+            write_fsync(&m.join("t2"), b"T", 1, None);
+            std::fs::rename(m.join("u"), m.join("d/u")).unwrap();
+            write_fsync(&m.join("d/u"), b"U", 1, None);
+            for i in 0..12u32 {
+                write_fsync(
+                    &m.join(format!("new{i}")),
+                    &vec![i as u8; 700 * i as usize + 1],
+                    0,
+                    None,
+                );
+            }
+        }
+        let live = without_dir_times(&host_tree(&m));
+        let shut = shutdown_ext4_with(&m, false);
+        let _ = Command::new("umount").arg(&m).status();
+        assert!(sync.success());
+        shut.unwrap();
+        let tag = format!("bs {bs}, mkdirs {mkdirs}");
+
+        // Read-only: replayed in memory, the image untouched.
+        let before = std::fs::read(&img).unwrap();
+        let mut ro = open_read_only(&img, false);
+        let report = ro.recovery_report().unwrap();
+        assert!(report.fast_commits >= 3, "{tag}: {report:?}");
+        let d = diff_trees(
+            &live,
+            &without_dir_times(&folio_tree(&mut ro, ROOT_INO)),
+            10,
+        );
+        assert!(d.is_empty(), "{tag}, read-only: {d:#?}");
+        drop(ro);
+        assert!(
+            std::fs::read(&img).unwrap() == before,
+            "{tag}: image written"
+        );
+
+        // The kernel's replay, on a copy.
+        let kimg = t.join("k.img");
+        std::fs::copy(&img, &kimg).unwrap();
+        let kmnt = TempDir::new("fckmnt");
+        run(Command::new("mount")
+            .args(["-o", "loop"])
+            .arg(&kimg)
+            .arg(&kmnt.path));
+        let kernel = host_tree(&kmnt.path);
+        run(Command::new("umount").arg(&kmnt.path));
+
+        // folio's replay, for real.
+        let mut fs = Filesystem::open_path(&img, OpenOptions::default()).unwrap();
+        let r = fs.recovery_report().unwrap();
+        assert_eq!(r.fast_commits, report.fast_commits, "{tag}");
+        let ours = folio_tree(&mut fs, ROOT_INO);
+        fs.close().unwrap();
+        let d = diff_trees(&live, &without_dir_times(&ours), 10);
+        assert!(d.is_empty(), "{tag}: {d:#?}");
+        e2fsck(&img).unwrap_or_else(|e| panic!("{tag}: {e}"));
+        if !mkdirs {
+            // (Both replays stamp the directories they add entries to
+            // with the time of the replay.)
+            let d = diff_trees(&without_dir_times(&kernel), &without_dir_times(&ours), 10);
+            assert!(d.is_empty(), "{tag}, against the kernel's replay: {d:#?}");
+            e2fsck(&kimg).unwrap();
+            assert_eq!(free_counts(&kimg), free_counts(&img), "{tag}");
+        }
+        // The kernel reads folio's replay as folio does.
+        let km = LoopMount::new(&img).unwrap();
+        let d = diff_trees(&host_tree(&km.dir.path), &ours, 10);
+        assert!(d.is_empty(), "{tag}, kernel view of folio's replay: {d:#?}");
+    }
+}
