@@ -79,6 +79,7 @@ enum Word {
 /// The features folio's mkfs can make, by mke2fs's names.
 const MAKEABLE: &[(&str, Word, u32)] = &[
     ("has_journal", Word::Compat, compat::HAS_JOURNAL),
+    ("fast_commit", Word::Compat, compat::FAST_COMMIT),
     ("ext_attr", Word::Compat, compat::EXT_ATTR),
     ("resize_inode", Word::Compat, compat::RESIZE_INODE),
     ("dir_index", Word::Compat, compat::DIR_INDEX),
@@ -104,7 +105,6 @@ const MAKEABLE: &[(&str, Word, u32)] = &[
 /// Features mke2fs knows that folio reads but cannot make yet.
 const NOT_MAKEABLE: &[&str] = &[
     "sparse_super2",
-    "fast_commit",
     "stable_inodes",
     "orphan_file",
     "meta_bg",
@@ -495,7 +495,10 @@ struct Plan {
     bpg: u32,
     groups: u32,
     ipg: u32,
+    /// Journal blocks, fast-commit area included.
     jblocks: Option<u32>,
+    /// Of which the fast-commit area (`s_num_fc_blks`).
+    fc_blocks: u32,
 }
 
 fn plan(size_bytes: u64, opts: &MkfsOptions) -> Result<Plan> {
@@ -583,6 +586,16 @@ fn plan(size_bytes: u64, opts: &MkfsOptions) -> Result<Plan> {
             Some(j)
         }
     };
+    // Fast commits: the journal grows by an area of a 64th of the default
+    // journal's size (mke2fs's EXT2_JOURNAL_TO_FC_BLKS_RATIO), whatever
+    // size was asked for the journal itself.
+    let fc_blocks = match jblocks {
+        Some(_) if features.compat(compat::FAST_COMMIT) => {
+            default_journal_blocks(blocks).unwrap_or(1024) / 64
+        }
+        _ => 0,
+    };
+    let jblocks = jblocks.map(|j| j + fc_blocks);
     Ok(Plan {
         bs,
         inode_size,
@@ -592,6 +605,7 @@ fn plan(size_bytes: u64, opts: &MkfsOptions) -> Result<Plan> {
         groups,
         ipg,
         jblocks,
+        fc_blocks,
     })
 }
 
@@ -626,6 +640,7 @@ pub fn mkfs(dev: Arc<dyn BlockDevice>, size_bytes: u64, opts: &MkfsOptions) -> R
         groups,
         ipg,
         jblocks,
+        fc_blocks,
     } = layout;
     let features = opts.features();
     let bsz = u64::from(bs);
@@ -989,7 +1004,7 @@ pub fn mkfs(dev: Arc<dyn BlockDevice>, size_bytes: u64, opts: &MkfsOptions) -> R
     // mke2fs grows lost+found to 16 KiB within its direct blocks.
     fs.expand_dir(lpf, 16384.min(12 * u64::from(bs)))?;
     if let Some(j) = jblocks {
-        fs.make_journal(j, opts.device_zeroed)?;
+        fs.make_journal(j, fc_blocks, opts.device_zeroed)?;
     }
     fs.sync()?;
     Ok(layout.report(uuid, opts.fs_type))
@@ -1055,7 +1070,7 @@ impl Core {
 
     /// Create the internal journal (inode 8) with an empty jbd2 superblock.
     #[allow(clippy::big_endian_bytes)] // jbd2's on-disk format is big-endian
-    fn make_journal(&mut self, jblocks: u32, zeroed: bool) -> Result<()> {
+    fn make_journal(&mut self, jblocks: u32, fc_blocks: u32, zeroed: bool) -> Result<()> {
         let bs = u64::from(self.geo.block_size);
         let mut j = self.special_inode(JOURNAL_INO, S_IFREG | 0o600, 1);
         if self.sb.has_incompat(incompat::EXTENTS) {
@@ -1102,6 +1117,9 @@ impl Core {
         be(&mut jsb, 0x18, 1);
         jsb[0x30..0x40].copy_from_slice(&self.sb.uuid());
         be(&mut jsb, 0x40, 1);
+        // The fast-commit area's length; the kernel sets jbd2's
+        // fast-commit feature when it mounts.
+        be(&mut jsb, 0x54, fc_blocks);
         let mut l = 0u64;
         while l < u64::from(jblocks) {
             let (m, n) = self.map_block(&j, l, u64::from(jblocks) - l)?;
