@@ -682,6 +682,56 @@ fn without_dir_times(
     t
 }
 
+/// Damage the values of the records of the fast-commit area in `img`
+/// (found by its HEAD at the start of a block) and recompute every
+/// TAIL's checksum, so that the damage reaches the replay rather than
+/// stopping at the scan. `None` if there is no area.
+fn damage_fast_commits(img: &[u8], bs: usize, rng: &mut Rng) -> Option<Vec<u8>> {
+    let base = (0..img.len() / bs)
+        .map(|b| b * bs)
+        .find(|&o| img[o..o + 4] == [9, 0, 8, 0])?;
+    let mut x = img.to_vec();
+    let records = |x: &[u8]| {
+        let mut out = Vec::new();
+        let mut cur = base;
+        while cur + 4 <= base + bs {
+            let tag = u16::from_le_bytes([x[cur], x[cur + 1]]);
+            let len = usize::from(u16::from_le_bytes([x[cur + 2], x[cur + 3]]));
+            if (tag == 0 && len == 0) || cur + 4 + len > base + bs {
+                break;
+            }
+            out.push((cur, tag, len));
+            cur += 4 + len;
+        }
+        out
+    };
+    let values: Vec<usize> = records(&x)
+        .into_iter()
+        .filter(|&(_, tag, _)| (1..=6).contains(&tag))
+        .flat_map(|(cur, _, len)| cur + 4..cur + 4 + len)
+        .collect();
+    for _ in 0..1 + rng.below(3) {
+        let o = values[rng.below(values.len() as u64) as usize];
+        x[o] = match rng.below(4) {
+            0 => 0,
+            1 => 0xFF,
+            2 => rng.below(256) as u8,
+            _ => x[o] ^ (1 << rng.below(8)),
+        };
+    }
+    let mut crc = 0;
+    for (cur, tag, len) in records(&x) {
+        if tag == 8 {
+            crc = folio_journal::format::crc32c_raw(crc, &x[cur..cur + 8]);
+            x[cur + 8..cur + 12].copy_from_slice(&crc.to_le_bytes());
+            crc = 0;
+        } else {
+            crc = folio_journal::format::crc32c_raw(crc, &x[cur..cur + 4 + len]);
+        }
+    }
+    Some(x)
+}
+
 /// Free blocks and inodes the superblock of `img` counts.
 fn free_counts(img: &Path) -> (u64, u32) {
     let sb = folio_ext4::format::superblock::Superblock::from_bytes(
@@ -803,6 +853,26 @@ fn kernel_fast_commits_replay_to_the_fsynced_tree() {
             std::fs::read(&img).unwrap() == before,
             "{tag}: image written"
         );
+
+        // Hostile fast commits (damaged, checksums recomputed): the
+        // replay reports an error or does what they say, never panics.
+        if bs == 4096 && !mkdirs && !ours_mkfs {
+            let mut rng = Rng::new(0xFC);
+            let (mut opened, mut refused) = (0, 0);
+            for _ in 0..150 {
+                let x = damage_fast_commits(&before, bs, &mut rng).expect("no fast-commit area");
+                let dev = std::sync::Arc::new(folio_blockdev::MemDevice::from_bytes(x));
+                match Filesystem::open(dev, OpenOptions::default()) {
+                    Ok(fs) => {
+                        opened += 1;
+                        let _ = fs.close();
+                    }
+                    Err(_) => refused += 1,
+                }
+            }
+            eprintln!("hostile fast commits: {opened} replayed, {refused} refused");
+            assert!(opened > 0 && refused > 0, "{opened} / {refused}");
+        }
 
         // The kernel's replay, on a copy.
         let kimg = t.join("k.img");
