@@ -294,7 +294,7 @@ impl Core {
                         self.dir_init(&mut inode, *parent)?;
                         self.write_inode(&mut inode)?;
                     }
-                    let added = self.fc_link(*parent, &mut inode, name)?;
+                    let added = self.fc_link(*parent, &inode, name)?;
                     // As mkdir and create leave them (the kernel's replay
                     // sets 1 for directories too, and leaves the parent's
                     // count, which e2fsck then finds wrong).
@@ -311,7 +311,7 @@ impl Core {
                 }
                 FcOp::Link { parent, ino, name } => {
                     let mut inode = self.fc_read(*ino)?;
-                    if self.fc_link(*parent, &mut inode, name)? {
+                    if self.fc_link(*parent, &inode, name)? {
                         inode.set_links(inode.links().saturating_add(1));
                         self.write_inode(&mut inode)?;
                     }
@@ -533,11 +533,15 @@ impl Core {
     /// Add `name` → `inode` to `parent` unless the name is there already
     /// (the kernel's replay takes an existing entry as done). `true` if
     /// it added one.
-    fn fc_link(&mut self, parent: u32, inode: &mut Inode, name: &[u8]) -> Result<bool> {
+    fn fc_link(&mut self, parent: u32, inode: &Inode, name: &[u8]) -> Result<bool> {
         let mut dir = self.fc_read(parent)?;
-        if !dir.is_dir() {
+        if !dir.is_dir() || parent == inode.ino {
             return Err(Error::corrupted(
-                format!("a fast commit links into inode {parent}, not a directory"),
+                format!(
+                    "a fast commit links inode {} into inode {parent}, not a directory \
+                     apart from it",
+                    inode.ino
+                ),
                 0,
             ));
         }
@@ -547,9 +551,6 @@ impl Core {
         let ft = FileType::from_mode(inode.mode());
         self.dir_add(&mut dir, name, inode.ino, ft)?;
         self.inodes.reset(parent);
-        if parent == inode.ino {
-            *inode = self.fc_read(inode.ino)?;
-        }
         Ok(true)
     }
 }
