@@ -477,6 +477,7 @@ impl Core {
         if !inode.is_reg() {
             return Err(Error::Invalid("not a regular file".into()));
         }
+        crate::fscrypt::need_key(&inode, "allocate its blocks")?;
         match lblk.checked_add(n) {
             Some(e) if e <= self.max_file_blocks(&inode) => {}
             _ => return Err(Error::FileTooBig),

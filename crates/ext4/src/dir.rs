@@ -157,7 +157,7 @@ impl Core {
         fake.then_some(DX_NODE_COUNT)
     }
 
-    fn read_dir_block(&mut self, dir: &Inode, lblk: u64) -> Result<(u64, Vec<u8>)> {
+    pub(crate) fn read_dir_block(&mut self, dir: &Inode, lblk: u64) -> Result<(u64, Vec<u8>)> {
         let pblk = self.check_dir_block(dir, lblk)?;
         Ok((pblk, self.cache.read(pblk)?.to_vec()))
     }
@@ -235,8 +235,19 @@ impl Core {
         parse_entries(data, usable).map_err(|e| Error::corrupted(format!("directory: {e}"), pblk))
     }
 
-    /// All entries of directory `ino`, "." and ".." included.
+    /// All entries of directory `ino`, "." and ".." included; an
+    /// encrypted directory's under their no-key names (`fscrypt.rs`).
     pub fn read_dir(&mut self, ino: u32) -> Result<Vec<DirEntry>> {
+        let entries = self.read_dir_raw(ino)?;
+        let dir = self.read_inode(ino)?;
+        if crate::fscrypt::is_encrypted(&dir) {
+            return self.nokey_entries(&dir, entries);
+        }
+        Ok(entries)
+    }
+
+    /// All entries of directory `ino` under their names on disk.
+    pub(crate) fn read_dir_raw(&mut self, ino: u32) -> Result<Vec<DirEntry>> {
         let dir = self.read_inode(ino)?;
         if !dir.is_dir() {
             return Err(Error::NotDir);
@@ -274,12 +285,17 @@ impl Core {
     }
 
     fn name_hash(&self, version: u8, name: &[u8]) -> Result<u32> {
+        self.name_hash_pair(version, name).map(|h| h.0)
+    }
+
+    /// (hash, minor hash) of `name` for a directory hashing with
+    /// `version`, the superblock's unsigned flag applied.
+    pub(crate) fn name_hash_pair(&self, version: u8, name: &[u8]) -> Result<(u32, u32)> {
         let mut v = version;
         if v <= 2 && self.sb.flags() & FLAG_UNSIGNED_HASH != 0 {
             v += 3;
         }
         dx_hash(name, v, self.sb.hash_seed())
-            .map(|h| h.0)
             .ok_or_else(|| Error::Unsupported(format!("directory hash version {version}")))
     }
 

@@ -63,6 +63,9 @@ pub enum Error {
     Stale,
     /// The file's flags forbid the change (immutable, append-only): EPERM.
     NotPermitted(String),
+    /// The inode is encrypted and its key is not available (ENOKEY, as
+    /// the kernel answers without the key); the string says what needed it.
+    NoKey(String),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -102,6 +105,7 @@ impl Error {
             Error::Locked(_) => libc::EBUSY,
             Error::Stale => libc::ESTALE,
             Error::NotPermitted(_) => libc::EPERM,
+            Error::NoKey(_) => libc::ENOKEY,
         }
     }
 }
@@ -140,6 +144,7 @@ impl fmt::Display for Error {
             Error::Locked(holder) => write!(f, "the image is in use by {holder}"),
             Error::Stale => write!(f, "stale file handle"),
             Error::NotPermitted(why) => write!(f, "operation not permitted: {why}"),
+            Error::NoKey(why) => write!(f, "required key not available: {why}"),
         }
     }
 }

@@ -55,6 +55,7 @@ impl Core {
         if !inode.is_reg() {
             return Err(Error::Invalid("not a regular file".into()));
         }
+        crate::fscrypt::need_key(&inode, "read or write its data")?;
         Ok(inode)
     }
 

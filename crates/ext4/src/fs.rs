@@ -756,7 +756,8 @@ impl Core {
         if inode.is_reg() {
             self.note_large_file(inode.size());
         }
-        if inode.is_reg() && inode.links() > 0 {
+        // Encrypted files stay with the core, which refuses their data.
+        if inode.is_reg() && inode.links() > 0 && !crate::fscrypt::is_encrypted(inode) {
             self.inodes.note(inode.ino, self.file_note(inode));
             if inode.mode() & 0o6000 != 0 {
                 self.inodes.set_plain(inode.ino, false);

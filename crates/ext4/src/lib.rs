@@ -23,6 +23,7 @@ mod fast_commit;
 pub mod file;
 pub mod format;
 pub mod fs;
+pub mod fscrypt;
 pub(crate) mod inline;
 pub(crate) mod inodes;
 pub mod journaling;

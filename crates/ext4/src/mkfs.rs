@@ -92,6 +92,8 @@ const MAKEABLE: &[(&str, Word, u32)] = &[
     ("ea_inode", Word::Incompat, incompat::EA_INODE),
     // folio makes no inline inodes itself; the kernel will.
     ("inline_data", Word::Incompat, incompat::INLINE_DATA),
+    // The kernel sets policies on directories; folio holds no keys.
+    ("encrypt", Word::Incompat, incompat::ENCRYPT),
     ("sparse_super", Word::RoCompat, ro_compat::SPARSE_SUPER),
     ("large_file", Word::RoCompat, ro_compat::LARGE_FILE),
     ("huge_file", Word::RoCompat, ro_compat::HUGE_FILE),
@@ -110,7 +112,6 @@ const NOT_MAKEABLE: &[&str] = &[
     "meta_bg",
     "mmp",
     "metadata_csum_seed",
-    "encrypt",
     "casefold",
     "bigalloc",
     "quota",
@@ -711,6 +712,9 @@ pub fn mkfs(dev: Arc<dyn BlockDevice>, size_bytes: u64, opts: &MkfsOptions) -> R
         ])
     }));
     sb.set_def_hash_version(crate::format::hash::HALF_MD4);
+    if features.incompat & incompat::ENCRYPT != 0 {
+        sb.set_encrypt_algos([1, 4, 0, 0]);
+    }
     sb.set_flags(FLAG_SIGNED_HASH);
     if desc_size == 64 {
         sb.set_desc_size(64);

@@ -33,6 +33,7 @@ pub(crate) fn check_changeable(inode: &Inode, adding: bool) -> Result<()> {
 use crate::format::superblock::{incompat, ro_compat};
 use crate::format::Timespec;
 use crate::fs::Core;
+use crate::fscrypt::need_key;
 use folio_pagecache::lockdep::{Held, Level};
 
 /// Link count limit for ext4 (directories past it count as 1 with dir_nlink).
@@ -259,7 +260,10 @@ impl Core {
     /// Look `name` up in directory `parent`.
     pub fn lookup(&mut self, parent: u32, name: &[u8]) -> Result<u32> {
         let dir = self.dir_inode(parent)?;
-        self.dir_lookup(&dir, name)?
+        let Some(name) = self.disk_name(&dir, name)? else {
+            return Err(Error::NotFound);
+        };
+        self.dir_lookup(&dir, &name)?
             .map(|(i, _)| i)
             .ok_or(Error::NotFound)
     }
@@ -335,6 +339,13 @@ impl Core {
     pub fn stat(&mut self, ino: u32) -> Result<Stat> {
         let i = self.read_inode(ino)?;
         let ft = i.file_type();
+        // An encrypted symlink's size is that of what readlink shows
+        // without the key (the kernel's fscrypt_symlink_getattr).
+        let size = if ft == FileType::Symlink && crate::fscrypt::is_encrypted(&i) {
+            self.readlink(ino)?.len() as u64
+        } else {
+            i.size()
+        };
         Ok(Stat {
             ino,
             mode: i.mode(),
@@ -342,7 +353,7 @@ impl Core {
             nlink: i.links(),
             uid: i.uid(),
             gid: i.gid(),
-            size: i.size(),
+            size,
             // Delayed blocks count, as in ext4 (du sees data not yet placed).
             blocks_512: self.shown_blocks(&i, ino),
             atime: i.atime(),
@@ -385,10 +396,13 @@ impl Core {
 
     fn check_new_name(&mut self, dir: &Inode, name: &[u8]) -> Result<()> {
         crate::dir::check_name(name)?;
-        if self.dir_lookup(dir, name)?.is_some() {
-            return Err(Error::Exists);
+        if let Some(disk) = self.disk_name(dir, name)? {
+            if self.dir_lookup(dir, &disk)?.is_some() {
+                return Err(Error::Exists);
+            }
         }
-        Ok(())
+        // A new name in an encrypted directory is encrypted with its key.
+        need_key(dir, "add a name to it")
     }
 
     /// Create a non-directory node (regular file, fifo, socket, device).
@@ -476,7 +490,10 @@ impl Core {
         owner: Owner,
     ) -> Result<u32> {
         let dir = self.dir_inode(parent)?;
-        let found = self.dir_lookup(&dir, name)?;
+        let found = match self.disk_name(&dir, name)? {
+            Some(disk) => self.dir_lookup(&dir, &disk)?,
+            None => None,
+        };
         let ino = match found {
             Some(_) if flags.create && flags.exclusive => return Err(Error::Exists),
             Some((ino, _)) => ino,
@@ -491,6 +508,7 @@ impl Core {
             if inode.is_dir() {
                 return Err(Error::IsDir);
             }
+            need_key(&inode, "truncate it")?;
             if inode.is_reg() && inode.size() != 0 {
                 self.set_size(&mut inode, 0)?;
                 self.write_inode(&mut inode)?;
@@ -511,6 +529,7 @@ impl Core {
                 return Err(Error::IsDir);
             }
             check_changeable(&inode, false)?;
+            need_key(&inode, "truncate it")?;
             if inode.is_reg() && inode.size() != 0 && inode.links() > 0 {
                 fs.set_size(&mut inode, 0)?;
                 fs.write_inode(&mut inode)?;
@@ -700,12 +719,22 @@ impl Core {
         if !inode.is_symlink() {
             return Err(Error::Invalid("not a symbolic link".into()));
         }
+        if crate::fscrypt::is_encrypted(&inode) {
+            let raw = self.readlink_raw(&inode)?;
+            return Self::nokey_target(ino, &raw);
+        }
+        self.readlink_raw(&inode)
+    }
+
+    /// The target of symlink `inode` as stored.
+    fn readlink_raw(&mut self, inode: &Inode) -> Result<Vec<u8>> {
+        let ino = inode.ino;
         let size = inode.size() as usize;
         let bs = self.geo.block_size as usize;
-        if Self::is_inline(&inode) {
-            return self.inline_data(&inode);
+        if Self::is_inline(inode) {
+            return self.inline_data(inode);
         }
-        if self.is_fast_symlink(&inode) {
+        if self.is_fast_symlink(inode) {
             return inode
                 .i_block()
                 .get(..size)
@@ -718,7 +747,7 @@ impl Core {
                 0,
             ));
         }
-        match self.map_block(&inode, 0, 1)?.0 {
+        match self.map_block(inode, 0, 1)?.0 {
             crate::bmap::Mapping::Mapped { pblk, .. } => {
                 Ok(self.cache.read(pblk)?[..size].to_vec())
             }
@@ -894,14 +923,15 @@ impl Core {
     fn unlink_impl(&mut self, parent: u32, name: &[u8]) -> Result<()> {
         self.check_writable()?;
         let dir = self.dir_inode(parent)?;
-        let (ino, _) = self.dir_lookup(&dir, name)?.ok_or(Error::NotFound)?;
+        let name = self.disk_name(&dir, name)?.ok_or(Error::NotFound)?;
+        let (ino, _) = self.dir_lookup(&dir, &name)?.ok_or(Error::NotFound)?;
         let victim = self.read_inode(ino)?;
         if victim.is_dir() {
             return Err(Error::IsDir);
         }
         check_changeable(&dir, false)?;
         check_changeable(&victim, false)?;
-        self.dir_remove(&dir, name)?;
+        self.dir_remove(&dir, &name)?;
         self.touch_dir(parent)?;
         self.drop_link(ino)
     }
@@ -929,7 +959,8 @@ impl Core {
             return Err(Error::NotEmpty);
         }
         let dir = self.dir_inode(parent)?;
-        let (ino, _) = self.dir_lookup(&dir, name)?.ok_or(Error::NotFound)?;
+        let name = self.disk_name(&dir, name)?.ok_or(Error::NotFound)?;
+        let (ino, _) = self.dir_lookup(&dir, &name)?.ok_or(Error::NotFound)?;
         let victim = self.read_inode(ino)?;
         if !victim.is_dir() {
             return Err(Error::NotDir);
@@ -939,7 +970,7 @@ impl Core {
         }
         check_changeable(&dir, false)?;
         check_changeable(&victim, false)?;
-        self.dir_remove(&dir, name)?;
+        self.dir_remove(&dir, &name)?;
         let mut dir = self.read_inode(parent)?;
         Self::dec_dir_links(&mut dir);
         let now = Timespec::now();
@@ -1014,6 +1045,15 @@ impl Core {
         crate::dir::check_name(new_name)?;
         let sdir = self.dir_inode(parent)?;
         let ddir = self.dir_inode(new_parent)?;
+        if crate::fscrypt::is_encrypted(&sdir) || crate::fscrypt::is_encrypted(&ddir) {
+            // Renaming needs the names' keys (the kernel's
+            // fscrypt_prepare_rename): only what names nothing fails
+            // otherwise.
+            let s = self.disk_name(&sdir, name)?.ok_or(Error::NotFound)?;
+            self.dir_lookup(&sdir, &s)?.ok_or(Error::NotFound)?;
+            need_key(&sdir, "rename out of it")?;
+            need_key(&ddir, "rename into it")?;
+        }
         let (sino, sft) = self.dir_lookup(&sdir, name)?.ok_or(Error::NotFound)?;
         let target = self.dir_lookup(&ddir, new_name)?;
         // A file's name is part of reaching its data: fdatasync after a
@@ -1172,6 +1212,7 @@ impl Core {
     /// Change attributes of `ino`.
     pub fn setattr(&mut self, ino: u32, attr: &SetAttr) -> Result<Stat> {
         if let Some(size) = attr.size {
+            need_key(&self.read_inode(ino)?, "change its size")?;
             self.uninline_past(ino, size)?;
         }
         // A size change invalidates cached pages: that level comes before

@@ -132,6 +132,13 @@ impl Core {
             .all_xattrs(&inode)?
             .iter()
             .filter(|x| !crate::inline::hidden_xattr(x))
+            // Indices with no name prefix (9: the encryption context)
+            // have no handler in the kernel either: never listed.
+            .filter(|x| {
+                crate::format::xattr::PREFIXES
+                    .iter()
+                    .any(|(i, _)| *i == x.index)
+            })
             .map(Xattr::full_name)
             .collect())
     }

@@ -405,6 +405,13 @@ fn answer_ioctl(reply: fuser::ReplyIoctl, r: Result<(), Errno>) {
 /// O_TRUNC) of an immutable file; of an append-only one, a write without
 /// O_APPEND or an O_TRUNC.
 fn check_open_flags(inode_flags: u32, open: i32) -> folio_ext4::Result<()> {
+    if inode_flags & folio_ext4::fscrypt::FL_ENCRYPT != 0 {
+        // Only regular files are opened this way (directories by
+        // opendir): their contents need the key.
+        return Err(folio_ext4::Error::NoKey(
+            "the file is encrypted and folio holds no keys".into(),
+        ));
+    }
     let writing = open & libc::O_ACCMODE != libc::O_RDONLY;
     let trunc = open & libc::O_TRUNC != 0;
     if inode_flags & FL_IMMUTABLE != 0 && (writing || trunc) {

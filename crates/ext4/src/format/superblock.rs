@@ -101,6 +101,8 @@ pub mod incompat {
         | FLEX_BG
         | EA_INODE
         | INLINE_DATA
+        // Without keys: see `fscrypt.rs`.
+        | ENCRYPT
         | CSUM_SEED
         | LARGEDIR;
 
@@ -369,6 +371,12 @@ impl Superblock {
     pub fn def_hash_version(&self) -> u8 {
         self.raw[DEF_HASH_VERSION]
     }
+    /// `s_encrypt_algos`: the encryption modes mke2fs records for
+    /// `encrypt` (AES-256-XTS contents, AES-256-CTS names).
+    pub fn set_encrypt_algos(&mut self, modes: [u8; 4]) {
+        self.raw[0x254..0x258].copy_from_slice(&modes);
+    }
+
     pub fn set_def_hash_version(&mut self, v: u8) {
         self.raw[DEF_HASH_VERSION] = v;
     }
