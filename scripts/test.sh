@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Run every folio test. Installs the system tools the tests use (e2fsprogs
 # for mkfs.ext4/e2fsck/debugfs, util-linux for mount/losetup, fuse3 for
-# fusermount3, acl for setfacl/getfacl, and the NBD peers: qemu-utils for qemu-img/qemu-io/qemu-nbd,
+# fusermount3, acl for setfacl/getfacl, fsverity (fsverity-utils) for
+# fs-verity digests, and the NBD peers: qemu-utils for qemu-img/qemu-io/qemu-nbd,
 # libnbd-bin for nbdinfo/nbdcopy, nbdkit) when missing.
 # Tests that need root or loop devices skip outside CI and run under CI=true.
 set -euo pipefail
@@ -14,6 +15,7 @@ done
 command -v losetup >/dev/null 2>&1 || need+=(util-linux mount)
 command -v fusermount3 >/dev/null 2>&1 || need+=(fuse3)
 command -v setfacl >/dev/null 2>&1 || need+=(acl)
+command -v fsverity >/dev/null 2>&1 || need+=(fsverity)
 for pair in qemu-io:qemu-utils qemu-nbd:qemu-utils nbdinfo:libnbd-bin nbdcopy:libnbd-bin nbdkit:nbdkit; do
     command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair##*:}")
 done

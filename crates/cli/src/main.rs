@@ -180,6 +180,18 @@ enum Cmd {
         #[arg(short = 'r')]
         recursive: bool,
     },
+    /// fs-verity, as fsverity-utils: `enable` builds a file's Merkle tree
+    /// and makes it read-only and verified (FS_IOC_ENABLE_VERITY);
+    /// `measure` prints its digest as `sha256:HEX PATH`
+    /// (FS_IOC_MEASURE_VERITY). The image needs the verity feature.
+    Verity {
+        /// `enable` or `measure`.
+        #[arg(value_parser = ["enable", "measure"])]
+        action: String,
+        image: PathBuf,
+        #[arg(required = true)]
+        paths: Vec<String>,
+    },
     /// Make directories.
     Mkdir {
         image: PathBuf,
@@ -740,6 +752,22 @@ fn run(cli: Cli) -> CliResult {
             paths,
             recursive,
         } => each_path(&image, &paths, |fs, p| copy::rm(fs, p, recursive)),
+        Cmd::Verity {
+            action,
+            image,
+            paths,
+        } => each_path(&image, &paths, |fs, p| {
+            let ino = ctx(fs.resolve_follow(p), p)?;
+            let digest = if action == "enable" {
+                ctx(fs.enable_verity(ino), p)?;
+                return Ok(());
+            } else {
+                ctx(fs.verity_digest(ino), p)?
+            };
+            let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+            println!("sha256:{hex} {p}");
+            Ok(())
+        }),
         Cmd::Mkdir {
             image,
             paths,

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{e2fsck_clean, ok, scratch};
+use common::{e2fsck_clean, ok, pattern, scratch};
 use folio_ext4::{Filesystem, OpenOptions};
 
 fn have_tools() -> bool {
@@ -144,19 +144,6 @@ fn free_blocks(img: &Path) -> u64 {
     let free = fs.statfs().blocks_free;
     fs.close().unwrap();
     free
-}
-
-/// Deterministic bytes.
-fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
 
 /// (offset, length, is-hole) rows of `nbdinfo --map`.

@@ -760,6 +760,9 @@ impl Filesystem {
         fn fallocate(&self, ino: u32, mode: u32, offset: u64, len: u64) -> Result<()>;
         /// The allocation interface: reserve, allocate or deallocate blocks.
         fn allocate_interval(&self, ino: u32, op: AllocOp, lblk: u64, n: u64) -> Result<()>;
+        /// FS_IOC_ENABLE_VERITY: Merkle tree, descriptor and flag in one
+        /// transaction; the file digest (see `verity.rs`).
+        fn enable_verity(&self, ino: u32) -> Result<[u8; 32]>;
     }
 
     forward! {
@@ -817,6 +820,8 @@ impl Filesystem {
         /// Drop clean cached data; returns the bytes freed.
         fn drop_caches(&self) -> u64;
         fn read_dir(&self, ino: u32) -> Result<Vec<DirEntry>>;
+        /// FS_IOC_MEASURE_VERITY: a verity file's digest (ENODATA if none).
+        fn verity_digest(&self, ino: u32) -> Result<[u8; 32]>;
         /// Compare the free counts with the bitmaps; the differences found
         /// (`progress` is told of each block group).
         fn check_counts(&self, progress: Option<&crate::Progress>) -> Result<Vec<String>>;

@@ -478,6 +478,7 @@ impl Core {
             return Err(Error::Invalid("not a regular file".into()));
         }
         crate::fscrypt::need_key(&inode, "allocate its blocks")?;
+        crate::verity::check_data_changeable(&inode)?;
         match lblk.checked_add(n) {
             Some(e) if e <= self.max_file_blocks(&inode) => {}
             _ => return Err(Error::FileTooBig),

@@ -25,7 +25,9 @@ pub const FALLOC_FL_INSERT_RANGE: u32 = 0x20;
 impl Core {
     /// fallocate(2) on inode `ino`. `mode` is Linux's FALLOC_FL_* bits.
     pub fn fallocate(&mut self, ino: u32, mode: u32, offset: u64, len: u64) -> Result<()> {
-        crate::fscrypt::need_key(&self.read_inode(ino)?, "allocate its blocks")?;
+        let i = self.read_inode(ino)?;
+        crate::fscrypt::need_key(&i, "allocate its blocks")?;
+        crate::verity::check_data_changeable(&i)?;
         self.uninline(ino)?;
         // Invalidates cached pages of the range: before the transaction.
         let _order = Held::take(Level::Invalidate, u64::from(ino));

@@ -62,10 +62,24 @@ impl Core {
     /// Read from file `ino`.
     pub fn read(&mut self, ino: u32, offset: u64, buf: &mut [u8]) -> Result<usize> {
         let inode = self.regular(ino)?;
+        if crate::verity::is_verity(&inode) {
+            return self.read_verified(&inode, offset, buf);
+        }
         if inode.links() > 0 {
             self.inodes.note(ino, self.file_note(&inode));
         }
         self.read_data(&inode, offset, buf)
+    }
+
+    /// A read of verity file `inode`: its blocks checked against the
+    /// Merkle tree first (EIO, and nothing copied, on a mismatch).
+    fn read_verified(&mut self, inode: &Inode, offset: u64, buf: &mut [u8]) -> Result<usize> {
+        let bs = u64::from(self.geo.block_size);
+        let end = offset.saturating_add(buf.len() as u64).min(inode.size());
+        if end > offset {
+            self.verify_blocks(inode, offset / bs, (end - 1) / bs)?;
+        }
+        self.read_data(inode, offset, buf)
     }
 
     /// Zero the bytes of the block holding byte `size` from `size` to the
@@ -119,6 +133,7 @@ impl Core {
         // Append-only files are the mount's to police at open (O_APPEND):
         // a write here may be the kernel's writeback of a page.
         crate::ops::check_changeable(&inode, true)?;
+        crate::verity::check_data_changeable(&inode)?;
         if len == 0 {
             return Ok(0);
         }
@@ -164,10 +179,16 @@ impl Core {
         self.retry_nospc(c, |fs| fs.write_direct_impl(ino, offset, data))
     }
 
-    fn write_direct_impl(&mut self, ino: u32, offset: u64, data: &[u8]) -> Result<usize> {
+    pub(crate) fn write_direct_impl(
+        &mut self,
+        ino: u32,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<usize> {
         self.check_writable()?;
         let inode = self.regular(ino)?;
         crate::ops::check_changeable(&inode, true)?;
+        crate::verity::check_data_changeable(&inode)?;
         let end = offset
             .checked_add(data.len() as u64)
             .ok_or(Error::FileTooBig)?;
@@ -215,6 +236,10 @@ impl Core {
     /// O_DIRECT read: block-aligned offset and length (EINVAL otherwise).
     pub fn read_direct(&mut self, ino: u32, offset: u64, buf: &mut [u8]) -> Result<usize> {
         let inode = self.regular(ino)?;
+        // As ext4: no direct I/O around the verification.
+        if crate::verity::is_verity(&inode) {
+            return self.read_verified(&inode, offset, buf);
+        }
         let m = self.mapping_of(ino);
         let pc = Arc::clone(&self.pc);
         folio_iomap::direct_read(self, &pc, &m, u64::from(ino), inode.size(), offset, buf)
@@ -230,6 +255,7 @@ impl Core {
     pub fn pin_mapping(&mut self, ino: u32) -> Result<Vec<(u64, u64, u64)>> {
         self.uninline(ino)?;
         let inode = self.regular(ino)?;
+        crate::verity::check_data_changeable(&inode)?;
         self.flush_range(ino, 0, u64::MAX)?;
         let bs = u64::from(self.geo.block_size);
         let blocks = inode.size().div_ceil(bs);

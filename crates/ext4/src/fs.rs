@@ -757,7 +757,12 @@ impl Core {
             self.note_large_file(inode.size());
         }
         // Encrypted files stay with the core, which refuses their data.
-        if inode.is_reg() && inode.links() > 0 && !crate::fscrypt::is_encrypted(inode) {
+        // So do verity files, whose reads it verifies.
+        if inode.is_reg()
+            && inode.links() > 0
+            && !crate::fscrypt::is_encrypted(inode)
+            && !crate::verity::is_verity(inode)
+        {
             self.inodes.note(inode.ino, self.file_note(inode));
             if inode.mode() & 0o6000 != 0 {
                 self.inodes.set_plain(inode.ino, false);

@@ -32,6 +32,7 @@ pub mod mkfs;
 pub(crate) mod mmp;
 pub mod ops;
 pub mod progress;
+pub mod verity;
 pub mod xattrs;
 
 pub use api::Filesystem;

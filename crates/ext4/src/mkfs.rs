@@ -102,6 +102,7 @@ const MAKEABLE: &[(&str, Word, u32)] = &[
     ("dir_nlink", Word::RoCompat, ro_compat::DIR_NLINK),
     ("extra_isize", Word::RoCompat, ro_compat::EXTRA_ISIZE),
     ("metadata_csum", Word::RoCompat, ro_compat::METADATA_CSUM),
+    ("verity", Word::RoCompat, ro_compat::VERITY),
 ];
 
 /// Features mke2fs knows that folio reads but cannot make yet.
@@ -116,7 +117,6 @@ const NOT_MAKEABLE: &[&str] = &[
     "bigalloc",
     "quota",
     "project",
-    "verity",
     "journal_dev",
 ];
 

@@ -509,6 +509,7 @@ impl Core {
                 return Err(Error::IsDir);
             }
             need_key(&inode, "truncate it")?;
+            crate::verity::check_data_changeable(&inode)?;
             if inode.is_reg() && inode.size() != 0 {
                 self.set_size(&mut inode, 0)?;
                 self.write_inode(&mut inode)?;
@@ -530,6 +531,7 @@ impl Core {
             }
             check_changeable(&inode, false)?;
             need_key(&inode, "truncate it")?;
+            crate::verity::check_data_changeable(&inode)?;
             if inode.is_reg() && inode.size() != 0 && inode.links() > 0 {
                 fs.set_size(&mut inode, 0)?;
                 fs.write_inode(&mut inode)?;
@@ -1212,7 +1214,9 @@ impl Core {
     /// Change attributes of `ino`.
     pub fn setattr(&mut self, ino: u32, attr: &SetAttr) -> Result<Stat> {
         if let Some(size) = attr.size {
-            need_key(&self.read_inode(ino)?, "change its size")?;
+            let i = self.read_inode(ino)?;
+            need_key(&i, "change its size")?;
+            crate::verity::check_data_changeable(&i)?;
             self.uninline_past(ino, size)?;
         }
         // A size change invalidates cached pages: that level comes before

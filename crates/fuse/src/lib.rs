@@ -414,6 +414,11 @@ fn check_open_flags(inode_flags: u32, open: i32) -> folio_ext4::Result<()> {
     }
     let writing = open & libc::O_ACCMODE != libc::O_RDONLY;
     let trunc = open & libc::O_TRUNC != 0;
+    if inode_flags & folio_ext4::verity::FL_VERITY != 0 && (writing || trunc) {
+        return Err(folio_ext4::Error::NotPermitted(
+            "the file has fs-verity: its data is read-only".into(),
+        ));
+    }
     if inode_flags & FL_IMMUTABLE != 0 && (writing || trunc) {
         return Err(folio_ext4::Error::NotPermitted(
             "the file is immutable".into(),

@@ -589,13 +589,13 @@ fn feature_flags_refuse_or_force_read_only_by_name() {
     assert!(e.to_string().contains("FEATURE_I24"), "{e}");
     base();
     patch_sb(&img, |sb| {
-        sb.set_feature_ro_compat(sb.feature_ro_compat() | ro_compat::VERITY | 0x4000_0000)
+        sb.set_feature_ro_compat(sb.feature_ro_compat() | ro_compat::PROJECT | 0x4000_0000)
     });
     let before = std::fs::read(&img).unwrap();
     let fs = Filesystem::open_path(&img, OpenOptions::default()).unwrap();
     let why = fs.read_only_reason().unwrap().to_string();
     assert!(
-        why.contains("verity") && why.contains("FEATURE_R30"),
+        why.contains("project") && why.contains("FEATURE_R30"),
         "{why}"
     );
     let e = fs.create(ROOT_INO, b"x", 0o644, ME).unwrap_err();

@@ -74,3 +74,17 @@ pub fn can_mount() -> bool {
     }
     ok
 }
+
+/// Deterministic bytes (xorshift), the same for the same seed.
+#[allow(dead_code)]
+pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}

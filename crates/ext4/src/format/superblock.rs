@@ -147,6 +147,8 @@ pub mod ro_compat {
 
     /// Read-only-compatible features folio keeps consistent when writing.
     pub const SUPPORTED: u32 = SPARSE_SUPER | LARGE_FILE | HUGE_FILE | GDT_CSUM | DIR_NLINK | EXTRA_ISIZE | METADATA_CSUM
+        // Reads verified, files immutable, enable: `verity.rs`.
+        | VERITY
         // Processed at a read-write open (`process_orphan_file`).
         | ORPHAN_PRESENT;
 
