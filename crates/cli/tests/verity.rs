@@ -250,6 +250,66 @@ fn check_case(dir: &Path, tag: &str, bs: u32, mkfs: &dyn Fn(&Path)) {
     fs.abandon();
     flip_byte(&img, tree_victim * u64::from(bs) + 3);
     e2fsck_clean(&img);
+    if tag == "mke2fs-4096" && can_mount() {
+        through_the_mount(dir, &img, &files[4].1);
+    }
+}
+
+/// fsverity-utils through a folio mount: `fsverity enable` and
+/// `fsverity measure` reach folio as FUSE ioctls.
+fn through_the_mount(dir: &Path, img: &Path, v4: &[u8]) {
+    let mnt = dir.join("fuse.mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    ok(&[&"mount", &img, &mnt]);
+    let data = pattern(300_000, 77);
+    let f = mnt.join("by-mount");
+    std::fs::write(&f, &data).unwrap();
+    let fsverity = |args: &[&str]| {
+        Command::new("fsverity")
+            .args(args)
+            .arg(&f)
+            .output()
+            .unwrap()
+    };
+    let enable = fsverity(&["enable", "--block-size=4096"]);
+    let measure = fsverity(&["measure"]);
+    let again = fsverity(&["enable", "--block-size=4096"]);
+    let salted = Command::new("fsverity")
+        .args(["enable", "--salt=ab"])
+        .arg(mnt.join("plain"))
+        .output()
+        .unwrap();
+    let reread = std::fs::read(mnt.join("v4")).map_err(|e| e.raw_os_error());
+    let for_write = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&f)
+        .map_err(|e| e.raw_os_error());
+    ok(&[&"umount", &mnt]);
+    assert!(
+        enable.status.success(),
+        "fsverity enable: {}",
+        String::from_utf8_lossy(&enable.stderr)
+    );
+    let want = fsverity_digest(dir, &data, 4096);
+    let got = String::from_utf8_lossy(&measure.stdout);
+    assert!(
+        got.starts_with(&format!("sha256:{want} ")),
+        "fsverity measure through the mount: {got} {}",
+        String::from_utf8_lossy(&measure.stderr)
+    );
+    assert!(!again.status.success(), "enabling twice");
+    assert!(!salted.status.success(), "a salt folio does not build");
+    assert_eq!(
+        reread.as_deref().ok(),
+        Some(v4),
+        "a verity file read through the mount"
+    );
+    assert_eq!(for_write.err(), Some(Some(libc::EPERM)), "open for writing");
+    e2fsck_clean(img);
+    let fs = Filesystem::open_path(img, OpenOptions::default()).unwrap();
+    let ino = fs.lookup(ROOT_INO, b"by-mount").unwrap();
+    assert_eq!(hex(&fs.verity_digest(ino).unwrap()), want);
+    fs.close().unwrap();
 }
 
 #[test]

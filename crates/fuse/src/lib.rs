@@ -356,6 +356,47 @@ const FS_IOC32_GETFLAGS: u32 = 0x8004_6601;
 const FS_IOC32_SETFLAGS: u32 = 0x4004_6602;
 const FS_IOC_FSGETXATTR: u32 = 0x801c_581f;
 const FS_IOC_FSSETXATTR: u32 = 0x401c_5820;
+/// _IOW('f', 133, struct fsverity_enable_arg), 128 bytes.
+const FS_IOC_ENABLE_VERITY: u32 = 0x4080_6685;
+/// _IOWR('f', 134, struct fsverity_digest), 4 bytes and the digest.
+const FS_IOC_MEASURE_VERITY: u32 = 0xc004_6686;
+
+/// What folio's enable takes of a `struct fsverity_enable_arg`: version
+/// 1, SHA-256, the filesystem's block size, no salt, no signature.
+fn check_enable_verity(arg: &[u8], fs_block: u32) -> folio_ext4::Result<()> {
+    let word = |at: usize| {
+        arg.get(at..at + 4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    };
+    let (Some(version), Some(alg), Some(bs), Some(salt), Some(sig)) =
+        (word(0), word(4), word(8), word(12), word(24))
+    else {
+        return Err(folio_ext4::Error::Invalid(
+            "short fsverity_enable_arg".into(),
+        ));
+    };
+    if version != 1 {
+        return Err(folio_ext4::Error::Invalid(format!(
+            "fs-verity version {version}"
+        )));
+    }
+    if alg != 1 {
+        return Err(folio_ext4::Error::Unsupported(format!(
+            "fs-verity hash algorithm {alg} (folio builds SHA-256 trees)"
+        )));
+    }
+    if bs != fs_block {
+        return Err(folio_ext4::Error::Unsupported(format!(
+            "Merkle tree blocks of {bs} bytes (folio builds them of the filesystem's {fs_block})"
+        )));
+    }
+    if salt != 0 || sig != 0 {
+        return Err(folio_ext4::Error::Unsupported(
+            "fs-verity salts and built-in signatures".into(),
+        ));
+    }
+    Ok(())
+}
 const FL_IMMUTABLE: u32 = 0x10;
 const FL_APPEND: u32 = 0x20;
 
@@ -737,6 +778,34 @@ impl fuser::Filesystem for FolioFuse {
                     }),
                 ),
                 None => reply.error(Errno::EINVAL),
+            },
+            // fsverity-utils' `enable` and `measure` (the kernel passes
+            // the argument, and the room for the digest, as in_data and
+            // out_size).
+            FS_IOC_ENABLE_VERITY => answer_ioctl(
+                reply,
+                self.with(|fs| {
+                    check_enable_verity(in_data, fs.block_size())?;
+                    fs.enable_verity(ino).map(|_| ())
+                }),
+            ),
+            FS_IOC_MEASURE_VERITY => match self.with(|fs| fs.verity_digest(ino)) {
+                Ok(d) => {
+                    let room = in_data
+                        .get(2..4)
+                        .map_or(0, |b| usize::from(u16::from_le_bytes([b[0], b[1]])));
+                    if room < d.len() || (out_size as usize) < 4 + d.len() {
+                        // As fsverity_ioctl_measure: the digest size it
+                        // needs goes back with EOVERFLOW.
+                        reply.error(Errno::from_i32(libc::EOVERFLOW));
+                    } else {
+                        let mut out = vec![1u8, 0];
+                        out.extend_from_slice(&(d.len() as u16).to_le_bytes());
+                        out.extend_from_slice(&d);
+                        reply.ioctl(0, &out);
+                    }
+                }
+                Err(e) => reply.error(e),
             },
             _ => reply.error(Errno::ENOTTY),
         }
