@@ -60,6 +60,9 @@ fn base_image(bs: u32, small_journal: bool) -> Vec<u8> {
     // of the mix (e2fsck checks their reference counts and charges).
     let mut features = folio_ext4::mkfs::Features::defaults(folio_ext4::mkfs::FsType::Ext4);
     features.edit("ea_inode").unwrap();
+    // verity on: files are made verity in the mix, and every crash
+    // state must read them back verified (or as plain files).
+    features.edit("verity").unwrap();
     let opts = MkfsOptions {
         block_size: Some(bs),
         journal_bytes: small_journal.then_some(1024 * u64::from(bs)),
@@ -112,6 +115,8 @@ struct Workload {
     journal: folio_ext4::JournalStats,
     /// Deepest extent tree a fragmented-file step built.
     deepest: u16,
+    /// Files made verity.
+    verity: usize,
 }
 
 /// End a workload as a power cut would (no close), after checking that
@@ -179,13 +184,21 @@ fn run_workload(seed: u64, bs: u32, steps: usize, small_journal: bool) -> Worklo
     // the lock-free path and their size and times reach the inode block
     // through writeback, fsync and sync: tag → inode.
     let mut open = BTreeMap::<u8, u32>::new();
+    // Files made verity: read-only from then on, so left out of the
+    // choices (the checks still read them, verified).
+    let mut verity = Vec::<u8>::new();
     for step in 1..=steps {
         let mut rec = OpRec {
             event_start: dev.event_count(),
             step,
             ..Default::default()
         };
-        let tags: Vec<u8> = m.files.keys().copied().collect();
+        let tags: Vec<u8> = m
+            .files
+            .keys()
+            .copied()
+            .filter(|t| !verity.contains(t))
+            .collect();
         let mut victims = Vec::new();
         let pick = |rng: &mut Rng| tags[rng.below(tags.len() as u64) as usize];
         match rng.below(100) {
@@ -379,6 +392,19 @@ fn run_workload(seed: u64, bs: u32, steps: usize, small_journal: bool) -> Worklo
                     }
                 }
             }
+            99 if !tags.is_empty() => {
+                // fs-verity enabled (tree, descriptor and flag in one
+                // transaction): the content does not change, and a crash
+                // state must show the file as it was or verity with a
+                // tree that verifies every read.
+                let tag = pick(&mut rng);
+                let ino = fs.resolve(&m.files[&tag].0).unwrap();
+                match fs.enable_verity(ino) {
+                    Ok(_) => verity.push(tag),
+                    Err(folio_ext4::Error::NoSpace) => {}
+                    Err(e) => panic!("enable_verity: {e}"),
+                }
+            }
             89..=94 if !tags.is_empty() => {
                 let tag = pick(&mut rng);
                 let (path, content) = m.files[&tag].clone();
@@ -421,6 +447,7 @@ fn run_workload(seed: u64, bs: u32, steps: usize, small_journal: bool) -> Worklo
         fsynced,
         deepest,
         journal,
+        verity: verity.len(),
     }
 }
 
@@ -580,6 +607,7 @@ fn run_threaded_workload(seed: u64, bs: u32, steps: usize) -> Workload {
         fsynced: fsynced.into_inner().unwrap(),
         journal,
         deepest: 0,
+        verity: 0,
     }
 }
 
@@ -841,6 +869,7 @@ struct Tally {
     failed: Vec<String>,
     journal: folio_ext4::JournalStats,
     deepest: u16,
+    verity: usize,
 }
 
 fn crash_states(seed: u64, bs: u32, scratch: &std::path::Path) -> Tally {
@@ -862,6 +891,7 @@ fn crash_states(seed: u64, bs: u32, scratch: &std::path::Path) -> Tally {
         failed: Vec::new(),
         journal: w.journal,
         deepest: w.deepest,
+        verity: w.verity,
     };
     let mut durable = Durable::new(w.base.clone(), scratch);
     let mut prev = 0usize;
@@ -963,10 +993,11 @@ fn every_crash_state_recovers_clean_with_synced_data_intact() {
     let checkpoints: u64 = results.iter().map(|r| r.journal.checkpoints).sum();
     let revokes: u64 = results.iter().map(|r| r.journal.revokes).sum();
     let deepest = results.iter().map(|r| r.deepest).max().unwrap_or(0);
+    let verity: usize = results.iter().map(|r| r.verity).sum();
     println!(
         "crash states checked: {checked} ({distinct} distinct images), failed: {} (workloads \
          made {commits} commits, {checkpoints} checkpoints, {revokes} revoke records; \
-         deepest extent tree {deepest})",
+         deepest extent tree {deepest}; {verity} files made verity)",
         failed.len()
     );
     for f in &failed {
@@ -982,6 +1013,7 @@ fn every_crash_state_recovers_clean_with_synced_data_intact() {
             deepest >= 2,
             "the fragmented files must reach extent depth 2 (got {deepest})"
         );
+        assert!(verity > 0, "the workloads must make files verity");
     }
     assert!(
         failed.is_empty(),
