@@ -238,23 +238,23 @@ impl Core {
     /// All entries of directory `ino`, "." and ".." included; an
     /// encrypted directory's under their no-key names (`fscrypt.rs`).
     pub fn read_dir(&mut self, ino: u32) -> Result<Vec<DirEntry>> {
-        let entries = self.read_dir_raw(ino)?;
         let dir = self.read_inode(ino)?;
+        let entries = self.entries_of(&dir)?;
         if crate::fscrypt::is_encrypted(&dir) {
             return self.nokey_entries(&dir, entries);
         }
         Ok(entries)
     }
 
-    /// All entries of directory `ino` under their names on disk.
-    pub(crate) fn read_dir_raw(&mut self, ino: u32) -> Result<Vec<DirEntry>> {
-        let dir = self.read_inode(ino)?;
+    /// All entries of directory `dir` under their names on disk.
+    pub(crate) fn entries_of(&mut self, dir: &Inode) -> Result<Vec<DirEntry>> {
+        let ino = dir.ino;
         if !dir.is_dir() {
             return Err(Error::NotDir);
         }
         let mut out = Vec::new();
-        if Self::is_inline(&dir) {
-            let (parent, ents) = self.inline_dir(&dir)?;
+        if Self::is_inline(dir) {
+            let (parent, ents) = self.inline_dir(dir)?;
             for (name, ino) in [(&b"."[..], ino), (&b".."[..], parent)] {
                 out.push(DirEntry {
                     name: name.to_vec(),
@@ -269,9 +269,9 @@ impl Core {
             }));
             return Ok(out);
         }
-        for lblk in 0..self.dir_blocks(&dir) {
-            let (pblk, data) = self.read_dir_block(&dir, lblk)?;
-            for e in self.block_entries(&dir, lblk, &data, pblk)? {
+        for lblk in 0..self.dir_blocks(dir) {
+            let (pblk, data) = self.read_dir_block(dir, lblk)?;
+            for e in self.block_entries(dir, lblk, &data, pblk)? {
                 if e.inode != 0 {
                     out.push(DirEntry {
                         name: e.name,

@@ -188,7 +188,7 @@ impl Core {
             // The digest form cannot be hashed to a leaf: look at every
             // entry, as the kernel's match does within its probe.
             Some(long) => Ok(self
-                .read_dir_raw(dir.ino)?
+                .entries_of(dir)?
                 .into_iter()
                 .find(|e| !is_dot(&e.name) && long.matches(&e.name))
                 .map(|e| Cow::Owned(e.name))),

@@ -153,17 +153,27 @@ fn level_starts(levels: &[u64]) -> Vec<u64> {
 /// The metadata of `data` (its blocks of size `bs`): the tree as stored
 /// (root level first) and the descriptor.
 pub fn build(data: &[u8], bs: usize) -> (Vec<u8>, Descriptor) {
+    let leaves = data.chunks(bs).map(|c| leaf_hash(c, bs)).collect();
+    build_from_leaves(leaves, data.len() as u64, bs)
+}
+
+/// Hash of a data block, zero-padded to `bs`.
+fn leaf_hash(block: &[u8], bs: usize) -> [u8; HASH] {
+    if block.len() == bs {
+        return hash_block(&[], block);
+    }
+    let mut b = block.to_vec();
+    b.resize(bs, 0);
+    hash_block(&[], &b)
+}
+
+/// [`build`] from the hashes of the data blocks (level 0's entries), so
+/// that the data itself need not be held at once.
+fn build_from_leaves(leaves: Vec<[u8; HASH]>, data_size: u64, bs: usize) -> (Vec<u8>, Descriptor) {
     let mut root_hash = [0u8; HASH];
     let mut stored: Vec<Vec<u8>> = Vec::new();
-    if !data.is_empty() {
-        let mut cur: Vec<[u8; HASH]> = data
-            .chunks(bs)
-            .map(|c| {
-                let mut b = c.to_vec();
-                b.resize(bs, 0);
-                hash_block(&[], &b)
-            })
-            .collect();
+    if !leaves.is_empty() {
+        let mut cur = leaves;
         while cur.len() > 1 {
             let mut level = cur.concat();
             level.resize(level.len().div_ceil(bs) * bs, 0);
@@ -176,7 +186,7 @@ pub fn build(data: &[u8], bs: usize) -> (Vec<u8>, Descriptor) {
     let desc = Descriptor {
         log_blocksize: bs.trailing_zeros() as u8,
         salt: Vec::new(),
-        data_size: data.len() as u64,
+        data_size,
         root_hash,
     };
     (stored.concat(), desc)
@@ -345,16 +355,26 @@ impl Core {
         }
         let bs = self.geo.block_size as usize;
         let size = inode.size();
-        let mut data = vec![0u8; size as usize];
-        let n = self.read_data(&inode, 0, &mut data)?;
-        if n as u64 != size {
-            return Err(Error::corrupted(
-                format!("file {ino}: short read while hashing"),
-                0,
-            ));
+        // The data is hashed a megabyte at a time: only the tree (about
+        // 1/127 of the file on 4 KiB blocks) is held whole.
+        let chunk = bs * (1usize << 20).div_ceil(bs);
+        let mut buf = vec![0u8; chunk];
+        let mut leaves = Vec::with_capacity(size.div_ceil(bs as u64) as usize);
+        let mut at = 0u64;
+        while at < size {
+            let want = chunk.min((size - at) as usize);
+            let n = self.read_data(&inode, at, &mut buf[..want])?;
+            if n != want {
+                return Err(Error::corrupted(
+                    format!("file {ino}: short read while hashing"),
+                    0,
+                ));
+            }
+            leaves.extend(buf[..n].chunks(bs).map(|c| leaf_hash(c, bs)));
+            at += n as u64;
         }
-        let (tree, desc) = build(&data, bs);
-        drop(data);
+        drop(buf);
+        let (tree, desc) = build_from_leaves(leaves, size, bs);
         let mut meta = tree;
         let mut last = vec![0u8; bs];
         last[..DESCRIPTOR_SIZE].copy_from_slice(&desc.to_bytes());
