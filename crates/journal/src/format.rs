@@ -123,7 +123,10 @@ impl JSuperblock {
     /// Blocks at the end of the journal kept for fast commits
     /// (`s_num_fc_blks`), 0 without the fast-commit feature.
     pub fn fast_commit_blocks(&self) -> u32 {
-        if !self.has_incompat(INCOMPAT_FAST_COMMIT) {
+        // Feature words exist only in v2 superblocks: a v1 one whose
+        // bytes there happen to set the bit has no area (and open checks
+        // the area leaves room for the log whatever the version).
+        if self.blocktype() != SUPERBLOCK_V2 || !self.has_incompat(INCOMPAT_FAST_COMMIT) {
             return 0;
         }
         match be32(&self.raw, 0x54).unwrap_or(0) {

@@ -145,10 +145,7 @@ impl Journal {
                 "journal length or first block out of range".into(),
             ));
         }
-        if sb.blocktype() == SUPERBLOCK_V2
-            && sb.has_incompat(INCOMPAT_FAST_COMMIT)
-            && sb.log_end() < sb.first().saturating_add(16)
-        {
+        if sb.log_end() < sb.first().saturating_add(16) {
             return Err(Error::Corrupted(format!(
                 "the fast-commit area ({} blocks) leaves no room for the log",
                 sb.fast_commit_blocks()
@@ -873,6 +870,30 @@ mod tests {
         assert!(matches!(
             Journal::load(Arc::new(dev), map, bs, 64),
             Err(Error::Unsupported(_))
+        ));
+    }
+
+    /// A v1 superblock has no feature words: bytes there that look like
+    /// the fast-commit bit and a 60-block area must not shorten the log
+    /// (the fuzzer found a subtraction overflow in `log_len` this way),
+    /// and a v2 one whose area leaves no log is refused.
+    #[test]
+    fn a_fast_commit_area_never_swallows_the_log() {
+        let bs = 1024;
+        let map: Vec<u64> = (64..128).collect();
+        let (dev, _) = new_journal(bs, 64, (false, false));
+        put_be32_dev(&dev, 64 * bs + 4, SUPERBLOCK_V1);
+        put_be32_dev(&dev, 64 * bs + 0x28, INCOMPAT_FAST_COMMIT);
+        put_be32_dev(&dev, 64 * bs + 0x54, 60);
+        let mut j = Journal::load(Arc::new(dev.clone()), map.clone(), bs, 64).unwrap();
+        assert_eq!(j.sb.log_end(), 64);
+        j.commit(&[(3, &vec![1u8; bs])], &[]).unwrap();
+        let (dev, _) = new_journal(bs, 64, (false, false));
+        put_be32_dev(&dev, 64 * bs + 0x28, INCOMPAT_FAST_COMMIT);
+        put_be32_dev(&dev, 64 * bs + 0x54, 60);
+        assert!(matches!(
+            Journal::load(Arc::new(dev), map, bs, 64),
+            Err(Error::Corrupted(_))
         ));
     }
 
